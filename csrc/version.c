@@ -1,0 +1,3 @@
+#include "version.h"
+
+int up_abi_version(void) { return UP_ABI_VERSION; }
