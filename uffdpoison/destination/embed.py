@@ -1,0 +1,178 @@
+"""Embedding API: serve guest memory of *this* process from a source.
+
+For a custom VMM written in Python. The same ``Session`` (ledger, fault loop) as the daemon.
+
+.. warning:: **The GIL rule.** A thread that touches guest memory not yet placed blocks inside the
+   kernel until the page server places it. If that thread holds the GIL — any Python code reading
+   the region: ``bytes(view)``, a memoryview slice, ``ctypes.string_at`` — the page server, which
+   is Python in the same process, can never run, and the process deadlocks. Touch guest memory
+   only from vCPU threads running C (KVM_RUN, or code called through cffi/ctypes, which release
+   the GIL), and before Python reads guest memory call ``ensure_present(addr, length)``. Never
+   read a page it reports poisoned: that raises SIGBUS.
+
+Two shapes::
+
+    async with serve_memory(regions, "127.0.0.1:7000") as server:   # in a trio program
+        poisoned = await server.ensure_present(addr, 4096)
+
+    with ThreadedPageServer(regions, "127.0.0.1:7000") as server:   # anywhere else
+        poisoned = server.ensure_present(addr, 4096)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from uffdpoison.destination.client import SourceClient
+from uffdpoison.destination.faultloop import Session, StatusSink
+from uffdpoison.destination.regions import Region, RegionMap
+from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd
+
+FEATURES = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.THREAD_ID
+
+
+class PageServer:
+    """Handle on a running embedded session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @property
+    def completed(self) -> bool:
+        return self.session.completed.is_set()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.session.stats.as_dict()
+
+    def page_counts(self) -> dict[str, int]:
+        return self.session.page_counts()
+
+    async def ensure_present(self, addr: int, length: int) -> list[int]:
+        """Make [addr, addr+length) safe to read; returns the poisoned page addresses in it."""
+        return await self.session.ensure_present(addr, length)
+
+    async def wait_complete(self) -> None:
+        """Until every page is PRESENT, POISONED or REMOVED (the source is no longer needed)."""
+        await self.session.completed.wait()
+
+
+@asynccontextmanager
+async def serve_memory(regions: Iterable[Region], source: str, *, hugetlb: bool = False,
+                       status: StatusSink | None = None,
+                       name: str = "embedded") -> AsyncIterator[PageServer]:
+    """Register ``regions`` of this process with a new userfaultfd and serve them from
+    ``source`` (``HOST:PORT``) until the block exits.
+
+    The memory must be mapped and not yet touched (a page already present is never fetched).
+    On exit the range is unregistered: pages not placed by then read as zeros afterwards, so
+    ``await server.wait_complete()`` first if the guest will keep running.
+    """
+    rmap = RegionMap(regions)
+    uffd = Userfaultfd.create(FEATURES)
+    try:
+        for r in rmap:
+            uffd.register(r.base, r.size, RegisterMode.MISSING)
+        client = await SourceClient.connect(source, page_size=rmap.page_size)
+        session = Session(uffd, rmap, client, hugetlb=hugetlb, name=name, status=status)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(session.run)
+                yield PageServer(session)
+                nursery.cancel_scope.cancel()
+        finally:
+            for r in rmap:
+                try:
+                    uffd.unregister(r.base, r.size)
+                except OSError:
+                    pass
+            session.close()
+    finally:
+        uffd.close()
+
+
+class ThreadedPageServer:
+    """``serve_memory`` on a thread of its own, for VMMs that are not trio programs."""
+
+    def __init__(self, regions: Iterable[Region], source: str, **kwargs: Any) -> None:
+        self._regions = list(regions)
+        self._source = source
+        self._kwargs = kwargs
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.CancelScope | None = None
+        self._server: PageServer | None = None
+
+    def start(self, timeout: float = 30.0) -> ThreadedPageServer:
+        self._thread = threading.Thread(target=self._main, name="uffdpoison", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("page server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._amain)
+        except BaseException as e:  # surfaced through start() / close()
+            self._error = e
+        finally:
+            self._ready.set()
+
+    async def _amain(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as scope:
+            self._stop = scope
+            async with serve_memory(self._regions, self._source, **self._kwargs) as server:
+                self._server = server
+                self._ready.set()
+                await trio.sleep_forever()
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        if self._token is None or self._server is None:
+            raise RuntimeError("page server is not running")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def ensure_present(self, addr: int, length: int) -> list[int]:
+        """Blocks this thread (GIL released) until the range is placed; see module doc."""
+        assert self._server is not None
+        return self._call(self._server.ensure_present, addr, length)
+
+    def wait_complete(self) -> None:
+        assert self._server is not None
+        self._call(self._server.wait_complete)
+
+    @property
+    def completed(self) -> bool:
+        return self._server is not None and self._server.completed
+
+    def stats(self) -> dict[str, int]:
+        assert self._server is not None
+        return self._server.stats
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        if self._stop is not None and self._token is not None and self._thread.is_alive():
+            try:
+                trio.from_thread.run_sync(self._stop.cancel, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join()
+        self._thread = None
+        if self._error is not None and not isinstance(self._error, trio.Cancelled):
+            raise self._error
+
+    def __enter__(self) -> ThreadedPageServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,280 @@
+"""The destination daemon: VMMs hand it their userfaultfd in Firecracker's format.
+
+A VMM connects to a Unix socket and sends, in one message, a JSON array of regions
+(``base_host_virt_addr``, ``size``, ``offset``, ``page_size``) with its userfaultfd attached as
+SCM_RIGHTS. The daemon serves that VMM from the one ``--source`` until the VMM process is gone
+(a pidfd from the peer's SO_PEERCRED pid). EOF on the handoff socket does not end the session:
+some Firecracker releases close it right after sending.
+
+Each VMM is isolated: a malformed handoff or a failed session is logged and reported on the
+status stream, and never disturbs the other VMMs.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from uffdpoison.destination.client import SourceClient, SourceInfo, probe
+from uffdpoison.destination.faultloop import Session, SessionFailed
+from uffdpoison.destination.regions import MAX_HANDOFF_BYTES, RegionError, RegionMap, \
+    parse_firecracker_regions
+from uffdpoison.kernel import Userfaultfd
+from uffdpoison.kernel import errors as kerrors
+
+log = logging.getLogger(__name__)
+
+HANDOFF_TIMEOUT = 10.0
+_UCRED = struct.Struct("iII")
+_MAX_FDS = 8
+
+
+class HandoffError(Exception):
+    """A VMM's handoff was unusable; the message says what was wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(slots=True)
+class Handoff:
+    peer: Peer
+    regions: RegionMap
+    uffd_fd: int
+
+
+StatusSink = Callable[[dict[str, Any]], None]
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return Peer(pid, uid, gid)
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[: len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+    return fds
+
+
+async def receive_handoff(sock: socket.socket) -> tuple[bytes, int]:
+    """Read one complete JSON array (≤ 1 MiB); the fd must come with the first recvmsg."""
+    buf = bytearray()
+    fd = -1
+    first = True
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_MAX_FDS * 4),
+                                                   socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                continue
+            fds = _take_fds(anc)
+            if fds:
+                if not first or fd >= 0:
+                    for extra in fds:
+                        os.close(extra)
+                    raise HandoffError("file descriptors arrived after the first message; "
+                                       "the userfaultfd must come with the first recvmsg")
+                fd, extras = fds[0], fds[1:]
+                for extra in extras:
+                    os.close(extra)
+                if extras:
+                    log.warning("handoff carried %d extra fds; closed them", len(extras))
+            if flags & socket.MSG_CTRUNC:
+                raise HandoffError("handoff ancillary data was truncated")
+            if first and fd < 0:
+                raise HandoffError("handoff carried no file descriptor (SCM_RIGHTS) with its "
+                                   "first message")
+            first = False
+            if not data:
+                raise HandoffError(f"VMM closed the handoff socket after {len(buf)} bytes, "
+                                   "before a complete JSON array")
+            buf += data
+            if len(buf) > MAX_HANDOFF_BYTES:
+                raise HandoffError(f"handoff message exceeds {MAX_HANDOFF_BYTES} bytes")
+            text = bytes(buf).strip()
+            if text.endswith(b"]"):
+                try:
+                    json.loads(text)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                return text, fd
+            if text and not text.startswith(b"["):
+                raise HandoffError(f"handoff message is not a JSON array: {text[:60]!r}")
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+
+
+def _prepare_socket(path: str, mode: int | None, owner: tuple[int, int] | None) -> socket.socket:
+    """Bind ``path``, replacing a stale socket file but never a live daemon's or a non-socket."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"handoff path {path} exists and is not a socket")
+        probe_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe_sock.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        else:
+            raise OSError(errno.EADDRINUSE, f"another process is serving handoffs on {path}")
+        finally:
+            probe_sock.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        if mode is not None:
+            os.chmod(path, mode)
+        if owner is not None:
+            os.chown(path, owner[0], owner[1])
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _wait_process_gone(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
+
+
+class HandoffDaemon:
+    def __init__(self, path: str, source: str, *, allow_uids: Sequence[int] = (),
+                 mode: int | None = None, owner: tuple[int, int] | None = None,
+                 status: StatusSink | None = None) -> None:
+        self.path = path
+        self.source = source
+        self.allow_uids = frozenset(allow_uids or (os.getuid(),))
+        self.mode = mode
+        self.owner = owner
+        self._status = status or (lambda _d: None)
+        self.source_info: SourceInfo | None = None
+        self.sessions: dict[str, Session] = {}
+        self._counter = 0
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self._status({"event": event, **fields})
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Fail fast: a daemon that cannot reach its source must not accept VMMs.
+        self.source_info = await probe(self.source)
+        sock = _prepare_socket(self.path, self.mode, self.owner)
+        self._emit("listening", path=self.path, source=self.source,
+                   memory_size=self.source_info.memory_size, page_size=self.source_info.page_size)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        conn, _ = sock.accept()
+                    except BlockingIOError:
+                        continue
+                    conn.setblocking(False)
+                    self._counter += 1
+                    nursery.start_soon(self._serve_vmm, conn, f"vmm-{self._counter}")
+        finally:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    async def _serve_vmm(self, conn: socket.socket, name: str) -> None:
+        uffd: Userfaultfd | None = None
+        fd = -1
+        try:
+            peer = peer_credentials(conn)
+            if peer.uid not in self.allow_uids:
+                raise HandoffError(f"peer pid {peer.pid} uid {peer.uid} is not allowed "
+                                   f"(allowed uids: {sorted(self.allow_uids)})")
+            with trio.fail_after(HANDOFF_TIMEOUT):
+                body, fd = await receive_handoff(conn)
+            try:
+                uffd = Userfaultfd.adopt(fd)
+            except kerrors.NotAUserfaultfd as e:
+                raise HandoffError(str(e)) from None
+            fd = -1  # owned by uffd now
+            regions = RegionMap(parse_firecracker_regions(body))
+            assert self.source_info is not None
+            regions.check_within(self.source_info.memory_size)
+            if uffd.lacks:
+                log.info("%s (pid %d): userfaultfd session lacks: %s", name, peer.pid,
+                         "; ".join(uffd.lacks))
+            await self._run_session(name, peer, uffd, regions)
+        except (HandoffError, RegionError, kerrors.UffdError) as e:
+            log.error("%s: handoff rejected: %s", name, e)
+            self._emit("handoff-rejected", session=name, reason=str(e))
+        except trio.TooSlowError:
+            log.error("%s: no complete handoff within %.0f s", name, HANDOFF_TIMEOUT)
+            self._emit("handoff-rejected", session=name, reason="handoff timed out")
+        except Exception as e:
+            log.exception("%s: session error", name)
+            self._emit("session-failed", session=name, reason=f"{type(e).__name__}: {e}")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if uffd is not None:
+                uffd.close()
+            conn.close()
+
+    async def _run_session(self, name: str, peer: Peer, uffd: Userfaultfd,
+                           regions: RegionMap) -> None:
+        client = await SourceClient.connect(self.source, page_size=regions.page_size)
+        session = Session(uffd, regions, client, hugetlb=regions.page_size > 4096, name=name,
+                          status=lambda d: self._status({**d, "pid": peer.pid}))
+        self.sessions[name] = session
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def serve() -> None:
+                    try:
+                        await session.run()
+                    except SessionFailed:
+                        # Keep the fd (and the vCPUs blocked) until the VMM is gone: closing it
+                        # would zero-fill every unplaced page.
+                        return
+                    nursery.cancel_scope.cancel()  # ended: target mm gone
+
+                nursery.start_soon(serve)
+                await _wait_process_gone(peer.pid)
+                nursery.cancel_scope.cancel()
+            if not session.failed:
+                self._emit("session-ended", session=name, pid=peer.pid, reason="VMM exited",
+                           **session.page_counts(), **session.stats.as_dict())
+        finally:
+            del self.sessions[name]
+            session.close()

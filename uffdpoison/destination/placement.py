@@ -1,0 +1,180 @@
+"""Turning the source's answers into placements: reply → ledger → ioctl.
+
+Every byte placed in guest memory goes through a ``Ledger``; this module only maps guest offsets
+to (region, page) and decides how to react to what the kernel said. It never decides to place
+data over a poisoned page: the ledger refuses that, and a refusal is counted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import trio
+
+from uffdpoison import protocol
+from uffdpoison.destination.regions import RegionMap
+from uffdpoison.kernel import errors as kerrors
+from uffdpoison.ledger import Ledger, PlaceResult
+from uffdpoison.protocol import PageKind
+
+log = logging.getLogger(__name__)
+
+# A bulk frame is placed in chunks this size so that a demand reply waits behind at most one
+# chunk (64 x 4 KiB COPY is ~55 µs here; KERNEL-FACTS).
+BULK_CHUNK_PAGES = 64
+# How long a placement waits for the event reader to drain a pending non-cooperative event.
+_EVENT_PENDING_BACKOFF = (0.0, 0.0, 0.0001, 0.0005, 0.002)
+
+
+class SessionEnded(Exception):
+    """The VMM (the target mm) is gone: nothing more can be placed."""
+
+
+@dataclass(slots=True)
+class Stats:
+    faults: int = 0
+    minor_faults: int = 0
+    demand_requests: int = 0
+    coalesced: int = 0
+    woken_present: int = 0
+    repoisoned: int = 0
+    zero_after_remove: int = 0
+    unknown_address: int = 0
+    removes: int = 0
+    copied: int = 0
+    zeroed: int = 0
+    poisoned: int = 0
+    continued: int = 0
+    clean: int = 0
+    bulk_pages: int = 0
+    refused: int = 0
+    dropped: int = 0
+    raced: int = 0
+    already: int = 0
+    retries: int = 0
+    range_gone: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Placer:
+    """Applies ``Pages`` events to the ledgers of one session."""
+
+    def __init__(self, regions: RegionMap, ledgers: Sequence[Ledger], stats: Stats,
+                 on_progress: Callable[[], None]) -> None:
+        self.regions = regions
+        self.ledgers = ledgers
+        self.stats = stats
+        self.page_size = regions.page_size
+        self._on_progress = on_progress
+
+    def _count(self, res: PlaceResult, kind: PageKind) -> None:
+        s = self.stats
+        if kind is PageKind.DATA:
+            s.copied += res.placed
+        elif kind is PageKind.ZERO:
+            s.zeroed += res.placed
+        elif kind is PageKind.POISONED:
+            s.poisoned += res.placed
+        else:
+            s.continued += res.placed
+        s.already += res.already
+        s.dropped += res.dropped
+        s.raced += res.raced
+        if res.refused:
+            s.refused += res.refused
+            log.error("refused to place %s over %d poisoned page(s): poison is never overwritten",
+                      kind.name, res.refused)
+
+    def _place_one(self, led: Ledger, kind: PageKind, first: int, n: int,
+                   data: memoryview | None) -> PlaceResult:
+        if kind is PageKind.DATA:
+            return led.copy(first, n, data, strict=False)
+        if kind is PageKind.ZERO:
+            return led.zero(first, n, strict=False)
+        if kind is PageKind.POISONED:
+            return led.poison(first, n)
+        return led.continue_(first, n, strict=False)
+
+    async def place(self, ev: protocol.Pages, *, chunk: int = 0) -> None:
+        """Place one reply or pushed run. ``chunk`` > 0 splits it, yielding between chunks."""
+        ps = self.page_size
+        kind = ev.kind
+        data = ev.data
+        if kind is PageKind.CLEAN:
+            # MINOR mode: the page cache copy is current; map it.
+            self.stats.clean += ev.count
+        for i, delta, length in self.regions.split_offsets(ev.offset, ev.count * ps):
+            led = self.ledgers[i]
+            first = delta // ps
+            total = length // ps
+            # where this region's part starts inside the frame's payload
+            base = self.regions.regions[i].offset + delta - ev.offset
+            step = chunk or total
+            done = 0
+            while done < total:
+                n = min(step, total - done)
+                part = data[base + done * ps: base + (done + n) * ps] if data is not None else None
+                await self._place_retrying(led, kind, first + done, n, part)
+                done += n
+                if chunk and done < total:
+                    await trio.lowlevel.checkpoint()
+        self._on_progress()
+
+    async def _place_retrying(self, led: Ledger, kind: PageKind, first: int, n: int,
+                              data: memoryview | None) -> None:
+        attempt = 0
+        while True:
+            try:
+                res = self._place_one(led, kind, first, n, data)
+            except kerrors.EventPending:
+                # Pages done before the event are recorded in the ledger; a retry skips them.
+                self.stats.retries += 1
+                delay = _EVENT_PENDING_BACKOFF[min(attempt, len(_EVENT_PENDING_BACKOFF) - 1)]
+                attempt += 1
+                await trio.sleep(delay)
+                continue
+            except kerrors.RangeGone as e:
+                # The VMM unregistered or unmapped the range: nothing to place any more.
+                self.stats.range_gone += n
+                log.warning("dropping %d page(s) at %#x: range no longer registered (%s)",
+                            n, led.address(first), e)
+                return
+            except kerrors.TargetGone as e:
+                raise SessionEnded(f"guest memory is gone: {e}") from e
+            self._count(res, kind)
+            return
+
+    def place_now(self, led: Ledger, kind: PageKind, first: int, n: int) -> bool:
+        """Place without waiting (from the fault path). False if it must be retried later."""
+        try:
+            res = self._place_one(led, kind, first, n, None)
+        except kerrors.EventPending:
+            return False
+        except kerrors.RangeGone:
+            self.stats.range_gone += n
+            return True
+        except kerrors.TargetGone as e:
+            raise SessionEnded(f"guest memory is gone: {e}") from e
+        self._count(res, kind)
+        return True
+
+    async def place_known_poison(self, offsets: memoryview) -> int:
+        """Poison, before the guest touches them, the pages the handshake listed."""
+        ps = self.page_size
+        placed = 0
+        for k, off in enumerate(offsets):
+            i = self.regions.by_offset(off)
+            if i < 0:
+                continue
+            r = self.regions.regions[i]
+            await self._place_retrying(self.ledgers[i], PageKind.POISONED, (off - r.offset) // ps,
+                                       1, None)
+            placed += 1
+            if k % 256 == 255:
+                await trio.lowlevel.checkpoint()
+        self._on_progress()
+        return placed
