@@ -11,9 +11,10 @@ rest for a writer task (``run_writer``), so the userfaultfd reader never waits o
 
 from __future__ import annotations
 
-import errno
+import os
 import socket
 from collections import deque
+
 import trio
 
 from uffdpoison import protocol
@@ -39,7 +40,9 @@ def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
         if not sep or not host:
             raise ValueError(f"{what} {text!r}: expected HOST:PORT or [IPv6]:PORT")
         if ":" in host:
-            raise ValueError(f"{what} {text!r}: an IPv6 host must be written in brackets: [{host}]:PORT")
+            raise ValueError(
+                f"{what} {text!r}: an IPv6 host must be written in brackets: [{host}]:PORT"
+            )
     try:
         port = int(port_s, 10)
     except ValueError:
@@ -59,11 +62,12 @@ async def open_tcp(host: str, port: int) -> socket.socket:
         try:
             try:
                 sock.connect(addr)
+                err = 0
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
+            if err:
+                raise OSError(err, f"connect to {host}:{port}: {os.strerror(err)}")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         except OSError as e:

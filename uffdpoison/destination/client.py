@@ -33,19 +33,26 @@ class SourceInfo:
 
 
 class SourceClient:
-    def __init__(self, address: str, urgent: FrameTransport, bulk: FrameTransport,
-                 welcome: protocol.Welcome) -> None:
+    def __init__(
+        self, address: str, urgent: FrameTransport, bulk: FrameTransport, welcome: protocol.Welcome
+    ) -> None:
         self.address = address
         self.urgent = urgent
         self.bulk = bulk
         self.welcome = welcome
-        self.info = SourceInfo(address, welcome.page_size, welcome.memory_size,
-                               welcome.huge_page_size, welcome.poisoned_count)
+        self.info = SourceInfo(
+            address,
+            welcome.page_size,
+            welcome.memory_size,
+            welcome.huge_page_size,
+            welcome.poisoned_count,
+        )
         self._next_id = 1
 
     @classmethod
-    async def connect(cls, address: str, *, page_size: int = 0, want_poison_list: bool = True,
-                      bulk: bool = True) -> SourceClient:
+    async def connect(
+        cls, address: str, *, page_size: int = 0, want_poison_list: bool = True, bulk: bool = True
+    ) -> SourceClient:
         """Open the URGENT connection (creating a session), then the BULK one joining it.
 
         ``page_size`` asks the source for a unit (e.g. 2 MiB for hugetlb guests; 0 = its own).
@@ -83,32 +90,44 @@ class SourceClient:
             sock = await open_tcp(host, port)
         except (OSError, ConnectionLost) as e:
             raise SourceUnavailable(f"source {host}:{port} unreachable: {e}") from e
-        return FrameTransport(sock, protocol.Connection(Side.DESTINATION, channel),
-                              name=f"{name} {host}:{port}")
+        return FrameTransport(
+            sock, protocol.Connection(Side.DESTINATION, channel), name=f"{name} {host}:{port}"
+        )
 
     @staticmethod
-    async def _hello(t: FrameTransport, session: bytes | None, page_size: int,
-                     want_poison_list: bool) -> protocol.Welcome:
+    async def _hello(
+        t: FrameTransport, session: bytes | None, page_size: int, want_poison_list: bool
+    ) -> protocol.Welcome:
         try:
-            await t.send(protocol.Hello(version=protocol.PROTOCOL_VERSION, channel=t.conn.channel,
-                                        session=session, page_size=page_size,
-                                        want_poison_list=want_poison_list))
+            await t.send(
+                protocol.Hello(
+                    version=protocol.PROTOCOL_VERSION,
+                    channel=t.conn.channel,
+                    session=session,
+                    page_size=page_size,
+                    want_poison_list=want_poison_list,
+                )
+            )
             ev = await t.receive()
         except (ConnectionLost, protocol.ProtocolError) as e:
             raise SourceUnavailable(f"{t.name}: handshake failed: {e}") from e
         if isinstance(ev, protocol.Error):
-            raise SourceUnavailable(f"{t.name}: source refused the session: {ev.code}: {ev.message}")
+            raise SourceUnavailable(
+                f"{t.name}: source refused the session: {ev.code}: {ev.message}"
+            )
         if not isinstance(ev, protocol.Welcome):
             raise SourceUnavailable(f"{t.name}: expected Welcome, got {type(ev).__name__}")
         return ev
 
-    def request(self, offset: int, count: int, *, urgent: bool = True,
-                digests: memoryview | None = None) -> int:
+    def request(
+        self, offset: int, count: int, *, urgent: bool = True, digests: memoryview | None = None
+    ) -> int:
         """Post a demand request; returns its id. Never waits (see ``FrameTransport.post``)."""
         rid = self._next_id
         self._next_id = rid + 1
-        self.urgent.post(protocol.Request(id=rid, offset=offset, count=count, urgent=urgent,
-                                          digests=digests))
+        self.urgent.post(
+            protocol.Request(id=rid, offset=offset, count=count, urgent=urgent, digests=digests)
+        )
         return rid
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import trio
@@ -63,9 +63,14 @@ class PageServer:
 
 
 @asynccontextmanager
-async def serve_memory(regions: Iterable[Region], source: str, *, hugetlb: bool = False,
-                       status: StatusSink | None = None,
-                       name: str = "embedded") -> AsyncIterator[PageServer]:
+async def serve_memory(
+    regions: Iterable[Region],
+    source: str,
+    *,
+    hugetlb: bool = False,
+    status: StatusSink | None = None,
+    name: str = "embedded",
+) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
 
@@ -87,10 +92,8 @@ async def serve_memory(regions: Iterable[Region], source: str, *, hugetlb: bool 
                 nursery.cancel_scope.cancel()
         finally:
             for r in rmap:
-                try:
+                with suppress(OSError):
                     uffd.unregister(r.base, r.size)
-                except OSError:
-                    pass
             session.close()
     finally:
         uffd.close()
@@ -162,10 +165,8 @@ class ThreadedPageServer:
         if self._thread is None:
             return
         if self._stop is not None and self._token is not None and self._thread.is_alive():
-            try:
+            with suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(self._stop.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
         self._thread.join()
         self._thread = None
         if self._error is not None and not isinstance(self._error, trio.Cancelled):

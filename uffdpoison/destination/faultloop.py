@@ -57,12 +57,21 @@ StatusSink = Callable[[dict[str, Any]], None]
 class Session:
     """Serve one guest's faults from one source until cancelled."""
 
-    def __init__(self, uffd: Userfaultfd, regions: RegionMap, client: SourceClient, *,
-                 hugetlb: bool = False, name: str = "session",
-                 status: StatusSink | None = None) -> None:
+    def __init__(
+        self,
+        uffd: Userfaultfd,
+        regions: RegionMap,
+        client: SourceClient,
+        *,
+        hugetlb: bool = False,
+        name: str = "session",
+        status: StatusSink | None = None,
+    ) -> None:
         client_ps = client.info.page_size
         if client_ps != regions.page_size:
-            raise ValueError(f"source serves {client_ps}-byte pages, regions use {regions.page_size}")
+            raise ValueError(
+                f"source serves {client_ps}-byte pages, regions use {regions.page_size}"
+            )
         regions.check_within(client.info.memory_size)
         self.uffd = uffd
         self.regions = regions
@@ -70,8 +79,7 @@ class Session:
         self.name = name
         self.page_size = regions.page_size
         self.stats = Stats()
-        self.ledgers = [Ledger(uffd, r.base, r.size, r.page_size, hugetlb=hugetlb)
-                        for r in regions]
+        self.ledgers = [Ledger(uffd, r.base, r.size, r.page_size, hugetlb=hugetlb) for r in regions]
         self._status = status or (lambda _d: None)
         self.placer = Placer(regions, self.ledgers, self.stats, self._check_complete)
         self.completed = trio.Event()
@@ -87,9 +95,14 @@ class Session:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Raises ``SessionFailed`` if the source is lost; the ledgers and
         the userfaultfd stay as they are (the caller keeps the fd open while the VMM lives)."""
-        self._emit("session-started", regions=len(self.regions), pages=self.regions.total_pages,
-                   page_size=self.page_size, source=self.client.address,
-                   poisoned_at_source=self.client.info.poisoned_count)
+        self._emit(
+            "session-started",
+            regions=len(self.regions),
+            pages=self.regions.total_pages,
+            page_size=self.page_size,
+            source=self.client.address,
+            poisoned_at_source=self.client.info.poisoned_count,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._event_reader)
@@ -176,14 +189,17 @@ class Session:
                 kind = ev.kind
                 if kind == _PAGEFAULT:
                     self._on_fault(ev.address, ev.flags)
-                elif kind == _REMOVE or kind == _UNMAP:
+                elif kind in (_REMOVE, _UNMAP):
                     self._on_remove(ev.start, ev.end, unmap=kind == _UNMAP)
                 elif kind == _FORK:
                     log.warning("%s: VMM forked; the child's memory is not served", self.name)
                     uffd.close_event_fd(ev)
                 elif kind == _REMAP:
-                    log.error("%s: VMM moved guest memory (mremap); not supported, pages there "
-                              "will not be served", self.name)
+                    log.error(
+                        "%s: VMM moved guest memory (mremap); not supported, pages there "
+                        "will not be served",
+                        self.name,
+                    )
             if n == cap:
                 await trio.lowlevel.checkpoint()
 
@@ -203,10 +219,11 @@ class Session:
         state = led.state(idx)
         if flags & _FLAG_MINOR:
             stats.minor_faults += 1
-        if state == _MISSING or state == _BACKGROUND:
+        if state in (_MISSING, _BACKGROUND):
             # Never make a vCPU wait behind bulk data: ask urgently even if the push has it.
-            led.mark(idx, 1, PageState.REQUESTED, only_from=(PageState.MISSING,
-                                                            PageState.BACKGROUND))
+            led.mark(
+                idx, 1, PageState.REQUESTED, only_from=(PageState.MISSING, PageState.BACKGROUND)
+            )
             stats.demand_requests += 1
             self.client.request(self.regions.regions[i].offset + idx * ps, 1)
         elif state == _REQUESTED:
@@ -249,9 +266,17 @@ class Session:
                 continue
             first = (lo - r.base) // ps
             last = math.ceil((hi - r.base) / ps)
-            self.ledgers[i].mark(first, last - first, PageState.REMOVED,
-                                 only_from=(PageState.MISSING, PageState.REQUESTED,
-                                            PageState.BACKGROUND, PageState.PRESENT))
+            self.ledgers[i].mark(
+                first,
+                last - first,
+                PageState.REMOVED,
+                only_from=(
+                    PageState.MISSING,
+                    PageState.REQUESTED,
+                    PageState.BACKGROUND,
+                    PageState.PRESENT,
+                ),
+            )
         self._check_complete()
 
     # -- the source side -------------------------------------------------------------------
@@ -302,9 +327,13 @@ class Session:
             led = self.ledgers[i]
             for idx in range(first, last):
                 st = led.state(idx)
-                if st == _MISSING or st == _BACKGROUND:
-                    led.mark(idx, 1, PageState.REQUESTED,
-                             only_from=(PageState.MISSING, PageState.BACKGROUND))
+                if st in (_MISSING, _BACKGROUND):
+                    led.mark(
+                        idx,
+                        1,
+                        PageState.REQUESTED,
+                        only_from=(PageState.MISSING, PageState.BACKGROUND),
+                    )
                     self.stats.demand_requests += 1
                     self.client.request(r.offset + idx * ps, 1)
                 elif st == _REMOVED:
@@ -316,13 +345,21 @@ class Session:
             while True:
                 if self.failed:
                     raise SessionFailed(self.failed)
-                idx = led.find(first, (PageState.MISSING, PageState.REQUESTED,
-                                       PageState.BACKGROUND, PageState.REMOVED))
+                idx = led.find(
+                    first,
+                    (
+                        PageState.MISSING,
+                        PageState.REQUESTED,
+                        PageState.BACKGROUND,
+                        PageState.REMOVED,
+                    ),
+                )
                 if idx < 0 or idx >= last:
                     break
                 await self._progress.park()
-            poisoned.extend(led.address(idx) for idx in range(first, last)
-                            if led.state(idx) == _POISONED)
+            poisoned.extend(
+                led.address(idx) for idx in range(first, last) if led.state(idx) == _POISONED
+            )
         return poisoned
 
 

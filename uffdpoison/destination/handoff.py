@@ -29,8 +29,12 @@ import trio
 
 from uffdpoison.destination.client import SourceClient, SourceInfo, probe
 from uffdpoison.destination.faultloop import Session, SessionFailed
-from uffdpoison.destination.regions import MAX_HANDOFF_BYTES, RegionError, RegionMap, \
-    parse_firecracker_regions
+from uffdpoison.destination.regions import (
+    MAX_HANDOFF_BYTES,
+    RegionError,
+    RegionMap,
+    parse_firecracker_regions,
+)
 from uffdpoison.kernel import Userfaultfd
 from uffdpoison.kernel import errors as kerrors
 
@@ -87,8 +91,9 @@ async def receive_handoff(sock: socket.socket) -> tuple[bytes, int]:
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
-                data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_MAX_FDS * 4),
-                                                   socket.MSG_CMSG_CLOEXEC)
+                data, anc, flags, _ = sock.recvmsg(
+                    65536, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 continue
             fds = _take_fds(anc)
@@ -96,8 +101,10 @@ async def receive_handoff(sock: socket.socket) -> tuple[bytes, int]:
                 if not first or fd >= 0:
                     for extra in fds:
                         os.close(extra)
-                    raise HandoffError("file descriptors arrived after the first message; "
-                                       "the userfaultfd must come with the first recvmsg")
+                    raise HandoffError(
+                        "file descriptors arrived after the first message; "
+                        "the userfaultfd must come with the first recvmsg"
+                    )
                 fd, extras = fds[0], fds[1:]
                 for extra in extras:
                     os.close(extra)
@@ -106,12 +113,15 @@ async def receive_handoff(sock: socket.socket) -> tuple[bytes, int]:
             if flags & socket.MSG_CTRUNC:
                 raise HandoffError("handoff ancillary data was truncated")
             if first and fd < 0:
-                raise HandoffError("handoff carried no file descriptor (SCM_RIGHTS) with its "
-                                   "first message")
+                raise HandoffError(
+                    "handoff carried no file descriptor (SCM_RIGHTS) with its first message"
+                )
             first = False
             if not data:
-                raise HandoffError(f"VMM closed the handoff socket after {len(buf)} bytes, "
-                                   "before a complete JSON array")
+                raise HandoffError(
+                    f"VMM closed the handoff socket after {len(buf)} bytes, "
+                    "before a complete JSON array"
+                )
             buf += data
             if len(buf) > MAX_HANDOFF_BYTES:
                 raise HandoffError(f"handoff message exceeds {MAX_HANDOFF_BYTES} bytes")
@@ -173,9 +183,16 @@ async def _wait_process_gone(pid: int) -> None:
 
 
 class HandoffDaemon:
-    def __init__(self, path: str, source: str, *, allow_uids: Sequence[int] = (),
-                 mode: int | None = None, owner: tuple[int, int] | None = None,
-                 status: StatusSink | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        source: str,
+        *,
+        allow_uids: Sequence[int] = (),
+        mode: int | None = None,
+        owner: tuple[int, int] | None = None,
+        status: StatusSink | None = None,
+    ) -> None:
         self.path = path
         self.source = source
         self.allow_uids = frozenset(allow_uids or (os.getuid(),))
@@ -193,8 +210,13 @@ class HandoffDaemon:
         # Fail fast: a daemon that cannot reach its source must not accept VMMs.
         self.source_info = await probe(self.source)
         sock = _prepare_socket(self.path, self.mode, self.owner)
-        self._emit("listening", path=self.path, source=self.source,
-                   memory_size=self.source_info.memory_size, page_size=self.source_info.page_size)
+        self._emit(
+            "listening",
+            path=self.path,
+            source=self.source,
+            memory_size=self.source_info.memory_size,
+            page_size=self.source_info.page_size,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
@@ -219,8 +241,10 @@ class HandoffDaemon:
         try:
             peer = peer_credentials(conn)
             if peer.uid not in self.allow_uids:
-                raise HandoffError(f"peer pid {peer.pid} uid {peer.uid} is not allowed "
-                                   f"(allowed uids: {sorted(self.allow_uids)})")
+                raise HandoffError(
+                    f"peer pid {peer.pid} uid {peer.uid} is not allowed "
+                    f"(allowed uids: {sorted(self.allow_uids)})"
+                )
             with trio.fail_after(HANDOFF_TIMEOUT):
                 body, fd = await receive_handoff(conn)
             try:
@@ -232,8 +256,12 @@ class HandoffDaemon:
             assert self.source_info is not None
             regions.check_within(self.source_info.memory_size)
             if uffd.lacks:
-                log.info("%s (pid %d): userfaultfd session lacks: %s", name, peer.pid,
-                         "; ".join(uffd.lacks))
+                log.info(
+                    "%s (pid %d): userfaultfd session lacks: %s",
+                    name,
+                    peer.pid,
+                    "; ".join(uffd.lacks),
+                )
             await self._run_session(name, peer, uffd, regions)
         except (HandoffError, RegionError, kerrors.UffdError) as e:
             log.error("%s: handoff rejected: %s", name, e)
@@ -251,11 +279,18 @@ class HandoffDaemon:
                 uffd.close()
             conn.close()
 
-    async def _run_session(self, name: str, peer: Peer, uffd: Userfaultfd,
-                           regions: RegionMap) -> None:
+    async def _run_session(
+        self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap
+    ) -> None:
         client = await SourceClient.connect(self.source, page_size=regions.page_size)
-        session = Session(uffd, regions, client, hugetlb=regions.page_size > 4096, name=name,
-                          status=lambda d: self._status({**d, "pid": peer.pid}))
+        session = Session(
+            uffd,
+            regions,
+            client,
+            hugetlb=regions.page_size > 4096,
+            name=name,
+            status=lambda d: self._status({**d, "pid": peer.pid}),
+        )
         self.sessions[name] = session
         try:
             async with trio.open_nursery() as nursery:
@@ -273,8 +308,14 @@ class HandoffDaemon:
                 await _wait_process_gone(peer.pid)
                 nursery.cancel_scope.cancel()
             if not session.failed:
-                self._emit("session-ended", session=name, pid=peer.pid, reason="VMM exited",
-                           **session.page_counts(), **session.stats.as_dict())
+                self._emit(
+                    "session-ended",
+                    session=name,
+                    pid=peer.pid,
+                    reason="VMM exited",
+                    **session.page_counts(),
+                    **session.stats.as_dict(),
+                )
         finally:
             del self.sessions[name]
             session.close()

@@ -63,8 +63,13 @@ class Stats:
 class Placer:
     """Applies ``Pages`` events to the ledgers of one session."""
 
-    def __init__(self, regions: RegionMap, ledgers: Sequence[Ledger], stats: Stats,
-                 on_progress: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        regions: RegionMap,
+        ledgers: Sequence[Ledger],
+        stats: Stats,
+        on_progress: Callable[[], None],
+    ) -> None:
         self.regions = regions
         self.ledgers = ledgers
         self.stats = stats
@@ -86,11 +91,15 @@ class Placer:
         s.raced += res.raced
         if res.refused:
             s.refused += res.refused
-            log.error("refused to place %s over %d poisoned page(s): poison is never overwritten",
-                      kind.name, res.refused)
+            log.error(
+                "refused to place %s over %d poisoned page(s): poison is never overwritten",
+                kind.name,
+                res.refused,
+            )
 
-    def _place_one(self, led: Ledger, kind: PageKind, first: int, n: int,
-                   data: memoryview | None) -> PlaceResult:
+    def _place_one(
+        self, led: Ledger, kind: PageKind, first: int, n: int, data: memoryview | None
+    ) -> PlaceResult:
         if kind is PageKind.DATA:
             return led.copy(first, n, data, strict=False)
         if kind is PageKind.ZERO:
@@ -117,15 +126,16 @@ class Placer:
             done = 0
             while done < total:
                 n = min(step, total - done)
-                part = data[base + done * ps: base + (done + n) * ps] if data is not None else None
+                part = data[base + done * ps : base + (done + n) * ps] if data is not None else None
                 await self._place_retrying(led, kind, first + done, n, part)
                 done += n
                 if chunk and done < total:
                     await trio.lowlevel.checkpoint()
         self._on_progress()
 
-    async def _place_retrying(self, led: Ledger, kind: PageKind, first: int, n: int,
-                              data: memoryview | None) -> None:
+    async def _place_retrying(
+        self, led: Ledger, kind: PageKind, first: int, n: int, data: memoryview | None
+    ) -> None:
         attempt = 0
         while True:
             try:
@@ -140,8 +150,12 @@ class Placer:
             except kerrors.RangeGone as e:
                 # The VMM unregistered or unmapped the range: nothing to place any more.
                 self.stats.range_gone += n
-                log.warning("dropping %d page(s) at %#x: range no longer registered (%s)",
-                            n, led.address(first), e)
+                log.warning(
+                    "dropping %d page(s) at %#x: range no longer registered (%s)",
+                    n,
+                    led.address(first),
+                    e,
+                )
                 return
             except kerrors.TargetGone as e:
                 raise SessionEnded(f"guest memory is gone: {e}") from e
@@ -171,8 +185,9 @@ class Placer:
             if i < 0:
                 continue
             r = self.regions.regions[i]
-            await self._place_retrying(self.ledgers[i], PageKind.POISONED, (off - r.offset) // ps,
-                                       1, None)
+            await self._place_retrying(
+                self.ledgers[i], PageKind.POISONED, (off - r.offset) // ps, 1, None
+            )
             placed += 1
             if k % 256 == 255:
                 await trio.lowlevel.checkpoint()

@@ -10,6 +10,7 @@ of regions, never a per-page structure.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,11 +46,16 @@ class Region:
     def validate(self) -> None:
         ps = self.page_size
         if ps not in _PAGE_SIZES:
-            raise RegionError(f"region at {self.base:#x}: page size {ps} is not one of {_PAGE_SIZES}")
+            raise RegionError(
+                f"region at {self.base:#x}: page size {ps} is not one of {_PAGE_SIZES}"
+            )
         if self.size <= 0:
             raise RegionError(f"region at {self.base:#x}: size {self.size} must be positive")
-        for name, value in (("base_host_virt_addr", self.base), ("size", self.size),
-                            ("offset", self.offset)):
+        for name, value in (
+            ("base_host_virt_addr", self.base),
+            ("size", self.size),
+            ("offset", self.offset),
+        ):
             if value < 0 or value % ps:
                 raise RegionError(
                     f"region at {self.base:#x}: {name} {value:#x} is not aligned to page size {ps}"
@@ -68,14 +74,14 @@ class RegionMap:
         sizes = {r.page_size for r in regs}
         if len(sizes) != 1:
             raise RegionError(f"regions mix page sizes {sorted(sizes)}; one session has one unit")
-        for a, b in zip(regs, regs[1:], strict=False):
+        for a, b in itertools.pairwise(regs):
             if b.base < a.end:
                 raise RegionError(
                     f"regions overlap in this address space: [{a.base:#x}, {a.end:#x}) "
                     f"and [{b.base:#x}, {b.end:#x})"
                 )
         by_off = sorted(regs, key=lambda r: r.offset)
-        for a, b in zip(by_off, by_off[1:], strict=False):
+        for a, b in itertools.pairwise(by_off):
             if b.offset < a.offset_end:
                 raise RegionError(
                     f"regions overlap in the guest memory space: offsets [{a.offset:#x}, "
@@ -102,8 +108,9 @@ class RegionMap:
         for r in self.regions:
             if r.offset_end > memory_size:
                 raise RegionError(
-                    f"region at {r.base:#x} covers guest offsets [{r.offset:#x}, {r.offset_end:#x}) "
-                    f"but the source's memory is only {memory_size:#x} bytes"
+                    f"region at {r.base:#x} covers guest offsets "
+                    f"[{r.offset:#x}, {r.offset_end:#x}) but the source's memory is only "
+                    f"{memory_size:#x} bytes"
                 )
 
     def by_address(self, addr: int) -> int:
@@ -160,13 +167,17 @@ def parse_firecracker_regions(payload: bytes | str) -> list[Region]:
     taken as bytes, and anything else as KiB); else 4096.
     """
     if len(payload) > MAX_HANDOFF_BYTES:
-        raise RegionError(f"handoff message is {len(payload)} bytes, over the {MAX_HANDOFF_BYTES} limit")
+        raise RegionError(
+            f"handoff message is {len(payload)} bytes, over the {MAX_HANDOFF_BYTES} limit"
+        )
     try:
         doc = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RegionError(f"handoff message is not valid JSON: {e}") from None
     if not isinstance(doc, list):
-        raise RegionError(f"handoff message must be a JSON array of regions, got {type(doc).__name__}")
+        raise RegionError(
+            f"handoff message must be a JSON array of regions, got {type(doc).__name__}"
+        )
     if not doc:
         raise RegionError("handoff message holds no regions")
     regions = []
@@ -191,8 +202,12 @@ def regions_to_json(regions: Sequence[Region]) -> bytes:
     """The Firecracker handoff body for ``regions`` (used by tests and example VMMs)."""
     return json.dumps(
         [
-            {"base_host_virt_addr": r.base, "size": r.size, "offset": r.offset,
-             "page_size": r.page_size}
+            {
+                "base_host_virt_addr": r.base,
+                "size": r.size,
+                "offset": r.offset,
+                "page_size": r.page_size,
+            }
             for r in regions
         ]
     ).encode()

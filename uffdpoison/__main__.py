@@ -1,0 +1,5 @@
+import sys
+
+from uffdpoison.cli import main
+
+sys.exit(main())

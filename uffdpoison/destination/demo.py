@@ -1,0 +1,422 @@
+"""``uffdpoison demo``: a whole postcopy migration with poison, on an embedded default.
+
+Builds a synthetic guest (random pages, zero pages, ~1% poisoned), starts a source for it on
+loopback (a separate process, as on a real source host), serves it into this process's memory
+with the embedding API, touches every page in random order from C toucher threads, and checks
+every byte (XXH64 of each page, computed by the toucher in C) and that every poisoned page raises
+SIGBUS — again after the background stream has finished.
+
+Exit status: 0 everything held, 1 a mismatch, 2 a setup error (the reason is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from uffdpoison import __version__
+from uffdpoison.destination.embed import serve_memory
+from uffdpoison.destination.regions import Region
+from uffdpoison.kernel import memory
+from uffdpoison.kernel.digest import page_digests
+from uffdpoison.kernel.toucher import Toucher
+from uffdpoison.units import size_arg
+
+log = logging.getLogger(__name__)
+
+JSON_SCHEMA = "uffdpoison.demo/1"
+HUGE = 2 << 20
+FAULT_THRESHOLD_NS = 10_000  # a touch slower than this took a fault (as ANCHORS.md counts them)
+
+
+class SetupError(Exception):
+    """The demo could not start (permissions, missing kernel feature, bad option)."""
+
+
+@dataclass
+class Guest:
+    image: bytearray
+    page_size: int
+    zero: array = field(default_factory=lambda: array("Q"))  # page indices
+    poisoned: array = field(default_factory=lambda: array("Q"))
+
+    @property
+    def npages(self) -> int:
+        return len(self.image) // self.page_size
+
+
+def build_guest(
+    size: int, page_size: int, *, poison_fraction: float, zero_fraction: float, seed: int
+) -> Guest:
+    rng = random.Random(seed)
+    image = bytearray(rng.randbytes(size))
+    npages = size // page_size
+    picks = rng.sample(
+        range(npages),
+        k=min(npages, round(npages * zero_fraction) + max(1, round(npages * poison_fraction))),
+    )
+    n_poison = max(1, round(npages * poison_fraction)) if poison_fraction > 0 else 0
+    poisoned = array("Q", sorted(picks[:n_poison]))
+    zero = array("Q", sorted(picks[n_poison:]))
+    blank = bytes(page_size)
+    for i in zero:
+        image[i * page_size : (i + 1) * page_size] = blank
+    return Guest(image, page_size, zero, poisoned)
+
+
+def _pct(sorted_ns: list[int], p: float) -> float:
+    if not sorted_ns:
+        return 0.0
+    k = min(len(sorted_ns) - 1, max(0, round(p / 100 * (len(sorted_ns) - 1))))
+    return sorted_ns[k] / 1000.0
+
+
+class _Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def show(self, text: str, *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < (0.2 if self.tty else 2.0):
+            return
+        self._last = now
+        if self.tty:
+            sys.stderr.write(f"\r\x1b[K{text}")
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+@contextlib.contextmanager
+def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None):
+    image_path = workdir / "guest.img"
+    image_path.write_bytes(guest.image)
+    poison_path = workdir / "poison.txt"
+    poison_path.write_text(
+        "# synthetic guest: poisoned pages\n"
+        + "".join(f"{i * guest.page_size:#x}\n" for i in guest.poisoned)
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "uffdpoison",
+        "source",
+        "--listen",
+        "127.0.0.1:0",
+        "--image",
+        str(image_path),
+        "--poison-list",
+        str(poison_path),
+    ]
+    if max_bandwidth:
+        cmd += ["--max-bandwidth", max_bandwidth]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise SetupError(f"source process exited ({proc.wait()}) before listening")
+        status = json.loads(line)
+        yield f"{status['host']}:{status['port']}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _mapping(kind: str, size: int) -> memory.Mapping:
+    try:
+        if kind == "anon":
+            return memory.anon(size)
+        if kind == "shmem":
+            return memory.shmem(size)
+        return memory.hugetlb(size)
+    except OSError as e:
+        raise SetupError(f"cannot map {size} bytes of {kind} memory: {e}") from e
+
+
+async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
+    page_size = HUGE if args.memory == "hugetlb" else 4096
+    size = args.size
+    if size <= 0 or size % page_size:
+        raise SetupError(f"--size {size} must be a positive multiple of the page size {page_size}")
+    progress = _Progress(not args.quiet)
+    t0 = time.monotonic()
+    guest = build_guest(
+        size,
+        page_size,
+        poison_fraction=args.poison_fraction,
+        zero_fraction=args.zero_fraction,
+        seed=args.seed,
+    )
+    expected = page_digests(guest.image, page_size)
+    is_poisoned = bytearray(guest.npages)
+    for i in guest.poisoned:
+        is_poisoned[i] = 1
+    progress.show(
+        f"guest: {guest.npages} pages of {page_size} B, {len(guest.zero)} zero, "
+        f"{len(guest.poisoned)} poisoned",
+        force=True,
+    )
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(
+            stack.enter_context(
+                tempfile.TemporaryDirectory(
+                    prefix="uffdpoison-demo-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+                )
+            )
+        )
+        if args.memory == "hugetlb":
+            try:
+                stack.enter_context(memory.reserve_hugepages(size // HUGE))
+            except OSError as e:
+                raise SetupError(f"cannot reserve {size // HUGE} huge pages: {e}") from e
+        source = stack.enter_context(_source_process(guest, workdir, args.max_bandwidth))
+        del guest.image  # the source process has it; keep only digests here
+        mapping = stack.enter_context(_mapping(args.memory, size))
+        region = Region(base=mapping.addr, size=size, offset=0, page_size=page_size)
+        order = list(range(size // page_size))
+        random.Random(args.seed + 1).shuffle(order)
+        addrs = array("Q", (mapping.addr + i * page_size for i in order))
+        async with serve_memory([region], source, hugetlb=args.memory == "hugetlb") as server:
+            t_touch = time.monotonic()
+            toucher = Toucher(addrs, threads=args.threads, page_size=page_size, digest=True)
+            toucher.start()
+            while not toucher.join(0):
+                res = toucher.results
+                counts = server.page_counts()
+                progress.show(
+                    f"touched {len(addrs) - res.pending}/{len(addrs)} pages · "
+                    f"present {counts['present']} · poisoned {counts['poisoned']} · "
+                    f"demand faults {server.stats['demand_requests']}"
+                )
+                await trio.sleep(0.05)
+            touch_s = time.monotonic() - t_touch
+            first = toucher.results
+            with trio.move_on_after(args.timeout) as scope:
+                await server.wait_complete()
+            if scope.cancelled_caught:
+                raise SetupError(
+                    f"migration did not complete within {args.timeout} s: {server.page_counts()}"
+                )
+            total_s = time.monotonic() - t_touch
+            # After the background stream: every poisoned page must still SIGBUS, data stays.
+            poisoned_addrs = array("Q", (mapping.addr + i * page_size for i in guest.poisoned))
+            again = Toucher(poisoned_addrs, threads=1, page_size=page_size).run(timeout=60)
+            sample = order[: min(len(order), 4096)]
+            resample = Toucher(
+                array("Q", (mapping.addr + i * page_size for i in sample)),
+                threads=1,
+                page_size=page_size,
+                digest=True,
+            ).run(timeout=60)
+            stats = server.stats
+            counts = server.page_counts()
+        progress.done()
+
+    mismatches: list[str] = []
+    lat_fault: list[int] = []
+    for k, page in enumerate(order):
+        outcome = first.outcome[k]
+        if is_poisoned[page]:
+            if outcome != 1:
+                mismatches.append(f"page {page}: poisoned at the source but read without SIGBUS")
+        elif outcome != 0:
+            mismatches.append(f"page {page}: touch raised SIGBUS but the page is not poisoned")
+        elif first.digest is not None and first.digest[k] != expected[page]:
+            mismatches.append(f"page {page}: bytes differ from the source")
+        if outcome == 0 and first.latency_ns[k] > FAULT_THRESHOLD_NS:
+            lat_fault.append(first.latency_ns[k])
+    for k in range(len(poisoned_addrs)):
+        if again.outcome[k] != 1:
+            mismatches.append(f"poisoned page {guest.poisoned[k]} readable after completion")
+    for k, page in enumerate(sample):
+        if is_poisoned[page]:
+            continue
+        if resample.outcome[k] != 0 or (
+            resample.digest is not None and resample.digest[k] != expected[page]
+        ):
+            mismatches.append(f"page {page}: changed after completion")
+    lat_fault.sort()
+    lat_all = sorted(first.latency_ns[k] for k in range(len(order)) if first.outcome[k] == 0)
+    out.update(
+        {
+            "schema": JSON_SCHEMA,
+            "ok": not mismatches,
+            "config": {
+                "size": size,
+                "page_size": page_size,
+                "memory": args.memory,
+                "poison_fraction": args.poison_fraction,
+                "zero_fraction": args.zero_fraction,
+                "seed": args.seed,
+                "threads": args.threads,
+                "max_bandwidth": args.max_bandwidth,
+            },
+            "guest": {
+                "pages": len(order),
+                "zero": len(guest.zero),
+                "poisoned": len(guest.poisoned),
+            },
+            "placed": {
+                "copied": stats["copied"],
+                "zero": stats["zeroed"],
+                "poisoned": stats["poisoned"],
+                "refused": stats["refused"],
+            },
+            "pages": counts,
+            "faults": {
+                "demand_requests": stats["demand_requests"],
+                "coalesced": stats["coalesced"],
+                "sigbus_first_pass": first.sigbus,
+                "sigbus_after_completion": again.sigbus,
+            },
+            "latency_us": {
+                "faulting_touches": len(lat_fault),
+                "fault_threshold_us": FAULT_THRESHOLD_NS / 1000,
+                "p50": _pct(lat_fault, 50),
+                "p90": _pct(lat_fault, 90),
+                "p99": _pct(lat_fault, 99),
+                "max": _pct(lat_fault, 100),
+                "all_touches_p50": _pct(lat_all, 50),
+                "all_touches_p99": _pct(lat_all, 99),
+            },
+            "seconds": {
+                "setup": round(t_touch - t0, 3),
+                "touch_all": round(touch_s, 3),
+                "to_completion": round(total_s, 3),
+            },
+            "throughput_mb_s": round(size / total_s / 1e6, 1) if total_s else None,
+            "mismatches": mismatches[:50],
+            "mismatch_count": len(mismatches),
+            "environment": {
+                "kernel": platform.release(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "uffdpoison": __version__,
+            },
+        }
+    )
+    return not mismatches
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--size",
+        type=size_arg,
+        default=256 << 20,
+        help="guest memory size, e.g. 256M, 1G (default 256M)",
+    )
+    p.add_argument(
+        "--poison-fraction",
+        type=float,
+        default=0.01,
+        help="fraction of pages poisoned at the source (default 0.01)",
+    )
+    p.add_argument(
+        "--zero-fraction",
+        type=float,
+        default=0.25,
+        help="fraction of all-zero pages (default 0.25)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=("anon", "shmem", "hugetlb"),
+        default="anon",
+        help="kind of destination memory (default anon)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="toucher (vCPU) threads (default 1)")
+    p.add_argument(
+        "--max-bandwidth",
+        default=None,
+        help="cap the background stream, e.g. 200M (bytes/s); demand is never capped",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the migration to complete (default 120)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write the summary as JSON to PATH")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def _print_summary(out: dict[str, Any]) -> None:
+    g, pl, lat, sec = out["guest"], out["placed"], out["latency_us"], out["seconds"]
+    print(
+        f"guest       {g['pages']} pages ({out['config']['size'] >> 20} MiB, "
+        f"{out['config']['memory']}), {g['zero']} zero, {g['poisoned']} poisoned"
+    )
+    print(
+        f"placed      {pl['copied']} copied, {pl['zero']} zero, {pl['poisoned']} poisoned, "
+        f"{pl['refused']} refused overwrites"
+    )
+    f = out["faults"]
+    print(
+        f"faults      {f['demand_requests']} demand requests, {f['coalesced']} coalesced; "
+        f"SIGBUS {f['sigbus_first_pass']} on first touch, {f['sigbus_after_completion']} "
+        "after completion"
+    )
+    print(
+        f"latency     faulting touches (> {lat['fault_threshold_us']:.0f} µs): "
+        f"{lat['faulting_touches']}, p50 {lat['p50']:.1f} µs, p90 {lat['p90']:.1f} µs, "
+        f"p99 {lat['p99']:.1f} µs, max {lat['max']:.1f} µs"
+    )
+    print(
+        f"time        setup {sec['setup']} s, all pages touched {sec['touch_all']} s, "
+        f"complete {sec['to_completion']} s ({out['throughput_mb_s']} MB/s)"
+    )
+    if out["ok"]:
+        print("result      OK: every byte matched and every poisoned page raised SIGBUS")
+    else:
+        print(f"result      MISMATCH ({out['mismatch_count']}):")
+        for m in out["mismatches"][:10]:
+            print(f"  {m}")
+
+
+def main(args: argparse.Namespace) -> int:
+    out: dict[str, Any] = {}
+    try:
+        ok = trio.run(_run, args, out)
+    except SetupError as e:
+        print(f"uffdpoison demo: setup error: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:
+        print(
+            f"uffdpoison demo: setup error: no permission ({e}); userfaultfd needs root or "
+            "vm.unprivileged_userfaultfd=1",
+            file=sys.stderr,
+        )
+        return 2
+    _print_summary(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0 if ok else 1

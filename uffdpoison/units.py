@@ -1,0 +1,32 @@
+"""Parsing of sizes and rates given on the command line."""
+
+from __future__ import annotations
+
+import re
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``0x1000``, ``256M``, ``1G``, ``2MiB`` → bytes (multiples of 1024)."""
+    try:
+        value = int(text.strip(), 0)
+    except ValueError:
+        m = _SIZE.match(text)
+        if not m:
+            raise ValueError(f"{text!r} is not a size (examples: 4096, 0x1000, 256M, 1G)") from None
+        value = int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
+    if value < 0:
+        raise ValueError(f"{text!r}: a size cannot be negative")
+    return value
+
+
+def size_arg(text: str) -> int:
+    """``parse_size`` for argparse: its message, not argparse's generic one."""
+    import argparse
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
