@@ -1,0 +1,899 @@
+"""Sans-IO wire protocol between a uffdpoison source and destination (h11-style).
+
+A ``Connection`` turns bytes into events (``receive_data`` + ``next_event``) and events into
+bytes (``send``). It owns no socket. Every frame is validated symmetrically: a frame we are about
+to send goes through the same checks as one we receive, so our own bugs never reach the wire.
+A frame that fails any check raises ``ProtocolError`` naming the problem, and nothing from it is
+acted on (no state, id or counter changes). Byte layout and rules: docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import msgpack
+
+__all__ = [
+    "BASE_PAGE_SIZE",
+    "CLOSED",
+    "ERROR_CODES",
+    "MAX_HEADER",
+    "MAX_PAGES_PER_FRAME",
+    "MAX_PAYLOAD",
+    "NEED_DATA",
+    "PREFIX_SIZE",
+    "PROTOCOL_VERSION",
+    "Channel",
+    "Connection",
+    "Done",
+    "Error",
+    "Event",
+    "Hello",
+    "PageKind",
+    "Pages",
+    "ProtocolError",
+    "Request",
+    "Side",
+    "State",
+    "Welcome",
+    "bench_codec",
+]
+
+# Major version: peers must agree exactly. Compatible additions are new optional map keys, which
+# every peer ignores when it does not know them, so they do not bump this number.
+PROTOCOL_VERSION: Final = 1
+MAGIC: Final = b"uP"
+# Prefix: magic (2 bytes), header length (u16 LE), payload length (u32 LE).
+_PREFIX = struct.Struct("<2sHI")
+PREFIX_SIZE: Final = _PREFIX.size
+MAX_HEADER: Final = 4096
+MAX_PAYLOAD: Final = 64 * 1024 * 1024
+BASE_PAGE_SIZE: Final = 4096
+# Bounds `count` of a Request or Pages frame whatever its kind (a DATA frame is also bounded by
+# MAX_PAYLOAD, i.e. count * page_size <= MAX_PAYLOAD).
+MAX_PAGES_PER_FRAME: Final = MAX_PAYLOAD // BASE_PAGE_SIZE
+MAX_SESSION: Final = 64
+MAX_AUTH: Final = 1024
+MAX_CODE: Final = 64
+MAX_MESSAGE: Final = 1024
+_U64_LIMIT: Final = 1 << 64
+
+# Error codes the project uses; other codes are allowed (shown to the user as-is).
+ERROR_CODES: Final = {
+    "bad-request": "request malformed or not servable as asked",
+    "out-of-range": "range outside the guest memory space",
+    "read-failed": "source could not read the pages (other than poison)",
+    "unknown-session": "bulk Hello names a session the source does not know",
+    "bad-version": "major protocol version not supported",
+    "bad-page-size": "requested page size not available for this guest",
+    "auth-failed": "authentication refused",
+    "busy": "source refuses new sessions for now",
+    "shutdown": "source is shutting down",
+    "internal": "unexpected failure in the sender",
+}
+
+
+class ProtocolError(Exception):
+    """The peer (or we, on send) broke the protocol; the message names what was wrong."""
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+CLOSED: Final = _Sentinel("CLOSED")
+
+
+class Side(enum.Enum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+
+class Channel(enum.IntEnum):
+    URGENT = 1
+    BULK = 2
+
+
+class PageKind(enum.IntEnum):
+    DATA = 1
+    ZERO = 2
+    POISONED = 3
+    CLEAN = 4
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"  # before the Welcome
+    OPEN = "open"
+    DONE = "done"  # bulk channel: both sides sent Done and nothing is outstanding
+    ABORTED = "aborted"  # an Error with id None was sent or received: the channel is finished
+    CLOSED = "closed"  # next_event returned CLOSED (peer's EOF)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    channel: Channel
+    session: bytes | None
+    page_size: int = 0
+    want_poison_list: bool = True
+    auth: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    version: int
+    session: bytes
+    page_size: int
+    memory_size: int
+    huge_page_size: int
+    poisoned_count: int
+    poison_list: memoryview | None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    offset: int
+    count: int
+    urgent: bool
+    digests: memoryview | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pages:
+    id: int | None
+    kind: PageKind
+    offset: int
+    count: int
+    data: memoryview | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    id: int | None
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    pass
+
+
+Event = Hello | Welcome | Request | Pages | Error | Done
+
+_T_HELLO, _T_WELCOME, _T_REQUEST, _T_PAGES, _T_ERROR, _T_DONE = 1, 2, 3, 4, 5, 6
+_TYPE_NAMES = {1: "Hello", 2: "Welcome", 3: "Request", 4: "Pages", 5: "Error", 6: "Done"}
+_KINDS = {k.value: k for k in PageKind}
+_CHANNELS = {c.value: c for c in Channel}
+_NOT_TYPE = "field {!r} of {} must be {}, got {}"
+
+
+# ---------------------------------------------------------------- field checks (send and receive)
+
+
+def _is_int(v: object) -> bool:
+    # bool is an int subclass in Python; on the wire it is a different msgpack type.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _u64(frame: str, name: str, v: object) -> int:
+    if not _is_int(v):
+        raise ProtocolError(_NOT_TYPE.format(name, frame, "an int", type(v).__name__))
+    if not 0 <= v < _U64_LIMIT:  # type: ignore[operator]
+        raise ProtocolError(f"field {name!r} of {frame} out of u64 range: {v}")
+    return v  # type: ignore[return-value]
+
+
+def _opt_u64(frame: str, name: str, v: object) -> int | None:
+    return None if v is None else _u64(frame, name, v)
+
+
+def _bool(frame: str, name: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ProtocolError(_NOT_TYPE.format(name, frame, "a bool", type(v).__name__))
+    return v
+
+
+def _bytes(frame: str, name: str, v: object, lo: int, hi: int, optional: bool) -> bytes | None:
+    if v is None and optional:
+        return None
+    if not isinstance(v, bytes):
+        want = "bytes or None" if optional else "bytes"
+        raise ProtocolError(_NOT_TYPE.format(name, frame, want, type(v).__name__))
+    if not lo <= len(v) <= hi:
+        raise ProtocolError(f"field {name!r} of {frame} must be {lo}..{hi} bytes, got {len(v)}")
+    return v
+
+
+def _str(frame: str, name: str, v: object, lo: int, hi: int) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError(_NOT_TYPE.format(name, frame, "a str", type(v).__name__))
+    if not lo <= len(v) <= hi:
+        raise ProtocolError(f"field {name!r} of {frame} must be {lo}..{hi} chars, got {len(v)}")
+    return v
+
+
+def _page_size(frame: str, name: str, v: int, allow_zero: bool) -> None:
+    if v == 0 and allow_zero:
+        return
+    if v < BASE_PAGE_SIZE or v & (v - 1) or v > MAX_PAYLOAD:
+        raise ProtocolError(
+            f"{name} of {frame} must be a power of two in {BASE_PAGE_SIZE}..{MAX_PAYLOAD}"
+            f"{' or 0' if allow_zero else ''}, got {v}"
+        )
+
+
+def _as_bytes_view(frame: str, name: str, v: object) -> memoryview:
+    """A flat unsigned-byte view of a payload buffer, without copying it."""
+    try:
+        mv = v if isinstance(v, memoryview) else memoryview(v)  # type: ignore[arg-type]
+    except TypeError:
+        raise ProtocolError(
+            f"field {name!r} of {frame} must be a buffer (memoryview), got {type(v).__name__}"
+        ) from None
+    if mv.format != "B" or mv.ndim != 1:
+        if not mv.c_contiguous:
+            raise ProtocolError(f"field {name!r} of {frame} is not a contiguous buffer")
+        mv = mv.cast("B")
+    return mv
+
+
+def _check_poison_list(mv: memoryview, page_size: int, memory_size: int) -> None:
+    """Entries are u64 LE byte offsets, page-aligned, strictly ascending, inside the memory."""
+    # A native u64 view costs no copy; a big-endian host unpacks instead.
+    little = sys.byteorder == "little"
+    entries = mv.cast("Q") if little else struct.unpack_from(f"<{len(mv) // 8}Q", mv)
+    mask = page_size - 1
+    prev = -1
+    for i, off in enumerate(entries):
+        if off & mask:
+            raise ProtocolError(f"poison_list[{i}] = {off} is not aligned to page size {page_size}")
+        if off <= prev:
+            raise ProtocolError(f"poison_list[{i}] = {off} is not above the previous entry {prev}")
+        if off >= memory_size:
+            raise ProtocolError(f"poison_list[{i}] = {off} is past memory_size {memory_size}")
+        prev = off
+
+
+def _decode_header(header: bytes) -> dict[str, object]:
+    try:
+        obj = msgpack.unpackb(header, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises many exception types for bad input
+        raise ProtocolError(f"frame header is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame header must be a msgpack map, got {type(obj).__name__}")
+    for k in obj:
+        if not isinstance(k, str):
+            raise ProtocolError(f"frame header keys must be str, got {type(k).__name__}")
+    return obj
+
+
+def _field(h: dict[str, object], key: str, frame: str, name: str) -> object:
+    try:
+        return h[key]
+    except KeyError:
+        raise ProtocolError(f"{frame} frame lacks field {name!r} (key {key!r})") from None
+
+
+def _event_from_header(h: dict[str, object], payload: memoryview | None) -> Event:
+    """Build an event from a decoded header map, checking each field's wire type."""
+    t = _field(h, "t", "frame", "type")
+    if type(t) is not int:
+        raise ProtocolError(f"frame type must be an int, got {type(t).__name__}")
+    f = h.get
+    if t == _T_PAGES:
+        k = _field(h, "k", "Pages", "kind")
+        kind = _KINDS.get(k) if type(k) is int else None  # type: ignore[call-overload]
+        if kind is None:
+            raise ProtocolError(f"Pages frame has unknown kind {k!r}")
+        return Pages(
+            _opt_u64("Pages", "id", _field(h, "i", "Pages", "id")),
+            kind,
+            _u64("Pages", "offset", _field(h, "o", "Pages", "offset")),
+            _u64("Pages", "count", _field(h, "n", "Pages", "count")),
+            payload,
+        )
+    if t == _T_REQUEST:
+        return Request(
+            _u64("Request", "id", _field(h, "i", "Request", "id")),
+            _u64("Request", "offset", _field(h, "o", "Request", "offset")),
+            _u64("Request", "count", _field(h, "n", "Request", "count")),
+            _bool("Request", "urgent", _field(h, "u", "Request", "urgent")),
+            payload,
+        )
+    if t == _T_HELLO:
+        c = _field(h, "c", "Hello", "channel")
+        channel = _CHANNELS.get(c) if type(c) is int else None  # type: ignore[call-overload]
+        if channel is None:
+            raise ProtocolError(f"Hello frame has unknown channel {c!r}")
+        _no_payload("Hello", payload)
+        return Hello(
+            _u64("Hello", "version", _field(h, "v", "Hello", "version")),
+            channel,
+            _bytes("Hello", "session", _field(h, "s", "Hello", "session"), 1, MAX_SESSION, True),
+            _u64("Hello", "page_size", _field(h, "p", "Hello", "page_size")),
+            _bool("Hello", "want_poison_list", _field(h, "w", "Hello", "want_poison_list")),
+            _bytes("Hello", "auth", f("a"), 0, MAX_AUTH, True),
+        )
+    if t == _T_WELCOME:
+        has_list = _bool("Welcome", "has_poison_list", _field(h, "l", "Welcome", "has_list"))
+        if not has_list:
+            _no_payload("Welcome without a poison list", payload)
+        return Welcome(
+            _u64("Welcome", "version", _field(h, "v", "Welcome", "version")),
+            _bytes(
+                "Welcome", "session", _field(h, "s", "Welcome", "session"), 1, MAX_SESSION, False
+            ),  # type: ignore[arg-type]
+            _u64("Welcome", "page_size", _field(h, "p", "Welcome", "page_size")),
+            _u64("Welcome", "memory_size", _field(h, "m", "Welcome", "memory_size")),
+            _u64("Welcome", "huge_page_size", _field(h, "h", "Welcome", "huge_page_size")),
+            _u64("Welcome", "poisoned_count", _field(h, "n", "Welcome", "poisoned_count")),
+            (payload if payload is not None else memoryview(b"")) if has_list else None,
+        )
+    if t == _T_ERROR:
+        _no_payload("Error", payload)
+        return Error(
+            _opt_u64("Error", "id", _field(h, "i", "Error", "id")),
+            _str("Error", "code", _field(h, "c", "Error", "code"), 1, MAX_CODE),
+            _str("Error", "message", _field(h, "m", "Error", "message"), 0, MAX_MESSAGE),
+        )
+    if t == _T_DONE:
+        _no_payload("Done", payload)
+        return Done()
+    raise ProtocolError(f"unknown frame type {t}")
+
+
+def _no_payload(frame: str, payload: memoryview | None) -> None:
+    if payload is not None:
+        raise ProtocolError(f"{frame} frame must carry no payload, got {len(payload)} bytes")
+
+
+def _check_event_types(ev: object) -> None:
+    """Send side: the same wire-type checks the receiver applies to a decoded header."""
+    if isinstance(ev, Pages):
+        _opt_u64("Pages", "id", ev.id)
+        if not isinstance(ev.kind, PageKind):
+            raise ProtocolError(f"field 'kind' of Pages must be a PageKind, got {ev.kind!r}")
+        _u64("Pages", "offset", ev.offset)
+        _u64("Pages", "count", ev.count)
+    elif isinstance(ev, Request):
+        _u64("Request", "id", ev.id)
+        _u64("Request", "offset", ev.offset)
+        _u64("Request", "count", ev.count)
+        _bool("Request", "urgent", ev.urgent)
+    elif isinstance(ev, Hello):
+        _u64("Hello", "version", ev.version)
+        if not isinstance(ev.channel, Channel):
+            raise ProtocolError(f"field 'channel' of Hello must be a Channel, got {ev.channel!r}")
+        _bytes("Hello", "session", ev.session, 1, MAX_SESSION, True)
+        _u64("Hello", "page_size", ev.page_size)
+        _bool("Hello", "want_poison_list", ev.want_poison_list)
+        _bytes("Hello", "auth", ev.auth, 0, MAX_AUTH, True)
+    elif isinstance(ev, Welcome):
+        _u64("Welcome", "version", ev.version)
+        _bytes("Welcome", "session", ev.session, 1, MAX_SESSION, False)
+        _u64("Welcome", "page_size", ev.page_size)
+        _u64("Welcome", "memory_size", ev.memory_size)
+        _u64("Welcome", "huge_page_size", ev.huge_page_size)
+        _u64("Welcome", "poisoned_count", ev.poisoned_count)
+    elif isinstance(ev, Error):
+        _opt_u64("Error", "id", ev.id)
+        _str("Error", "code", ev.code, 1, MAX_CODE)
+        _str("Error", "message", ev.message, 0, MAX_MESSAGE)
+    elif not isinstance(ev, Done):
+        raise ProtocolError(f"not a protocol event: {type(ev).__name__}")
+
+
+def _encode(
+    ev: Event, payload: memoryview | None, packer: msgpack.Packer
+) -> tuple[bytes, memoryview | None]:
+    if isinstance(ev, Pages):
+        h = {"t": _T_PAGES, "i": ev.id, "k": int(ev.kind), "o": ev.offset, "n": ev.count}
+    elif isinstance(ev, Request):
+        h = {"t": _T_REQUEST, "i": ev.id, "o": ev.offset, "n": ev.count, "u": ev.urgent}
+    elif isinstance(ev, Hello):
+        h = {
+            "t": _T_HELLO,
+            "v": ev.version,
+            "c": int(ev.channel),
+            "s": ev.session,
+            "p": ev.page_size,
+            "w": ev.want_poison_list,
+            "a": ev.auth,
+        }
+    elif isinstance(ev, Welcome):
+        h = {
+            "t": _T_WELCOME,
+            "v": ev.version,
+            "s": ev.session,
+            "p": ev.page_size,
+            "m": ev.memory_size,
+            "h": ev.huge_page_size,
+            "n": ev.poisoned_count,
+            "l": ev.poison_list is not None,
+        }
+    elif isinstance(ev, Error):
+        h = {"t": _T_ERROR, "i": ev.id, "c": ev.code, "m": ev.message}
+    else:
+        h = {"t": _T_DONE}
+    header = packer.pack(h)
+    if len(header) > MAX_HEADER:
+        raise ProtocolError(f"{type(ev).__name__} header is {len(header)} bytes > MAX_HEADER")
+    if payload is not None and not len(payload):
+        payload = None  # an empty payload is no payload on the wire
+    n = 0 if payload is None else payload.nbytes
+    return _PREFIX.pack(MAGIC, len(header), n) + header, payload
+
+
+class _Out:
+    """One outstanding request: the next byte offset a reply must start at, and its end."""
+
+    __slots__ = ("end", "has_digests", "next")
+
+    def __init__(self, start: int, end: int, has_digests: bool) -> None:
+        self.next = start
+        self.end = end
+        self.has_digests = has_digests
+
+
+class Connection:
+    """One channel of a session, from one side's point of view. Does no I/O."""
+
+    def __init__(self, side: Side, channel: Channel) -> None:
+        if not isinstance(side, Side) or not isinstance(channel, Channel):
+            raise TypeError("Connection(side: Side, channel: Channel)")
+        self.side: Final = side
+        self.channel: Final = channel
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._state = State.HANDSHAKE
+        self.page_size = 0  # known after the Welcome
+        self.memory_size = 0
+        self.huge_page_size = 0
+        self.session: bytes | None = None
+        self.hello: Hello | None = None
+        self.welcome: Welcome | None = None
+        self._out: dict[int, _Out] = {}
+        self.our_done = False
+        self.their_done = False
+        self._our_abort = False
+        self._their_abort = False
+        # receive side
+        self._buf = bytearray()
+        self._eof = False
+        self._failed: ProtocolError | None = None
+        self._pending: tuple[bytes, bytearray] | None = None  # header, payload being filled
+        self._fill = 0
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent (destination) or received (source) that are not fully answered."""
+        return len(self._out)
+
+    @property
+    def max_data_pages(self) -> int:
+        """Most pages one DATA frame may carry at the page size in force."""
+        if not self.page_size:
+            return 0
+        return min(MAX_PAGES_PER_FRAME, MAX_PAYLOAD // self.page_size)
+
+    @property
+    def failed(self) -> ProtocolError | None:
+        """The ProtocolError next_event raised, if any (it raises it again on every call)."""
+        return self._failed
+
+    @property
+    def bytes_wanted(self) -> int:
+        """Hint for transports: bytes that would complete the frame being received (>= 1)."""
+        if self._pending is not None:
+            return len(self._pending[1]) - self._fill
+        have = len(self._buf)
+        if have < PREFIX_SIZE:
+            return PREFIX_SIZE - have
+        _, hl, pl = _PREFIX.unpack_from(self._buf)
+        return max(1, PREFIX_SIZE + hl + pl - have)
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, event: Event) -> list[bytes | memoryview]:
+        """Validate and encode one event. Returns the header bytes, then the payload (if any)
+        as the caller's own memoryview: write them in order, do not join them."""
+        _check_event_types(event)
+        payload = self._payload_of(event)
+        self._validate(event, payload, ours=True)
+        header, payload = _encode(event, payload, self._packer)
+        self._apply(event, ours=True)
+        return [header] if payload is None else [header, payload]
+
+    @staticmethod
+    def _payload_of(event: Event) -> memoryview | None:
+        if isinstance(event, Pages) and event.data is not None:
+            return _as_bytes_view("Pages", "data", event.data)
+        if isinstance(event, Request) and event.digests is not None:
+            return _as_bytes_view("Request", "digests", event.digests)
+        if isinstance(event, Welcome) and event.poison_list is not None:
+            return _as_bytes_view("Welcome", "poison_list", event.poison_list)
+        return None
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the transport; b"" means the peer closed (EOF)."""
+        if self._eof:
+            if data:
+                raise ProtocolError("data received after EOF")
+            return
+        if not data:
+            self._eof = True
+            return
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+        if self._pending is not None:
+            # A payload is being filled: copy straight into its final buffer.
+            payload = self._pending[1]
+            n = min(len(payload) - self._fill, mv.nbytes)
+            payload[self._fill : self._fill + n] = mv[:n]
+            self._fill += n
+            if n == mv.nbytes:
+                return
+            mv = mv[n:]
+        self._buf += mv
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next complete event, NEED_DATA, or CLOSED (peer's EOF at a frame boundary)."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._next_event()
+        except ProtocolError as e:
+            self._failed = e
+            raise
+
+    def _next_event(self) -> Event | _Sentinel:
+        if self._pending is not None:
+            header, pbuf = self._pending
+            if self._fill < len(pbuf):
+                if self._eof:
+                    raise ProtocolError(
+                        f"truncated frame at EOF: payload has {self._fill} of {len(pbuf)} bytes"
+                    )
+                return NEED_DATA
+            self._pending = None
+            self._fill = 0
+            return self._accept(header, memoryview(pbuf))
+
+        buf = self._buf
+        have = len(buf)
+        if have < PREFIX_SIZE:
+            if not self._eof:
+                return NEED_DATA
+            if have:
+                raise ProtocolError(
+                    f"truncated frame at EOF: prefix has {have} of {PREFIX_SIZE} bytes"
+                )
+            self._state = State.CLOSED
+            return CLOSED
+        magic, hl, pl = _PREFIX.unpack_from(buf)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r})")
+        if not 0 < hl <= MAX_HEADER:
+            raise ProtocolError(f"frame header length {hl} outside 1..{MAX_HEADER}")
+        if pl > MAX_PAYLOAD:
+            raise ProtocolError(f"frame announces a {pl}-byte payload > MAX_PAYLOAD {MAX_PAYLOAD}")
+        start = PREFIX_SIZE + hl
+        if have < start:
+            if self._eof:
+                raise ProtocolError(
+                    f"truncated frame at EOF: header has {have - PREFIX_SIZE} of {hl} bytes"
+                )
+            return NEED_DATA
+        header = bytes(buf[PREFIX_SIZE:start])
+        if pl == 0:
+            del buf[:start]
+            return self._accept(header, None)
+        end = start + pl
+        if have >= end:
+            # Whole payload buffered: copy the smaller of the payload and the bytes after it.
+            if have - end < pl:
+                payload = buf
+                self._buf = bytearray(buf[end:])
+                del payload[end:]
+                del payload[:start]  # deleting from the front of a bytearray is O(1)
+            else:
+                payload = buf[start:end]
+                del buf[:end]
+            return self._accept(header, memoryview(payload))
+        if self._eof:
+            raise ProtocolError(f"truncated frame at EOF: payload has {have - start} of {pl} bytes")
+        # Partial payload: move what we have into its final buffer, the rest lands there directly.
+        payload = bytearray(pl)
+        payload[: have - start] = memoryview(buf)[start:]
+        self._fill = have - start
+        del buf[:]
+        self._pending = (header, payload)
+        return NEED_DATA
+
+    def _accept(self, header: bytes, payload: memoryview | None) -> Event:
+        event = _event_from_header(_decode_header(header), payload)
+        self._validate(event, payload, ours=False)
+        self._apply(event, ours=False)
+        return event
+
+    # ------------------------------------------------------------------ rules
+
+    def _validate(self, ev: Event, payload: memoryview | None, ours: bool) -> None:
+        """Check ev against the connection state; raise ProtocolError, never mutate."""
+        sender = self.side if ours else _other(self.side)
+        name = type(ev).__name__
+        if ours and self._our_abort:
+            raise ProtocolError(f"cannot send {name} after our fatal Error")
+        if not ours and self._their_abort:
+            raise ProtocolError(f"{name} from the peer after its fatal Error")
+        if (self.our_done if ours else self.their_done) and not (
+            sender is Side.SOURCE and isinstance(ev, Pages | Error) and ev.id is not None
+        ):
+            raise ProtocolError(f"{name} sent by {sender.value} after its Done")
+
+        if isinstance(ev, Hello):
+            if sender is not Side.DESTINATION:
+                raise ProtocolError("Hello sent by the source (only the destination sends it)")
+            if self.hello is not None:
+                raise ProtocolError("duplicate Hello")
+            if ev.version != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"protocol version mismatch: Hello has {ev.version}, "
+                    f"this side speaks {PROTOCOL_VERSION}"
+                )
+            if ev.channel is not self.channel:
+                raise ProtocolError(
+                    f"Hello for the {ev.channel.name} channel on the {self.channel.name} channel"
+                )
+            if self.channel is Channel.URGENT and ev.session is not None:
+                raise ProtocolError("Hello on the URGENT channel must have session None")
+            if self.channel is Channel.BULK and ev.session is None:
+                raise ProtocolError("Hello on the BULK channel must carry a session token")
+            _page_size("Hello", "page_size", ev.page_size, allow_zero=True)
+            return
+
+        if isinstance(ev, Welcome):
+            if sender is not Side.SOURCE:
+                raise ProtocolError("Welcome sent by the destination (only the source sends it)")
+            if self.hello is None:
+                raise ProtocolError("Welcome before the Hello")
+            if self.welcome is not None:
+                raise ProtocolError("duplicate Welcome")
+            if ev.version != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"protocol version mismatch: Welcome has {ev.version}, "
+                    f"this side speaks {PROTOCOL_VERSION}"
+                )
+            _page_size("Welcome", "page_size", ev.page_size, allow_zero=False)
+            if self.hello.page_size and ev.page_size != self.hello.page_size:
+                raise ProtocolError(
+                    f"Welcome page_size {ev.page_size} differs from the "
+                    f"{self.hello.page_size} the Hello asked for"
+                )
+            if ev.huge_page_size:
+                _page_size("Welcome", "huge_page_size", ev.huge_page_size, allow_zero=False)
+            if not ev.memory_size or ev.memory_size % ev.page_size:
+                raise ProtocolError(
+                    f"Welcome memory_size {ev.memory_size} is not a positive multiple of "
+                    f"page_size {ev.page_size}"
+                )
+            if self.hello.session is not None and ev.session != self.hello.session:
+                raise ProtocolError("Welcome on the BULK channel names another session")
+            if ev.poisoned_count > ev.memory_size // ev.page_size:
+                raise ProtocolError(
+                    f"Welcome poisoned_count {ev.poisoned_count} exceeds the number of pages"
+                )
+            if ev.poison_list is not None:
+                if not self.hello.want_poison_list:
+                    raise ProtocolError("Welcome carries a poison list the Hello did not want")
+                n = 0 if payload is None else payload.nbytes
+                if n != 8 * ev.poisoned_count:
+                    raise ProtocolError(
+                        f"Welcome poison_list is {n} bytes, expected 8 * poisoned_count = "
+                        f"{8 * ev.poisoned_count}"
+                    )
+                if payload is not None:
+                    _check_poison_list(payload, ev.page_size, ev.memory_size)
+            return
+
+        if self.welcome is None:
+            if isinstance(ev, Error) and ev.id is None and sender is Side.SOURCE:
+                if self.hello is None:
+                    raise ProtocolError("Error before the Hello")
+                return  # the source refuses the Hello
+            first = "Hello" if self.hello is None else "Welcome"
+            raise ProtocolError(f"{name} before the handshake (expected {first})")
+
+        if isinstance(ev, Pages):
+            self._check_range(name, ev.offset, ev.count)
+            if ev.kind is PageKind.DATA:
+                n = 0 if payload is None else payload.nbytes
+                want = ev.count * self.page_size
+                if n != want:
+                    raise ProtocolError(
+                        f"DATA payload is {n} bytes, expected count * page_size = {want}"
+                    )
+            elif payload is not None and payload.nbytes:
+                raise ProtocolError(f"{ev.kind.name} Pages must carry no payload")
+            if sender is not Side.SOURCE:
+                raise ProtocolError("Pages sent by the destination (only the source sends it)")
+            if ev.id is None:
+                if self.channel is not Channel.BULK:
+                    raise ProtocolError("unsolicited Pages (id None) on the URGENT channel")
+                if ev.kind is PageKind.CLEAN:
+                    raise ProtocolError("unsolicited Pages cannot be CLEAN (nothing was asked)")
+                return
+            out = self._out.get(ev.id)
+            if out is None:
+                raise ProtocolError(f"Pages reply for unknown request id {ev.id}")
+            start = ev.offset
+            if start != out.next:
+                what = "overlaps what was already answered" if start < out.next else "skips pages"
+                raise ProtocolError(
+                    f"Pages reply for id {ev.id} at offset {start} {what} "
+                    f"(next expected offset {out.next})"
+                )
+            if start + ev.count * self.page_size > out.end:
+                raise ProtocolError(f"Pages reply for id {ev.id} runs past the end of its request")
+            if ev.kind is PageKind.CLEAN and not out.has_digests:
+                raise ProtocolError(f"CLEAN reply for id {ev.id}, whose request had no digests")
+            return
+
+        if isinstance(ev, Request):
+            if sender is not Side.DESTINATION:
+                raise ProtocolError("Request sent by the source (only the destination sends it)")
+            self._check_range(name, ev.offset, ev.count)
+            if ev.urgent and self.channel is not Channel.URGENT:
+                raise ProtocolError("urgent Request on the BULK channel")
+            if not ev.urgent and self.channel is not Channel.BULK:
+                raise ProtocolError("background (urgent=False) Request on the URGENT channel")
+            if payload is not None and payload.nbytes != 8 * ev.count:
+                raise ProtocolError(
+                    f"Request digests are {payload.nbytes} bytes, expected 8 * count = "
+                    f"{8 * ev.count}"
+                )
+            if ev.id in self._out:
+                raise ProtocolError(f"duplicate request id {ev.id} (still outstanding)")
+            return
+
+        if isinstance(ev, Error):
+            if ev.id is not None:
+                if sender is not Side.SOURCE:
+                    raise ProtocolError("Error with a request id sent by the destination")
+                if ev.id not in self._out:
+                    raise ProtocolError(f"Error for unknown request id {ev.id}")
+            return
+
+        if isinstance(ev, Done):
+            if self.channel is not Channel.BULK:
+                raise ProtocolError("Done on the URGENT channel")
+            return
+
+    def _check_range(self, name: str, offset: int, count: int) -> None:
+        ps = self.page_size
+        if offset % ps:
+            raise ProtocolError(f"{name} offset {offset} is not aligned to page size {ps}")
+        if not 1 <= count <= MAX_PAGES_PER_FRAME:
+            raise ProtocolError(f"{name} count {count} outside 1..{MAX_PAGES_PER_FRAME}")
+        if offset + count * ps > self.memory_size:
+            raise ProtocolError(
+                f"{name} range {offset}+{count}*{ps} runs past memory_size {self.memory_size}"
+            )
+
+    def _apply(self, ev: Event, ours: bool) -> None:
+        """Record a validated event's effect on the connection state."""
+        if isinstance(ev, Pages):
+            if ev.id is not None:
+                out = self._out[ev.id]
+                out.next += ev.count * self.page_size
+                if out.next == out.end:
+                    del self._out[ev.id]
+                    self._maybe_done()
+        elif isinstance(ev, Request):
+            start = ev.offset
+            self._out[ev.id] = _Out(
+                start, start + ev.count * self.page_size, ev.digests is not None
+            )
+        elif isinstance(ev, Hello):
+            self.hello = ev
+        elif isinstance(ev, Welcome):
+            self.welcome = ev
+            self.session = ev.session
+            self.page_size = ev.page_size
+            self.memory_size = ev.memory_size
+            self.huge_page_size = ev.huge_page_size
+            self._state = State.OPEN
+        elif isinstance(ev, Error):
+            if ev.id is not None:
+                del self._out[ev.id]
+                self._maybe_done()
+            else:
+                if ours:
+                    self._our_abort = True
+                else:
+                    self._their_abort = True
+                self._state = State.ABORTED
+        elif isinstance(ev, Done):
+            if ours:
+                self.our_done = True
+            else:
+                self.their_done = True
+            self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.our_done and self.their_done and not self._out and self._state is State.OPEN:
+            self._state = State.DONE
+
+
+def _other(side: Side) -> Side:
+    return Side.DESTINATION if side is Side.SOURCE else Side.SOURCE
+
+
+# ---------------------------------------------------------------------- benchmark
+
+
+def open_pair(
+    channel: Channel = Channel.URGENT,
+    memory_size: int = 1 << 30,
+    page_size: int = BASE_PAGE_SIZE,
+) -> tuple[Connection, Connection]:
+    """A handshaken (source, destination) pair, for tests and benchmarks."""
+    src, dst = Connection(Side.SOURCE, channel), Connection(Side.DESTINATION, channel)
+    session = b"bench-session" if channel is Channel.BULK else None
+    for data in dst.send(Hello(PROTOCOL_VERSION, channel, session)):
+        src.receive_data(data)
+    src.next_event()
+    welcome = Welcome(PROTOCOL_VERSION, b"bench-session", page_size, memory_size, 0, 0, None)
+    for data in src.send(welcome):
+        dst.receive_data(data)
+    dst.next_event()
+    return src, dst
+
+
+def bench_codec(n: int = 20000, pages: int = 64) -> dict[str, float]:
+    """Demand round trips through the codec only: Request dst→src, DATA Pages src→dst."""
+    src, dst = open_pair(Channel.URGENT)
+    data = memoryview(bytearray(pages * BASE_PAGE_SIZE))
+    t0 = time.perf_counter()
+    for i in range(n):
+        for b in dst.send(Request(i, (i % 1024) * pages * BASE_PAGE_SIZE, pages, True)):
+            src.receive_data(b)
+        req = src.next_event()
+        for b in src.send(Pages(req.id, PageKind.DATA, req.offset, req.count, data)):  # type: ignore[union-attr]
+            dst.receive_data(b)
+        ev = dst.next_event()
+        assert isinstance(ev, Pages) and ev.data is not None
+    dt = time.perf_counter() - t0
+    return {
+        "round_trips": n,
+        "seconds": dt,
+        "round_trips_per_s": n / dt,
+        "us_per_round_trip": dt / n * 1e6,
+        "data_frames_per_s": n / dt,
+        "GB_per_s": n * pages * BASE_PAGE_SIZE / dt / 1e9,
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for k, v in bench_codec().items():
+        print(f"{k}: {v:.3f}")
