@@ -1,0 +1,346 @@
+"""Source backends against real files and a real child process holding uffd poison markers."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from uffdpoison.source.backends import (
+    ImageBackend,
+    MemoryBackend,
+    PageBitmap,
+    ProcessBackend,
+    Run,
+    RunKind,
+    SourceError,
+    SourceGone,
+    page_digests,
+    parse_poison_list,
+    parse_size,
+    xxh64,
+)
+
+PS = 4096
+
+
+def pattern(i: int) -> bytes:
+    return struct.pack("<Q", i + 1) * (PS // 8)
+
+
+def expand(runs: list[Run], unit: int = PS) -> list[RunKind]:
+    """Per-unit kinds from runs (small test sizes only)."""
+    out: list[RunKind] = []
+    for r in runs:
+        out.extend([r.kind] * r.count)
+    return out
+
+
+# -- poison list ------------------------------------------------------------------------------
+
+
+def test_poison_list_good(tmp_path: Path) -> None:
+    p = tmp_path / "poison.txt"
+    p.write_text("# header\n\n0x2000\n4096   # a comment\n0x2000\n  12288\n")
+    assert parse_poison_list(p, page_size=PS, size=16 * PS) == [0x1000, 0x2000, 0x3000]
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "what"),
+    [
+        ("4096\nbanana\n", 2, "not an offset"),
+        ("4096\n\n4097\n", 3, "not aligned"),
+        ("# x\n0x10000\n", 2, "past the end"),
+        ("0x\n", 1, "not an offset"),
+        ("-4096\n", 1, "negative"),
+    ],
+)
+def test_poison_list_bad(tmp_path: Path, content: str, line: int, what: str) -> None:
+    p = tmp_path / "bad.txt"
+    p.write_text(content)
+    with pytest.raises(SourceError) as e:
+        parse_poison_list(p, page_size=PS, size=16 * PS)
+    assert f"{p}:{line}:" in str(e.value)
+    assert what in str(e.value)
+
+
+def test_poison_list_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"nope\.txt"):
+        parse_poison_list(tmp_path / "nope.txt", page_size=PS, size=PS)
+
+
+def test_parse_size() -> None:
+    assert parse_size("10M") == 10 << 20
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("0x1000") == 4096
+    assert parse_size("512KiB") == 512 << 10
+    assert parse_size("2.5M") == int(2.5 * (1 << 20))
+    with pytest.raises(ValueError, match="fast"):
+        parse_size("fast")
+
+
+# -- bitmap and digests -----------------------------------------------------------------------
+
+
+def test_bitmap_search() -> None:
+    b = PageBitmap(1000)
+    b.set_range(5, 900)
+    assert b.count == 895
+    assert (b.find_set(0), b.find_clear(5), b.find_clear(0)) == (5, 900, 0)
+    assert b.find_set(900) == -1
+    assert b.set(999) and not b.set(999)
+    assert b.count == 896
+    b.set_range(0, 1000)
+    assert b.count == 1000 and b.find_clear(0) == -1
+    assert b.count_range(3, 17) == 14
+
+
+def test_xxh64_known_vectors() -> None:
+    assert xxh64(b"") == 0xEF46DB3751D8E999
+    assert xxh64(b"a") == 0xD24EC4F1A98C6E5B
+    buf = b"".join(pattern(i) for i in range(3))
+    assert list(page_digests(buf, PS)) == [xxh64(pattern(i)) for i in range(3)]
+
+
+# -- image and memory backends ----------------------------------------------------------------
+
+
+def test_image_size_errors(tmp_path: Path) -> None:
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * (PS + 1))
+    with pytest.raises(SourceError, match=r"odd\.img.*not a multiple of the page size"):
+        ImageBackend(odd)
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    with pytest.raises(SourceError, match="empty"):
+        ImageBackend(empty)
+    with pytest.raises(SourceError, match=r"missing\.img"):
+        ImageBackend(tmp_path / "missing.img")
+
+
+def test_image_classifies_and_reads(tmp_path: Path) -> None:
+    n = 16
+    pages = [bytes(PS) if i % 4 == 1 else pattern(i) for i in range(n)]
+    img = tmp_path / "guest.img"
+    img.write_bytes(b"".join(pages))
+    plist = tmp_path / "poison.txt"
+    plist.write_text("0x3000\n0xa000\n")
+    with ImageBackend(img, poison_list=plist) as be:
+        assert be.size == n * PS and be.poisoned_count() == 2
+        buf = bytearray(n * PS)
+        runs = be.read_into(0, buf)
+        kinds = expand(runs)
+        for i in range(n):
+            want = (
+                RunKind.POISONED if i in (3, 10) else RunKind.ZERO if i % 4 == 1 else RunKind.DATA
+            )
+            assert kinds[i] == want, i
+            if want is RunKind.DATA:
+                assert buf[i * PS : (i + 1) * PS] == pages[i]
+        # Runs are contiguous and cover the buffer.
+        pos = 0
+        for r in runs:
+            assert r.offset == pos
+            pos += r.count * PS
+        assert pos == n * PS
+        # A read in the middle.
+        small = bytearray(2 * PS)
+        assert expand(be.read_into(9 * PS, small)) == [RunKind.ZERO, RunKind.POISONED]
+        with pytest.raises(SourceError, match="outside memory"):
+            be.read_into(15 * PS, bytearray(2 * PS))
+        with pytest.raises(SourceError, match="not aligned"):
+            be.read_into(100, bytearray(PS))
+
+
+def test_image_truncated_under_us(tmp_path: Path) -> None:
+    img = tmp_path / "guest.img"
+    img.write_bytes(b"\x01" * (8 * PS))
+    with ImageBackend(img) as be:
+        os.truncate(img, 2 * PS)
+        with pytest.raises(SourceError, match="truncated"):
+            be.read_into(4 * PS, bytearray(PS))
+
+
+def test_huge_unit_poisoned_if_any_base_page_is() -> None:
+    huge = 2 << 20
+    buf = bytearray(3 * huge)
+    buf[huge + 5] = 7  # unit 1 data, unit 0 and 2 zero
+    poisoned = 2 * huge + 511 * PS  # the last base page of unit 2
+    be = MemoryBackend(buf, [poisoned])
+    assert be.poisoned_count() == 1
+    assert list(be.poisoned_offsets(huge)) == [2 * huge]
+    assert be.poisoned_count(huge) == 1
+    runs = be.read_into(0, bytearray(3 * huge), huge)
+    assert runs == [
+        Run(RunKind.ZERO, 0, 1),
+        Run(RunKind.DATA, huge, 1),
+        Run(RunKind.POISONED, 2 * huge, 1),
+    ]
+    with pytest.raises(SourceError, match="not a power-of-two multiple"):
+        be.read_into(0, bytearray(3 * huge), 3 * PS)
+    with pytest.raises(SourceError, match="not a multiple of page size"):
+        MemoryBackend(bytearray(3 * PS)).check_unit(2 * PS)
+
+
+# -- live process backend ---------------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import ctypes, mmap, os, struct, sys
+    PS = 4096
+    n = int(sys.argv[1])
+    poison = {int(x) for x in sys.argv[2].split(",") if x}
+    zero = {int(x) for x in sys.argv[3].split(",") if x}
+    untouched = {int(x) for x in sys.argv[4].split(",") if x}
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+    m = mmap.mmap(-1, n * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    for i in range(n):
+        if i in poison or i in untouched:
+            continue
+        m[i * PS : (i + 1) * PS] = bytes(PS) if i in zero else struct.pack("<Q", i + 1) * (PS // 8)
+    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)  # userfaultfd
+    assert fd >= 0, ctypes.get_errno()
+    api = (ctypes.c_uint64 * 3)(0xAA, 0, 0)
+    assert libc.ioctl(fd, 0xC018AA3F, api) == 0, ctypes.get_errno()  # UFFDIO_API
+    reg = (ctypes.c_uint64 * 4)(addr, n * PS, 1, 0)  # MODE_MISSING
+    assert libc.ioctl(fd, 0xC020AA00, reg) == 0, ctypes.get_errno()  # UFFDIO_REGISTER
+    for i in sorted(poison):
+        p = (ctypes.c_uint64 * 4)(addr + i * PS, PS, 0, 0)
+        assert libc.ioctl(fd, 0xC020AA08, p) == 0, ctypes.get_errno()  # UFFDIO_POISON
+    # Markers survive closing the fd; untouched pages then read as zero instead of blocking a
+    # remote reader in handle_userfault.
+    os.close(fd)
+    print(addr, flush=True)
+    sys.stdin.read()
+    """
+)
+
+N = 64
+POISON = (0, 5, 6, 31, 63)
+ZERO = (2, 40)
+UNTOUCHED = (7, 50, 51)
+
+
+def _csv(xs: tuple[int, ...]) -> str:
+    return ",".join(map(str, xs))
+
+
+@pytest.fixture
+def child() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(N), _csv(POISON), _csv(ZERO), _csv(UNTOUCHED)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            pytest.fail(f"child failed to set up poison (exit {proc.returncode})")
+        yield proc, int(line)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _expected_kind(i: int) -> RunKind:
+    if i in POISON:
+        return RunKind.POISONED
+    if i in ZERO or i in UNTOUCHED:
+        return RunKind.ZERO
+    return RunKind.DATA
+
+
+def _check_served(be: ProcessBackend, base: int = 0, pages: range = range(N)) -> None:
+    buf = bytearray(len(pages) * PS)
+    kinds = expand(be.read_into(base, buf))
+    for k, i in enumerate(pages):
+        assert kinds[k] == _expected_kind(i), i
+        if kinds[k] is RunKind.DATA:
+            assert buf[k * PS : (k + 1) * PS] == pattern(i), i
+
+
+@pytest.mark.parametrize("scan_pagemap", [True, False], ids=["pagemap", "eio"])
+def test_process_backend_finds_exact_poison(
+    child: tuple[subprocess.Popen[str], int], scan_pagemap: bool
+) -> None:
+    proc, addr = child
+    with ProcessBackend(proc.pid, [(addr, N * PS)], scan_pagemap=scan_pagemap) as be:
+        if scan_pagemap:
+            assert be.pagemap_poisoned == len(POISON)
+            assert list(be.poisoned_offsets()) == [i * PS for i in POISON]
+        else:
+            assert be.poisoned_count() == 0  # nothing known until a read hits EIO
+        _check_served(be)
+        assert list(be.poisoned_offsets()) == [i * PS for i in POISON]
+        # Served again: poison is terminal, data still byte-exact.
+        _check_served(be)
+        # Small reads straddling the poison.
+        _check_served(be, 4 * PS, range(4, 8))
+    assert proc.poll() is None  # the served process is untouched
+
+
+def test_process_backend_concatenates_ranges(child: tuple[subprocess.Popen[str], int]) -> None:
+    proc, addr = child
+    half = N // 2 * PS
+    # Second half first: guest offset 0 is page N/2 of the child's mapping.
+    with ProcessBackend(proc.pid, [(addr + half, half), (addr, half)], scan_pagemap=False) as be:
+        assert be.size == N * PS
+        buf = bytearray(N * PS)
+        kinds = expand(be.read_into(0, buf))
+        order = list(range(N // 2, N)) + list(range(N // 2))
+        for k, i in enumerate(order):
+            assert kinds[k] == _expected_kind(i), (k, i)
+            if kinds[k] is RunKind.DATA:
+                assert buf[k * PS : (k + 1) * PS] == pattern(i)
+
+
+def test_process_backend_poison_list_adds(
+    child: tuple[subprocess.Popen[str], int], tmp_path: Path
+) -> None:
+    proc, addr = child
+    plist = tmp_path / "extra.txt"
+    plist.write_text("0x9000\n")  # page 9 holds data, but the operator says it is poisoned
+    with ProcessBackend(proc.pid, [(addr, N * PS)], poison_list=plist) as be:
+        assert list(be.poisoned_offsets()) == sorted(i * PS for i in (*POISON, 9))
+        assert expand(be.read_into(9 * PS, bytearray(PS))) == [RunKind.POISONED]
+
+
+def test_process_backend_source_gone(child: tuple[subprocess.Popen[str], int]) -> None:
+    proc, addr = child
+    with ProcessBackend(proc.pid, [(addr, N * PS)]) as be:
+        _check_served(be, PS, range(1, 3))
+        proc.kill()
+        proc.wait()
+        with pytest.raises(SourceGone):
+            be.read_into(8 * PS, bytearray(4 * PS))
+        with pytest.raises(SourceGone):
+            be.read_into(0, bytearray(N * PS))
+
+
+def test_process_backend_bad_ranges(child: tuple[subprocess.Popen[str], int]) -> None:
+    proc, addr = child
+    with pytest.raises(SourceError, match="not inside the mappings"):
+        ProcessBackend(proc.pid, [(0x1000, PS)])
+    with pytest.raises(SourceError, match="not page-aligned"):
+        ProcessBackend(proc.pid, [(addr + 1, PS)])
+    with pytest.raises(SourceError, match="no memory ranges"):
+        ProcessBackend(proc.pid, [])
+
+
+def test_process_backend_gone_pid() -> None:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    with pytest.raises(SourceError, match=f"process {p.pid} does not exist"):
+        ProcessBackend(p.pid, [(0x1000, PS)])

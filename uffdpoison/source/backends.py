@@ -1,0 +1,722 @@
+"""Where the source's guest memory comes from: a snapshot image, a live process, or a buffer.
+
+A backend reads guest memory into caller buffers and classifies every page as DATA, ZERO or
+POISONED without ever touching poisoned memory directly (no SIGBUS in the source: a live
+process is read through /proc/PID/mem, where poison is an EIO, never a signal).
+
+Page state lives in bitmaps (one bit a page), never in per-page Python objects: a guest may
+have hundreds of millions of pages.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import errno
+import os
+import re
+import struct
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
+
+__all__ = [
+    "Backend",
+    "ImageBackend",
+    "MemoryBackend",
+    "PageBitmap",
+    "ProcessBackend",
+    "Run",
+    "RunKind",
+    "SourceError",
+    "SourceGone",
+    "page_digests",
+    "parse_poison_list",
+    "parse_size",
+    "xxh64",
+]
+
+DEFAULT_PAGE_SIZE = 4096
+_EHWPOISON = getattr(errno, "EHWPOISON", 133)
+
+# pagemap (Documentation/admin-guide/mm/pagemap.rst): bit 63 present, bit 62 swapped, bits 0-4
+# swap type, bits 5-54 swap offset. A uffd poison marker is PTE marker type 31, offset 2
+# (PTE_MARKER_POISONED): the low 55 bits read exactly 0x5f. Bit 55 (soft-dirty) and bits 56-61
+# may vary, bit 63 must be clear. Matched as raw little-endian bytes so a scan of millions of
+# entries runs in C.
+_PAGEMAP_POISON_RE = re.compile(rb"\x5f\x00\x00\x00\x00\x00[\x00\x80][\x40-\x7f]", re.DOTALL)
+_NONZERO_RE = re.compile(rb"[^\x00]")
+_NOT_FF_RE = re.compile(rb"[^\xff]")
+
+
+class SourceError(Exception):
+    """A source backend cannot do what was asked (bad input, unreadable memory)."""
+
+
+class SourceGone(SourceError):
+    """The served process exited: its memory can no longer be read."""
+
+
+class RunKind(enum.IntEnum):
+    DATA = 0
+    ZERO = 1
+    POISONED = 2
+
+
+class Run(NamedTuple):
+    """`count` units of one kind starting at byte `offset` of the guest memory space."""
+
+    kind: RunKind
+    offset: int
+    count: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Bitmap
+
+
+class PageBitmap:
+    """One bit a page in a bytearray; searches run in C (regex / bytes methods)."""
+
+    __slots__ = ("_bits", "count", "npages")
+
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self._bits = bytearray((npages + 7) // 8)
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.npages
+
+    def get(self, i: int) -> bool:
+        return bool(self._bits[i >> 3] & (1 << (i & 7)))
+
+    def set(self, i: int) -> bool:
+        """Set bit i; return True if it was clear."""
+        b = self._bits[i >> 3]
+        m = 1 << (i & 7)
+        if b & m:
+            return False
+        self._bits[i >> 3] = b | m
+        self.count += 1
+        return True
+
+    def set_range(self, start: int, stop: int) -> None:
+        if start >= stop:
+            return
+        before = self.count_range(start, stop)
+        bits = self._bits
+        i = start
+        while i < stop and i & 7:
+            bits[i >> 3] |= 1 << (i & 7)
+            i += 1
+        full_end = stop & ~7
+        if i < full_end:
+            bits[i >> 3 : full_end >> 3] = b"\xff" * ((full_end - i) >> 3)
+            i = full_end
+        while i < stop:
+            bits[i >> 3] |= 1 << (i & 7)
+            i += 1
+        self.count += (stop - start) - before
+
+    def count_range(self, start: int, stop: int) -> int:
+        if start >= stop:
+            return 0
+        n = 0
+        i = self.find_set(start, stop)
+        while i >= 0:
+            j = self.find_clear(i, stop)
+            if j < 0:
+                j = stop
+            n += j - i
+            i = self.find_set(j, stop)
+        return n
+
+    def _find(self, start: int, stop: int, want: int) -> int:
+        stop = min(stop, self.npages)
+        bits = self._bits
+        i = start
+        # Leading partial byte bit by bit, then whole bytes through C, then the tail.
+        while i < stop and i & 7:
+            if ((bits[i >> 3] >> (i & 7)) & 1) == want:
+                return i
+            i += 1
+        if i >= stop:
+            return -1
+        pattern = _NONZERO_RE if want else _NOT_FF_RE
+        m = pattern.search(bits, i >> 3, (stop + 7) >> 3)
+        if m is None:
+            return -1
+        i = m.start() << 3
+        byte = bits[m.start()]
+        for k in range(8):
+            if i + k >= stop:
+                return -1
+            if ((byte >> k) & 1) == want:
+                return i + k
+        return -1  # pragma: no cover - the regex guarantees a hit in this byte
+
+    def find_set(self, start: int, stop: int | None = None) -> int:
+        """First set bit in [start, stop), or -1."""
+        return self._find(start, self.npages if stop is None else stop, 1)
+
+    def find_clear(self, start: int, stop: int | None = None) -> int:
+        """First clear bit in [start, stop), or -1."""
+        return self._find(start, self.npages if stop is None else stop, 0)
+
+    def any_set(self, start: int, stop: int) -> bool:
+        return self.find_set(start, stop) >= 0
+
+    def iter_set(self) -> Iterator[int]:
+        i = self.find_set(0)
+        while i >= 0:
+            yield i
+            i = self.find_set(i + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Digests (XXH64, seed 0): C from uffdpoison.kernel when built, pure Python otherwise.
+
+_P1 = 0x9E3779B185EBCA87
+_P2 = 0xC2B2AE3D27D4EB4F
+_P3 = 0x165667B19E3779F9
+_P4 = 0x85EBCA77C2B2AE63
+_P5 = 0x27D4EB2F165667C5
+_M = 0xFFFFFFFFFFFFFFFF
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (64 - r))) & _M
+
+
+def _round(acc: int, lane: int) -> int:
+    acc = (acc + lane * _P2) & _M
+    return (_rotl(acc, 31) * _P1) & _M
+
+
+def _xxh64_py(data: bytes | memoryview, seed: int = 0) -> int:
+    data = bytes(data)
+    n = len(data)
+    i = 0
+    if n >= 32:
+        v1 = (seed + _P1 + _P2) & _M
+        v2 = (seed + _P2) & _M
+        v3 = seed & _M
+        v4 = (seed - _P1) & _M
+        lanes = struct.unpack_from(f"<{(n // 32) * 4}Q", data)
+        for k in range(0, len(lanes), 4):
+            v1 = _round(v1, lanes[k])
+            v2 = _round(v2, lanes[k + 1])
+            v3 = _round(v3, lanes[k + 2])
+            v4 = _round(v4, lanes[k + 3])
+        h = (_rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)) & _M
+        for v in (v1, v2, v3, v4):
+            h = ((h ^ _round(0, v)) * _P1 + _P4) & _M
+        i = (n // 32) * 32
+    else:
+        h = (seed + _P5) & _M
+    h = (h + n) & _M
+    while i + 8 <= n:
+        (k1,) = struct.unpack_from("<Q", data, i)
+        h = (_rotl(h ^ _round(0, k1), 27) * _P1 + _P4) & _M
+        i += 8
+    if i + 4 <= n:
+        (k2,) = struct.unpack_from("<I", data, i)
+        h = (_rotl(h ^ (k2 * _P1 & _M), 23) * _P2 + _P3) & _M
+        i += 4
+    while i < n:
+        h = (_rotl(h ^ (data[i] * _P5 & _M), 11) * _P1) & _M
+        i += 1
+    h ^= h >> 33
+    h = (h * _P2) & _M
+    h ^= h >> 29
+    h = (h * _P3) & _M
+    h ^= h >> 32
+    return h
+
+
+def _load_native_digests():  # type: ignore[no-untyped-def]
+    try:
+        from uffdpoison.kernel import digest as native  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    return native
+
+
+_native_digest = _load_native_digests()
+
+
+def xxh64(data: bytes | bytearray | memoryview) -> int:
+    """XXH64 with seed 0 of one buffer."""
+    if _native_digest is not None and hasattr(_native_digest, "digest"):
+        return int(_native_digest.digest(data))
+    return _xxh64_py(memoryview(data))
+
+
+def page_digests(buf: bytes | bytearray | memoryview, page_size: int) -> array:
+    """XXH64 (seed 0) of each `page_size` page of buf, as array('Q')."""
+    mv = memoryview(buf).cast("B")
+    if _native_digest is not None and hasattr(_native_digest, "page_digests"):
+        out = _native_digest.page_digests(mv, page_size)
+        return out if isinstance(out, array) else array("Q", out)
+    return array("Q", (_xxh64_py(mv[i : i + page_size]) for i in range(0, len(mv), page_size)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Input parsing
+
+
+def _parse_int(text: str) -> int:
+    text = text.strip()
+    base = 16 if text.lower().startswith("0x") else 10
+    return int(text, base)
+
+
+_SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4096', '0x1000', '10M', '1G', '512K', '2MiB' -> bytes (binary multiples)."""
+    s = text.strip()
+    m = re.fullmatch(r"(0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?(?:/s)?", s)
+    if m is None:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 0x1000, 512K, 10M, 1G)")
+    num, suffix = m.groups()
+    value = int(num, 16) if num.lower().startswith("0x") else float(num)
+    result = int(value * _SIZE_SUFFIX[suffix.upper()])
+    if result < 0:
+        raise ValueError(f"negative size: {text!r}")
+    return result
+
+
+def parse_poison_list(path: str | os.PathLike[str], *, page_size: int, size: int) -> list[int]:
+    """Read a poison list: one page-aligned byte offset a line (decimal or 0x-hex), blank lines
+    and `#` comments allowed. Returns sorted unique offsets; bad lines raise SourceError naming
+    the file and line."""
+    offsets: set[int] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise SourceError(f"cannot read poison list {os.fspath(path)!r}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise SourceError(f"poison list {os.fspath(path)!r} is not text: {e}") from e
+    for lineno, raw in enumerate(lines, 1):
+        text = raw.split("#", 1)[0].strip()
+        if not text:
+            continue
+        where = f"{os.fspath(path)}:{lineno}"
+        try:
+            off = _parse_int(text)
+        except ValueError:
+            raise SourceError(f"{where}: not an offset: {text!r}") from None
+        if off < 0:
+            raise SourceError(f"{where}: negative offset {text!r}")
+        if off % page_size:
+            raise SourceError(f"{where}: offset {off:#x} is not aligned to page size {page_size}")
+        if off >= size:
+            raise SourceError(f"{where}: offset {off:#x} is past the end of memory ({size:#x})")
+        offsets.add(off)
+    return sorted(offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+
+
+class Backend:
+    """Guest memory of `size` bytes in `page_size` base pages, plus which pages are poisoned.
+
+    Subclasses implement `_read(offset, buf)`: fill buf from guest byte `offset`, marking any
+    page that cannot be read as poisoned (it is then never served as data or zero)."""
+
+    page_size: int
+    size: int
+
+    def __init__(self, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise SourceError(f"page size {page_size} is not a power of two")
+        if size <= 0:
+            raise SourceError("guest memory is empty")
+        if size % page_size:
+            raise SourceError(f"memory size {size} is not a multiple of the page size {page_size}")
+        self.page_size = page_size
+        self.size = size
+        self.npages = size // page_size
+        self._poison = PageBitmap(self.npages)
+        self._zero = bytes(page_size)
+
+    # -- poison set ---------------------------------------------------------------------------
+
+    def mark_poisoned(self, offset: int) -> bool:
+        """Record the base page at byte `offset` as poisoned (terminal). True if new."""
+        return self._poison.set(offset // self.page_size)
+
+    def add_poison(self, offsets: Iterable[int]) -> None:
+        for off in offsets:
+            if off % self.page_size or not 0 <= off < self.size:
+                raise SourceError(f"poisoned offset {off:#x} is not a page of this memory")
+            self.mark_poisoned(off)
+
+    def check_unit(self, unit: int | None) -> int:
+        """Validate a negotiated unit (a power-of-two multiple of the base page size)."""
+        if not unit:
+            return self.page_size
+        if unit % self.page_size or unit & (unit - 1):
+            raise SourceError(
+                f"page size {unit} is not a power-of-two multiple of the source's {self.page_size}"
+            )
+        if self.size % unit:
+            raise SourceError(f"memory size {self.size} is not a multiple of page size {unit}")
+        return unit
+
+    def is_poisoned(self, offset: int, length: int | None = None) -> bool:
+        """Whether any base page in [offset, offset+length) is poisoned."""
+        length = self.page_size if length is None else length
+        first = offset // self.page_size
+        last = (offset + length + self.page_size - 1) // self.page_size
+        return self._poison.any_set(first, last)
+
+    def poisoned_count(self, unit: int | None = None) -> int:
+        unit = self.check_unit(unit)
+        if unit == self.page_size:
+            return self._poison.count
+        return len(self.poisoned_offsets(unit))
+
+    def poisoned_offsets(self, unit: int | None = None) -> array:
+        """Byte offsets of poisoned units, ascending, as array('Q'). A unit is poisoned if any
+        base page in it is."""
+        unit = self.check_unit(unit)
+        ratio = unit // self.page_size
+        out = array("Q")
+        last = -1
+        for i in self._poison.iter_set():
+            u = i // ratio
+            if u != last:
+                out.append(u * unit)
+                last = u
+        return out
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _read(self, offset: int, buf: memoryview) -> None:
+        raise NotImplementedError
+
+    def read_into(
+        self, offset: int, buf: bytearray | memoryview, unit: int | None = None
+    ) -> list[Run]:
+        """Fill buf with guest memory from `offset` and classify it in `unit` pages.
+
+        Returns runs (kind, offset, count) in order covering the buffer; the bytes of a DATA
+        run are at buf[run.offset - offset:...]. The bytes of ZERO and POISONED runs are not
+        meaningful (poisoned pages are never read into buf as data)."""
+        unit = self.check_unit(unit)
+        mv = memoryview(buf).cast("B")
+        length = len(mv)
+        if offset % unit or length % unit:
+            raise SourceError(f"read of {length} bytes at {offset:#x} is not aligned to {unit}")
+        if offset < 0 or offset + length > self.size:
+            raise SourceError(
+                f"read of {length} bytes at {offset:#x} is outside memory of {self.size:#x} bytes"
+            )
+        if length == 0:
+            return []
+        self._read(offset, mv)
+        return self._classify(offset, mv, unit)
+
+    def _classify(self, offset: int, mv: memoryview, unit: int) -> list[Run]:
+        runs: list[Run] = []
+        ps = self.page_size
+        length = len(mv)
+        first = offset // ps
+        poisoned_here = self._poison.any_set(first, first + length // ps)
+
+        def add(kind: RunKind, off: int, n: int) -> None:
+            if runs and runs[-1].kind == kind and runs[-1].offset + runs[-1].count * unit == off:
+                prev = runs[-1]
+                runs[-1] = Run(kind, prev.offset, prev.count + n)
+            else:
+                runs.append(Run(kind, off, n))
+
+        pos = 0
+        search = _NONZERO_RE.search
+        while pos < length:
+            if poisoned_here and self.is_poisoned(offset + pos, unit):
+                add(RunKind.POISONED, offset + pos, 1)
+                pos += unit
+                continue
+            # The next non-zero byte decides: every whole unit before it is zero.
+            stop = length
+            if poisoned_here:
+                # Never classify past the next poisoned base page in one step.
+                nxt = self._poison.find_set((offset + pos) // ps, (offset + length) // ps)
+                if nxt >= 0:
+                    stop = (nxt * ps - offset) // unit * unit
+            m = search(mv, pos, stop)
+            nz = stop if m is None else m.start()
+            zero_units = (nz - pos) // unit
+            if zero_units:
+                add(RunKind.ZERO, offset + pos, zero_units)
+                pos += zero_units * unit
+            if pos < stop:
+                # The unit holding nz is data.
+                add(RunKind.DATA, offset + pos, 1)
+                pos += unit
+        return runs
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MemoryBackend(Backend):
+    """An in-memory guest (tests, demo, benchmarks)."""
+
+    def __init__(
+        self,
+        buffer: bytes | bytearray | memoryview,
+        poisoned_offsets: Iterable[int] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> None:
+        self._buf = memoryview(buffer).cast("B")
+        super().__init__(len(self._buf), page_size)
+        self.add_poison(poisoned_offsets)
+
+    def _read(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self._buf[offset : offset + len(buf)]
+
+    def close(self) -> None:
+        self._buf.release()
+
+
+class ImageBackend(Backend):
+    """A raw snapshot file: file offset 0 is guest byte 0. Read with pread, never mmap, so a
+    file truncated under us is a clear error rather than a SIGBUS."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        poison_list: str | os.PathLike[str] | Sequence[int] | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceError(f"cannot open image {self.path!r}: {e.strerror}") from e
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == 0:
+                raise SourceError(f"image {self.path!r} is empty")
+            if size % page_size:
+                raise SourceError(
+                    f"image {self.path!r} is {size} bytes, not a multiple of the page size "
+                    f"{page_size}"
+                )
+            super().__init__(size, page_size)
+            if isinstance(poison_list, (str, os.PathLike)):
+                poison_list = parse_poison_list(poison_list, page_size=page_size, size=size)
+            if poison_list:
+                self.add_poison(poison_list)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _read(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            try:
+                n = os.preadv(self._fd, [buf[done:]], offset + done)
+            except OSError as e:
+                raise SourceError(f"reading image {self.path!r} at {offset + done:#x}: {e}") from e
+            if n == 0:
+                raise SourceError(
+                    f"image {self.path!r} ended at {offset + done:#x} (truncated while serving?)"
+                )
+            done += n
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _read_maps(pid: int) -> list[tuple[int, int]]:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise SourceError(f"process {pid} does not exist") from None
+    except OSError as e:
+        raise SourceError(f"cannot read /proc/{pid}/maps: {e.strerror}") from e
+    out = []
+    for line in lines:
+        lo, hi = line.split(None, 1)[0].split("-")
+        out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def _covered(maps: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether [start, end) lies inside the union of (sorted, adjacent-allowed) mappings."""
+    pos = start
+    for lo, hi in maps:
+        if hi <= pos:
+            continue
+        if lo > pos:
+            return False
+        pos = hi
+        if pos >= end:
+            return True
+    return pos >= end
+
+
+class ProcessBackend(Backend):
+    """The memory of a live (stopped) VMM process: `ranges` (address, length), concatenated in
+    order, form the guest memory space. Read through /proc/PID/mem: a poisoned page there is an
+    EIO, never a SIGBUS. Poison markers are found up front in /proc/PID/pagemap (needs
+    CAP_SYS_ADMIN to see them) and, whatever the pagemap said, any page that fails to read
+    becomes POISONED from then on."""
+
+    def __init__(
+        self,
+        pid: int,
+        ranges: Sequence[tuple[int, int]],
+        poison_list: str | os.PathLike[str] | Sequence[int] | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        *,
+        scan_pagemap: bool = True,
+    ) -> None:
+        self.pid = pid
+        if not ranges:
+            raise SourceError("no memory ranges given")
+        maps = _read_maps(pid)
+        # (guest_offset, address, length) per range; guest offsets are cumulative.
+        self._ranges: list[tuple[int, int, int]] = []
+        goff = 0
+        for addr, length in ranges:
+            if addr % page_size or length % page_size or length <= 0:
+                raise SourceError(
+                    f"range {addr:#x}:{length:#x} is not page-aligned (page size {page_size})"
+                )
+            if not _covered(maps, addr, addr + length):
+                raise SourceError(
+                    f"range {addr:#x}:{length:#x} is not inside the mappings of process {pid}"
+                )
+            self._ranges.append((goff, addr, length))
+            goff += length
+        super().__init__(goff, page_size)
+        self._starts = [g for g, _, _ in self._ranges]
+        try:
+            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceError(f"process {pid} does not exist") from None
+        except OSError as e:
+            raise SourceError(f"cannot open /proc/{pid}/mem: {e.strerror}") from e
+        try:
+            self.pagemap_poisoned = 0
+            if scan_pagemap:
+                self.pagemap_poisoned = self._scan_pagemap()
+            if isinstance(poison_list, (str, os.PathLike)):
+                poison_list = parse_poison_list(poison_list, page_size=page_size, size=self.size)
+            if poison_list:
+                self.add_poison(poison_list)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _scan_pagemap(self) -> int:
+        """Mark pages whose pagemap entry is a uffd poison marker. Returns how many."""
+        found = 0
+        sys_ps = os.sysconf("SC_PAGE_SIZE")
+        try:
+            fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceError(f"process {self.pid} does not exist") from None
+        except OSError as e:
+            raise SourceError(f"cannot open /proc/{self.pid}/pagemap: {e.strerror}") from e
+        try:
+            chunk_pages = 1 << 16
+            for goff, addr, length in self._ranges:
+                vpn0 = addr // sys_ps
+                npages = length // sys_ps
+                done = 0
+                while done < npages:
+                    n = min(chunk_pages, npages - done)
+                    data = os.pread(fd, n * 8, (vpn0 + done) * 8)
+                    if not data:
+                        raise SourceGone(f"process {self.pid} exited")
+                    for m in _PAGEMAP_POISON_RE.finditer(data):
+                        if m.start() % 8:
+                            continue
+                        page = done + m.start() // 8
+                        if self.mark_poisoned(goff + page * sys_ps):
+                            found += 1
+                    done += len(data) // 8
+        finally:
+            os.close(fd)
+        return found
+
+    def _locate(self, offset: int) -> tuple[int, int, int]:
+        """(index of range, address of offset, bytes left in that range)."""
+
+        i = bisect.bisect_right(self._starts, offset) - 1
+        goff, addr, length = self._ranges[i]
+        return i, addr + (offset - goff), length - (offset - goff)
+
+    def _gone(self) -> SourceGone:
+        return SourceGone(f"process {self.pid} exited: its memory can no longer be read")
+
+    def _read(self, offset: int, buf: memoryview) -> None:
+        ps = self.page_size
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            page = (offset + pos) // ps
+            if self._poison.get(page):
+                pos += ps
+                continue
+            # A segment of not-known-poisoned pages, within one range.
+            nxt = self._poison.find_set(page, (offset + end) // ps)
+            seg_end = end if nxt < 0 else nxt * ps - offset
+            _, addr, left = self._locate(offset + pos)
+            seg_end = min(seg_end, pos + left)
+            pos = self._read_segment(offset, buf, pos, seg_end, addr)
+
+    def _read_segment(self, offset: int, buf: memoryview, pos: int, end: int, addr: int) -> int:
+        ps = self.page_size
+        while pos < end:
+            try:
+                n = os.preadv(self._fd, [buf[pos:end]], addr)
+            except OSError as e:
+                if e.errno in (errno.EIO, errno.EFAULT, _EHWPOISON):
+                    # The first page cannot be read: it is poisoned, from now on.
+                    self.mark_poisoned(offset + pos)
+                    pos += ps
+                    addr += ps
+                    continue
+                if e.errno == errno.ESRCH:
+                    raise self._gone() from e
+                raise SourceError(f"reading process {self.pid} at {addr:#x}: {e}") from e
+            if n == 0:
+                # The mm is gone (process exited): /proc/PID/mem reads as end of file.
+                raise self._gone()
+            # A short read stops at an unreadable page: the next pread starts there and
+            # its error names it. A partial page is never served: it is re-read whole, and a
+            # page that cannot be read whole is poisoned.
+            if n < ps:
+                self.mark_poisoned(offset + pos)
+                n = ps
+            n -= n % ps
+            pos += n
+            addr += n
+        return pos
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

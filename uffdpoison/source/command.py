@@ -1,0 +1,177 @@
+"""`uffdpoison source`: serve a snapshot image or a live process's memory to destinations.
+
+stdout is a JSON-lines status stream whose first line is the bound address
+({"event": "listening", "host": ..., "port": ...}); logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from uffdpoison.source.backends import (
+    Backend,
+    ImageBackend,
+    ProcessBackend,
+    SourceError,
+    parse_size,
+)
+from uffdpoison.source.server import SourceServer, parse_listen
+
+log = logging.getLogger("uffdpoison.source")
+
+
+def _range(text: str) -> tuple[int, int]:
+    start, sep, length = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"range {text!r} is not START:LENGTH")
+    try:
+        return int(start, 0), int(length, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"range {text!r}: START and LENGTH must be decimal or 0x-hex integers"
+        ) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="address to serve on, HOST:PORT or [IPv6]:PORT; port 0 picks a free port",
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", metavar="FILE", help="raw guest memory snapshot to serve")
+    what.add_argument("--pid", type=int, help="live (stopped) VMM process whose memory to serve")
+    parser.add_argument(
+        "--range",
+        dest="ranges",
+        action="append",
+        type=_range,
+        default=[],
+        metavar="START:LENGTH",
+        help="with --pid: guest memory range in the process (address and length, decimal or "
+        "0x-hex); repeat for more; the ranges concatenated in order form guest memory",
+    )
+    parser.add_argument(
+        "--poison-list",
+        metavar="FILE",
+        help="poisoned pages: one page-aligned guest byte offset a line (decimal or 0x-hex, "
+        "# comments); with --pid, added to the poison discovered in the process",
+    )
+    parser.add_argument(
+        "--page-size",
+        type=_size,
+        default=4096,
+        metavar="BYTES",
+        help="the source's base page size (default 4096)",
+    )
+    parser.add_argument(
+        "--max-bandwidth",
+        type=_size,
+        default=None,
+        metavar="RATE",
+        help="cap the background (bulk) push at RATE bytes/s, e.g. 10M or 1G (binary "
+        "multiples); demand replies are never delayed by it",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen address (there is no authentication yet: anyone "
+        "who can connect can read the served memory)",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _emit(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _open_backend(args: argparse.Namespace) -> Backend:
+    if args.image is not None:
+        if args.ranges:
+            raise SourceError("--range goes with --pid, not --image")
+        return ImageBackend(args.image, poison_list=args.poison_list, page_size=args.page_size)
+    if not args.ranges:
+        raise SourceError("--pid needs at least one --range START:LENGTH")
+    return ProcessBackend(
+        args.pid, args.ranges, poison_list=args.poison_list, page_size=args.page_size
+    )
+
+
+async def _run(server: SourceServer, listen: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(server.serve, listen)
+            _emit({"event": "listening", "host": host, "port": port})
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
+        )
+    try:
+        host, _ = parse_listen(args.listen)
+    except ValueError as e:
+        print(f"uffdpoison source: --listen: {e}", file=sys.stderr)
+        return 2
+    if not _is_loopback(host) and not args.insecure:
+        print(
+            f"uffdpoison source: refusing to listen on non-loopback address {host!r} without "
+            "--insecure (no authentication yet: anyone who connects can read the served memory)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        backend = _open_backend(args)
+    except SourceError as e:
+        print(f"uffdpoison source: {e}", file=sys.stderr)
+        return 1
+    with backend:
+        server = SourceServer(backend, max_bandwidth=args.max_bandwidth, status=_emit)
+        try:
+            trio.run(_run, server, args.listen)
+        except OSError as e:
+            print(f"uffdpoison source: cannot listen on {args.listen}: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _standalone() -> int:
+    parser = argparse.ArgumentParser(prog="uffdpoison source", description=__doc__)
+    add_arguments(parser)
+    return main(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(_standalone())

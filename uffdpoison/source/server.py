@@ -1,0 +1,617 @@
+"""The source's page server (trio): answers demand requests at once, pushes the rest in bulk.
+
+Each destination opens a session with two connections. URGENT carries demand Requests and
+their replies only, so a faulting vCPU never queues behind bulk data. BULK carries the
+source-driven background push: runs of pages this session has not been offered yet, restarting
+just after the latest demand (fault locality), then Done. A bandwidth cap applies to BULK only.
+Payloads go to the kernel as the buffers they were read into (sendmsg with the header), never
+copied through Python objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from uffdpoison.protocol import (
+    CLOSED,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Channel,
+    Connection,
+    Done,
+    Error,
+    Event,
+    Hello,
+    PageKind,
+    Pages,
+    ProtocolError,
+    Request,
+    Side,
+    Welcome,
+)
+from uffdpoison.source.backends import (
+    Backend,
+    PageBitmap,
+    RunKind,
+    SourceError,
+    SourceGone,
+    page_digests,
+)
+
+__all__ = ["SourceServer", "parse_listen", "serve"]
+
+log = logging.getLogger("uffdpoison.source")
+
+StatusCallback = Callable[[dict[str, Any]], None]
+
+_KIND = {
+    RunKind.DATA: PageKind.DATA,
+    RunKind.ZERO: PageKind.ZERO,
+    RunKind.POISONED: PageKind.POISONED,
+}
+# Bulk frames: up to 1 MiB / 256 base pages a read, so a demand reply waits behind at most that.
+BULK_CHUNK_BYTES = 1 << 20
+BULK_CHUNK_UNITS = 256
+# Demand requests are read and sent in pieces of at most this many bytes (a huge-page request
+# could otherwise ask for gigabytes in one buffer).
+DEMAND_PIECE_BYTES = 8 << 20
+_RECV_SIZE = 1 << 16
+_IOV_MAX = 1024
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[IPv6]:PORT' -> (host, port)."""
+    text = listen.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"bad listen address {listen!r} (use [IPv6]:PORT)")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"bad listen address {listen!r} (use HOST:PORT or [IPv6]:PORT)")
+    if not host:
+        raise ValueError(f"listen address {listen!r} has no host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad port in listen address {listen!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} in listen address {listen!r} is out of range")
+    return host, port
+
+
+async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes | memoryview]) -> int:
+    """Write buffers in order with as few syscalls as the kernel allows; returns bytes sent."""
+    views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
+    total = sum(v.nbytes for v in views)
+    i = 0
+    while i < len(views):
+        n = await sock.sendmsg(views[i : i + _IOV_MAX])
+        while n:
+            v = views[i]
+            if n >= v.nbytes:
+                n -= v.nbytes
+                i += 1
+            else:
+                views[i] = v[n:]
+                n = 0
+        while i < len(views) and views[i].nbytes == 0:
+            i += 1
+    return total
+
+
+class _Channel:
+    """One accepted socket plus its protocol Connection; frames are written whole under a lock."""
+
+    def __init__(self, sock: trio.socket.SocketType, conn: Connection, peer: str) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.peer = peer
+        self.lock = trio.Lock()
+        self.bytes_sent = 0
+
+    async def send(self, events: list[Event]) -> int:
+        bufs: list[bytes | memoryview] = []
+        for ev in events:
+            bufs.extend(self.conn.send(ev))
+        async with self.lock:
+            n = await _send_all(self.sock, bufs)
+        self.bytes_sent += n
+        return n
+
+    async def next_event(self) -> Event | object:
+        while True:
+            ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            data = await self.sock.recv(max(_RECV_SIZE, min(self.conn.bytes_wanted, 1 << 22)))
+            self.conn.receive_data(data)
+
+    async def send_error(self, code: str, message: str) -> None:
+        """Best effort fatal Error (id None); the peer may already be gone."""
+        try:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await self.send([Error(None, code, message[:1000])])
+        except (ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+class Session:
+    """One destination: its negotiated unit, what it has been offered, counters."""
+
+    def __init__(self, server: SourceServer, token: bytes, unit: int, peer: str) -> None:
+        self.server = server
+        self.token = token
+        self.unit = unit
+        self.peer = peer
+        self.nunits = server.backend.size // unit
+        self.offered = PageBitmap(self.nunits)
+        self.hint: int | None = None  # unit index just after the latest demand
+        self.bulk: _Channel | None = None
+        self.urgent: _Channel | None = None
+        self._scopes: list[trio.CancelScope] = []
+        self.stopped = False
+        self.abort_reason: tuple[str, str] | None = None
+        self.counts = {
+            "demand_requests": 0,
+            "demand_pages": 0,
+            "bulk_pages": 0,
+            "data_pages": 0,
+            "zero_pages": 0,
+            "poisoned_pages": 0,
+            "clean_pages": 0,
+            "bytes_sent": 0,
+        }
+        self.bulk_done = False
+
+    def scope(self) -> trio.CancelScope:
+        """A cancel scope for one of this session's connection handlers."""
+        scope = trio.CancelScope()
+        if self.stopped:
+            scope.cancel()
+        self._scopes.append(scope)
+        return scope
+
+    def stop(self) -> None:
+        """End every connection of the session (quietly, unless abort set a reason)."""
+        self.stopped = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    def abort(self, code: str, message: str) -> None:
+        """End the session with a fatal Error on each of its connections."""
+        if self.abort_reason is None:
+            self.abort_reason = (code, message)
+        self.stop()
+
+    def count_run(self, kind: PageKind, n: int) -> None:
+        key = {
+            PageKind.DATA: "data_pages",
+            PageKind.ZERO: "zero_pages",
+            PageKind.POISONED: "poisoned_pages",
+            PageKind.CLEAN: "clean_pages",
+        }[kind]
+        self.counts[key] += n
+
+
+class SourceServer:
+    """Serves one backend to any number of destination sessions."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_bandwidth: float | None = None,
+        status: StatusCallback | None = None,
+    ) -> None:
+        if max_bandwidth is not None and max_bandwidth <= 0:
+            raise ValueError(f"max_bandwidth must be positive, got {max_bandwidth}")
+        self.backend = backend
+        self.max_bandwidth = max_bandwidth
+        self._status = status
+        self.sessions: dict[bytes, Session] = {}
+        self.gone: str | None = None  # set once the backend reported SourceGone
+        self.sessions_started = 0
+
+    def status(self, event: str, **fields: Any) -> None:
+        if self._status is not None:
+            try:
+                self._status({"event": event, **fields})
+            except Exception:
+                log.exception("status callback failed")
+
+    # -- listening ----------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        listen: str,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        host, port = parse_listen(listen)
+        infos = await trio.socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        if not infos:
+            raise OSError(f"cannot resolve listen host {host!r}")
+        family, type_, proto, _, addr = infos[0]
+        lsock = trio.socket.socket(family, type_, proto)
+        with lsock:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await lsock.bind(addr)
+            lsock.listen(128)
+            bound = lsock.getsockname()
+            log.info("listening on %s port %d", bound[0], bound[1])
+            task_status.started((bound[0], bound[1]))
+            async with trio.open_nursery() as nursery:
+                while True:
+                    sock, peer = await lsock.accept()
+                    nursery.start_soon(self._handle, sock, _peer_name(peer))
+
+    async def _handle(self, sock: trio.socket.SocketType, peer: str) -> None:
+        with sock:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                ch, hello = await self._handshake(sock, peer)
+            except ProtocolError as e:
+                log.warning("%s: protocol error before handshake: %s", peer, e)
+                return
+            except OSError as e:
+                log.info("%s: connection lost before handshake: %s", peer, e)
+                return
+            if ch is None or hello is None:
+                return
+            try:
+                if hello.channel is Channel.URGENT:
+                    await self._urgent(ch, hello)
+                else:
+                    await self._bulk(ch, hello)
+            except ProtocolError as e:
+                log.warning("%s: protocol error, closing this connection: %s", peer, e)
+                await ch.send_error("bad-request", str(e))
+            except (OSError, trio.BrokenResourceError) as e:
+                log.info("%s: connection lost: %s", peer, e)
+
+    async def _handshake(
+        self, sock: trio.socket.SocketType, peer: str
+    ) -> tuple[_Channel | None, Hello | None]:
+        """Read the Hello. The Connection is per channel but the channel is only named inside
+        the Hello, so the same bytes feed one candidate Connection per channel; the one that
+        accepts the Hello is kept (with whatever followed it still buffered)."""
+        cands = {c: Connection(Side.SOURCE, c) for c in Channel}
+        errors: dict[Channel, ProtocolError] = {}
+        while True:
+            for c, conn in list(cands.items()):
+                try:
+                    ev = conn.next_event()
+                except ProtocolError as e:
+                    errors[c] = e
+                    del cands[c]
+                    continue
+                if ev is NEED_DATA:
+                    continue
+                if ev is CLOSED:
+                    return None, None
+                if isinstance(ev, Hello):
+                    return _Channel(sock, conn, peer), ev
+                raise ProtocolError(f"expected Hello, got {type(ev).__name__}")  # pragma: no cover
+            if not cands:
+                # Report the more telling error: the one not about the channel mismatch.
+                raise min(errors.values(), key=lambda e: "channel" in str(e))
+            data = await sock.recv(_RECV_SIZE)
+            for conn in cands.values():
+                conn.receive_data(data)
+
+    def _welcome(self, session: Session, hello: Hello) -> Welcome:
+        unit = session.unit
+        plist: memoryview | None = None
+        offsets = self.backend.poisoned_offsets(unit)
+        if hello.want_poison_list:
+            plist = memoryview(offsets).cast("B") if sys.byteorder == "little" else None
+            if plist is None:  # pragma: no cover - big-endian host
+                offsets.byteswap()
+                plist = memoryview(offsets).cast("B")
+        return Welcome(
+            PROTOCOL_VERSION,
+            session.token,
+            unit,
+            self.backend.size,
+            getattr(self.backend, "huge_page_size", 0),
+            len(offsets),
+            plist,
+        )
+
+    # -- urgent -------------------------------------------------------------------------------
+
+    async def _urgent(self, ch: _Channel, hello: Hello) -> None:
+        if self.gone is not None:
+            await ch.send_error("read-failed", self.gone)
+            return
+        try:
+            unit = self.backend.check_unit(hello.page_size)
+        except SourceError as e:
+            await ch.send_error("bad-page-size", str(e))
+            return
+        token = secrets.token_bytes(16)
+        session = Session(self, token, unit, ch.peer)
+        session.urgent = ch
+        self.sessions[token] = session
+        self.sessions_started += 1
+        reason = "closed"
+        try:
+            await ch.send([self._welcome(session, hello)])
+            log.info("%s: session %s started, page size %d", ch.peer, token.hex()[:8], unit)
+            self.status(
+                "session-started",
+                session=token.hex(),
+                peer=ch.peer,
+                page_size=unit,
+                memory_size=self.backend.size,
+                poisoned=self.backend.poisoned_count(unit),
+            )
+            with session.scope():
+                while True:
+                    ev = await ch.next_event()
+                    if ev is CLOSED:
+                        break
+                    if isinstance(ev, Request):
+                        await self._answer(session, ch, ev)
+                    elif isinstance(ev, Error):
+                        log.warning("%s: destination error %s: %s", ch.peer, ev.code, ev.message)
+                        reason = f"destination error {ev.code}"
+                        break
+        except SourceGone as e:
+            self._source_gone(str(e))
+            reason = "source gone"
+        except ProtocolError as e:
+            reason = f"protocol error: {e}"
+            raise
+        finally:
+            if session.abort_reason is not None:
+                reason = session.abort_reason[1]
+                await ch.send_error(*session.abort_reason)
+            session.stop()
+            self.sessions.pop(token, None)
+            counts = dict(session.counts)
+            counts["bytes_sent"] = ch.bytes_sent + (session.bulk.bytes_sent if session.bulk else 0)
+            log.info("%s: session %s ended (%s): %s", ch.peer, token.hex()[:8], reason, counts)
+            self.status(
+                "session-ended",
+                session=token.hex(),
+                peer=ch.peer,
+                reason=reason,
+                bulk_done=session.bulk_done,
+                **counts,
+            )
+
+    def _source_gone(self, message: str) -> None:
+        """The served process is gone: every session ends with an ERROR, never with zeros."""
+        log.error("%s", message)
+        if self.gone is None:
+            self.gone = message
+        for s in list(self.sessions.values()):
+            s.abort("read-failed", message)
+
+    async def _answer(self, session: Session, ch: _Channel, req: Request) -> None:
+        """Serve one request (demand on URGENT, background on BULK) in reply frames per kind."""
+        unit = session.unit
+        session.counts["demand_requests"] += 1
+        session.counts["demand_pages"] += req.count
+        first = req.offset // unit
+        if req.urgent:
+            session.hint = first + req.count
+        session.offered.set_range(first, first + req.count)
+        digests = None
+        if req.digests is not None:
+            digests = req.digests.cast("B").cast("Q")
+        piece_units = max(1, min(DEMAND_PIECE_BYTES // unit, ch.conn.max_data_pages))
+        done = 0
+        while done < req.count:
+            n = min(piece_units, req.count - done)
+            off = req.offset + done * unit
+            buf = bytearray(n * unit)
+            events = self._reply_events(req.id, off, buf, unit, digests, done, session)
+            await ch.send(events)
+            done += n
+
+    def _reply_events(
+        self,
+        rid: int | None,
+        offset: int,
+        buf: bytearray | memoryview,
+        unit: int,
+        digests: memoryview | None,
+        dbase: int,
+        session: Session,
+    ) -> list[Event]:
+        runs = self.backend.read_into(offset, buf, unit)
+        mv = memoryview(buf)
+        events: list[Event] = []
+        for run in runs:
+            kind = _KIND[run.kind]
+            if kind is PageKind.DATA and digests is not None:
+                rel = (run.offset - offset) // unit
+                ours = page_digests(mv[rel * unit : (rel + run.count) * unit], unit)
+                k = 0
+                while k < run.count:
+                    clean = ours[k] == digests[dbase + rel + k]
+                    j = k + 1
+                    while j < run.count and (ours[j] == digests[dbase + rel + j]) == clean:
+                        j += 1
+                    self._add_run(
+                        events,
+                        rid,
+                        PageKind.CLEAN if clean else PageKind.DATA,
+                        run.offset + k * unit,
+                        j - k,
+                        mv,
+                        offset,
+                        unit,
+                        session,
+                    )
+                    k = j
+            else:
+                self._add_run(events, rid, kind, run.offset, run.count, mv, offset, unit, session)
+        return events
+
+    @staticmethod
+    def _add_run(
+        events: list[Event],
+        rid: int | None,
+        kind: PageKind,
+        off: int,
+        count: int,
+        mv: memoryview,
+        base: int,
+        unit: int,
+        session: Session,
+    ) -> None:
+        session.count_run(kind, count)
+        if kind is PageKind.DATA:
+            rel = off - base
+            events.append(Pages(rid, kind, off, count, mv[rel : rel + count * unit]))
+        else:
+            events.append(Pages(rid, kind, off, count))
+
+    # -- bulk ---------------------------------------------------------------------------------
+
+    async def _bulk(self, ch: _Channel, hello: Hello) -> None:
+        session = self.sessions.get(hello.session or b"")
+        if session is None:
+            log.warning("%s: bulk Hello for unknown session", ch.peer)
+            await ch.send_error("unknown-session", "no such session (open URGENT first)")
+            return
+        if session.bulk is not None:
+            await ch.send_error("bad-request", "this session already has a BULK connection")
+            return
+        if hello.page_size and hello.page_size != session.unit:
+            await ch.send_error(
+                "bad-page-size",
+                f"BULK page size {hello.page_size} differs from the session's {session.unit}",
+            )
+            return
+        session.bulk = ch
+        await ch.send([self._welcome(session, hello)])
+        try:
+            with session.scope():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._push, session, ch)
+                    try:
+                        await self._bulk_reader(session, ch)
+                    except ProtocolError as e:
+                        log.warning("%s: protocol error on BULK, closing it: %s", ch.peer, e)
+                        await ch.send_error("bad-request", str(e))
+                    except SourceGone as e:
+                        self._source_gone(str(e))
+                    except (OSError, trio.BrokenResourceError) as e:
+                        log.info("%s: BULK connection lost: %s", ch.peer, e)
+                    nursery.cancel_scope.cancel()
+        finally:
+            if session.abort_reason is not None:
+                await ch.send_error(*session.abort_reason)
+
+    async def _bulk_reader(self, session: Session, ch: _Channel) -> None:
+        """Background (urgent=False) requests on BULK, until the destination closes it."""
+        while True:
+            ev = await ch.next_event()
+            if ev is CLOSED:
+                return
+            if isinstance(ev, Request):
+                await self._answer(session, ch, ev)
+            elif isinstance(ev, Error):
+                log.warning("%s: bulk error %s: %s", ch.peer, ev.code, ev.message)
+                return
+            # Done from the destination: it wants no more pushes; replies may still follow.
+
+    async def _push(self, session: Session, ch: _Channel) -> None:
+        try:
+            await self._push_pages(session, ch)
+        except SourceGone as e:
+            self._source_gone(str(e))
+        except ProtocolError as e:
+            # Our own send refused (e.g. after a fatal Error on this channel): stop pushing.
+            log.info("%s: bulk push stopped: %s", ch.peer, e)
+        except (OSError, trio.BrokenResourceError) as e:
+            log.info("%s: bulk push stopped, connection lost: %s", ch.peer, e)
+
+    async def _push_pages(self, session: Session, ch: _Channel) -> None:
+        """Offer every page not yet offered, near the latest demand first, then Done."""
+        if session.bulk_done:
+            return
+        unit = session.unit
+        chunk_bytes = BULK_CHUNK_BYTES
+        if self.max_bandwidth is not None:
+            # Small chunks keep a capped stream smooth (about 20 chunks a second).
+            chunk_bytes = min(chunk_bytes, int(self.max_bandwidth / 20))
+        chunk = max(1, min(BULK_CHUNK_UNITS, chunk_bytes // unit, ch.conn.max_data_pages))
+        buf = bytearray(chunk * unit)
+        offered = session.offered
+        cursor = 0
+        start_time = trio.current_time()
+        sent = 0
+        while True:
+            if session.hint is not None:
+                cursor = session.hint if session.hint < session.nunits else 0
+                session.hint = None
+            i = offered.find_clear(cursor)
+            if i < 0:
+                i = offered.find_clear(0)
+                if i < 0:
+                    break
+            j = offered.find_set(i, min(i + chunk, session.nunits))
+            if j < 0:
+                j = min(i + chunk, session.nunits)
+            offered.set_range(i, j)
+            session.counts["bulk_pages"] += j - i
+            view = memoryview(buf)[: (j - i) * unit]
+            events = self._reply_events(None, i * unit, view, unit, None, 0, session)
+            sent += await ch.send(events)
+            cursor = j
+            if self.max_bandwidth is not None:
+                due = start_time + sent / self.max_bandwidth
+                now = trio.current_time()
+                if due > now:
+                    await trio.sleep(due - now)
+                else:
+                    await trio.lowlevel.checkpoint()
+            else:
+                # Let demand replies (other tasks) go out between bulk frames.
+                await trio.lowlevel.checkpoint()
+        await ch.send([Done()])
+        session.bulk_done = True
+        log.info("%s: bulk push done for session %s", ch.peer, session.token.hex()[:8])
+        self.status("bulk-done", session=session.token.hex(), pages=session.counts["bulk_pages"])
+
+
+def _peer_name(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr) or "unix"
+
+
+async def serve(
+    backend: Backend,
+    listen: str,
+    *,
+    max_bandwidth: float | None = None,
+    status: StatusCallback | None = None,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `backend` on `listen` ('HOST:PORT', '[IPv6]:PORT'; port 0 = a free port) until
+    cancelled. Calls task_status.started((host, port)) once bound."""
+    server = SourceServer(backend, max_bandwidth=max_bandwidth, status=status)
+    await server.serve(listen, task_status=task_status)
