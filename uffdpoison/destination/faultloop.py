@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from uffdpoison.kernel import EventBatch, EventKind, Userfaultfd
 from uffdpoison.ledger import Ledger, PageState
 from uffdpoison.protocol import PageKind
 from uffdpoison.transport import ConnectionLost
+from uffdpoison.trioutil import leaf_of
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +106,28 @@ class Session:
             poisoned_at_source=self.client.info.poisoned_count,
         )
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._event_reader)
-                nursery.start_soon(self._retry_loop)
-                nursery.start_soon(self._source_tasks)
-                task_status.started()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._event_reader)
+                    nursery.start_soon(self._retry_loop)
+                    nursery.start_soon(self._source_tasks)
+                    task_status.started()
+            except BaseExceptionGroup as group:
+                reason = leaf_of(group, (SessionEnded, SessionFailed))
+                if reason is None:
+                    raise
+                raise reason from None
         except SessionEnded as e:
-            self._emit("session-ended", reason=str(e), **self.stats.as_dict())
+            self._emit("session-ended", reason=str(e), placed=self.stats.as_dict())
         except SessionFailed as e:
             self.failed = str(e)
             log.error("%s: FAILED: %s (vCPUs stay blocked; no page is guessed)", self.name, e)
-            self._emit("session-failed", reason=str(e), **self.stats.as_dict())
+            self._emit(
+                "session-failed",
+                reason=str(e),
+                pages=self.page_counts(),
+                placed=self.stats.as_dict(),
+            )
             raise
         finally:
             self._close_client()
@@ -135,10 +148,13 @@ class Session:
                 self._check_complete()
                 await self.completed.wait()
                 nursery.cancel_scope.cancel()
-        except (ConnectionLost, protocol.ProtocolError) as e:
+        except BaseExceptionGroup as group:
+            lost = leaf_of(group, (ConnectionLost, protocol.ProtocolError))
+            if lost is None:
+                raise
             if self.completed.is_set():
                 return
-            raise SessionFailed(f"source {self.client.address} lost: {e}") from e
+            raise SessionFailed(f"source {self.client.address} lost: {lost}") from None
         finally:
             self._close_client()
 
@@ -163,7 +179,7 @@ class Session:
             self.completed.set()
             counts = self.page_counts()
             log.info("%s: complete: %s", self.name, counts)
-            self._emit("session-completed", **counts, **self.stats.as_dict())
+            self._emit("session-completed", pages=counts, placed=self.stats.as_dict())
 
     def page_counts(self) -> dict[str, int]:
         total: dict[str, int] = {s.name.lower(): 0 for s in PageState}
@@ -193,7 +209,7 @@ class Session:
                     self._on_remove(ev.start, ev.end, unmap=kind == _UNMAP)
                 elif kind == _FORK:
                     log.warning("%s: VMM forked; the child's memory is not served", self.name)
-                    uffd.close_event_fd(ev)
+                    os.close(ev.fork_fd)
                 elif kind == _REMAP:
                     log.error(
                         "%s: VMM moved guest memory (mremap); not supported, pages there "

@@ -126,14 +126,17 @@ async def receive_handoff(sock: socket.socket) -> tuple[bytes, int]:
             if len(buf) > MAX_HANDOFF_BYTES:
                 raise HandoffError(f"handoff message exceeds {MAX_HANDOFF_BYTES} bytes")
             text = bytes(buf).strip()
-            if text.endswith(b"]"):
-                try:
-                    json.loads(text)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue
-                return text, fd
             if text and not text.startswith(b"["):
                 raise HandoffError(f"handoff message is not a JSON array: {text[:60]!r}")
+            try:
+                json.loads(text)
+            except UnicodeDecodeError as e:
+                raise HandoffError(f"handoff message is not UTF-8: {e}") from None
+            except json.JSONDecodeError as e:
+                if e.pos < len(text):  # broken before the end: more bytes cannot mend it
+                    raise HandoffError(f"handoff message is not valid JSON: {e}") from None
+                continue  # a prefix of a JSON document: wait for the rest
+            return text, fd
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -313,8 +316,8 @@ class HandoffDaemon:
                     session=name,
                     pid=peer.pid,
                     reason="VMM exited",
-                    **session.page_counts(),
-                    **session.stats.as_dict(),
+                    pages=session.page_counts(),
+                    placed=session.stats.as_dict(),
                 )
         finally:
             del self.sessions[name]

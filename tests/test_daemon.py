@@ -1,0 +1,320 @@
+"""The destination daemon end to end on loopback: a real source, the daemon, and toy VMM
+processes handing over their userfaultfd in Firecracker's format."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from destination_helpers import Guest, ToyVMM, make_guest, start_source
+
+from uffdpoison.destination.handoff import HandoffDaemon
+
+HUGE = 2 << 20
+
+
+class Daemon:
+    def __init__(self, path: str, source: str) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.daemon = HandoffDaemon(path, source, status=self.records.append)
+        self.path = path
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["event"] == name]
+
+    async def wait_for(self, name: str, count: int = 1, timeout: float = 30.0) -> list[dict]:
+        with trio.fail_after(timeout):
+            while len(self.events(name)) < count:
+                await trio.sleep(0.01)
+        return self.events(name)
+
+
+async def start_daemon(nursery: trio.Nursery, tmp_path: Path, source: str) -> Daemon:
+    d = Daemon(str(tmp_path / "handoff.sock"), source)
+    await nursery.start(d.daemon.serve)
+    return d
+
+
+def check_touches(guest: Guest, reply: dict[str, Any], pages: list[int] | None = None) -> None:
+    """Every non-poisoned page byte-exact; every poisoned page SIGBUS (BUS_ADRERR/MCEERR_AR)."""
+    pages = list(range(guest.npages)) if pages is None else pages
+    digests = guest.digests()
+    assert reply["done"], f"touches still blocked: {reply['pending']}"
+    poisoned = set(guest.poisoned)
+    for k, page in enumerate(pages):
+        if page in poisoned:
+            assert reply["outcome"][k] == 1, f"poisoned page {page} was readable"
+            assert reply["si_code"][k] in (2, 4)
+        else:
+            assert reply["outcome"][k] == 0, f"page {page} raised SIGBUS"
+            assert reply["digest"][k] == digests[page], f"page {page} bytes differ"
+
+
+@pytest.mark.parametrize("memory_kind", ["anon", "shmem"])
+async def test_handoff_serves_every_page(
+    nursery: trio.Nursery, tmp_path: Path, memory_kind: str
+) -> None:
+    guest = make_guest(96)
+    source = await start_source(nursery, guest.backend())
+    d = await start_daemon(nursery, tmp_path, source)
+    vmm = await ToyVMM.start(d.path, len(guest.image), memory=memory_kind)
+    try:
+        check_touches(guest, await vmm.touch("all"))
+        (done,) = await d.wait_for("session-completed")
+        assert done["pages"]["poisoned"] == len(guest.poisoned)
+        assert done["pages"]["present"] == guest.npages - len(guest.poisoned)
+        assert done["placed"]["refused"] == 0
+        # After completion (background stream finished), poison still bites and data holds.
+        check_touches(guest, await vmm.touch("all"))
+    finally:
+        assert await vmm.close() == 0
+    (ended,) = await d.wait_for("session-ended")
+    assert ended["reason"] == "VMM exited"
+
+
+async def test_hugetlb_handoff(nursery: trio.Nursery, tmp_path: Path, hugepages: Any) -> None:
+    hugepages(4)
+    guest = make_guest(4, HUGE, poisoned=[2], zero=[1])
+    source = await start_source(nursery, guest.backend())
+    d = await start_daemon(nursery, tmp_path, source)
+    vmm = await ToyVMM.start(d.path, len(guest.image), memory="hugetlb")
+    try:
+        check_touches(guest, await vmm.touch("all"))
+        (done,) = await d.wait_for("session-completed")
+        assert done["pages"]["poisoned"] == 1 and done["pages"]["present"] == 3
+    finally:
+        await vmm.close()
+
+
+async def test_poison_discovered_on_demand(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Poison not listed at handshake: the destination learns it from a POISONED reply."""
+    guest = make_guest(32)
+    backend = guest.backend(known=False)
+    source = await start_source(nursery, backend)
+    d = await start_daemon(nursery, tmp_path, source)
+    # The source learns of the poison only after the session's handshake (as a live source
+    # does when a read returns EIO).
+    vmm = await ToyVMM.start(d.path, len(guest.image))
+    try:
+        backend.add_poison([i * guest.page_size for i in guest.poisoned])
+        check_touches(guest, await vmm.touch(guest.poisoned), guest.poisoned)
+    finally:
+        await vmm.close()
+
+
+async def test_remove_keeps_poison_and_zeroes_data(nursery: trio.Nursery, tmp_path: Path) -> None:
+    guest = make_guest(16, poisoned=[3], zero=[])
+    source = await start_source(nursery, guest.backend())
+    d = await start_daemon(nursery, tmp_path, source)
+    vmm = await ToyVMM.start(d.path, len(guest.image))
+    try:
+        check_touches(guest, await vmm.touch("all"))
+        await d.wait_for("session-completed")
+        # The guest discards a poisoned page and a data page (balloon / MADV_DONTNEED).
+        await vmm.command("discard 3 1")
+        await vmm.command("discard 5 1")
+        again = await vmm.touch([3, 5, 6])
+        assert again["done"]
+        assert again["outcome"][0] == 1, "a discarded poisoned page must stay poisoned"
+        zero_digest = make_guest(1, zero=[0], poisoned=[]).digests()[0]
+        assert again["outcome"][1] == 0 and again["digest"][1] == zero_digest
+        assert again["digest"][2] == guest.digests()[6]
+        assert d.daemon.sessions["vmm-1"].stats.repoisoned == 1
+        assert d.daemon.sessions["vmm-1"].stats.zero_after_remove == 1
+    finally:
+        await vmm.close()
+
+
+async def test_two_vmms_and_malformed_handoffs(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Bad handoffs are rejected with a reason and do not disturb a good VMM being served."""
+    guest = make_guest(64)
+    source = await start_source(nursery, guest.backend())
+    d = await start_daemon(nursery, tmp_path, source)
+    good = await ToyVMM.start(d.path, len(guest.image))
+
+    def raw_handoff(body: bytes, fds: list[int] | None) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(d.path)
+            if fds is None:
+                s.sendall(body)
+            else:
+                socket.send_fds(s, [body], fds)
+
+    region = {"base_host_virt_addr": 1 << 30, "size": 4096, "offset": 0, "page_size": 4096}
+    r, w = os.pipe()
+    try:
+        cases = [
+            (json.dumps([region]).encode(), None, "no file descriptor"),
+            (json.dumps([region]).encode(), [r], "not a userfaultfd"),
+        ]
+        for body, fds, reason in cases:
+            await trio.to_thread.run_sync(raw_handoff, body, fds)
+            rejected = await d.wait_for("handoff-rejected", len(d.events("handoff-rejected")) + 1)
+            assert reason in rejected[-1]["reason"]
+    finally:
+        os.close(r)
+        os.close(w)
+    # Bodies that parse but describe bad regions come with a real userfaultfd (from a child).
+    for regions, reason in [
+        ("not json at all]", "not valid JSON"),
+        (json.dumps([{**region, "base_host_virt_addr": (1 << 30) + 1}]), "not aligned"),
+        (json.dumps([region, {**region, "offset": 8192}]), "overlap"),
+        (json.dumps([{**region, "offset": len(guest.image)}]), "source's memory is only"),
+    ]:
+        await trio.to_thread.run_sync(_handoff_from_child, d.path, regions)
+        rejected = await d.wait_for("handoff-rejected", len(d.events("handoff-rejected")) + 1)
+        assert reason in rejected[-1]["reason"], rejected[-1]
+    second = await ToyVMM.start(d.path, len(guest.image))
+    try:
+        check_touches(guest, await good.touch("all"))
+        check_touches(guest, await second.touch("all"))
+    finally:
+        await good.close()
+        await second.close()
+
+
+def _handoff_from_child(path: str, body: str) -> None:
+    """A child process creates a real userfaultfd and hands it over with ``body``."""
+    code = (
+        "import socket, sys\n"
+        "from uffdpoison.kernel import Feature, Userfaultfd\n"
+        "u = Userfaultfd.create(Feature.EVENT_REMOVE)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "socket.send_fds(s, [sys.argv[2].encode()], [u.fileno()])\n"
+        "s.recv(1)\n"  # wait until the daemon closes its end
+    )
+    subprocess.run([sys.executable, "-c", code, path, body], check=True, timeout=30)
+
+
+async def test_disallowed_uid_is_rejected(nursery: trio.Nursery, tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    guest = make_guest(4)
+    source = await start_source(nursery, guest.backend())
+    # A directory another uid can traverse (pytest's tmp_path parents are 0700).
+    shared = Path(tempfile.mkdtemp(prefix="uffdpoison-uid-"))
+    shared.chmod(0o755)
+    d = await start_daemon(nursery, shared, source)
+    os.chmod(d.path, 0o777)
+    code = (
+        "import os, socket, sys\nos.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(1)\n"
+    )
+    await trio.to_thread.run_sync(
+        lambda: subprocess.run([sys.executable, "-c", code, d.path], check=True, timeout=30)
+    )
+    (rejected,) = await d.wait_for("handoff-rejected")
+    assert "uid 65534 is not allowed" in rejected["reason"]
+
+
+async def test_source_lost_fails_loudly_and_guesses_nothing(tmp_path: Path) -> None:
+    guest = make_guest(256, poisoned=[], zero=[])
+    async with trio.open_nursery() as outer:
+        source_scope = trio.CancelScope()
+        addr_box: list[str] = []
+
+        async def run_source(task_status: trio.TaskStatus[None]) -> None:
+            with source_scope:
+                async with trio.open_nursery() as n:
+                    # A capped push so pages remain unplaced when the source dies.
+                    addr_box.append(await start_source(n, guest.backend(), max_bandwidth=64 << 10))
+                    task_status.started()
+                    await trio.sleep_forever()
+
+        await outer.start(run_source)
+        d = await start_daemon(outer, tmp_path, addr_box[0])
+        vmm = await ToyVMM.start(d.path, len(guest.image), timeout=2.0)
+        try:
+            first = await vmm.touch([0])
+            assert first["done"]
+            source_scope.cancel()  # the source host goes away
+            (failed,) = await d.wait_for("session-failed")
+            assert "lost" in failed["reason"]
+            # A page never placed stays blocked: the VMM's vCPU waits, no zero page appears.
+            stuck = await vmm.touch([guest.npages - 1])
+            assert not stuck["done"] and stuck["pending"] == 1
+        finally:
+            await vmm.close()
+        (gone,) = [r for r in d.records if r["event"] == "session-failed"]
+        assert gone["placed"]["copied"] < guest.npages
+        outer.cancel_scope.cancel()
+
+
+async def test_dest_cli_fails_fast_without_source(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    proc = await trio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "uffdpoison",
+            "dest",
+            "--source",
+            f"127.0.0.1:{port}",
+            "--handoff",
+            str(tmp_path / "h.sock"),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert b"unreachable" in proc.stderr
+
+
+async def test_dest_cli_serves_and_stops_on_sigterm(nursery: trio.Nursery, tmp_path: Path) -> None:
+    guest = make_guest(8)
+    source = await start_source(nursery, guest.backend())
+    path = str(tmp_path / "h.sock")
+    (tmp_path / "h.sock").write_bytes(b"")  # not a socket: must be refused, not replaced
+    proc = await trio.run_process(
+        [sys.executable, "-m", "uffdpoison", "dest", "--source", source, "--handoff", path],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert proc.returncode == 1 and b"not a socket" in proc.stderr
+    os.unlink(path)
+    # A stale socket file (nobody listening) is replaced.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
+    proc = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "uffdpoison",
+            "dest",
+            "--source",
+            source,
+            "--handoff",
+            path,
+            "--handoff-mode",
+            "0660",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(30):
+            first = await proc.stdout.receive_some(4096)
+        status = json.loads(first.split(b"\n")[0])
+        assert status["event"] == "listening" and status["path"] == path
+        assert os.stat(path).st_mode & 0o777 == 0o660
+        vmm = await ToyVMM.start(path, len(guest.image))
+        check_touches(guest, await vmm.touch("all"))
+        await vmm.close()
+    finally:
+        proc.terminate()
+        with trio.fail_after(30):
+            assert await proc.wait() == 0
+    assert not os.path.exists(path)
