@@ -113,6 +113,22 @@ def probe_features(*, user_mode_only: bool = False) -> Feature:
         os.close(fd)
 
 
+def open_paths() -> dict[str, str]:
+    """Try every way to create a userfaultfd: {path: "ok" or the error}. Nothing is kept."""
+    out: dict[str, str] = {}
+    for name, fd in (
+        ("syscall", lib.up_uffd_open_syscall(0)),
+        ("syscall (user-mode only)", lib.up_uffd_open_syscall(1)),
+        ("/dev/userfaultfd", lib.up_uffd_open_device()),
+    ):
+        if fd >= 0:
+            os.close(fd)
+            out[name] = "ok"
+        else:
+            out[name] = f"{errno.errorcode.get(-fd, str(-fd))} ({os.strerror(-fd)})"
+    return out
+
+
 class Userfaultfd:
     """An owned userfaultfd (O_NONBLOCK, O_CLOEXEC). Close exactly once."""
 
