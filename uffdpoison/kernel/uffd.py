@@ -170,8 +170,9 @@ class Userfaultfd:
         require: Feature = NO_FEATURES,
     ) -> Userfaultfd:
         """Open a userfaultfd and run UFFDIO_API with ``features`` (limited to what the kernel
-        offers, since asking for an unknown bit is EINVAL). Raises FeatureMissing naming the
-        bits of ``require`` the kernel did not grant."""
+        offers, since asking for an unknown bit is EINVAL) plus ``require``. Raises FeatureMissing
+        naming the bits of ``require`` the kernel does not offer."""
+        features |= require
         available = probe_features(user_mode_only=user_mode_only)
         missing = Feature(require & ~(available & features))
         if missing:
