@@ -347,3 +347,37 @@ def test_move_moves_a_page(uffd: Userfaultfd) -> None:
         assert uffd.move(m.addr, m.addr + 3 * P, P) == P
         assert Toucher([m.addr]).run(5).value[0] == 0x99
         uffd.unregister(m.addr, 2 * P)
+
+
+def test_user_mode_only_fd_serves_user_touches() -> None:
+    with Userfaultfd.create(user_mode_only=True) as u, anon(2 * P) as m:
+        assert "user-mode only" in u.created_via
+        u.register(m.addr, m.size, RegisterMode.MISSING)
+        u.poison(m.addr, P)
+        assert Toucher([m.addr]).run(5).outcome[0] == OUTCOME_SIGBUS
+        u.unregister(m.addr, m.size)
+
+
+def test_one_read_decodes_a_burst_of_faults(uffd: Userfaultfd) -> None:
+    batch = EventBatch(16)
+    with anon(4 * P) as m:
+        uffd.register(m.addr, m.size, RegisterMode.MISSING)
+        addrs = [m.addr + i * P for i in range(4)]
+        t = Toucher(addrs, threads=4)
+        t.start()
+        seen: dict[int, int] = {}
+        while len(seen) < 4:
+            n = wait_events(uffd, batch)
+            assert n > 0, f"only {len(seen)} of 4 faults arrived"
+            for i in range(n):
+                e = batch.raw[i]
+                assert e.kind == EventKind.PAGEFAULT
+                seen[e.address] = e.tid
+        assert sorted(seen) == addrs and len(set(seen.values())) == 4  # four vCPU threads
+        uffd.zeropage(m.addr, m.size)
+        assert t.join(5) and t.results.ok == 4
+        uffd.unregister(m.addr, m.size)
+    with pytest.raises(ValueError, match="capacity"):
+        EventBatch(0)
+    with pytest.raises(IndexError):
+        batch[batch.count]

@@ -160,6 +160,14 @@ class Ledger:
         return self._ps.raw.raced
 
     @property
+    def already_total(self) -> int:
+        return self._ps.raw.already
+
+    @property
+    def dropped_total(self) -> int:
+        return self._ps.raw.dropped
+
+    @property
     def complete(self) -> bool:
         """No page MISSING, REQUESTED or BACKGROUND."""
         c = self._ps.raw.counts
