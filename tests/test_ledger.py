@@ -214,3 +214,13 @@ def test_one_tib_region_costs_no_rss(uffd: Userfaultfd) -> None:
             grown = _rss_kib() - before
             assert grown < 8 * 1024, f"RSS grew {grown} KiB for a 1 TiB region"
         uffd.unregister(m.addr, m.size)
+
+
+def test_bad_input_is_named(region) -> None:
+    uffd, m, ledger = region
+    with pytest.raises(ValueError, match="placement pages -1"):
+        ledger.zero(-1, 1)
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        uffd.copy(m.addr, -5, P)
+    with pytest.raises(LedgerError, match="not aligned"):
+        Ledger(uffd, m.addr + 1, P, P)

@@ -129,6 +129,10 @@ def open_paths() -> dict[str, str]:
     return out
 
 
+def _bad_args(e: OverflowError) -> ValueError:
+    return ValueError(f"addresses and lengths must be unsigned 64-bit integers: {e}")
+
+
 class Userfaultfd:
     """An owned userfaultfd (O_NONBLOCK, O_CLOEXEC). Close exactly once."""
 
@@ -283,25 +287,37 @@ class Userfaultfd:
 
     def copy(self, dst: int, src: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_COPY from address ``src``; returns bytes done."""
-        rc = _copy(self._fd, dst, src, length, 0 if wake else 1, self._prog)
+        try:
+            rc = _copy(self._fd, dst, src, length, 0 if wake else 1, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_COPY", rc, dst, length)
 
     def zeropage(self, start: int, length: int, *, wake: bool = True) -> int:
-        rc = _zeropage(self._fd, start, length, 0 if wake else 1, self._prog)
+        try:
+            rc = _zeropage(self._fd, start, length, 0 if wake else 1, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_ZEROPAGE", rc, start, length)
 
     def continue_(self, start: int, length: int, *, wake: bool = True) -> int:
-        rc = _continue(self._fd, start, length, 0 if wake else 1, self._prog)
+        try:
+            rc = _continue(self._fd, start, length, 0 if wake else 1, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_CONTINUE", rc, start, length)
 
     def poison(self, start: int, length: int, *, wake: bool = True) -> int:
-        rc = _poison(self._fd, start, length, 0 if wake else 1, self._prog)
+        try:
+            rc = _poison(self._fd, start, length, 0 if wake else 1, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_POISON", rc, start, length)
@@ -315,7 +331,10 @@ class Userfaultfd:
         self, dst: int, src: int, length: int, *, wake: bool = True, allow_src_holes: bool = False
     ) -> int:
         mode = (0 if wake else 1) | (2 if allow_src_holes else 0)
-        rc = _move(self._fd, dst, src, length, mode, self._prog)
+        try:
+            rc = _move(self._fd, dst, src, length, mode, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_MOVE", rc, dst, length)
