@@ -8,6 +8,7 @@ import socket
 import threading
 
 import pytest
+import trio
 from conftest import SIGBUS_CODES, wait_events
 
 from uffdpoison.kernel import (
@@ -381,3 +382,38 @@ def test_one_read_decodes_a_burst_of_faults(uffd: Userfaultfd) -> None:
         EventBatch(0)
     with pytest.raises(IndexError):
         batch[batch.count]
+
+
+def test_poison_resolves_a_blocked_touch_with_sigbus(uffd: Userfaultfd) -> None:
+    """The postcopy case: a vCPU blocked on a missing page gets SIGBUS once it is poisoned;
+    with DONTWAKE it stays blocked until UFFDIO_WAKE."""
+    batch = EventBatch(4)
+    with anon(2 * P) as m:
+        uffd.register(m.addr, m.size, RegisterMode.MISSING)
+        t = Toucher([m.addr + P + 9])
+        t.start()
+        assert wait_events(uffd, batch) == 1 and batch[0].address == m.addr + P
+        assert uffd.poison(m.addr + P, P, wake=False) == P
+        assert not t.join(0.2)
+        uffd.wake(m.addr, m.size)
+        assert t.join(5)
+        res = t.results
+        assert res.outcome[0] == OUTCOME_SIGBUS and res.si_addr[0] == m.addr + P + 9
+        assert res.si_code[0] in SIGBUS_CODES
+        uffd.unregister(m.addr, m.size)
+
+
+async def test_trio_wait_readable_on_the_fd(uffd: Userfaultfd) -> None:
+    batch = EventBatch(4)
+    with anon(P) as m:
+        uffd.register(m.addr, m.size, RegisterMode.MISSING)
+        t = Toucher([m.addr])
+        t.start()
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(uffd.fileno())
+        assert uffd.read_events(batch) == 1
+        uffd.zeropage(m.addr, P)
+        with trio.fail_after(5):
+            await t.wait()
+        assert t.results.ok == 1
+        uffd.unregister(m.addr, m.size)
