@@ -32,8 +32,15 @@ def build() -> FFI:
         "\n".join(f'#include "{n}.h"' for n in names),
         sources=[str(p.relative_to(HERE.parent)) for p in sorted(HERE.glob("*.c"))],
         include_dirs=[str(HERE)],
-        extra_compile_args=["-O2", "-g", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                            "-D_GNU_SOURCE", "-pthread"],
+        extra_compile_args=[
+            "-O2",
+            "-g",
+            "-Wall",
+            "-Wextra",
+            "-Wno-unused-parameter",
+            "-D_GNU_SOURCE",
+            "-pthread",
+        ],
         extra_link_args=["-pthread"],
     )
     return ffi

@@ -3,10 +3,12 @@ process driven over pipes (examples/toy_vmm.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,49 @@ def make_guest(
     for i in zero:
         image[i * page_size : (i + 1) * page_size] = bytes(page_size)
     return Guest(image, page_size, sorted(poisoned), sorted(zero))
+
+
+POISONED_PROCESS = """
+import sys
+from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
+n, ps = int(sys.argv[1]), 4096
+poison = [int(x) for x in sys.argv[2].split(",") if x]
+m = memory.anon(n * ps)
+for i in range(n):
+    if i not in poison:
+        m.write(i * ps, bytes([i % 251 + 1]) * ps)
+u = Userfaultfd.create()
+u.register(m.addr, m.size, RegisterMode.MISSING)
+for i in poison:
+    u.poison(m.addr + i * ps, ps)
+u.close()  # markers survive; the source reads this memory through /proc/PID/mem
+print(m.addr, flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def poisoned_process(npages: int, poison: list[int]) -> Iterator[tuple[int, int, Guest]]:
+    """A live process whose page i holds byte (i % 251 + 1), with poison markers on ``poison``.
+    Yields (pid, address, the matching Guest)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", POISONED_PROCESS, str(npages), ",".join(map(str, poison))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"poisoned process failed to start ({proc.wait()})")
+        image = bytearray()
+        for i in range(npages):
+            image += bytes([i % 251 + 1]) * 4096 if i not in poison else bytes(4096)
+        yield proc.pid, int(line), Guest(image, 4096, sorted(poison), [])
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 async def start_source(nursery: trio.Nursery, backend: Any, **kwargs: Any) -> str:

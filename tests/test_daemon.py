@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 import trio
-from destination_helpers import Guest, ToyVMM, make_guest, start_source
+from destination_helpers import Guest, ToyVMM, make_guest, poisoned_process, start_source
 
 from uffdpoison.destination.handoff import HandoffDaemon
+from uffdpoison.source.backends import ProcessBackend
 
 HUGE = 2 << 20
 
@@ -94,20 +95,23 @@ async def test_hugetlb_handoff(nursery: trio.Nursery, tmp_path: Path, hugepages:
         await vmm.close()
 
 
-async def test_poison_discovered_on_demand(nursery: trio.Nursery, tmp_path: Path) -> None:
-    """Poison not listed at handshake: the destination learns it from a POISONED reply."""
-    guest = make_guest(32)
-    backend = guest.backend(known=False)
-    source = await start_source(nursery, backend)
-    d = await start_daemon(nursery, tmp_path, source)
-    # The source learns of the poison only after the session's handshake (as a live source
-    # does when a read returns EIO).
-    vmm = await ToyVMM.start(d.path, len(guest.image))
-    try:
-        backend.add_poison([i * guest.page_size for i in guest.poisoned])
-        check_touches(guest, await vmm.touch(guest.poisoned), guest.poisoned)
-    finally:
-        await vmm.close()
+async def test_poison_discovered_while_reading(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The source is a live process whose poison it does not know up front (no pagemap scan,
+    no list): it learns each poisoned page from EIO while reading, and the destination must
+    poison exactly those pages and serve the rest byte-exact."""
+    poison = [0, 9, 10, 47]
+    with poisoned_process(48, poison) as (pid, addr, guest):
+        backend = ProcessBackend(pid, [(addr, 48 * 4096)], scan_pagemap=False)
+        assert backend.poisoned_count() == 0
+        source = await start_source(nursery, backend)
+        d = await start_daemon(nursery, tmp_path, source)
+        vmm = await ToyVMM.start(d.path, len(guest.image))
+        try:
+            check_touches(guest, await vmm.touch("all"))
+            (done,) = await d.wait_for("session-completed")
+            assert done["pages"]["poisoned"] == len(poison)
+        finally:
+            await vmm.close()
 
 
 async def test_remove_keeps_poison_and_zeroes_data(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -156,21 +160,24 @@ async def test_two_vmms_and_malformed_handoffs(nursery: trio.Nursery, tmp_path: 
             (json.dumps([region]).encode(), [r], "not a userfaultfd"),
         ]
         for body, fds, reason in cases:
+            seen = len(d.events("handoff-rejected"))
             await trio.to_thread.run_sync(raw_handoff, body, fds)
-            rejected = await d.wait_for("handoff-rejected", len(d.events("handoff-rejected")) + 1)
+            rejected = await d.wait_for("handoff-rejected", seen + 1)
             assert reason in rejected[-1]["reason"]
     finally:
         os.close(r)
         os.close(w)
     # Bodies that parse but describe bad regions come with a real userfaultfd (from a child).
     for regions, reason in [
-        ("not json at all]", "not valid JSON"),
+        ("not json at all]", "not a JSON array"),
+        ('[{"size": }]', "not valid JSON"),
         (json.dumps([{**region, "base_host_virt_addr": (1 << 30) + 1}]), "not aligned"),
         (json.dumps([region, {**region, "offset": 8192}]), "overlap"),
         (json.dumps([{**region, "offset": len(guest.image)}]), "source's memory is only"),
     ]:
+        seen = len(d.events("handoff-rejected"))
         await trio.to_thread.run_sync(_handoff_from_child, d.path, regions)
-        rejected = await d.wait_for("handoff-rejected", len(d.events("handoff-rejected")) + 1)
+        rejected = await d.wait_for("handoff-rejected", seen + 1)
         assert reason in rejected[-1]["reason"], rejected[-1]
     second = await ToyVMM.start(d.path, len(guest.image))
     try:

@@ -28,7 +28,8 @@ class UffdError(OSError):
         detail: str = "",
     ) -> None:
         name = _errno.errorcode.get(err, str(err))
-        msg = f"{op}(start={start:#x}, length={length:#x}): {name} ({os.strerror(err)})"
+        where = f"(start={start:#x}, length={length:#x})" if length else ""
+        msg = f"{op}{where}: {name} ({os.strerror(err)})"
         if done:
             msg += f", {done} bytes done"
         if detail:
@@ -82,6 +83,7 @@ class NotAUserfaultfd(UffdError):
     def __init__(self, fd: int, what: str) -> None:
         super().__init__(_errno.EBADF, "adopt", detail=f"fd {fd} is {what}, not a userfaultfd")
         self.fd = fd
+        self.strerror = f"handed-off fd {fd} is {what}, not a userfaultfd"
 
 
 def error_for(err: int, op: str, start: int, length: int, progress: int) -> UffdError:
