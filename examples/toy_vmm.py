@@ -41,9 +41,9 @@ def main() -> int:
     args = p.parse_args()
 
     page_size = HUGE if args.memory == "hugetlb" else 4096
-    mapping = {"anon": memory.anon, "shmem": memory.shmem, "hugetlb": memory.hugetlb}[
-        args.memory
-    ](args.size)
+    mapping = {"anon": memory.anon, "shmem": memory.shmem, "hugetlb": memory.hugetlb}[args.memory](
+        args.size
+    )
     # Firecracker negotiates only EVENT_REMOVE: no thread ids, no UNMAP/REMAP/FORK events.
     uffd = Userfaultfd.create(Feature.EVENT_REMOVE)
     uffd.register(mapping.addr, mapping.size, RegisterMode.MISSING)
@@ -52,8 +52,10 @@ def main() -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.handoff)
     socket.send_fds(sock, [regions_to_json([region])], [uffd.fileno()])
-    print(json.dumps({"event": "handed-off", "base": mapping.addr, "page_size": page_size}),
-          flush=True)
+    print(
+        json.dumps({"event": "handed-off", "base": mapping.addr, "page_size": page_size}),
+        flush=True,
+    )
 
     npages = args.size // page_size
     for line in sys.stdin:
@@ -65,14 +67,23 @@ def main() -> int:
             break
         if cmd == "touch":
             pages = range(npages) if words[1] == "all" else [int(w) for w in words[1].split(",")]
-            t = Toucher(array("Q", (mapping.addr + i * page_size for i in pages)),
-                        threads=args.threads, page_size=page_size, digest=True)
+            t = Toucher(
+                array("Q", (mapping.addr + i * page_size for i in pages)),
+                threads=args.threads,
+                page_size=page_size,
+                digest=True,
+            )
             t.start()
             done = t.join(args.timeout)
             r = t.results
-            reply = {"done": done, "pending": r.pending, "outcome": list(r.outcome),
-                     "digest": list(r.digest) if r.digest is not None else None,
-                     "latency_ns": list(r.latency_ns), "si_code": list(r.si_code)}
+            reply = {
+                "done": done,
+                "pending": r.pending,
+                "outcome": list(r.outcome),
+                "digest": list(r.digest) if r.digest is not None else None,
+                "latency_ns": list(r.latency_ns),
+                "si_code": list(r.si_code),
+            }
             print(json.dumps(reply), flush=True)
             if not done:
                 # A vCPU is stuck in a fault nobody serves: nothing more this VMM can do.

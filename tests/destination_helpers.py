@@ -173,10 +173,8 @@ class ToyVMM:
     async def close(self) -> int:
         if self.proc.returncode is None:
             assert self.proc.stdin is not None
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.proc.stdin.send_all(b"exit\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
             with trio.move_on_after(10):
                 return await self.proc.wait()
             self.proc.kill()
