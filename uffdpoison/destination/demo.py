@@ -64,7 +64,11 @@ def build_guest(
     size: int, page_size: int, *, poison_fraction: float, zero_fraction: float, seed: int
 ) -> Guest:
     rng = random.Random(seed)
-    image = bytearray(rng.randbytes(size))
+    image = bytearray(size)
+    chunk = 1 << 20  # randbytes() of a whole guest overflows past 256 MiB
+    for off in range(0, size, chunk):
+        n = min(chunk, size - off)
+        image[off : off + n] = rng.randbytes(n)
     npages = size // page_size
     picks = rng.sample(
         range(npages),

@@ -29,9 +29,10 @@ from typing import Any
 import trio
 
 from uffdpoison.destination.client import SourceClient
-from uffdpoison.destination.faultloop import Session, StatusSink
+from uffdpoison.destination.faultloop import Session, SessionFailed, StatusSink
 from uffdpoison.destination.regions import Region, RegionMap
 from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd
+from uffdpoison.trioutil import leaf_of
 
 FEATURES = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.THREAD_ID
 
@@ -90,6 +91,11 @@ async def serve_memory(
                 await nursery.start(session.run)
                 yield PageServer(session)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            failed = leaf_of(group, SessionFailed)
+            if failed is None:
+                raise
+            raise failed from None
         finally:
             for r in rmap:
                 with suppress(OSError):

@@ -1,0 +1,139 @@
+"""The embedding API: this process's own memory served from a source on loopback."""
+
+from __future__ import annotations
+
+import threading
+from array import array
+
+import pytest
+import trio
+from destination_helpers import make_guest, start_source
+
+from uffdpoison.destination.embed import ThreadedPageServer, serve_memory
+from uffdpoison.destination.faultloop import SessionFailed
+from uffdpoison.destination.regions import Region
+from uffdpoison.kernel import memory
+from uffdpoison.kernel.digest import page_digests
+from uffdpoison.kernel.toucher import Toucher
+from uffdpoison.ledger import PageState
+
+PS = 4096
+
+
+async def test_serve_memory_touch_everything(nursery: trio.Nursery) -> None:
+    guest = make_guest(128)
+    source = await start_source(nursery, guest.backend())
+    with memory.anon(len(guest.image)) as m:
+        async with serve_memory([Region(m.addr, len(guest.image), 0)], source) as server:
+            t = Toucher(array("Q", (m.addr + i * PS for i in range(guest.npages))), digest=True)
+            t.start()
+            await t.wait()
+            r = t.results
+            await server.wait_complete()
+            assert server.page_counts()["poisoned"] == len(guest.poisoned)
+        digests = guest.digests()
+        for i in range(guest.npages):
+            if i in guest.poisoned:
+                assert r.outcome[i] == 1
+            else:
+                assert r.outcome[i] == 0 and r.digest[i] == digests[i]
+
+
+async def test_ensure_present_lets_python_read(nursery: trio.Nursery) -> None:
+    guest = make_guest(64, poisoned=[2], zero=[])
+    # A trickle of background so the range is still unplaced when we ask for it.
+    source = await start_source(nursery, guest.backend(), max_bandwidth=4096)
+    with memory.anon(len(guest.image)) as m:
+        async with serve_memory([Region(m.addr, len(guest.image), 0)], source) as server:
+            led = server.session.ledgers[0]
+            assert led.state(40) == PageState.MISSING
+            poisoned = await server.ensure_present(m.addr + 40 * PS, 4 * PS)
+            assert poisoned == []
+            assert m.read(40 * PS, 4 * PS) == bytes(guest.image[40 * PS : 44 * PS])
+            poisoned = await server.ensure_present(m.addr, 4 * PS)
+            assert poisoned == [m.addr + 2 * PS]  # never read it: it would SIGBUS
+            assert m.read(0, 2 * PS) == bytes(guest.image[: 2 * PS])
+
+
+async def test_discard_in_embedded_session(nursery: trio.Nursery) -> None:
+    """MADV_DONTNEED of a poisoned and a data page: the poison stays, the data reads zero."""
+    guest = make_guest(16, poisoned=[3], zero=[])
+    source = await start_source(nursery, guest.backend())
+    with memory.anon(len(guest.image)) as m:
+        async with serve_memory([Region(m.addr, len(guest.image), 0)], source) as server:
+            await server.wait_complete()
+            # madvise waits for the REMOVE event to be read: call it off the trio thread.
+            await trio.to_thread.run_sync(m.discard, 3 * PS, PS)
+            await trio.to_thread.run_sync(m.discard, 5 * PS, PS)
+            t = Toucher(array("Q", [m.addr + 3 * PS, m.addr + 5 * PS]), digest=True)
+            t.start()
+            await t.wait()
+            r = t.results
+            assert r.outcome[0] == 1
+            assert r.outcome[1] == 0 and r.digest[1] == page_digests(bytes(PS), PS)[0]
+            assert server.stats["repoisoned"] == 1
+            assert server.stats["zero_after_remove"] == 1
+
+
+def test_threaded_page_server() -> None:
+    guest = make_guest(32)
+    backend = guest.backend()
+
+    ready: list[str] = []
+    stop = threading.Event()
+
+    def source_thread() -> None:
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                ready.append(await start_source(n, backend))
+                while not stop.is_set():
+                    await trio.sleep(0.01)
+                n.cancel_scope.cancel()
+
+        trio.run(main)
+
+    th = threading.Thread(target=source_thread)
+    th.start()
+    try:
+        while not ready:
+            threading.Event().wait(0.01)
+        with memory.anon(len(guest.image)) as m:  # noqa: SIM117
+            with ThreadedPageServer([Region(m.addr, len(guest.image), 0)], ready[0]) as server:
+                poisoned = server.ensure_present(m.addr, len(guest.image))
+                assert poisoned == [m.addr + i * PS for i in guest.poisoned]
+                for i in range(guest.npages):
+                    if i not in guest.poisoned:
+                        assert m.read(i * PS, PS) == bytes(guest.image[i * PS : (i + 1) * PS])
+                server.wait_complete()
+                assert server.completed
+    finally:
+        stop.set()
+        th.join()
+
+
+async def test_unreachable_source_is_a_clear_error() -> None:
+    with memory.anon(PS) as m, pytest.raises(ConnectionError, match="unreachable"):
+        async with serve_memory([Region(m.addr, PS, 0)], "127.0.0.1:1"):
+            pass
+
+
+async def test_embedded_session_fails_when_source_dies() -> None:
+    guest = make_guest(64, poisoned=[], zero=[])
+    with memory.anon(len(guest.image)) as m:
+        async with trio.open_nursery() as outer:
+            scope = trio.CancelScope()
+            box: list[str] = []
+
+            async def source(task_status: trio.TaskStatus[None]) -> None:
+                with scope:
+                    async with trio.open_nursery() as n:
+                        box.append(await start_source(n, guest.backend(), max_bandwidth=4096))
+                        task_status.started()
+                        await trio.sleep_forever()
+
+            await outer.start(source)
+            with pytest.raises(SessionFailed, match="lost"):
+                async with serve_memory([Region(m.addr, len(guest.image), 0)], box[0]) as srv:
+                    scope.cancel()
+                    await srv.ensure_present(m.addr + 60 * PS, PS)
+            outer.cancel_scope.cancel()
