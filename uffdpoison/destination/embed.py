@@ -69,6 +69,7 @@ async def serve_memory(
     source: str,
     *,
     hugetlb: bool = False,
+    background: bool = True,
     status: StatusSink | None = None,
     name: str = "embedded",
 ) -> AsyncIterator[PageServer]:
@@ -78,13 +79,16 @@ async def serve_memory(
     The memory must be mapped and not yet touched (a page already present is never fetched).
     On exit the range is unregistered: pages not placed by then read as zeros afterwards, so
     ``await server.wait_complete()`` first if the guest will keep running.
+
+    ``background=False`` opens no bulk connection: pages arrive only when touched (or through
+    ``ensure_present``), which isolates demand-fault latency for measurements.
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
     try:
         for r in rmap:
             uffd.register(r.base, r.size, RegisterMode.MISSING)
-        client = await SourceClient.connect(source, page_size=rmap.page_size)
+        client = await SourceClient.connect(source, page_size=rmap.page_size, bulk=background)
         session = Session(uffd, rmap, client, hugetlb=hugetlb, name=name, status=status)
         try:
             async with trio.open_nursery() as nursery:
