@@ -205,6 +205,7 @@ struct up_cref_handler {
     uint8_t *zeros;    /* a zero page for COPY where ZEROPAGE does not exist (hugetlb) */
     int huge;
     pthread_t tid;
+    int stopping;
     up_cref_stats st;
 };
 
@@ -339,27 +340,35 @@ static void *handler_thread(void *arg)
     struct uffd_msg msgs[UP_CREF_MSG_BATCH];
     struct pollfd pfd[2] = {{.fd = h->uffd, .events = POLLIN},
                             {.fd = h->stop_fd, .events = POLLIN}};
-    for (;;) {
-        int pr = poll(pfd, 2, -1);
-        if (pr < 0) {
-            if (errno == EINTR)
-                continue;
-            st_error(&h->st, errno);
-            break;
-        }
-        if (pfd[1].revents)
-            break;
-        if (pfd[0].revents & (POLLERR | POLLNVAL)) {
-            st_error(&h->st, EBADF);
-            break;
+    int need_poll = 1;
+    while (!__atomic_load_n(&h->stopping, __ATOMIC_ACQUIRE)) {
+        /* Read first and poll only when nothing is pending: the next fault is often queued
+         * by the time the previous COPY returns (always when both threads share a CPU). */
+        if (need_poll) {
+            int pr = poll(pfd, 2, -1);
+            if (pr < 0) {
+                if (errno == EINTR)
+                    continue;
+                st_error(&h->st, errno);
+                break;
+            }
+            if (pfd[1].revents)
+                break;
+            if (pfd[0].revents & (POLLERR | POLLNVAL)) {
+                st_error(&h->st, EBADF);
+                break;
+            }
         }
         ssize_t r = read(h->uffd, msgs, sizeof msgs);
         if (r < 0) {
-            if (errno == EAGAIN || errno == EINTR)
+            if (errno == EAGAIN || errno == EINTR) {
+                need_poll = 1;
                 continue;
+            }
             st_error(&h->st, errno);
             break;
         }
+        need_poll = 0;
         size_t nmsg = (size_t)r / sizeof msgs[0];
         int fatal = 0;
         for (size_t i = 0; i < nmsg && !fatal; i++) {
@@ -450,14 +459,17 @@ int up_cref_remote_start(up_cref_handler **out, int uffd, uint64_t base, uint64_
 
 void up_cref_handler_stats(up_cref_handler *h, up_cref_stats *out) { st_copy(&h->st, out); }
 
-int up_cref_handler_stop(up_cref_handler *h)
+int up_cref_handler_stop(up_cref_handler *h, up_cref_stats *final_out)
 {
     if (!h)
         return 0;
+    __atomic_store_n(&h->stopping, 1, __ATOMIC_RELEASE);
     uint64_t one = 1;
     if (write(h->stop_fd, &one, sizeof one) < 0)
         return -errno;
     pthread_join(h->tid, NULL);
+    if (final_out)
+        st_copy(&h->st, final_out);
     close(h->stop_fd);
     free(h->zeros);
     free(h->scratch);
@@ -650,7 +662,7 @@ int up_cref_source_port(up_cref_source *s) { return s->port; }
 
 void up_cref_source_stats(up_cref_source *s, up_cref_stats *out) { st_copy(&s->st, out); }
 
-int up_cref_source_stop(up_cref_source *s)
+int up_cref_source_stop(up_cref_source *s, up_cref_stats *final_out)
 {
     if (!s)
         return 0;
@@ -658,6 +670,8 @@ int up_cref_source_stop(up_cref_source *s)
     if (write(s->stop_fd, &one, sizeof one) < 0)
         return -errno;
     pthread_join(s->tid, NULL);
+    if (final_out)
+        st_copy(&s->st, final_out);
     close(s->stop_fd);
     if (s->own_listen)
         close(s->listen_fd);

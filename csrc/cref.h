@@ -46,8 +46,9 @@ int up_cref_local_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t
 int up_cref_remote_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t size,
                          uint64_t page_size, int sock_fd, int cpu);
 void up_cref_handler_stats(up_cref_handler *h, up_cref_stats *out);
-/* Stops the thread, joins and frees it. Fds given to it are not closed. */
-int up_cref_handler_stop(up_cref_handler *h);
+/* Stops the thread, joins it, stores its final counters in final_out (may be NULL) and frees
+ * it. Fds given to it are not closed. */
+int up_cref_handler_stop(up_cref_handler *h, up_cref_stats *final_out);
 
 /* (b) TCP page source serving [buf, buf+size) with a poison bitmap (NULL: none). listen_fd < 0:
  * binds 127.0.0.1:0 itself. 0 or -errno. */
@@ -55,7 +56,7 @@ int up_cref_source_start(up_cref_source **out, int listen_fd, uint64_t buf, uint
                          uint64_t page_size, const uint8_t *poison_bitmap, int cpu);
 int up_cref_source_port(up_cref_source *s);
 void up_cref_source_stats(up_cref_source *s, up_cref_stats *out);
-int up_cref_source_stop(up_cref_source *s);
+int up_cref_source_stop(up_cref_source *s, up_cref_stats *final_out);
 
 /* (d) n round trips on the connected stream fd: send req_len bytes of req, read reply_len bytes;
  * ns_out[i] = round trip i in ns. 0 or -errno (-EPIPE: peer closed). */

@@ -390,3 +390,5 @@ int up_toucher_free(up_toucher *t)
     free(t);
     return 0;
 }
+
+int up_toucher_current_cpu(void) { return sched_getcpu(); }

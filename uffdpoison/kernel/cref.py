@@ -145,6 +145,7 @@ def _check_geometry(base: int, size: int, page_size: int) -> None:
 
 class _Handler:
     _h: Any = None
+    _final: CrefStats
 
     def stats(self) -> CrefStats:
         if self._h is None:
@@ -157,9 +158,10 @@ class _Handler:
         """Stop and join the thread; returns the final counters. Idempotent."""
         if self._h is None:
             return self._final
-        self._final = self.stats()
-        _check(lib.up_cref_handler_stop(self._h), "stopping handler")
-        self._h = None
+        st = ffi.new("up_cref_stats *")
+        h, self._h = self._h, None
+        _check(lib.up_cref_handler_stop(h, st), "stopping handler")
+        self._final = CrefStats._from_c(st)
         return self._final
 
     def __enter__(self) -> Self:
@@ -170,7 +172,7 @@ class _Handler:
 
     def __del__(self) -> None:
         if self._h is not None:
-            lib.up_cref_handler_stop(self._h)
+            lib.up_cref_handler_stop(self._h, ffi.NULL)
             self._h = None
 
 
@@ -303,9 +305,10 @@ class PageSource:
     def stop(self) -> CrefStats:
         """Stop the thread (closing the connections it accepted); final counters. Idempotent."""
         if self._s is not None:
-            self._final = self.stats()
-            _check(lib.up_cref_source_stop(self._s), "stopping page source")
-            self._s = None
+            st = ffi.new("up_cref_stats *")
+            s, self._s = self._s, None
+            _check(lib.up_cref_source_stop(s, st), "stopping page source")
+            self._final = CrefStats._from_c(st)
         assert self._final is not None
         return self._final
 
@@ -317,7 +320,7 @@ class PageSource:
 
     def __del__(self) -> None:
         if getattr(self, "_s", None) is not None:
-            lib.up_cref_source_stop(self._s)
+            lib.up_cref_source_stop(self._s, ffi.NULL)
             self._s = None
 
 

@@ -23,7 +23,14 @@ import trio
 
 from uffdpoison.kernel._ffi import ffi, lib
 
-__all__ = ["OUTCOME_NOT_RUN", "OUTCOME_OK", "OUTCOME_SIGBUS", "TouchResults", "Toucher"]
+__all__ = [
+    "OUTCOME_NOT_RUN",
+    "OUTCOME_OK",
+    "OUTCOME_SIGBUS",
+    "TouchResults",
+    "Toucher",
+    "current_cpu",
+]
 
 OUTCOME_OK = 0
 OUTCOME_SIGBUS = 1
@@ -35,6 +42,11 @@ BUS_MCEERR_AR = 4
 # Touchers dropped while their threads were still blocked: their C state and result buffers must
 # outlive the threads, so they are parked here and freed once the threads have finished.
 _ABANDONED: list[tuple[Any, tuple[Any, ...]]] = []
+
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on now (sched_getcpu)."""
+    return int(lib.up_toucher_current_cpu())
 
 
 def _reap_abandoned() -> None:
