@@ -328,3 +328,32 @@ def test_sigbus_on_another_thread_goes_to_the_previous_handler(previous: str) ->
         assert "Fatal Python error: Bus error" in proc.stderr
     else:
         assert "Fatal Python error" not in proc.stderr
+
+
+def test_dropped_blocked_toucher_is_parked_then_reaped(registered) -> None:
+    import gc
+
+    from uffdpoison.kernel import toucher as toucher_mod
+
+    uffd, base = registered
+    t = Toucher([base + 2 * PAGE])
+    t.start()
+    assert not t.join(0.05)
+    del t
+    gc.collect()
+    assert len(toucher_mod._ABANDONED) == 1  # its buffers outlive it while the thread blocks
+    with LocalHandler(uffd.fileno(), base, 4 * PAGE, src=bytes(4 * PAGE)):
+        handle = toucher_mod._ABANDONED[0][0]
+        assert lib.up_toucher_join(handle, 10000) == 1
+    fresh = Toucher([])
+    fresh.run(timeout=10)  # start() reaps finished, parked touchers
+    assert toucher_mod._ABANDONED == []
+
+
+def test_live_views(anon) -> None:
+    _, base = anon
+    t = Toucher([base, base + 1, base + 2])
+    assert t.outcome_view.tolist() == [OUTCOME_NOT_RUN] * 3
+    t.run(timeout=10)
+    assert t.outcome_view.tolist() == [OUTCOME_OK] * 3
+    assert t.latency_view.tolist() == list(t.results.latency_ns)

@@ -248,6 +248,16 @@ class Toucher:
         return self._done or (self._handle is not None and self.join(0))
 
     @property
+    def latency_view(self) -> memoryview:
+        """Zero-copy view (format 'Q') of the per-touch latencies, live while threads run."""
+        return memoryview(ffi.buffer(self._latency, self._n * 8)).cast("B").cast("Q")
+
+    @property
+    def outcome_view(self) -> memoryview:
+        """Zero-copy view (format 'B') of the per-touch outcomes, live while threads run."""
+        return memoryview(ffi.buffer(self._outcome, self._n)).cast("B")
+
+    @property
     def results(self) -> TouchResults:
         """A copy of the results; a snapshot while threads still run."""
         n = self._n
