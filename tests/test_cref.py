@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
@@ -202,3 +203,56 @@ def test_poison_bitmap_checks_indexes() -> None:
     assert poison_bitmap(10, [0, 9]) == bytearray([0x01, 0x02])
     with pytest.raises(ValueError, match="outside"):
         poison_bitmap(10, [10])
+
+
+@pytest.mark.parametrize("handler", ["local", "remote"])
+def test_hugetlb_pages(handler: str) -> None:
+    """2 MiB pages: COPY, zero (a COPY of zeros: hugetlb has no ZEROPAGE) and POISON of a
+    whole huge page."""
+    from uffdpoison.kernel import (
+        HUGE_PAGE_SIZE,
+        HugePagesUnavailable,
+        RegisterMode,
+        Userfaultfd,
+        hugetlb,
+        reserve_hugepages,
+    )
+
+    huge = HUGE_PAGE_SIZE
+    data = bytearray(os.urandom(3 * huge))
+    data[2 * huge :] = bytes(huge)  # page 2 is all zero
+    poison = poison_bitmap(3, [1])
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(reserve_hugepages(3))  # puts the count back on exit
+        except HugePagesUnavailable as e:
+            pytest.skip(f"no 2 MiB huge pages on this machine: {e}")
+        with hugetlb(3 * huge) as mem, Userfaultfd.create() as uffd:
+            uffd.register(mem.addr, mem.size, RegisterMode.MISSING)
+            addrs = [mem.addr + i * huge + 4096 * 3 + 1 for i in range(3)]
+            if handler == "local":
+                h = LocalHandler(
+                    uffd.fileno(), mem.addr, mem.size, src=data, page_size=huge, poison=poison
+                )
+                src = None
+                sock = None
+            else:
+                src = PageSource(data, page_size=huge, poison=poison)
+                sock = src.connect()
+                h = RemoteHandler(uffd.fileno(), mem.addr, mem.size, sock=sock, page_size=huge)
+            try:
+                r = Toucher(addrs, digest=True, page_size=huge).run(timeout=20)
+            finally:
+                st = h.stop()
+                if sock is not None:
+                    sock.close()
+                if src is not None:
+                    src.stop()
+            assert list(r.outcome) == [0, OUTCOME_SIGBUS, 0]
+            assert r.si_addr[1] == addrs[1]
+            assert r.digest[0] == xxh(bytes(data[:huge]))
+            assert r.digest[2] == xxh(bytes(huge))
+            assert st.poisons == 1 and st.errors == 0, os.strerror(st.last_errno)
+            if handler == "remote":
+                assert (st.copies, st.zeropages) == (1, 1)
+            uffd.unregister(mem.addr, mem.size)
