@@ -357,3 +357,21 @@ def test_live_views(anon) -> None:
     t.run(timeout=10)
     assert t.outcome_view.tolist() == [OUTCOME_OK] * 3
     assert t.latency_view.tolist() == list(t.results.latency_ns)
+
+
+def test_handler_is_refcounted_across_concurrent_touchers(registered, holed) -> None:
+    uffd, base = registered
+    _, hole = holed
+    before = sigbus_handler()
+    blocked = Toucher([base])
+    blocked.start()
+    assert not blocked.join(0.05)
+    r = Toucher([hole, hole + PAGE]).run(timeout=10)
+    assert list(r.outcome) == [OUTCOME_OK, OUTCOME_SIGBUS]
+    # The blocked toucher still holds the handler.
+    assert lib.up_toucher_sigbus_refs() == 1
+    assert sigbus_handler()[0] == lib.up_toucher_sigbus_own()
+    with LocalHandler(uffd.fileno(), base, 4 * PAGE, src=bytes(4 * PAGE)):
+        assert blocked.join(10)
+    assert lib.up_toucher_sigbus_refs() == 0
+    assert sigbus_handler() == before
