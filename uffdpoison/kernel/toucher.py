@@ -130,6 +130,9 @@ class Toucher:
     each successful touch, the XXH64 (seed 0) of the ``page_size`` page that holds it. ``cpus``
     pins thread ``i`` to ``cpus[i % len(cpus)]``. Addresses are shared through one atomic cursor:
     whichever thread is free takes the next one.
+
+    A blocking ``join()``/``run()`` must not be called from the thread that runs the fault
+    handler for these touches (it would wait for itself): from a trio handler use ``wait()``.
     """
 
     def __init__(
