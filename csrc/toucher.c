@@ -363,9 +363,11 @@ int up_toucher_join(up_toucher *t, int64_t timeout_ms)
         }
     }
     int done = t->running == 0;
-    pthread_mutex_unlock(&t->lock);
+    /* Joined under the lock so two callers never join a thread twice; finished workers no
+     * longer take it. Joining also waits out the last one's handler release. */
     if (done)
         up_toucher_join_all(t);
+    pthread_mutex_unlock(&t->lock);
     return done;
 }
 
@@ -380,13 +382,16 @@ int up_toucher_free(up_toucher *t)
         return 0;
     pthread_mutex_lock(&t->lock);
     int busy = t->running > 0;
+    if (!busy)
+        up_toucher_join_all(t);
     pthread_mutex_unlock(&t->lock);
     if (busy)
         return -EBUSY;
-    up_toucher_join_all(t);
     pthread_cond_destroy(&t->cond);
     pthread_mutex_destroy(&t->lock);
     free(t->tids);
     free(t);
     return 0;
 }
+
+int up_toucher_current_cpu(void) { return sched_getcpu(); }

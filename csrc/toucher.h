@@ -32,5 +32,8 @@ uint64_t up_toucher_sigbus_own(void);
 /* Number of touchers currently holding the SIGBUS handler installed. */
 int up_toucher_sigbus_refs(void);
 
+/* CPU the calling thread runs on now (sched_getcpu), for placement reports. */
+int up_toucher_current_cpu(void);
+
 uint64_t up_xxh64_buffer(const void *p, size_t n, uint64_t seed);
 #endif

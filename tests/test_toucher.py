@@ -6,12 +6,18 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import signal
+import subprocess
+import sys
 from array import array
 from collections.abc import Iterator
 
 import pytest
 
+from uffdpoison.kernel import RegisterMode, Userfaultfd
+from uffdpoison.kernel import anon as anon_mapping
 from uffdpoison.kernel._ffi import ffi, lib
+from uffdpoison.kernel.cref import LocalHandler
 from uffdpoison.kernel.toucher import (
     BUS_ADRERR,
     BUS_MCEERR_AR,
@@ -212,3 +218,160 @@ def test_bad_addresses_are_named() -> None:
         Toucher([-1])
     with pytest.raises(ValueError, match="u64 items"):
         Toucher(array("i", [1, 2, 3]))
+
+
+# -- touches that block in a userfaultfd fault ------------------------------------------------
+
+
+@pytest.fixture
+def registered() -> Iterator[tuple[Userfaultfd, int]]:
+    """A 4-page anon region registered MISSING; nothing resolves its faults by itself."""
+    mem = anon_mapping(4 * PAGE)
+    uffd = Userfaultfd.create()
+    try:
+        uffd.register(mem.addr, mem.size, RegisterMode.MISSING)
+        yield uffd, mem.addr
+    finally:
+        uffd.close()  # wakes a still-blocked toucher (its retry maps a zero page)
+        mem.close()
+
+
+def test_blocked_touch_is_pending_until_resolved(registered) -> None:
+    uffd, base = registered
+    src = bytes([0x5A]) * (4 * PAGE)
+    t = Toucher([base + 10, base + PAGE + 1], threads=1)
+    t.start()
+    assert t.join(0.2) is False
+    r = t.results
+    assert (r.pending, r.ok) == (2, 0)
+    assert t.pending == 2
+    # Our handler is installed while the toucher runs.
+    assert sigbus_handler()[0] == lib.up_toucher_sigbus_own()
+    assert lib.up_toucher_sigbus_refs() == 1
+    with LocalHandler(uffd.fileno(), base, 4 * PAGE, src=src):
+        assert t.join(10) is True
+    r = t.results
+    assert (r.ok, r.pending) == (2, 0)
+    assert list(r.value) == [0x5A, 0x5A]
+    assert lib.up_toucher_sigbus_refs() == 0
+
+
+def test_run_timeout_names_pending_touches(registered) -> None:
+    uffd, base = registered
+    t = Toucher([base, base + 1, base + 2], threads=1)
+    with pytest.raises(TimeoutError, match="3 of 3 touches still pending"):
+        t.run(timeout=0.1)
+    with LocalHandler(uffd.fileno(), base, 4 * PAGE, src=bytes(4 * PAGE)):
+        assert t.join(10)
+    assert t.results.ok == 3
+
+
+async def test_wait_does_not_block_the_event_loop(registered) -> None:
+    import trio
+
+    uffd, base = registered
+    t = Toucher([base + 3 * PAGE])
+    t.start()
+    ticks = 0
+    with trio.move_on_after(0.1):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(t.wait)
+            while True:
+                await trio.sleep(0.005)
+                ticks += 1
+    assert ticks >= 2 and not t.done  # the loop kept running while the touch blocked
+    with LocalHandler(uffd.fileno(), base, 4 * PAGE, src=bytes([7]) * (4 * PAGE)):
+        with trio.fail_after(10):
+            await t.wait()
+    assert t.results.value[0] == 7
+
+
+CHAIN_CHILD = r"""
+import ctypes, mmap, os, sys
+if sys.argv[1] == "faulthandler":
+    import faulthandler
+    faulthandler.enable()
+from uffdpoison.kernel import RegisterMode, Userfaultfd
+from uffdpoison.kernel import anon as anon_mapping
+from uffdpoison.kernel.toucher import Toucher
+mem = anon_mapping(mmap.PAGESIZE)
+uffd = Userfaultfd.create()
+uffd.register(mem.addr, mem.size, RegisterMode.MISSING)
+t = Toucher([mem.addr])
+t.start()
+assert not t.join(0.1)
+fd = os.memfd_create("hole")
+os.ftruncate(fd, 2 * mmap.PAGESIZE)
+m = mmap.mmap(fd, 2 * mmap.PAGESIZE)
+os.ftruncate(fd, 0)
+print("touching", flush=True)
+ctypes.string_at(ctypes.addressof(ctypes.c_char.from_buffer(m)) + 5, 1)
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("previous", ["faulthandler", "default"])
+def test_sigbus_on_another_thread_goes_to_the_previous_handler(previous: str) -> None:
+    """A SIGBUS outside a toucher thread must not be swallowed while a toucher runs."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHAIN_CHILD, previous],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "touching" in proc.stdout, proc.stderr
+    assert "survived" not in proc.stdout
+    assert proc.returncode == -signal.SIGBUS, proc.stderr
+    if previous == "faulthandler":
+        assert "Fatal Python error: Bus error" in proc.stderr
+    else:
+        assert "Fatal Python error" not in proc.stderr
+
+
+def test_dropped_blocked_toucher_is_parked_then_reaped(registered) -> None:
+    import gc
+
+    from uffdpoison.kernel import toucher as toucher_mod
+
+    uffd, base = registered
+    t = Toucher([base + 2 * PAGE])
+    t.start()
+    assert not t.join(0.05)
+    del t
+    gc.collect()
+    assert len(toucher_mod._ABANDONED) == 1  # its buffers outlive it while the thread blocks
+    with LocalHandler(uffd.fileno(), base, 4 * PAGE, src=bytes(4 * PAGE)):
+        handle = toucher_mod._ABANDONED[0][0]
+        assert lib.up_toucher_join(handle, 10000) == 1
+    fresh = Toucher([])
+    fresh.run(timeout=10)  # start() reaps finished, parked touchers
+    assert toucher_mod._ABANDONED == []
+
+
+def test_live_views(anon) -> None:
+    _, base = anon
+    t = Toucher([base, base + 1, base + 2])
+    assert t.outcome_view.tolist() == [OUTCOME_NOT_RUN] * 3
+    t.run(timeout=10)
+    assert t.outcome_view.tolist() == [OUTCOME_OK] * 3
+    assert t.latency_view.tolist() == list(t.results.latency_ns)
+
+
+def test_handler_is_refcounted_across_concurrent_touchers(registered, holed) -> None:
+    uffd, base = registered
+    _, hole = holed
+    before = sigbus_handler()
+    blocked = Toucher([base])
+    blocked.start()
+    assert not blocked.join(0.05)
+    r = Toucher([hole, hole + PAGE]).run(timeout=10)
+    assert list(r.outcome) == [OUTCOME_OK, OUTCOME_SIGBUS]
+    # The blocked toucher still holds the handler.
+    assert lib.up_toucher_sigbus_refs() == 1
+    assert sigbus_handler()[0] == lib.up_toucher_sigbus_own()
+    with LocalHandler(uffd.fileno(), base, 4 * PAGE, src=bytes(4 * PAGE)):
+        assert blocked.join(10)
+    assert lib.up_toucher_sigbus_refs() == 0
+    assert sigbus_handler() == before

@@ -23,7 +23,14 @@ import trio
 
 from uffdpoison.kernel._ffi import ffi, lib
 
-__all__ = ["OUTCOME_NOT_RUN", "OUTCOME_OK", "OUTCOME_SIGBUS", "TouchResults", "Toucher"]
+__all__ = [
+    "OUTCOME_NOT_RUN",
+    "OUTCOME_OK",
+    "OUTCOME_SIGBUS",
+    "TouchResults",
+    "Toucher",
+    "current_cpu",
+]
 
 OUTCOME_OK = 0
 OUTCOME_SIGBUS = 1
@@ -35,6 +42,11 @@ BUS_MCEERR_AR = 4
 # Touchers dropped while their threads were still blocked: their C state and result buffers must
 # outlive the threads, so they are parked here and freed once the threads have finished.
 _ABANDONED: list[tuple[Any, tuple[Any, ...]]] = []
+
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on now (sched_getcpu)."""
+    return int(lib.up_toucher_current_cpu())
 
 
 def _reap_abandoned() -> None:
@@ -118,6 +130,9 @@ class Toucher:
     each successful touch, the XXH64 (seed 0) of the ``page_size`` page that holds it. ``cpus``
     pins thread ``i`` to ``cpus[i % len(cpus)]``. Addresses are shared through one atomic cursor:
     whichever thread is free takes the next one.
+
+    A blocking ``join()``/``run()`` must not be called from the thread that runs the fault
+    handler for these touches (it would wait for itself): from a trio handler use ``wait()``.
     """
 
     def __init__(
@@ -234,6 +249,16 @@ class Toucher:
     @property
     def done(self) -> bool:
         return self._done or (self._handle is not None and self.join(0))
+
+    @property
+    def latency_view(self) -> memoryview:
+        """Zero-copy view (format 'Q') of the per-touch latencies, live while threads run."""
+        return memoryview(ffi.buffer(self._latency, self._n * 8)).cast("B").cast("Q")
+
+    @property
+    def outcome_view(self) -> memoryview:
+        """Zero-copy view (format 'B') of the per-touch outcomes, live while threads run."""
+        return memoryview(ffi.buffer(self._outcome, self._n)).cast("B")
 
     @property
     def results(self) -> TouchResults:

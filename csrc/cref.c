@@ -1,0 +1,706 @@
+/* The C reference ("the floor"): a local userfaultfd handler, a minimal TCP page source, a
+ * remote handler asking that source one page per fault, and a ping-pong client.
+ *
+ * Wire format of the reference source (little-endian, TCP_NODELAY):
+ *   request  16 bytes {u64 offset, u32 count, u32 flags} (+ (flags >> 16) padding bytes, ignored)
+ *   reply    one or more runs covering the count pages in order, each
+ *            16 bytes {u64 offset, u32 count, u32 kind} + count * page_size bytes when kind DATA.
+ *   kind ERROR (count 0) answers a request outside the served buffer.
+ */
+#include "cref.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+/* UFFDIO_POISON (6.6) is newer than the 6.1 build headers: a private copy of its layout. */
+struct up_cref_uffdio_poison {
+    struct uffdio_range range;
+    uint64_t mode;
+    int64_t updated;
+};
+#define UP_CREF_UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct up_cref_uffdio_poison)
+#define UP_CREF_FEATURE_POISON (1ull << 14)
+
+#define UP_CREF_MAX_CONNS 64
+#define UP_CREF_MSG_BATCH 64
+
+struct up_cref_req {
+    uint64_t offset;
+    uint32_t count;
+    uint32_t flags;
+};
+struct up_cref_rep {
+    uint64_t offset;
+    uint32_t count;
+    uint32_t kind;
+};
+_Static_assert(sizeof(struct up_cref_req) == 16, "request is 16 bytes");
+_Static_assert(sizeof(struct up_cref_rep) == 16, "reply header is 16 bytes");
+
+static inline void st_add(uint64_t *p, uint64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+
+static void st_copy(const up_cref_stats *in, up_cref_stats *out)
+{
+    out->faults = __atomic_load_n(&in->faults, __ATOMIC_RELAXED);
+    out->copies = __atomic_load_n(&in->copies, __ATOMIC_RELAXED);
+    out->zeropages = __atomic_load_n(&in->zeropages, __ATOMIC_RELAXED);
+    out->poisons = __atomic_load_n(&in->poisons, __ATOMIC_RELAXED);
+    out->eexist = __atomic_load_n(&in->eexist, __ATOMIC_RELAXED);
+    out->errors = __atomic_load_n(&in->errors, __ATOMIC_RELAXED);
+    out->requests = __atomic_load_n(&in->requests, __ATOMIC_RELAXED);
+    out->pages = __atomic_load_n(&in->pages, __ATOMIC_RELAXED);
+    out->connections = __atomic_load_n(&in->connections, __ATOMIC_RELAXED);
+    out->last_errno = __atomic_load_n(&in->last_errno, __ATOMIC_RELAXED);
+    out->cpu = __atomic_load_n(&in->cpu, __ATOMIC_RELAXED);
+}
+
+static void st_error(up_cref_stats *s, int err)
+{
+    st_add(&s->errors, 1);
+    __atomic_store_n(&s->last_errno, err, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline int bit_set(const uint8_t *bm, uint64_t i)
+{
+    return bm && (bm[i >> 3] >> (i & 7)) & 1;
+}
+
+/* Start a thread with every asynchronous signal blocked (Python's threads take those), pinned
+ * to cpu when cpu >= 0. */
+static int start_thread(pthread_t *tid, void *(*fn)(void *), void *arg, int cpu)
+{
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    if (cpu >= 0) {
+        if (cpu >= CPU_SETSIZE) {
+            pthread_attr_destroy(&attr);
+            return -EINVAL;
+        }
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+        pthread_attr_setaffinity_np(&attr, sizeof set, &set);
+    }
+    sigset_t all, old;
+    sigfillset(&all);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGSEGV);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int e = pthread_create(tid, &attr, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    return -e;
+}
+
+static int write_all(int fd, const struct iovec *iov_in, int iovcnt)
+{
+    struct iovec iov[4];
+    memcpy(iov, iov_in, sizeof(struct iovec) * (size_t)iovcnt);
+    struct iovec *v = iov;
+    while (iovcnt > 0) {
+        struct msghdr mh = {.msg_iov = v, .msg_iovlen = (size_t)iovcnt};
+        ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        while (iovcnt > 0 && (size_t)w >= v->iov_len) {
+            w -= (ssize_t)v->iov_len;
+            v++;
+            iovcnt--;
+        }
+        if (iovcnt > 0) {
+            v->iov_base = (char *)v->iov_base + w;
+            v->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+/* Read exactly len bytes; -EPIPE on EOF. */
+static int read_all(int fd, void *buf, size_t len)
+{
+    char *p = buf;
+    while (len) {
+        ssize_t r = recv(fd, p, len, MSG_WAITALL);
+        if (r == 0)
+            return -EPIPE;
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += r;
+        len -= (size_t)r;
+    }
+    return 0;
+}
+
+/* ---- userfaultfd ------------------------------------------------------------------------- */
+
+int up_cref_uffd_open(void)
+{
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return -errno;
+    struct uffdio_api api = {.api = UFFD_API, .features = UP_CREF_FEATURE_POISON};
+    if (ioctl(fd, UFFDIO_API, &api) != 0) {
+        /* Older kernel without the POISON bit: an fd can be negotiated once, start over. */
+        close(fd);
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0)
+            return -errno;
+        api.api = UFFD_API;
+        api.features = 0;
+        if (ioctl(fd, UFFDIO_API, &api) != 0) {
+            int e = errno;
+            close(fd);
+            return -e;
+        }
+    }
+    return fd;
+}
+
+int up_cref_uffd_register(int uffd, uint64_t base, uint64_t len)
+{
+    struct uffdio_register reg = {.range = {.start = base, .len = len},
+                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
+    return ioctl(uffd, UFFDIO_REGISTER, &reg) == 0 ? 0 : -errno;
+}
+
+/* ---- handlers (a) and (c) ---------------------------------------------------------------- */
+
+struct up_cref_handler {
+    int uffd;
+    int stop_fd;
+    int sock;  /* remote: connected to a source; local: -1 */
+    uint64_t base, size, page_size;
+    uint64_t src;
+    const uint8_t *poison;
+    uint8_t *scratch;  /* remote: one page of received data */
+    uint8_t *zeros;    /* a zero page for COPY where ZEROPAGE does not exist (hugetlb) */
+    int huge;
+    pthread_t tid;
+    int stopping;
+    up_cref_stats st;
+};
+
+static void place_wake_on_eexist(up_cref_handler *h, uint64_t page)
+{
+    /* Another thread's fault placed it first; make sure nobody is left waiting. */
+    struct uffdio_range r = {.start = page, .len = h->page_size};
+    st_add(&h->st.eexist, 1);
+    ioctl(h->uffd, UFFDIO_WAKE, &r);
+}
+
+/* 1 placed, 0 not (already there, or an error counted). */
+static int copy_page(up_cref_handler *h, uint64_t page, const void *from)
+{
+    for (;;) {
+        struct uffdio_copy c = {.dst = page, .src = (uint64_t)(uintptr_t)from,
+                                .len = h->page_size, .mode = 0};
+        if (ioctl(h->uffd, UFFDIO_COPY, &c) == 0)
+            return 1;
+        if (errno == EAGAIN)
+            continue; /* a non-cooperative event in flight; none are enabled, so retry */
+        if (errno == EEXIST)
+            place_wake_on_eexist(h, page);
+        else
+            st_error(&h->st, errno);
+        return 0;
+    }
+}
+
+static void place_copy(up_cref_handler *h, uint64_t page, const void *from)
+{
+    if (copy_page(h, page, from))
+        st_add(&h->st.copies, 1);
+}
+
+static void place_zero(up_cref_handler *h, uint64_t page)
+{
+    if (h->huge) {
+        if (copy_page(h, page, h->zeros))
+            st_add(&h->st.zeropages, 1);
+        return;
+    }
+    for (;;) {
+        struct uffdio_zeropage z = {.range = {.start = page, .len = h->page_size}, .mode = 0};
+        if (ioctl(h->uffd, UFFDIO_ZEROPAGE, &z) == 0) {
+            st_add(&h->st.zeropages, 1);
+            return;
+        }
+        if (errno == EAGAIN)
+            continue;
+        if (errno == EEXIST)
+            place_wake_on_eexist(h, page);
+        else
+            st_error(&h->st, errno);
+        return;
+    }
+}
+
+static void place_poison(up_cref_handler *h, uint64_t page)
+{
+    for (;;) {
+        struct up_cref_uffdio_poison p = {.range = {.start = page, .len = h->page_size}, .mode = 0};
+        if (ioctl(h->uffd, UP_CREF_UFFDIO_POISON, &p) == 0) {
+            st_add(&h->st.poisons, 1);
+            return;
+        }
+        if (errno == EAGAIN)
+            continue;
+        if (errno == EEXIST)
+            place_wake_on_eexist(h, page);
+        else
+            st_error(&h->st, errno);
+        return;
+    }
+}
+
+static void resolve_local(up_cref_handler *h, uint64_t page)
+{
+    uint64_t idx = (page - h->base) / h->page_size;
+    if (bit_set(h->poison, idx))
+        place_poison(h, page);
+    else
+        place_copy(h, page, (const void *)(uintptr_t)(h->src + idx * h->page_size));
+}
+
+/* 0, or -errno when the connection to the source is unusable (the handler then stops). */
+static int resolve_remote(up_cref_handler *h, uint64_t page)
+{
+    struct up_cref_req req = {
+        .offset = page - h->base, .count = 1, .flags = UP_CREF_FLAG_ZERO_DETECT};
+    struct iovec iov = {.iov_base = &req, .iov_len = sizeof req};
+    int rc = write_all(h->sock, &iov, 1);
+    if (rc)
+        return rc;
+    st_add(&h->st.requests, 1);
+    uint32_t got = 0;
+    while (got < req.count) {
+        struct up_cref_rep rep;
+        rc = read_all(h->sock, &rep, sizeof rep);
+        if (rc)
+            return rc;
+        if (rep.kind == UP_CREF_KIND_ERROR || rep.count == 0 || rep.count > req.count - got)
+            return -EPROTO;
+        for (uint32_t k = 0; k < rep.count; k++) {
+            uint64_t at = h->base + rep.offset + (uint64_t)k * h->page_size;
+            switch (rep.kind) {
+            case UP_CREF_KIND_DATA:
+                rc = read_all(h->sock, h->scratch, h->page_size);
+                if (rc)
+                    return rc;
+                place_copy(h, at, h->scratch);
+                break;
+            case UP_CREF_KIND_ZERO:
+                place_zero(h, at);
+                break;
+            case UP_CREF_KIND_POISONED:
+                place_poison(h, at);
+                break;
+            default:
+                return -EPROTO;
+            }
+        }
+        got += rep.count;
+    }
+    return 0;
+}
+
+static void *handler_thread(void *arg)
+{
+    up_cref_handler *h = arg;
+    __atomic_store_n(&h->st.cpu, sched_getcpu(), __ATOMIC_RELAXED);
+    struct uffd_msg msgs[UP_CREF_MSG_BATCH];
+    struct pollfd pfd[2] = {{.fd = h->uffd, .events = POLLIN},
+                            {.fd = h->stop_fd, .events = POLLIN}};
+    int need_poll = 1;
+    while (!__atomic_load_n(&h->stopping, __ATOMIC_ACQUIRE)) {
+        /* Read first and poll only when nothing is pending: the next fault is often queued
+         * by the time the previous COPY returns (always when both threads share a CPU). */
+        if (need_poll) {
+            int pr = poll(pfd, 2, -1);
+            if (pr < 0) {
+                if (errno == EINTR)
+                    continue;
+                st_error(&h->st, errno);
+                break;
+            }
+            if (pfd[1].revents)
+                break;
+            if (pfd[0].revents & (POLLERR | POLLNVAL)) {
+                st_error(&h->st, EBADF);
+                break;
+            }
+        }
+        ssize_t r = read(h->uffd, msgs, sizeof msgs);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EINTR) {
+                need_poll = 1;
+                continue;
+            }
+            st_error(&h->st, errno);
+            break;
+        }
+        need_poll = 0;
+        size_t nmsg = (size_t)r / sizeof msgs[0];
+        int fatal = 0;
+        for (size_t i = 0; i < nmsg && !fatal; i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            st_add(&h->st.faults, 1);
+            uint64_t page = msgs[i].arg.pagefault.address & ~(h->page_size - 1);
+            if (page < h->base || page >= h->base + h->size) {
+                st_error(&h->st, ERANGE);
+                continue;
+            }
+            if (h->sock < 0) {
+                resolve_local(h, page);
+            } else {
+                int rc = resolve_remote(h, page);
+                if (rc) {
+                    st_error(&h->st, -rc);
+                    fatal = 1;
+                }
+            }
+        }
+        if (fatal)
+            break;
+    }
+    return NULL;
+}
+
+static int handler_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t size,
+                         uint64_t page_size, uint64_t src, const uint8_t *poison, int sock,
+                         int cpu)
+{
+    if (!out || uffd < 0 || page_size == 0 || (page_size & (page_size - 1)) ||
+        base % page_size || size == 0 || size % page_size)
+        return -EINVAL;
+    up_cref_handler *h = calloc(1, sizeof *h);
+    if (!h)
+        return -ENOMEM;
+    h->uffd = uffd;
+    h->sock = sock;
+    h->base = base;
+    h->size = size;
+    h->page_size = page_size;
+    h->src = src;
+    h->poison = poison;
+    h->huge = page_size != (uint64_t)sysconf(_SC_PAGESIZE);
+    h->st.cpu = -1;
+    h->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    int rc = h->stop_fd < 0 ? -errno : 0;
+    if (!rc) {
+        h->zeros = calloc(1, page_size);
+        h->scratch = sock >= 0 ? malloc(page_size) : NULL;
+        if (!h->zeros || (sock >= 0 && !h->scratch))
+            rc = -ENOMEM;
+    }
+    if (!rc && sock >= 0) {
+        int one = 1;
+        setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* not TCP: harmless */
+    }
+    if (!rc)
+        rc = start_thread(&h->tid, handler_thread, h, cpu);
+    if (rc) {
+        if (h->stop_fd >= 0)
+            close(h->stop_fd);
+        free(h->zeros);
+        free(h->scratch);
+        free(h);
+        return rc;
+    }
+    *out = h;
+    return 0;
+}
+
+int up_cref_local_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t size,
+                        uint64_t page_size, uint64_t src, const uint8_t *poison_bitmap, int cpu)
+{
+    if (!src)
+        return -EINVAL;
+    return handler_start(out, uffd, base, size, page_size, src, poison_bitmap, -1, cpu);
+}
+
+int up_cref_remote_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t size,
+                         uint64_t page_size, int sock_fd, int cpu)
+{
+    if (sock_fd < 0)
+        return -EINVAL;
+    return handler_start(out, uffd, base, size, page_size, 0, NULL, sock_fd, cpu);
+}
+
+void up_cref_handler_stats(up_cref_handler *h, up_cref_stats *out) { st_copy(&h->st, out); }
+
+int up_cref_handler_stop(up_cref_handler *h, up_cref_stats *final_out)
+{
+    if (!h)
+        return 0;
+    __atomic_store_n(&h->stopping, 1, __ATOMIC_RELEASE);
+    uint64_t one = 1;
+    if (write(h->stop_fd, &one, sizeof one) < 0)
+        return -errno;
+    pthread_join(h->tid, NULL);
+    if (final_out)
+        st_copy(&h->st, final_out);
+    close(h->stop_fd);
+    free(h->zeros);
+    free(h->scratch);
+    free(h);
+    return 0;
+}
+
+/* ---- source (b) --------------------------------------------------------------------------- */
+
+struct up_cref_source {
+    int listen_fd;
+    int own_listen;
+    int port;
+    int stop_fd;
+    const uint8_t *buf;
+    uint64_t size, page_size;
+    const uint8_t *poison;
+    uint8_t *discard;
+    pthread_t tid;
+    up_cref_stats st;
+};
+
+static int page_is_zero(const uint8_t *p, uint64_t len)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    for (uint64_t i = 0; i < len / 8; i++)
+        if (w[i])
+            return 0;
+    return 1;
+}
+
+static uint32_t page_kind(up_cref_source *s, uint64_t idx, uint32_t flags)
+{
+    if (bit_set(s->poison, idx))
+        return UP_CREF_KIND_POISONED;
+    if ((flags & UP_CREF_FLAG_ZERO_DETECT) &&
+        page_is_zero(s->buf + idx * s->page_size, s->page_size))
+        return UP_CREF_KIND_ZERO;
+    return UP_CREF_KIND_DATA;
+}
+
+/* Serve one request on fd; -errno closes the connection. */
+static int serve_one(up_cref_source *s, int fd)
+{
+    struct up_cref_req req;
+    int rc = read_all(fd, &req, sizeof req);
+    if (rc)
+        return rc;
+    size_t pad = req.flags >> 16;
+    if (pad) {
+        rc = read_all(fd, s->discard, pad);
+        if (rc)
+            return rc;
+    }
+    st_add(&s->st.requests, 1);
+    uint64_t ps = s->page_size;
+    if (req.count == 0 || req.offset % ps || req.offset >= s->size ||
+        (uint64_t)req.count > (s->size - req.offset) / ps) {
+        struct up_cref_rep rep = {.offset = req.offset, .count = 0, .kind = UP_CREF_KIND_ERROR};
+        struct iovec iov = {.iov_base = &rep, .iov_len = sizeof rep};
+        return write_all(fd, &iov, 1);
+    }
+    uint64_t first = req.offset / ps;
+    uint64_t end = first + req.count;
+    uint64_t i = first;
+    while (i < end) {
+        uint32_t kind = page_kind(s, i, req.flags);
+        uint64_t j = i + 1;
+        while (j < end && page_kind(s, j, req.flags) == kind)
+            j++;
+        struct up_cref_rep rep = {.offset = i * ps, .count = (uint32_t)(j - i), .kind = kind};
+        struct iovec iov[2] = {{.iov_base = &rep, .iov_len = sizeof rep},
+                               {.iov_base = (void *)(s->buf + i * ps), .iov_len = (j - i) * ps}};
+        rc = write_all(fd, iov, kind == UP_CREF_KIND_DATA ? 2 : 1);
+        if (rc)
+            return rc;
+        st_add(&s->st.pages, j - i);
+        i = j;
+    }
+    return 0;
+}
+
+static void *source_thread(void *arg)
+{
+    up_cref_source *s = arg;
+    __atomic_store_n(&s->st.cpu, sched_getcpu(), __ATOMIC_RELAXED);
+    struct pollfd pfd[2 + UP_CREF_MAX_CONNS];
+    int nconn = 0;
+    pfd[0] = (struct pollfd){.fd = s->stop_fd, .events = POLLIN};
+    pfd[1] = (struct pollfd){.fd = s->listen_fd, .events = POLLIN};
+    for (;;) {
+        int pr = poll(pfd, (nfds_t)(2 + nconn), -1);
+        if (pr < 0) {
+            if (errno == EINTR)
+                continue;
+            st_error(&s->st, errno);
+            break;
+        }
+        if (pfd[0].revents)
+            break;
+        for (int k = 0; k < nconn; k++) {
+            if (!pfd[2 + k].revents)
+                continue;
+            int rc = (pfd[2 + k].revents & POLLIN) ? serve_one(s, pfd[2 + k].fd) : -EPIPE;
+            if (rc) {
+                if (rc != -EPIPE && rc != -ECONNRESET)
+                    st_error(&s->st, -rc);
+                close(pfd[2 + k].fd);
+                pfd[2 + k] = pfd[2 + nconn - 1];
+                nconn--;
+                k--;
+            }
+        }
+        if (pfd[1].revents & POLLIN) {
+            int c = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            if (c < 0) {
+                if (errno != EAGAIN && errno != EINTR)
+                    st_error(&s->st, errno);
+            } else if (nconn == UP_CREF_MAX_CONNS) {
+                st_error(&s->st, EMFILE);
+                close(c);
+            } else {
+                int one = 1;
+                setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                /* Blocking I/O per request: the reference serves requests back to back. */
+                fcntl(c, F_SETFL, fcntl(c, F_GETFL) & ~O_NONBLOCK);
+                pfd[2 + nconn++] = (struct pollfd){.fd = c, .events = POLLIN};
+                st_add(&s->st.connections, 1);
+            }
+        }
+    }
+    for (int k = 0; k < nconn; k++)
+        close(pfd[2 + k].fd);
+    return NULL;
+}
+
+int up_cref_source_start(up_cref_source **out, int listen_fd, uint64_t buf, uint64_t size,
+                         uint64_t page_size, const uint8_t *poison_bitmap, int cpu)
+{
+    if (!out || !buf || page_size == 0 || (page_size & (page_size - 1)) || size % page_size)
+        return -EINVAL;
+    up_cref_source *s = calloc(1, sizeof *s);
+    if (!s)
+        return -ENOMEM;
+    s->buf = (const uint8_t *)(uintptr_t)buf;
+    s->size = size;
+    s->page_size = page_size;
+    s->poison = poison_bitmap;
+    s->st.cpu = -1;
+    s->stop_fd = -1;
+    s->listen_fd = listen_fd;
+    int rc = 0;
+    if (listen_fd < 0) {
+        s->own_listen = 1;
+        s->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0,
+                                .sin_addr = {.s_addr = htonl(INADDR_LOOPBACK)}};
+        if (s->listen_fd < 0 || bind(s->listen_fd, (struct sockaddr *)&a, sizeof a) != 0 ||
+            listen(s->listen_fd, 16) != 0)
+            rc = -errno;
+    }
+    if (!rc) {
+        struct sockaddr_in a;
+        socklen_t alen = sizeof a;
+        if (getsockname(s->listen_fd, (struct sockaddr *)&a, &alen) == 0 && a.sin_family == AF_INET)
+            s->port = ntohs(a.sin_port);
+        s->discard = malloc(65536);
+        s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (!s->discard)
+            rc = -ENOMEM;
+        else if (s->stop_fd < 0)
+            rc = -errno;
+    }
+    if (!rc)
+        rc = start_thread(&s->tid, source_thread, s, cpu);
+    if (rc) {
+        if (s->own_listen && s->listen_fd >= 0)
+            close(s->listen_fd);
+        if (s->stop_fd >= 0)
+            close(s->stop_fd);
+        free(s->discard);
+        free(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
+}
+
+int up_cref_source_port(up_cref_source *s) { return s->port; }
+
+void up_cref_source_stats(up_cref_source *s, up_cref_stats *out) { st_copy(&s->st, out); }
+
+int up_cref_source_stop(up_cref_source *s, up_cref_stats *final_out)
+{
+    if (!s)
+        return 0;
+    uint64_t one = 1;
+    if (write(s->stop_fd, &one, sizeof one) < 0)
+        return -errno;
+    pthread_join(s->tid, NULL);
+    if (final_out)
+        st_copy(&s->st, final_out);
+    close(s->stop_fd);
+    if (s->own_listen)
+        close(s->listen_fd);
+    free(s->discard);
+    free(s);
+    return 0;
+}
+
+/* ---- ping-pong (d) ------------------------------------------------------------------------ */
+
+int up_cref_pingpong(int fd, const void *req, size_t req_len, size_t reply_len, size_t n,
+                     uint64_t *ns_out)
+{
+    if ((req_len && !req) || (n && !ns_out))
+        return -EINVAL;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    void *reply = malloc(reply_len ? reply_len : 1);
+    if (!reply)
+        return -ENOMEM;
+    int rc = 0;
+    for (size_t i = 0; i < n && !rc; i++) {
+        uint64_t t0 = now_ns();
+        struct iovec iov = {.iov_base = (void *)req, .iov_len = req_len};
+        rc = req_len ? write_all(fd, &iov, 1) : 0;
+        if (!rc)
+            rc = read_all(fd, reply, reply_len);
+        ns_out[i] = now_ns() - t0;
+    }
+    free(reply);
+    return rc;
+}

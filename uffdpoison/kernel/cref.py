@@ -1,0 +1,339 @@
+"""The C reference that benchmarks compare against ("the floor"): plain C threads, no Python.
+
+* :class:`LocalHandler` (a): a userfaultfd handler thread that resolves each fault with
+  ``UFFDIO_COPY`` of the matching page of a source buffer, or ``UFFDIO_POISON`` where a poison
+  bitmap says so.
+* :class:`PageSource` (b): a minimal TCP page source on a listening socket (its own on
+  127.0.0.1:0 by default) serving a memory buffer with a poison bitmap.
+* :class:`RemoteHandler` (c): a userfaultfd handler thread that asks a :class:`PageSource` for
+  one page per fault and places DATA / ZERO / POISONED with COPY / ZEROPAGE / POISON.
+* :func:`pingpong` (d): N request/reply round trips of fixed sizes, timed per round trip in C.
+
+Wire format of the reference source (little-endian, TCP_NODELAY)::
+
+    request  16 bytes {u64 offset, u32 count, u32 flags}  + (flags >> 16) padding bytes
+    reply    runs covering the pages in order: 16 bytes {u64 offset, u32 count, u32 kind}
+             + count * page_size bytes when kind is DATA
+
+``flags`` bit 0 (:data:`FLAG_ZERO_DETECT`) makes the source answer all-zero pages with ZERO.
+A request outside the buffer is answered with one ERROR header (count 0).
+
+Every object owns the C memory it hands to its thread (bitmaps, buffers) and keeps buffers given
+as Python objects alive; file descriptors given to it are never closed by it. Use them as
+context managers, or call :meth:`stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Self
+
+from uffdpoison.kernel._ffi import ffi, lib
+
+__all__ = [
+    "FLAG_ZERO_DETECT",
+    "KIND_DATA",
+    "KIND_ERROR",
+    "KIND_POISONED",
+    "KIND_ZERO",
+    "CrefStats",
+    "LocalHandler",
+    "PageSource",
+    "RemoteHandler",
+    "pingpong",
+    "poison_bitmap",
+    "request_bytes",
+    "uffd_open",
+    "uffd_register",
+]
+
+KIND_DATA = 0
+KIND_ZERO = 1
+KIND_POISONED = 2
+KIND_ERROR = 3
+FLAG_ZERO_DETECT = 1
+
+REQUEST = struct.Struct("<QII")  # offset, count, flags
+REPLY = struct.Struct("<QII")  # offset, count, kind
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+def uffd_open() -> int:
+    """A userfaultfd (O_CLOEXEC|O_NONBLOCK, UFFDIO_API done, POISON requested). Caller closes."""
+    return _check(lib.up_cref_uffd_open(), "userfaultfd")
+
+
+def uffd_register(uffd: int, base: int, length: int) -> None:
+    """UFFDIO_REGISTER ``[base, base+length)`` in MISSING mode."""
+    _check(lib.up_cref_uffd_register(uffd, base, length), f"UFFDIO_REGISTER {base:#x}+{length:#x}")
+
+
+def poison_bitmap(pages: int, poisoned: Iterable[int]) -> bytearray:
+    """A bitmap of ``pages`` bits (bit i = page i, LSB first) with ``poisoned`` set."""
+    bm = bytearray((pages + 7) // 8)
+    for i in poisoned:
+        if not 0 <= i < pages:
+            raise ValueError(f"poisoned page index {i} outside 0..{pages - 1}")
+        bm[i >> 3] |= 1 << (i & 7)
+    return bm
+
+
+def request_bytes(offset: int, count: int = 1, flags: int = 0, *, pad: int = 0) -> bytes:
+    """One request of ``16 + pad`` bytes for :class:`PageSource`."""
+    if not 0 <= pad < 1 << 16:
+        raise ValueError(f"pad must be within 0..65535, got {pad}")
+    return REQUEST.pack(offset, count, (flags & 0xFFFF) | (pad << 16)) + bytes(pad)
+
+
+@dataclass(frozen=True)
+class CrefStats:
+    faults: int
+    copies: int
+    zeropages: int
+    poisons: int
+    eexist: int
+    errors: int
+    requests: int
+    pages: int
+    connections: int
+    last_errno: int
+    cpu: int  # the CPU the thread started on (-1 before it ran)
+
+    @classmethod
+    def _from_c(cls, st: Any) -> CrefStats:
+        return cls(**{f: int(getattr(st, f)) for f in cls.__dataclass_fields__})
+
+
+def _address(obj: int | Any, keep: list[Any]) -> tuple[int, int | None]:
+    """(address, length or None) of an int address or a buffer object (kept alive in ``keep``)."""
+    if isinstance(obj, int):
+        return obj, None
+    cbuf = ffi.from_buffer(obj)
+    keep.append(cbuf)
+    return int(ffi.cast("uintptr_t", cbuf)), len(cbuf)
+
+
+def _bitmap(poison: bytes | bytearray | None, pages: int, keep: list[Any]) -> Any:
+    if poison is None:
+        return ffi.NULL
+    need = (pages + 7) // 8
+    if len(poison) < need:
+        raise ValueError(f"poison bitmap has {len(poison)} bytes, {pages} pages need {need}")
+    c = ffi.new("uint8_t[]", bytes(poison[:need]))
+    keep.append(c)
+    return c
+
+
+def _check_geometry(base: int, size: int, page_size: int) -> None:
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    if size <= 0 or size % page_size or base % page_size:
+        raise ValueError(
+            f"region {base:#x}+{size:#x} must be non-empty and aligned to page_size {page_size}"
+        )
+
+
+class _Handler:
+    _h: Any = None
+    _final: CrefStats
+
+    def stats(self) -> CrefStats:
+        if self._h is None:
+            raise RuntimeError("handler not running")
+        st = ffi.new("up_cref_stats *")
+        lib.up_cref_handler_stats(self._h, st)
+        return CrefStats._from_c(st)
+
+    def stop(self) -> CrefStats:
+        """Stop and join the thread; returns the final counters. Idempotent."""
+        if self._h is None:
+            return self._final
+        st = ffi.new("up_cref_stats *")
+        h, self._h = self._h, None
+        _check(lib.up_cref_handler_stop(h, st), "stopping handler")
+        self._final = CrefStats._from_c(st)
+        return self._final
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if self._h is not None:
+            lib.up_cref_handler_stop(self._h, ffi.NULL)
+            self._h = None
+
+
+class LocalHandler(_Handler):
+    """(a) Resolve faults of ``[base, base+size)`` on ``uffd`` from ``src`` (address or buffer
+    of at least ``size`` bytes); pages whose bit is set in ``poison`` get UFFDIO_POISON.
+
+    Starts at once; ``cpu`` pins the thread.
+    """
+
+    def __init__(
+        self,
+        uffd: int,
+        base: int,
+        size: int,
+        *,
+        src: int | Any,
+        page_size: int = 4096,
+        poison: bytes | bytearray | None = None,
+        cpu: int | None = None,
+    ) -> None:
+        _check_geometry(base, size, page_size)
+        self._keep: list[Any] = []
+        src_addr, src_len = _address(src, self._keep)
+        if src_len is not None and src_len < size:
+            raise ValueError(f"src buffer has {src_len} bytes, the region needs {size}")
+        bm = _bitmap(poison, size // page_size, self._keep)
+        out = ffi.new("up_cref_handler **")
+        _check(
+            lib.up_cref_local_start(
+                out, uffd, base, size, page_size, src_addr, bm, -1 if cpu is None else cpu
+            ),
+            "starting C local handler",
+        )
+        self._h = out[0]
+
+
+class RemoteHandler(_Handler):
+    """(c) Resolve each fault of ``[base, base+size)`` by asking a :class:`PageSource` (or any
+    server of the same wire format) over ``sock`` (connected socket or fd; not closed here) for
+    that one page, with zero detection on. Starts at once; ``cpu`` pins the thread.
+    """
+
+    def __init__(
+        self,
+        uffd: int,
+        base: int,
+        size: int,
+        *,
+        sock: socket.socket | int,
+        page_size: int = 4096,
+        cpu: int | None = None,
+    ) -> None:
+        _check_geometry(base, size, page_size)
+        self._sock = sock  # kept alive: the C thread uses its fd
+        fd = sock if isinstance(sock, int) else sock.fileno()
+        if isinstance(sock, socket.socket):
+            sock.setblocking(True)
+        out = ffi.new("up_cref_handler **")
+        _check(
+            lib.up_cref_remote_start(
+                out, uffd, base, size, page_size, fd, -1 if cpu is None else cpu
+            ),
+            "starting C remote handler",
+        )
+        self._h = out[0]
+
+
+class PageSource:
+    """(b) Serve ``buf`` (address with ``size``, or a buffer object) over TCP; pages whose bit
+    is set in ``poison`` are answered POISONED. ``listen``: a listening socket to accept on
+    (not closed here); default binds 127.0.0.1:0 (see :attr:`port`). Starts at once.
+    """
+
+    def __init__(
+        self,
+        buf: int | Any,
+        size: int | None = None,
+        *,
+        page_size: int = 4096,
+        poison: bytes | bytearray | None = None,
+        listen: socket.socket | None = None,
+        cpu: int | None = None,
+    ) -> None:
+        self._keep: list[Any] = []
+        addr, length = _address(buf, self._keep)
+        if size is None:
+            if length is None:
+                raise ValueError("size is required when buf is an address")
+            size = length
+        elif length is not None and length < size:
+            raise ValueError(f"buf has {length} bytes, size says {size}")
+        _check_geometry(0, size, page_size)
+        self.size = size
+        self.page_size = page_size
+        bm = _bitmap(poison, size // page_size, self._keep)
+        self._listen = listen
+        out = ffi.new("up_cref_source **")
+        _check(
+            lib.up_cref_source_start(
+                out,
+                -1 if listen is None else listen.fileno(),
+                addr,
+                size,
+                page_size,
+                bm,
+                -1 if cpu is None else cpu,
+            ),
+            "starting C page source",
+        )
+        self._s: Any = out[0]
+        self.port: int = int(lib.up_cref_source_port(self._s))
+        self._final: CrefStats | None = None
+
+    def connect(self) -> socket.socket:
+        """A new blocking TCP connection to this source (caller closes it)."""
+        s = socket.create_connection(("127.0.0.1", self.port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+    def stats(self) -> CrefStats:
+        if self._s is None:
+            if self._final is None:
+                raise RuntimeError("source not running")
+            return self._final
+        st = ffi.new("up_cref_stats *")
+        lib.up_cref_source_stats(self._s, st)
+        return CrefStats._from_c(st)
+
+    def stop(self) -> CrefStats:
+        """Stop the thread (closing the connections it accepted); final counters. Idempotent."""
+        if self._s is not None:
+            st = ffi.new("up_cref_stats *")
+            s, self._s = self._s, None
+            _check(lib.up_cref_source_stop(s, st), "stopping page source")
+            self._final = CrefStats._from_c(st)
+        assert self._final is not None
+        return self._final
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if getattr(self, "_s", None) is not None:
+            lib.up_cref_source_stop(self._s, ffi.NULL)
+            self._s = None
+
+
+def pingpong(sock: socket.socket | int, request: bytes, reply_len: int, n: int) -> array:
+    """(d) ``n`` round trips on a connected stream: send ``request``, read ``reply_len`` bytes.
+
+    Returns ``array('Q')`` of per-round-trip ns, measured in C (GIL released for the loop).
+    """
+    if n < 0 or reply_len < 0:
+        raise ValueError(f"n and reply_len must be >= 0, got {n}, {reply_len}")
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    ns = ffi.new("uint64_t[]", max(n, 1))
+    _check(lib.up_cref_pingpong(fd, request, len(request), reply_len, n, ns), "ping-pong")
+    out = array("Q")
+    out.frombytes(ffi.buffer(ns, n * 8))
+    return out
