@@ -8,6 +8,10 @@
 * :class:`RemoteHandler` (c): a userfaultfd handler thread that asks a :class:`PageSource` for
   one page per fault and places DATA / ZERO / POISONED with COPY / ZEROPAGE / POISON.
 * :func:`pingpong` (d): N request/reply round trips of fixed sizes, timed per round trip in C.
+* :class:`BulkPuller` (e, ``csrc/cref2.c``): the reference's background stream: pulls a whole
+  region from a :class:`PageSource` in chunks over its own connection and places each run with
+  one range ioctl (resuming after partial progress, stepping over pages placed first by the
+  demand handler), optionally capped at a byte rate.
 
 Wire format of the reference source (little-endian, TCP_NODELAY)::
 
@@ -41,6 +45,8 @@ __all__ = [
     "KIND_ERROR",
     "KIND_POISONED",
     "KIND_ZERO",
+    "BulkPuller",
+    "BulkStats",
     "CrefStats",
     "LocalHandler",
     "PageSource",
@@ -337,3 +343,107 @@ def pingpong(sock: socket.socket | int, request: bytes, reply_len: int, n: int) 
     out = array("Q")
     out.frombytes(ffi.buffer(ns, n * 8))
     return out
+
+
+@dataclass(frozen=True)
+class BulkStats:
+    requests: int
+    bytes: int  # page data received
+    placed: int  # pages placed by the puller
+    skipped: int  # pages the demand handler had placed first
+    errors: int
+    last_errno: int
+    cpu: int
+    done: bool
+    elapsed_ns: int  # start to done (to now while running)
+
+    @classmethod
+    def _from_c(cls, st: Any) -> BulkStats:
+        return cls(
+            **{
+                f: (bool if f == "done" else int)(getattr(st, f))
+                for f in cls.__dataclass_fields__
+            }
+        )
+
+
+class BulkPuller:
+    """(e) Pull ``[base, base+size)`` from a :class:`PageSource` over ``sock`` (a connection
+    dedicated to it; shut down by :meth:`stop`, not closed) in ``chunk_pages`` requests and
+    place every page; ``rate`` caps page data at bytes/s (None: uncapped). Starts at once.
+    """
+
+    def __init__(
+        self,
+        uffd: int,
+        base: int,
+        size: int,
+        *,
+        sock: socket.socket | int,
+        page_size: int = 4096,
+        chunk_pages: int = 16,
+        rate: int | None = None,
+        cpu: int | None = None,
+    ) -> None:
+        _check_geometry(base, size, page_size)
+        if chunk_pages < 1 or chunk_pages * page_size > 1 << 30:
+            raise ValueError(f"chunk_pages must be within 1..{(1 << 30) // page_size}")
+        if rate is not None and rate <= 0:
+            raise ValueError(f"rate must be positive bytes/s or None, got {rate}")
+        self._sock = sock
+        fd = sock if isinstance(sock, int) else sock.fileno()
+        if isinstance(sock, socket.socket):
+            sock.setblocking(True)
+        out = ffi.new("up_cref_bulk **")
+        _check(
+            lib.up_cref_bulk_start(
+                out,
+                uffd,
+                base,
+                size,
+                page_size,
+                fd,
+                chunk_pages,
+                rate or 0,
+                -1 if cpu is None else cpu,
+            ),
+            "starting C bulk puller",
+        )
+        self._b: Any = out[0]
+        self._final: BulkStats | None = None
+
+    def stats(self) -> BulkStats:
+        if self._b is None:
+            assert self._final is not None
+            return self._final
+        st = ffi.new("up_cref_bulk_stats *")
+        lib.up_cref_bulk_stats_get(self._b, st)
+        return BulkStats._from_c(st)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait (GIL released) up to ``timeout`` s for the whole region; True when done."""
+        if self._b is None:
+            return bool(self._final and self._final.done)
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        return bool(lib.up_cref_bulk_wait(self._b, ms))
+
+    def stop(self) -> BulkStats:
+        """Stop and join the thread; final counters. Idempotent."""
+        if self._b is not None:
+            st = ffi.new("up_cref_bulk_stats *")
+            b, self._b = self._b, None
+            _check(lib.up_cref_bulk_stop(b, st), "stopping bulk puller")
+            self._final = BulkStats._from_c(st)
+        assert self._final is not None
+        return self._final
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if getattr(self, "_b", None) is not None:
+            lib.up_cref_bulk_stop(self._b, ffi.NULL)
+            self._b = None
