@@ -360,10 +360,7 @@ class BulkStats:
     @classmethod
     def _from_c(cls, st: Any) -> BulkStats:
         return cls(
-            **{
-                f: (bool if f == "done" else int)(getattr(st, f))
-                for f in cls.__dataclass_fields__
-            }
+            **{f: (bool if f == "done" else int)(getattr(st, f)) for f in cls.__dataclass_fields__}
         )
 
 
