@@ -20,6 +20,7 @@ COMMANDS = {
         "destination daemon: VMMs hand over their userfaultfd (Firecracker format)",
     ),
     "check": ("uffdpoison.check", "report what this kernel's userfaultfd supports"),
+    "bench": ("uffdpoison.bench.command", "fault-latency benchmark against a C reference"),
 }
 
 

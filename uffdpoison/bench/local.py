@@ -25,7 +25,9 @@ import json
 import os
 import statistics
 import sys
+import time
 from array import array
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -70,8 +72,11 @@ class _Region:
         self.base = self.mem.addr
         self.size = self.mem.size
 
-    def addresses(self) -> array:
-        return array("Q", range(self.base, self.base + self.size, PAGE))
+    def addresses(self, order: Sequence[int] | None = None) -> array:
+        """Page addresses in ``order`` (page indices; default: every page, ascending)."""
+        if order is None:
+            return array("Q", range(self.base, self.base + self.size, PAGE))
+        return array("Q", (self.base + i * PAGE for i in order))
 
     def close(self) -> None:
         self.uffd.close()
@@ -112,38 +117,65 @@ async def _python_handler(region: _Region, ledger: Ledger, src: int, expected: i
     return cpu
 
 
-def _python_round(pages: int, src: int, tcpu: int | None, hcpu: int | None) -> dict[str, Any]:
+def _python_round(
+    pages: int,
+    src: int,
+    tcpu: int | None,
+    hcpu: int | None,
+    order: Sequence[int] | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """One round of the Python handler; ``order`` (page indices) and ``threads`` shape the
+    toucher. Returns the touch results, the handler's CPU and the touch phase's seconds."""
+    expected = pages if order is None else len(order)
     with _Region(pages) as region, Ledger(region.uffd, region.base, region.size, PAGE) as ledger:
-        toucher = Toucher(region.addresses(), cpus=None if tcpu is None else [tcpu])
+        toucher = Toucher(
+            region.addresses(order), threads=threads, cpus=None if tcpu is None else [tcpu]
+        )
         old = os.sched_getaffinity(0)
         if hcpu is not None:
             os.sched_setaffinity(0, {hcpu})  # this thread only: trio runs here
 
         async def main() -> int:
             with trio.fail_after(TIMEOUT):
+                t0 = time.perf_counter()
                 toucher.start()
-                cpu = await _python_handler(region, ledger, src, pages)
+                cpu = await _python_handler(region, ledger, src, expected)
                 await toucher.wait()
+                seconds.append(time.perf_counter() - t0)
                 return cpu
 
+        seconds: list[float] = []
         try:
             hcpu_seen = trio.run(main)
         finally:
             os.sched_setaffinity(0, old)
             if not toucher.join(TIMEOUT):
                 raise RuntimeError(f"toucher hung: {toucher.pending} touches pending")
-        return {"results": toucher.results, "handler_cpu": hcpu_seen}
+        return {"results": toucher.results, "handler_cpu": hcpu_seen, "seconds": seconds[0]}
 
 
-def _c_round(pages: int, src: int, tcpu: int | None, hcpu: int | None) -> dict[str, Any]:
+def _c_round(
+    pages: int,
+    src: int,
+    tcpu: int | None,
+    hcpu: int | None,
+    order: Sequence[int] | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """One round of the C handler; same arguments and result as :func:`_python_round`."""
     with _Region(pages) as region:
-        toucher = Toucher(region.addresses(), cpus=None if tcpu is None else [tcpu])
+        toucher = Toucher(
+            region.addresses(order), threads=threads, cpus=None if tcpu is None else [tcpu]
+        )
         with LocalHandler(region.uffd.fileno(), region.base, region.size, src=src, cpu=hcpu) as h:
+            t0 = time.perf_counter()
             results = toucher.run(timeout=TIMEOUT)
+            seconds = time.perf_counter() - t0
             st = h.stats()
         if st.errors:
             raise RuntimeError(f"C handler failed: {os.strerror(st.last_errno)}")
-        return {"results": results, "handler_cpu": st.cpu}
+        return {"results": results, "handler_cpu": st.cpu, "seconds": seconds}
 
 
 def _summary(lat: array) -> dict[str, float]:

@@ -1,0 +1,914 @@
+"""The scenarios of ``uffdpoison bench``: each runs uffdpoison and the C reference on the same
+work, rounds interleaved, and returns one JSON-ready record (schema in docs/BENCHMARKS.md).
+
+Every latency is measured in the faulting thread: the C toucher's ``CLOCK_MONOTONIC`` around a
+one-byte read of a page that is not there yet. Both sides get the same guest image, poison
+list, memory kind, touch order, toucher threads and CPU placement; each side's source runs in a
+process of its own (loopback, netns), so a round has three parties: the toucher + handler
+process (this one), the source process, and the kernel between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import uffdpoison
+from uffdpoison.bench import local as local_bench
+from uffdpoison.bench.netns import NetnsPair, NetnsUnavailable
+from uffdpoison.destination.embed import serve_memory
+from uffdpoison.destination.regions import Region
+from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
+from uffdpoison.kernel._ffi import ffi
+from uffdpoison.kernel.cref import BulkPuller, RemoteHandler
+from uffdpoison.kernel.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, current_cpu
+
+HUGE = 2 << 20
+HIT_NS = 5_000  # a touch faster than this found its page present (the bulk stream won the race)
+BG_CHUNK_PAGES = 16  # the C reference's background request: 64 KiB (CRIU's first chunk size)
+BULK_CHUNK_PAGES = 64  # the C reference's bulk-throughput request: 256 KiB
+
+SCENARIOS: dict[str, str] = {
+    "local": "handler's own cost: faults resolved from a buffer in this process, no network "
+    "(uffdpoison: trio fault handler + the real Ledger; C: cref LocalHandler)",
+    "loopback": "demand faults, source in its own process over TCP 127.0.0.1, no background stream",
+    "loopback+bg": "demand faults over loopback while the background stream pushes the region "
+    "at the --bg-cap rate",
+    "netns": "demand faults, source in its own network namespace over a veth pair "
+    "(--rate: tbf on the source's egress; --delay: user-space delay line each way)",
+    "netns+bg": "netns with the background stream at the --bg-cap rate",
+    "bulk": "background stream throughput on loopback, uncapped, no touches: bytes/s until "
+    "every page of --bulk-size is placed",
+}
+DEFAULT_SCENARIOS = tuple(SCENARIOS)
+
+
+class BenchError(Exception):
+    """The benchmark (or one scenario) could not run; the message says why."""
+
+
+class Skip(Exception):
+    """A scenario this machine cannot run; the message is the recorded reason."""
+
+
+@dataclass
+class Config:
+    pages: int = 2000  # pages touched per round
+    span: int = 8  # the region is span x pages (room for the background stream to push)
+    memory: str = "anon"
+    threads: int = 1
+    poison_fraction: float = 0.0
+    pattern: str = "random"
+    rounds: int = 5
+    warmup: int = 1
+    pin: tuple[int, int, int] | None = None  # toucher, handler, source CPUs
+    bg_cap: int = 64 << 20  # bytes/s of the background stream in the +bg scenarios
+    rate: int | None = None  # netns: tbf rate in bytes/s
+    delay: float = 0.0  # netns: one-way delay in seconds, each direction
+    bulk_size: int = 128 << 20
+    bulk_rounds: int = 2
+    seed: int = 1
+    timeout: float = 120.0
+
+    @property
+    def page_size(self) -> int:
+        return HUGE if self.memory == "hugetlb" else 4096
+
+    @property
+    def region_pages(self) -> int:
+        return self.pages * self.span
+
+    def validate(self) -> None:
+        if self.pages < 1 or self.span < 1 or self.rounds < 1 or self.warmup < 0:
+            raise BenchError("--pages, --span and --rounds must be >= 1, --warmup >= 0")
+        if self.memory not in ("anon", "shmem", "hugetlb"):
+            raise BenchError(f"--memory must be anon, shmem or hugetlb, got {self.memory!r}")
+        if self.pattern not in ("random", "sequential"):
+            raise BenchError(f"--pattern must be random or sequential, got {self.pattern!r}")
+        if not 0 <= self.poison_fraction < 1:
+            raise BenchError(f"--poison-fraction must be within [0, 1), got {self.poison_fraction}")
+        if self.threads < 1:
+            raise BenchError(f"--threads must be >= 1, got {self.threads}")
+        if self.bulk_size < self.page_size or self.bulk_size % self.page_size:
+            raise BenchError(
+                f"--bulk-size {self.bulk_size} must be a positive multiple of the page size "
+                f"{self.page_size}"
+            )
+        if self.pin is not None:
+            allowed = os.sched_getaffinity(0)
+            bad = [c for c in self.pin if c not in allowed]
+            if bad:
+                raise BenchError(f"--pin CPUs {bad} not available (this process may use {allowed})")
+        if self.delay < 0:
+            raise BenchError(f"--delay must be >= 0, got {self.delay}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pages": self.pages,
+            "span": self.span,
+            "region_pages": self.region_pages,
+            "page_size": self.page_size,
+            "memory": self.memory,
+            "threads": self.threads,
+            "poison_fraction": self.poison_fraction,
+            "pattern": self.pattern,
+            "rounds": self.rounds,
+            "warmup": self.warmup,
+            "pin": None
+            if self.pin is None
+            else dict(zip(("toucher", "handler", "source"), self.pin, strict=True)),
+            "bg_cap_bytes_per_s": self.bg_cap,
+            "netns_rate_bytes_per_s": self.rate,
+            "netns_delay_s": self.delay,
+            "bulk_size": self.bulk_size,
+            "bulk_rounds": self.bulk_rounds,
+            "seed": self.seed,
+        }
+
+    @property
+    def tcpus(self) -> list[int] | None:
+        return None if self.pin is None else [self.pin[0]]
+
+    @property
+    def hcpu(self) -> int | None:
+        return None if self.pin is None else self.pin[1]
+
+    @property
+    def scpu(self) -> int | None:
+        return None if self.pin is None else self.pin[2]
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """What one side measured over all counted rounds of a scenario."""
+
+    lat: array = field(default_factory=lambda: array("Q"))  # demand-fault latencies, ns
+    touches: int = 0
+    hits: int = 0  # touches under HIT_NS: page already placed by the background stream
+    sigbus: int = 0
+    seconds: float = 0.0  # touch phases (or bulk transfers), summed
+    bytes: int = 0  # bulk: bytes placed
+    rounds: int = 0
+    cpus: dict[str, set[int]] = field(
+        default_factory=lambda: {"toucher": set(), "handler": set(), "source": set()}
+    )
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def add_touches(self, res: Any, seconds: float) -> None:
+        self.rounds += 1
+        self.seconds += seconds
+        for v, o in zip(res.latency_ns, res.outcome, strict=True):
+            if o == OUTCOME_SIGBUS:
+                self.sigbus += 1
+            elif o == OUTCOME_OK:
+                if v < HIT_NS:
+                    self.hits += 1
+                else:
+                    self.lat.append(v)
+        self.touches += len(res.latency_ns)
+        self.cpus["toucher"].update(c for c in res.cpus if c >= 0)
+
+    def add_extra(self, d: dict[str, int]) -> None:
+        for k, v in d.items():
+            if isinstance(v, int):
+                self.extra[k] = self.extra.get(k, 0) + v
+
+    def figures(self, page_size: int) -> dict[str, Any]:
+        s = sorted(self.lat)
+        n = len(s)
+
+        def pct(p: float) -> float | None:
+            if not n:
+                return None
+            return round(s[max(0, math.ceil(n * p / 100) - 1)] / 1000, 2)
+
+        faults = n + self.sigbus
+        out: dict[str, Any] = {
+            "rounds": self.rounds,
+            "touches": self.touches,
+            "faults": faults,
+            "hits": self.hits,
+            "sigbus": self.sigbus,
+            "latency_us": {
+                "p50": pct(50),
+                "p90": pct(90),
+                "p99": pct(99),
+                "p999": pct(99.9),
+                "max": round(s[-1] / 1000, 2) if n else None,
+                "mean": round(sum(s) / n / 1000, 2) if n else None,
+            },
+            "seconds": round(self.seconds, 4),
+            "faults_per_s": round(faults / self.seconds, 1) if self.seconds and faults else None,
+            "bytes_per_s": None,
+            "cpus": {k: sorted(v) for k, v in self.cpus.items()},
+            "counters": dict(self.extra),
+        }
+        if self.bytes:
+            out["bytes_per_s"] = round(self.bytes / self.seconds) if self.seconds else None
+        elif out["faults_per_s"] is not None:
+            out["bytes_per_s"] = round(faults * page_size / self.seconds)
+        return out
+
+
+RATIO_KEYS = ("p50", "p90", "p99", "p999", "max")
+
+
+def ratios(up: dict[str, Any], c: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k in RATIO_KEYS:
+        a, b = up["latency_us"][k], c["latency_us"][k]
+        out[k] = round(a / b, 3) if a is not None and b else None
+    for k in ("faults_per_s", "bytes_per_s"):
+        a, b = up[k], c[k]
+        out[k] = round(a / b, 3) if a is not None and b else None
+    return out
+
+
+# ---- guest, processes, placement ---------------------------------------------------------------
+
+
+@dataclass
+class Guest:
+    """A guest image on disk (for both sources) and what a touch must read."""
+
+    path: Path
+    poison_path: Path
+    pages: int
+    page_size: int
+    first_bytes: bytes  # byte 0 of every page
+    poisoned: frozenset[int]
+
+
+def make_guest(
+    workdir: Path, name: str, pages: int, page_size: int, poison_fraction: float, seed: int
+) -> Guest:
+    rng = random.Random(seed)
+    path = workdir / f"{name}.img"
+    first = bytearray(pages)
+    with open(path, "wb") as f:
+        per = max(1, (4 << 20) // page_size)
+        for start in range(0, pages, per):
+            n = min(per, pages - start)
+            chunk = os.urandom(n * page_size)
+            first[start : start + n] = chunk[::page_size]
+            f.write(chunk)
+    poisoned = frozenset(
+        rng.sample(range(pages), round(pages * poison_fraction)) if poison_fraction else ()
+    )
+    poison_path = workdir / f"{name}.poison"
+    poison_path.write_text("".join(f"{i * page_size:#x}\n" for i in sorted(poisoned)))
+    return Guest(path, poison_path, pages, page_size, bytes(first), poisoned)
+
+
+def _pythonpath_env() -> dict[str, str]:
+    """The environment for child processes: they must import this same uffdpoison."""
+    root = str(Path(uffdpoison.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _task_cpus(pid: int) -> set[int]:
+    """The CPU each thread of ``pid`` last ran on (/proc/PID/task/*/stat field 39)."""
+    out = set()
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/{pid}/task/{tid}/stat") as f,
+            ):
+                out.add(int(f.read().rsplit(")", 1)[1].split()[36]))
+    return out
+
+
+class Process:
+    """A helper process that prints a JSON ``listening`` line first; stdout drained after."""
+
+    def __init__(self, cmd: list[str], preexec: Callable[[], None] | None, what: str) -> None:
+        self.what = what
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            preexec_fn=preexec,
+            env=_pythonpath_env(),
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            raise BenchError(
+                f"{what} exited ({self.proc.returncode}) before listening: {self.stderr()}"
+            )
+        status = json.loads(line)
+        self.host: str = status["host"]
+        self.port: int = int(status["port"])
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        with contextlib.suppress(ValueError, OSError):
+            for line in self.proc.stdout:
+                self.lines.append(line)
+
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read().decode(errors="replace").strip()[-2000:]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def cpus(self) -> set[int]:
+        return _task_cpus(self.proc.pid)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.what} died ({self.proc.returncode}): {self.stderr()}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(OSError):
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        self._err.close()
+
+
+def _affinity(cpu: int | None, then: Callable[[], None] | None = None) -> Callable[[], None] | None:
+    if cpu is None:
+        return then
+
+    def pre() -> None:
+        if then is not None:
+            then()
+        os.sched_setaffinity(0, {cpu})
+
+    return pre
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[list[Process]]:
+    procs: list[Process] = []
+    try:
+        yield procs
+    finally:
+        for p in reversed(procs):
+            p.close()
+
+
+def start_sources(
+    procs: list[Process],
+    cfg: Config,
+    guest: Guest,
+    host: str,
+    cap: int | None,
+    pair: NetnsPair | None = None,
+) -> tuple[Process, Process]:
+    """The uffdpoison source and the C source for ``guest``, each in its own process."""
+    pre = _affinity(cfg.scpu, pair.preexec_src() if pair else None)
+    up_cmd = [
+        sys.executable, "-m", "uffdpoison", "source", "--listen", f"{host}:0",
+        "--image", str(guest.path), "--poison-list", str(guest.poison_path),
+    ]  # fmt: skip
+    if host not in ("127.0.0.1", "::1"):
+        up_cmd.append("--insecure")  # only reachable inside our own namespaces
+    if cap:
+        up_cmd += ["--max-bandwidth", str(cap)]
+    up = Process(up_cmd, pre, "uffdpoison source")
+    procs.append(up)
+    c_cmd = [
+        sys.executable, "-m", "uffdpoison.bench.csource", "--listen", f"{host}:0",
+        "--image", str(guest.path), "--poison-list", str(guest.poison_path),
+        "--page-size", str(guest.page_size),
+    ]  # fmt: skip
+    if cfg.scpu is not None:
+        c_cmd += ["--cpu", str(cfg.scpu)]
+    c = Process(c_cmd, pre, "C source")
+    procs.append(c)
+    return up, c
+
+
+def start_delay(
+    procs: list[Process], target: Process, delay: float, pair: NetnsPair, scpu: int | None
+) -> Process:
+    cmd = [
+        sys.executable, "-m", "uffdpoison.bench.delayproxy", "--listen", f"{pair.src_addr}:0",
+        "--to", target.address, "--delay", repr(delay),
+    ]  # fmt: skip
+    p = Process(cmd, _affinity(scpu, pair.preexec_src()), "delay proxy")
+    procs.append(p)
+    return p
+
+
+@contextlib.contextmanager
+def _pinned_thread(cpu: int | None) -> Iterator[None]:
+    """Pin the calling thread (the trio handler thread) for the block."""
+    if cpu is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def _mapping(kind: str, size: int) -> memory.Mapping:
+    if kind == "anon":
+        return memory.anon(size)
+    if kind == "shmem":
+        return memory.shmem(size)
+    return memory.hugetlb(size)
+
+
+def touch_order(cfg: Config, rnd: int) -> list[int]:
+    """The page indices a round touches (the same for both sides in a round)."""
+    if cfg.pattern == "sequential":
+        return list(range(cfg.pages))
+    return random.Random(cfg.seed * 1000 + rnd).sample(range(cfg.region_pages), cfg.pages)
+
+
+def _verify(res: Any, order: Sequence[int], guest: Guest, side: str) -> None:
+    bad = []
+    for k, page in enumerate(order):
+        o = res.outcome[k]
+        if page in guest.poisoned:
+            if o != OUTCOME_SIGBUS:
+                bad.append(f"page {page}: poisoned but read without SIGBUS")
+        elif o != OUTCOME_OK:
+            bad.append(f"page {page}: outcome {o} (not read)")
+        elif res.value[k] != guest.first_bytes[page]:
+            bad.append(f"page {page}: wrong byte")
+        if len(bad) >= 5:
+            break
+    if bad:
+        raise BenchError(f"{side}: wrong results: {'; '.join(bad)}")
+
+
+# ---- rounds ------------------------------------------------------------------------------------
+
+
+def up_round(
+    cfg: Config, source: str, guest: Guest, order: Sequence[int], bg: bool
+) -> tuple[Any, float, set[int], dict[str, int]]:
+    """uffdpoison destination (embedded, same process) touching ``order``."""
+    ps = guest.page_size
+    size = guest.pages * ps
+    with _mapping(cfg.memory, size) as m:
+        toucher = Toucher(
+            array("Q", (m.addr + i * ps for i in order)),
+            threads=cfg.threads,
+            page_size=ps,
+            cpus=cfg.tcpus,
+        )
+        region = Region(base=m.addr, size=size, offset=0, page_size=ps)
+
+        async def main() -> tuple[float, set[int], dict[str, int]]:
+            with trio.fail_after(cfg.timeout):
+                async with serve_memory(
+                    [region], source, hugetlb=cfg.memory == "hugetlb", background=bg
+                ) as server:
+                    cpus = {current_cpu()}
+                    t0 = time.perf_counter()
+                    toucher.start()
+                    await toucher.wait(0.0005)
+                    seconds = time.perf_counter() - t0
+                    cpus.add(current_cpu())
+                    return seconds, cpus, dict(server.stats)
+
+        try:
+            with _pinned_thread(cfg.hcpu):
+                seconds, cpus, stats = trio.run(main)
+        finally:
+            if toucher.join(0) is False and not toucher.join(cfg.timeout):
+                raise BenchError(f"uffdpoison: toucher hung ({toucher.pending} pending)")
+        return toucher.results, seconds, cpus, stats
+
+
+def _connect(host: str, port: int) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=10)
+    s.settimeout(None)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def c_round(
+    cfg: Config, host: str, port: int, guest: Guest, order: Sequence[int], bg: bool
+) -> tuple[Any, float, set[int], dict[str, int]]:
+    """The C reference: RemoteHandler (+ BulkPuller at the cap when ``bg``) touching ``order``."""
+    ps = guest.page_size
+    size = guest.pages * ps
+    with contextlib.ExitStack() as stack:
+        m = stack.enter_context(_mapping(cfg.memory, size))
+        uffd = stack.enter_context(Userfaultfd.create())
+        uffd.register(m.addr, size, RegisterMode.MISSING)
+        s = stack.enter_context(_connect(host, port))
+        h = stack.enter_context(
+            RemoteHandler(uffd.fileno(), m.addr, size, sock=s, page_size=ps, cpu=cfg.hcpu)
+        )
+        bulk = None
+        if bg:
+            s2 = stack.enter_context(_connect(host, port))
+            bulk = stack.enter_context(
+                BulkPuller(
+                    uffd.fileno(), m.addr, size, sock=s2, page_size=ps,
+                    chunk_pages=BG_CHUNK_PAGES, rate=cfg.bg_cap, cpu=cfg.hcpu,
+                )
+            )  # fmt: skip
+        toucher = Toucher(
+            array("Q", (m.addr + i * ps for i in order)),
+            threads=cfg.threads,
+            page_size=ps,
+            cpus=cfg.tcpus,
+        )
+        t0 = time.perf_counter()
+        res = toucher.run(cfg.timeout)
+        seconds = time.perf_counter() - t0
+        hst = h.stop()
+        stats = {"requests": hst.requests, "copies": hst.copies, "zeropages": hst.zeropages,
+                 "poisons": hst.poisons, "eexist": hst.eexist}  # fmt: skip
+        if hst.errors:
+            raise BenchError(f"C handler: {hst.errors} errors, last {os.strerror(hst.last_errno)}")
+        cpus = {hst.cpu}
+        if bulk is not None:
+            bst = bulk.stop()
+            stats["bulk_pages"] = bst.placed
+            if bst.errors:
+                raise BenchError(f"C bulk puller: last error {os.strerror(bst.last_errno)}")
+        return res, seconds, cpus, stats
+
+
+def _record(name: str, cfg: Config, params: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "status": "ok",
+        "reason": None,
+        "description": SCENARIOS[name],
+        "params": params,
+        "uffdpoison": None,
+        "c": None,
+        "ratio": None,
+    }
+
+
+def _finish(rec: dict[str, Any], up: Samples, c: Samples, ps: int) -> dict[str, Any]:
+    rec["uffdpoison"] = up.figures(ps)
+    rec["c"] = c.figures(ps)
+    rec["ratio"] = ratios(rec["uffdpoison"], rec["c"])
+    rec["_samples"] = {"uffdpoison": up.lat, "c": c.lat}  # for --plot; not in the JSON
+    return rec
+
+
+def _demand(
+    name: str,
+    cfg: Config,
+    guest: Guest,
+    up_src: Process,
+    c_src: Process,
+    c_addr: tuple[str, int],
+    up_addr: str,
+    bg: bool,
+    params: dict[str, Any],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    rec = _record(name, cfg, params)
+    up, c = Samples(), Samples()
+    for r in range(cfg.warmup + cfg.rounds):
+        order = touch_order(cfg, r)
+        sides = ("uffdpoison", "c") if r % 2 == 0 else ("c", "uffdpoison")
+        for side in sides:
+            progress(f"{name}: round {r + 1}/{cfg.warmup + cfg.rounds} {side}")
+            if side == "uffdpoison":
+                res, secs, cpus, stats = up_round(cfg, up_addr, guest, order, bg)
+                src, acc = up_src, up
+            else:
+                res, secs, cpus, stats = c_round(cfg, *c_addr, guest, order, bg)
+                src, acc = c_src, c
+            src.check_alive()
+            _verify(res, order, guest, side)
+            if r < cfg.warmup:
+                continue
+            acc.add_touches(res, secs)
+            acc.cpus["handler"].update(cpus)
+            acc.cpus["source"].update(src.cpus())
+            acc.add_extra(stats)
+    return _finish(rec, up, c, guest.page_size)
+
+
+def _demand_params(cfg: Config, bg: bool) -> dict[str, Any]:
+    return {
+        "pages_touched": cfg.pages,
+        "region_pages": cfg.region_pages,
+        "page_size": cfg.page_size,
+        "memory": cfg.memory,
+        "threads": cfg.threads,
+        "pattern": cfg.pattern,
+        "poison_fraction": cfg.poison_fraction,
+        "background": bg,
+        "bg_cap_bytes_per_s": cfg.bg_cap if bg else None,
+        "c_bg_chunk_pages": BG_CHUNK_PAGES if bg else None,
+        "hit_threshold_us": HIT_NS / 1000,
+    }
+
+
+# ---- scenarios ---------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs scenarios with one Config; owns the guest images (a temp dir) and hugetlb pages."""
+
+    def __init__(self, cfg: Config, progress: Callable[[str], None] = lambda s: None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.progress = progress
+        self._stack = contextlib.ExitStack()
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.workdir = Path(
+            self._stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="uffdpoison-bench-", dir=shm)
+            )
+        )
+        self._guest: Guest | None = None
+        self._bulk_guest: Guest | None = None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reserve(self, scenarios: Sequence[str]) -> None:
+        """Reserve the huge pages the scenarios need (one region at a time, both sides)."""
+        if self.cfg.memory != "hugetlb":
+            return
+        need = self.cfg.region_pages
+        if "bulk" in scenarios:
+            need = max(need, self.cfg.bulk_size // HUGE)
+        try:
+            self._stack.enter_context(memory.reserve_hugepages(need))
+        except OSError as e:
+            raise BenchError(f"cannot reserve {need} huge pages for --memory hugetlb: {e}") from e
+
+    @property
+    def guest(self) -> Guest:
+        if self._guest is None:
+            c = self.cfg
+            self._guest = make_guest(
+                self.workdir, "guest", c.region_pages, c.page_size, c.poison_fraction, c.seed
+            )
+        return self._guest
+
+    @property
+    def bulk_guest(self) -> Guest:
+        if self._bulk_guest is None:
+            c = self.cfg
+            self._bulk_guest = make_guest(
+                self.workdir, "bulk", c.bulk_size // c.page_size, c.page_size, 0.0, c.seed + 7
+            )
+        return self._bulk_guest
+
+    def run(self, name: str) -> dict[str, Any]:
+        """One scenario's record; a scenario that cannot run here is recorded as skipped, one
+        that failed as failed (with the reason)."""
+        fn = {
+            "local": self.local,
+            "loopback": lambda: self.loopback(False),
+            "loopback+bg": lambda: self.loopback(True),
+            "netns": lambda: self.netns(False),
+            "netns+bg": lambda: self.netns(True),
+            "bulk": self.bulk,
+        }.get(name)
+        if fn is None:
+            raise BenchError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
+        t0 = time.monotonic()
+        try:
+            rec = fn()
+        except Skip as e:
+            rec = _record(name, self.cfg, {})
+            rec.update(status="skipped", reason=str(e))
+        except (BenchError, OSError, TimeoutError, RuntimeError, trio.TooSlowError) as e:
+            rec = _record(name, self.cfg, {})
+            rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        rec["wall_seconds"] = round(time.monotonic() - t0, 2)
+        return rec
+
+    def local(self) -> dict[str, Any]:
+        cfg = self.cfg
+        rec = _record(
+            "local",
+            cfg,
+            {
+                "pages_touched": cfg.pages,
+                "page_size": 4096,
+                "memory": "anon",
+                "threads": cfg.threads,
+                "pattern": cfg.pattern,
+                "note": "always anon 4 KiB, no poison: the handler's own cost",
+            },
+        )
+        data = bytearray(os.urandom(cfg.pages * 4096))
+        keep = ffi.from_buffer(data)
+        src = int(ffi.cast("uintptr_t", keep))
+        first = bytes(data[::4096])
+        guest = Guest(Path(), Path(), cfg.pages, 4096, first, frozenset())
+        tcpu = None if cfg.pin is None else cfg.pin[0]
+        up, c = Samples(), Samples()
+        for r in range(cfg.warmup + cfg.rounds):
+            order = (
+                list(range(cfg.pages))
+                if cfg.pattern == "sequential"
+                else random.Random(cfg.seed * 1000 + r).sample(range(cfg.pages), cfg.pages)
+            )
+            sides = ("uffdpoison", "c") if r % 2 == 0 else ("c", "uffdpoison")
+            for side in sides:
+                self.progress(f"local: round {r + 1}/{cfg.warmup + cfg.rounds} {side}")
+                fn = local_bench._python_round if side == "uffdpoison" else local_bench._c_round
+                out = fn(cfg.pages, src, tcpu, cfg.hcpu, order, cfg.threads)
+                _verify(out["results"], order, guest, side)
+                if r < cfg.warmup:
+                    continue
+                acc = up if side == "uffdpoison" else c
+                acc.add_touches(out["results"], out["seconds"])
+                acc.cpus["handler"].add(out["handler_cpu"])
+        del keep
+        return _finish(rec, up, c, 4096)
+
+    def loopback(self, bg: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        name = "loopback+bg" if bg else "loopback"
+        guest = self.guest
+        with _processes() as procs:
+            self.progress(f"{name}: starting sources")
+            up, c = start_sources(procs, cfg, guest, "127.0.0.1", cfg.bg_cap if bg else None)
+            return _demand(
+                name, cfg, guest, up, c, (c.host, c.port), up.address, bg,
+                _demand_params(cfg, bg), self.progress,
+            )  # fmt: skip
+
+    def netns(self, bg: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        name = "netns+bg" if bg else "netns"
+        guest = self.guest
+        params = _demand_params(cfg, bg)
+        params.update(rate_bytes_per_s=cfg.rate, delay_s=cfg.delay)
+        try:
+            pair = NetnsPair(cfg.rate)
+            pair.__enter__()
+        except NetnsUnavailable as e:
+            raise Skip(str(e)) from e
+        try:
+            with _processes() as procs:
+                self.progress(f"{name}: starting sources in {pair.src}")
+                up, c = start_sources(
+                    procs, cfg, guest, pair.src_addr, cfg.bg_cap if bg else None, pair
+                )
+                if cfg.delay > 0:
+                    up = start_delay(procs, up, cfg.delay, pair, cfg.scpu)
+                    c = start_delay(procs, c, cfg.delay, pair, cfg.scpu)
+                params.update(namespaces=[pair.src, pair.dst], source_addr=pair.src_addr)
+                with pair.enter_dst():
+                    return _demand(
+                        name, cfg, guest, up, c, (c.host, c.port), up.address, bg, params,
+                        self.progress,
+                    )  # fmt: skip
+        finally:
+            pair.close()
+
+    def bulk(self) -> dict[str, Any]:
+        cfg = self.cfg
+        guest = self.bulk_guest
+        ps = guest.page_size
+        size = guest.pages * ps
+        rec = _record(
+            "bulk",
+            cfg,
+            {
+                "size": size,
+                "page_size": ps,
+                "memory": cfg.memory,
+                "rounds": cfg.bulk_rounds,
+                "c_chunk_pages": BULK_CHUNK_PAGES,
+                "timing": "connect to every page placed, wall clock",
+            },
+        )
+        up, c = Samples(), Samples()
+        check = random.Random(cfg.seed).sample(range(guest.pages), min(guest.pages, 256))
+        with _processes() as procs:
+            self.progress("bulk: starting sources")
+            up_src, c_src = start_sources(procs, cfg, guest, "127.0.0.1", None)
+            for r in range(cfg.warmup + cfg.bulk_rounds):
+                for side in ("uffdpoison", "c") if r % 2 == 0 else ("c", "uffdpoison"):
+                    self.progress(f"bulk: round {r + 1}/{cfg.warmup + cfg.bulk_rounds} {side}")
+                    if side == "uffdpoison":
+                        secs, cpus, res, stats = self._up_bulk(up_src.address, guest, check)
+                        src, acc = up_src, up
+                    else:
+                        secs, cpus, res, stats = self._c_bulk(c_src, guest, check)
+                        src, acc = c_src, c
+                    src.check_alive()
+                    _verify(res, check, guest, side)
+                    if r < cfg.warmup:
+                        continue
+                    acc.rounds += 1
+                    acc.seconds += secs
+                    acc.bytes += size
+                    acc.cpus["handler"].update(cpus)
+                    acc.cpus["source"].update(src.cpus())
+                    acc.add_extra(stats)
+        rec = _finish(rec, up, c, ps)
+        rec["ratio"] = {k: None for k in RATIO_KEYS} | {
+            "faults_per_s": None,
+            "bytes_per_s": ratios(rec["uffdpoison"], rec["c"])["bytes_per_s"],
+        }
+        return rec
+
+    def _up_bulk(
+        self, source: str, guest: Guest, check: Sequence[int]
+    ) -> tuple[float, set[int], Any, dict[str, int]]:
+        cfg = self.cfg
+        ps = guest.page_size
+        size = guest.pages * ps
+        with _mapping(cfg.memory, size) as m:
+            region = Region(base=m.addr, size=size, offset=0, page_size=ps)
+            after = Toucher(array("Q", (m.addr + i * ps for i in check)), page_size=ps)
+
+            async def main() -> tuple[float, set[int], dict[str, int]]:
+                with trio.fail_after(cfg.timeout):
+                    t0 = time.perf_counter()
+                    async with serve_memory(
+                        [region], source, hugetlb=cfg.memory == "hugetlb", background=True
+                    ) as server:
+                        cpus = {current_cpu()}
+                        await server.wait_complete()
+                        secs = time.perf_counter() - t0
+                        cpus.add(current_cpu())
+                        after.start()
+                        await after.wait()
+                        return secs, cpus, dict(server.stats)
+
+            with _pinned_thread(cfg.hcpu):
+                secs, cpus, stats = trio.run(main)
+            return secs, cpus, after.results, stats
+
+    def _c_bulk(
+        self, src: Process, guest: Guest, check: Sequence[int]
+    ) -> tuple[float, set[int], Any, dict[str, int]]:
+        cfg = self.cfg
+        ps = guest.page_size
+        size = guest.pages * ps
+        with contextlib.ExitStack() as stack:
+            m = stack.enter_context(_mapping(cfg.memory, size))
+            uffd = stack.enter_context(Userfaultfd.create())
+            uffd.register(m.addr, size, RegisterMode.MISSING)
+            t0 = time.perf_counter()
+            s = stack.enter_context(_connect(src.host, src.port))
+            b = BulkPuller(
+                uffd.fileno(), m.addr, size, sock=s, page_size=ps,
+                chunk_pages=BULK_CHUNK_PAGES, cpu=cfg.hcpu,
+            )  # fmt: skip
+            with b:
+                if not b.wait(cfg.timeout):
+                    raise BenchError(f"C bulk pull did not finish in {cfg.timeout} s")
+                secs = time.perf_counter() - t0
+                st = b.stop()
+            if st.errors or st.placed != guest.pages:
+                raise BenchError(
+                    f"C bulk pull placed {st.placed}/{guest.pages} pages, {st.errors} errors "
+                    f"(last: {os.strerror(st.last_errno)})"
+                )
+            # Nothing handles faults now: every checked page must already be there.
+            res = Toucher(array("Q", (m.addr + i * ps for i in check)), page_size=ps).run(30)
+            return secs, {st.cpu}, res, {"requests": st.requests, "pages": st.placed}
