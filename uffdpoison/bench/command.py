@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -49,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all)",
     )
     p.add_argument("--pages", type=int, default=None, help="pages touched per round "
-                   "(default 2000; 32 with --memory hugetlb)")  # fmt: skip
+                   "(default 4000; 32 with --memory hugetlb)")  # fmt: skip
     p.add_argument(
         "--size",
         type=size_arg,
@@ -100,9 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="netns: one-way delay added in user space in each direction (no netem here)",
     )
     p.add_argument(
-        "--bulk-size", type=size_arg, default=128 << 20, help="bulk scenario size (default 128M)"
+        "--bulk-size", type=size_arg, default=256 << 20, help="bulk scenario size (default 256M)"
     )
-    p.add_argument("--bulk-rounds", type=int, default=2, help="bulk rounds per side (default 2)")
+    p.add_argument("--bulk-rounds", type=int, default=3, help="bulk rounds per side (default 3)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a round may take")
     p.add_argument("--json", metavar="PATH", help=f"write every figure as JSON ({JSON_SCHEMA})")
@@ -115,7 +114,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     page = (2 << 20) if huge else 4096
     if args.pages is not None and args.size is not None:
         raise BenchError("give --pages or --size, not both")
-    pages = args.pages if args.pages is not None else (32 if huge else 2000)
+    pages = args.pages if args.pages is not None else (32 if huge else 4000)
     if args.size is not None:
         if args.size <= 0 or args.size % page:
             raise BenchError(f"--size {args.size} must be a positive multiple of {page}")
@@ -238,7 +237,8 @@ def _cpus(fig: dict[str, Any]) -> str:
     return f"{one('toucher')}/{one('handler')}/{one('source')}"
 
 
-def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_table(doc: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
     env = doc["environment"]
     cfg = doc["config"]
     pin = cfg["pin"]
@@ -354,6 +354,14 @@ def public(doc: dict[str, Any]) -> dict[str, Any]:
                                 doc["scenarios"]]}  # fmt: skip
 
 
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(args: argparse.Namespace) -> int:
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -364,7 +372,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
+    if args.plot and not have_matplotlib():
         print(
             "uffdpoison bench: --plot needs matplotlib, which is not installed "
             "(pip install 'uffdpoison[plot]' or pip install matplotlib)",

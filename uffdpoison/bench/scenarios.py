@@ -69,7 +69,7 @@ class Skip(Exception):
 
 @dataclass
 class Config:
-    pages: int = 2000  # pages touched per round
+    pages: int = 4000  # pages touched per round
     span: int = 8  # the region is span x pages (room for the background stream to push)
     memory: str = "anon"
     threads: int = 1
@@ -81,8 +81,8 @@ class Config:
     bg_cap: int = 64 << 20  # bytes/s of the background stream in the +bg scenarios
     rate: int | None = None  # netns: tbf rate in bytes/s
     delay: float = 0.0  # netns: one-way delay in seconds, each direction
-    bulk_size: int = 128 << 20
-    bulk_rounds: int = 2
+    bulk_size: int = 256 << 20
+    bulk_rounds: int = 3
     seed: int = 1
     timeout: float = 120.0
 
