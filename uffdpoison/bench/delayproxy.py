@@ -5,70 +5,61 @@
 Accepts connections, connects each to ``--to``, and forwards both directions, holding every chunk
 it reads for ``--delay`` seconds before writing it on (chunks keep their order; a later chunk is
 not held longer because an earlier one is waiting: it is a delay line, not a queue of sleeps).
-A round trip through it is longer by 2 x delay plus the proxy's own cost. Prints one JSON line
+A round trip through it is longer by 2 x delay plus the proxy's own cost (a few tens of µs).
+
+Plain threads and ``time.sleep`` (nanosleep): an event loop's timers round up to the
+millisecond (epoll), which would turn a 0.5 ms delay into 1 ms. Prints one JSON line
 ``{"event": "listening", "host", "port"}`` when ready; runs until SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
+import queue
 import signal
 import socket
 import sys
-
-import trio
-
-
-async def _pump(src: trio.SocketStream, dst: trio.SocketStream, delay: float) -> None:
-    send, recv = trio.open_memory_channel[tuple[float, bytes]](math.inf)
-
-    async def reader() -> None:
-        async with send:
-            while data := await src.receive_some(1 << 18):
-                send.send_nowait((trio.current_time() + delay, data))
-
-    async def writer() -> None:
-        async with recv:
-            async for due, data in recv:
-                await trio.sleep_until(due)
-                await dst.send_all(data)
-        await dst.send_eof()
-
-    async with trio.open_nursery() as n:
-        n.start_soon(reader)
-        n.start_soon(writer)
+import threading
+import time
 
 
-async def _serve(listen: str, to: str, delay: float) -> None:
-    host, _, port = listen.rpartition(":")
-    thost, _, tport = to.rpartition(":")
-    listeners = await trio.open_tcp_listeners(int(port), host=host)
+def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+    q: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
 
-    async def handle(client: trio.SocketStream) -> None:
-        try:
-            upstream = await trio.open_tcp_stream(thost, int(tport))
-        except OSError:
-            await client.aclose()
-            return
-        for s in (client, upstream):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            async with client, upstream, trio.open_nursery() as n:
-                n.start_soon(_pump, client, upstream, delay)
-                n.start_soon(_pump, upstream, client, delay)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+    def reader() -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 18):
+                q.put((time.monotonic() + delay, data))
+        q.put((0.0, b""))
 
-    bound = listeners[0].socket.getsockname()
-    print(json.dumps({"event": "listening", "host": bound[0], "port": bound[1]}), flush=True)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as n:
-            n.start_soon(trio.serve_listeners, handle, listeners)
-            async for _ in signals:
-                n.cancel_scope.cancel()
-                break
+    def writer() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                due, data = q.get()
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                dst.sendall(data)
+
+    threading.Thread(target=reader, daemon=True).start()
+    threading.Thread(target=writer, daemon=True).start()
+
+
+def _handle(client: socket.socket, to: tuple[str, int], delay: float) -> None:
+    try:
+        upstream = socket.create_connection(to)
+    except OSError:
+        client.close()
+        return
+    for s in (client, upstream):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _pump(client, upstream, delay)
+    _pump(upstream, client, delay)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.delay < 0:
         ap.error(f"--delay must be >= 0, got {args.delay}")
-    trio.run(_serve, args.listen, args.to, args.delay)
-    return 0
+    host, _, port = args.listen.rpartition(":")
+    thost, _, tport = args.to.rpartition(":")
+    lsock = socket.create_server((host, int(port)))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    bound = lsock.getsockname()
+    print(json.dumps({"event": "listening", "host": bound[0], "port": bound[1]}), flush=True)
+    with lsock:
+        while True:
+            client, _ = lsock.accept()
+            _handle(client, (thost, int(tport)), args.delay)
 
 
 if __name__ == "__main__":
