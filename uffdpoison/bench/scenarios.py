@@ -41,8 +41,14 @@ from uffdpoison.kernel.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, curre
 
 HUGE = 2 << 20
 HIT_NS = 5_000  # a touch faster than this found its page present (the bulk stream won the race)
-BG_CHUNK_PAGES = 16  # the C reference's background request: 64 KiB (CRIU's first chunk size)
-BULK_CHUNK_PAGES = 64  # the C reference's bulk-throughput request: 256 KiB
+BG_CHUNK = 64 << 10  # the C reference's background request (CRIU's first chunk size)
+BULK_CHUNK = 256 << 10  # the C reference's bulk-throughput request
+
+
+def chunk_pages(chunk: int, page_size: int) -> int:
+    """Pages in a C reference request of ``chunk`` bytes (at least one page)."""
+    return max(1, chunk // page_size)
+
 
 SCENARIOS: dict[str, str] = {
     "local": "handler's own cost: faults resolved from a buffer in this process, no network "
@@ -542,7 +548,7 @@ def c_round(
             bulk = stack.enter_context(
                 BulkPuller(
                     uffd.fileno(), m.addr, size, sock=s2, page_size=ps,
-                    chunk_pages=BG_CHUNK_PAGES, rate=cfg.bg_cap, cpu=cfg.hcpu,
+                    chunk_pages=chunk_pages(BG_CHUNK, ps), rate=cfg.bg_cap, cpu=cfg.hcpu,
                 )
             )  # fmt: skip
         toucher = Toucher(
@@ -636,7 +642,7 @@ def _demand_params(cfg: Config, bg: bool) -> dict[str, Any]:
         "poison_fraction": cfg.poison_fraction,
         "background": bg,
         "bg_cap_bytes_per_s": cfg.bg_cap if bg else None,
-        "c_bg_chunk_pages": BG_CHUNK_PAGES if bg else None,
+        "c_bg_chunk_pages": chunk_pages(BG_CHUNK, cfg.page_size) if bg else None,
         "hit_threshold_us": HIT_NS / 1000,
     }
 
@@ -820,7 +826,7 @@ class Runner:
                 "page_size": ps,
                 "memory": cfg.memory,
                 "rounds": cfg.bulk_rounds,
-                "c_chunk_pages": BULK_CHUNK_PAGES,
+                "c_chunk_pages": chunk_pages(BULK_CHUNK, ps),
                 "timing": "connect to every page placed, wall clock",
             },
         )
@@ -897,7 +903,7 @@ class Runner:
             s = stack.enter_context(_connect(src.host, src.port))
             b = BulkPuller(
                 uffd.fileno(), m.addr, size, sock=s, page_size=ps,
-                chunk_pages=BULK_CHUNK_PAGES, cpu=cfg.hcpu,
+                chunk_pages=chunk_pages(BULK_CHUNK, ps), cpu=cfg.hcpu,
             )  # fmt: skip
             with b:
                 if not b.wait(cfg.timeout):
