@@ -258,3 +258,46 @@ def test_bulk_puller_bad_arguments() -> None:
     a, b = socket.socketpair()
     with a, b, pytest.raises(ValueError, match="chunk_pages"):
         BulkPuller(3, 4096, 4096, sock=a, chunk_pages=0)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="network namespaces need root")
+def test_ctrl_c_removes_namespaces_and_helpers() -> None:
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "uffdpoison", "bench", "--scenarios", "netns", "--quiet"],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    prefix = f"upb-{p.pid}-"
+    try:
+        deadline = time.monotonic() + 20
+        kids: set[int] = set()
+        while not (kids and any(n.startswith(prefix) for n in os.listdir("/var/run/netns"))):
+            assert p.poll() is None and time.monotonic() < deadline, "bench never got going"
+            time.sleep(0.02)
+            kids = {int(x) for x in os.listdir("/proc") if x.isdigit() and _ppid(int(x)) == p.pid}
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    assert not [n for n in os.listdir("/var/run/netns") if n.startswith(prefix)]
+    time.sleep(0.2)
+    assert not [k for k in kids if os.path.exists(f"/proc/{k}") and _ppid(k) not in (0, None)]
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])

@@ -400,6 +400,16 @@ def main(args: argparse.Namespace) -> int:
     except BenchError as e:
         print(f"\nuffdpoison bench: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nuffdpoison bench: interrupted (namespaces and helper processes removed)",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except BaseExceptionGroup as group:  # trio wraps a Ctrl-C that lands inside a session
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+        print("\nuffdpoison bench: interrupted (namespaces and helper processes removed)",
+              file=sys.stderr)  # fmt: skip
+        return 130
     if tty and not args.quiet:
         sys.stderr.write("\r\x1b[K")
     print_table(doc)
