@@ -29,9 +29,13 @@ class NetnsUnavailable(Exception):
     """This machine or user cannot create network namespaces (the reason is the message)."""
 
 
+# Loaded once here: _setns also runs in a forked child before exec (preexec_fn), where a
+# dlopen could wait forever on a loader lock some other thread held at fork time.
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"setns: {os.strerror(e)}")
 
