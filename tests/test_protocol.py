@@ -299,7 +299,7 @@ def test_unknown_map_keys_are_ignored() -> None:
 
 def test_bench_codec_runs() -> None:
     r = bench_codec(200)
-    assert r["round_trips"] == 200 and r["GB_per_s"] > 0
+    assert r["frames"] == 200 and r["push_GB_per_s"] > 0 and r["demand_GB_per_s"] > 0
 
 
 def test_open_pair_helper() -> None:
@@ -569,6 +569,12 @@ def test_hello_from_wrong_side_and_wrong_channel() -> None:
     assert_rejected(src, raw_frame({**hello, "p": 5000}), "page_size", "power of two")
     src = Connection(Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame({**hello, "w": 1}), "want_poison_list", "bool")
+    src = Connection(Side.SOURCE, BULK)
+    assert_rejected(src, raw_frame({**hello, "c": 2, "s": "tok"}), "'session'", "bytes", "str")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "a": "pw"}), "'auth'", "bytes", "str")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "v": 1.0}), "'version'", "float")
     assert src.hello is None
 
 
