@@ -977,3 +977,18 @@ def test_fixed_width_request_accepted() -> None:
     src.receive_data(fast_request(3, PS, 2, payload=bytes(u64s(1, 2))))
     assert drain(src) == [Request(3, PS, 2, True, u64s(1, 2))]
     assert src.outstanding == 1
+
+
+def test_receive_data_accepts_any_buffer_shape() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 1, True))
+    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS))))
+    # A u64-formatted view, split mid-payload: lengths must be counted in bytes.
+    pad = (-len(frame)) % 8
+    words = memoryview(frame + b"\0" * pad).cast("Q")
+    cut = (len(frame) - PS // 2) // 8
+    dst.receive_data(words[:cut])
+    assert dst.next_event() is NEED_DATA
+    dst.receive_data(memoryview(bytes(words[cut:]))[: len(frame) - cut * 8])
+    ev = dst.next_event()
+    assert isinstance(ev, Pages) and bytes(ev.data) == b"q" * PS  # type: ignore[arg-type]

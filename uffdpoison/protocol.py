@@ -695,6 +695,8 @@ class Connection:
             self._eof = True
             return
         mv = data if isinstance(data, memoryview) else memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")  # slice lengths below are in bytes
         if self._pending is not None:
             # A payload is being filled: copy straight into its final buffer.
             payload = self._pending[1]
