@@ -981,14 +981,17 @@ def test_fixed_width_request_accepted() -> None:
 
 def test_receive_data_accepts_any_buffer_shape() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1, True))
+    deliver(dst, src, Request(1, 0, 2, True))
     frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS))))
-    # A u64-formatted view, split mid-payload: lengths must be counted in bytes.
-    pad = (-len(frame)) % 8
-    words = memoryview(frame + b"\0" * pad).cast("Q")
-    cut = (len(frame) - PS // 2) // 8
-    dst.receive_data(words[:cut])
+    frame += wire(src.send(Pages(1, PageKind.ZERO, PS, 1)))
+    # The stream's tail, spanning the payload's end, as a u64-formatted view: the receiver
+    # must count it in bytes.
+    k = len(frame) - PS // 2
+    k -= (len(frame) - k) % 8
+    dst.receive_data(frame[:k])
     assert dst.next_event() is NEED_DATA
-    dst.receive_data(memoryview(bytes(words[cut:]))[: len(frame) - cut * 8])
-    ev = dst.next_event()
-    assert isinstance(ev, Pages) and bytes(ev.data) == b"q" * PS  # type: ignore[arg-type]
+    dst.receive_data(memoryview(frame[k:]).cast("Q"))
+    assert drain(dst) == [
+        Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS)),
+        Pages(1, PageKind.ZERO, PS, 1),
+    ]
