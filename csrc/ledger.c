@@ -1,0 +1,266 @@
+/*
+ * The page ledger: every placement goes through up_ledger_place(), which enforces the
+ * never-un-poison invariant. The kernel lets COPY, CONTINUE and shmem ZEROPAGE replace a
+ * poison marker (KERNEL-FACTS "Poison: what overwrites what"), so data ops are refused on
+ * POISONED pages here, before any ioctl.
+ */
+#include "ledger.h"
+#include "uffd.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+enum { PLACE, ALREADY, REFUSE, DROP };
+
+/* The placement table of docs/DESIGN.md. */
+static inline int classify(int op, int state)
+{
+	switch (state) {
+	case UP_PRESENT:
+		return ALREADY;
+	case UP_POISONED:
+		return op == UP_OP_POISON ? PLACE : REFUSE;
+	case UP_REMOVED:
+		return (op == UP_OP_COPY || op == UP_OP_CONTINUE) ? DROP : PLACE;
+	default: /* MISSING, REQUESTED, BACKGROUND */
+		return PLACE;
+	}
+}
+
+static inline void set_state(up_ledger *l, uint64_t i, int s)
+{
+	l->counts[l->states[i]]--;
+	l->counts[s]++;
+	l->states[i] = (uint8_t)s;
+}
+
+up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_size, int hugetlb)
+{
+	if (page_size == 0 || (page_size & (page_size - 1)) || size % page_size || base % page_size) {
+		errno = EINVAL;
+		return NULL;
+	}
+	up_ledger *l = calloc(1, sizeof(*l));
+	if (!l)
+		return NULL;
+	l->npages = size / page_size;
+	l->map_len = l->npages ? l->npages : 1;
+	void *p = mmap(NULL, l->map_len, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED) {
+		int err = errno;
+		free(l);
+		errno = err;
+		return NULL;
+	}
+	l->states = p;
+	l->fd = fd;
+	l->base = base;
+	l->page_size = page_size;
+	l->hugetlb = hugetlb;
+	l->counts[UP_MISSING] = l->npages;
+	return l;
+}
+
+void up_ledger_free(up_ledger *l)
+{
+	if (!l)
+		return;
+	munmap(l->states, l->map_len);
+	if (l->zero_src)
+		munmap((void *)(uintptr_t)l->zero_src, l->page_size);
+	free(l);
+}
+
+static int zero_source(up_ledger *l)
+{
+	if (l->zero_src)
+		return 0;
+	/* Never written, so every read sees zeros; read-only so nothing can dirty it. */
+	void *p = mmap(NULL, l->page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+		       -1, 0);
+	if (p == MAP_FAILED)
+		return -errno;
+	l->zero_src = (uint64_t)(uintptr_t)p;
+	return 0;
+}
+
+static int issue(up_ledger *l, int op, uint64_t addr, uint64_t src, uint64_t len, int wake,
+		 int64_t *prog)
+{
+	uint64_t mode = wake ? 0 : 1; /* every *_MODE_DONTWAKE is bit 0 */
+	switch (op) {
+	case UP_OP_COPY:
+		return up_uffd_copy(l->fd, addr, src, len, mode, prog);
+	case UP_OP_ZERO:
+		if (l->hugetlb)
+			return up_uffd_copy(l->fd, addr, l->zero_src, len, mode, prog);
+		return up_uffd_zeropage(l->fd, addr, len, mode, prog);
+	case UP_OP_CONTINUE:
+		return up_uffd_continue(l->fd, addr, len, mode, prog);
+	default:
+		return up_uffd_poison(l->fd, addr, len, mode, prog);
+	}
+}
+
+int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
+		    int flags, up_place_result *res)
+{
+	memset(res, 0, sizeof(*res));
+	res->stop = -1;
+	if (op < UP_OP_COPY || op > UP_OP_POISON || first > l->npages || count > l->npages - first)
+		return -EINVAL;
+	if (op == UP_OP_COPY && src == 0)
+		return -EINVAL;
+	if (count == 0)
+		return 0;
+	const uint64_t end = first + count, ps = l->page_size;
+	const int wake = flags & UP_PLACE_WAKE;
+	const int target = op == UP_OP_POISON ? UP_POISONED : UP_PRESENT;
+
+	if (op != UP_OP_POISON && (flags & UP_PLACE_STRICT)) {
+		const uint8_t *hit = memchr(l->states + first, UP_POISONED, count);
+		if (hit) {
+			uint64_t n = 0, fp = (uint64_t)(hit - l->states);
+			for (uint64_t i = fp; i < end; i++)
+				n += l->states[i] == UP_POISONED;
+			res->refused = n;
+			res->stop = (int64_t)fp;
+			l->refused += n;
+			return UP_REFUSED_POISON;
+		}
+	}
+	if (op == UP_OP_ZERO && l->hugetlb) {
+		int zr = zero_source(l);
+		if (zr)
+			return zr;
+	}
+
+	int rc = 0, skipped = 0;
+	uint64_t i = first;
+	while (i < end) {
+		int c = classify(op, l->states[i]);
+		if (c != PLACE) {
+			if (c == ALREADY)
+				res->already++;
+			else if (c == REFUSE)
+				res->refused++;
+			else
+				res->dropped++;
+			skipped = 1;
+			i++;
+			continue;
+		}
+		uint64_t j = i + 1;
+		/* hugetlb ZERO copies from a single zero huge page: one page per ioctl */
+		if (!(op == UP_OP_ZERO && l->hugetlb))
+			while (j < end && classify(op, l->states[j]) == PLACE)
+				j++;
+		while (i < j) {
+			int64_t prog;
+			uint64_t s = op == UP_OP_COPY ? src + (i - first) * ps : 0;
+			int r = issue(l, op, l->base + i * ps, s, (j - i) * ps, wake, &prog);
+			if (r == 0) {
+				for (; i < j; i++)
+					set_state(l, i, target);
+				break;
+			}
+			if (r == -EAGAIN && prog > 0) {
+				/* partial: record what was done, resume at the page that stopped it */
+				uint64_t done = (uint64_t)prog / ps;
+				for (uint64_t k = 0; k < done; k++, i++)
+					set_state(l, i, target);
+				continue;
+			}
+			if (r == -EEXIST) {
+				skipped = 1;
+				if (op == UP_OP_POISON && l->states[i] == UP_POISONED) {
+					res->already++; /* our marker is still there */
+				} else {
+					/* someone placed data first; PRESENT is never overwritten */
+					set_state(l, i, UP_PRESENT);
+					res->raced++;
+				}
+				i++;
+				continue;
+			}
+			res->stop = (int64_t)i;
+			res->progress = prog;
+			rc = r;
+			goto out;
+		}
+	}
+out:;
+	/* placed = pages that moved into the target state by our ioctls (full runs + partials) */
+	uint64_t stop = res->stop >= 0 ? (uint64_t)res->stop : end;
+	res->placed = (stop - first) - res->already - res->refused - res->dropped - res->raced;
+	l->refused += res->refused;
+	l->already += res->already;
+	l->dropped += res->dropped;
+	l->raced += res->raced;
+	if (skipped && wake && stop > first)
+		up_uffd_wake(l->fd, l->base + first * ps, (stop - first) * ps);
+	return rc;
+}
+
+int up_ledger_get(const up_ledger *l, uint64_t index)
+{
+	return index < l->npages ? l->states[index] : -EINVAL;
+}
+
+int up_ledger_set(up_ledger *l, uint64_t index, int state)
+{
+	if (index >= l->npages || state < 0 || state >= UP_NSTATES)
+		return -EINVAL;
+	int old = l->states[index];
+	set_state(l, index, state);
+	return old;
+}
+
+int64_t up_ledger_mark(up_ledger *l, uint64_t first, uint64_t count, unsigned from_mask, int to)
+{
+	if (first > l->npages || count > l->npages - first || to < 0 || to >= UP_NSTATES)
+		return -EINVAL;
+	int64_t n = 0;
+	for (uint64_t i = first; i < first + count; i++) {
+		int s = l->states[i];
+		if (s != to && (from_mask >> s) & 1) {
+			set_state(l, i, to);
+			n++;
+		}
+	}
+	return n;
+}
+
+int64_t up_ledger_find(const up_ledger *l, uint64_t start, unsigned mask)
+{
+	uint64_t i = start;
+	if (!(mask & 1u)) {
+		/* MISSING (0) not wanted: skip all-zero words of a sparse array fast */
+		while (i < l->npages && (i & 7))
+			if ((mask >> l->states[i++]) & 1)
+				return (int64_t)i - 1;
+		while (i + 8 <= l->npages) {
+			uint64_t w;
+			memcpy(&w, l->states + i, 8);
+			if (w)
+				break;
+			i += 8;
+		}
+	}
+	for (; i < l->npages; i++)
+		if ((mask >> l->states[i]) & 1)
+			return (int64_t)i;
+	return -1;
+}
+
+int64_t up_ledger_count(const up_ledger *l, uint64_t first, uint64_t count, unsigned mask)
+{
+	if (first > l->npages || count > l->npages - first)
+		return -EINVAL;
+	int64_t n = 0;
+	for (uint64_t i = first; i < first + count; i++)
+		n += (mask >> l->states[i]) & 1;
+	return n;
+}

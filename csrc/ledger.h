@@ -1,0 +1,62 @@
+#ifndef UP_LEDGER_H
+#define UP_LEDGER_H
+#include <errno.h>
+#include <stdint.h>
+
+/* Page states: one byte a page (docs/DESIGN.md, "Page states"). */
+#define UP_MISSING 0
+#define UP_REQUESTED 1
+#define UP_BACKGROUND 2
+#define UP_PRESENT 3
+#define UP_POISONED 4
+#define UP_REMOVED 5
+#define UP_NSTATES 6
+
+/* Placement ops. */
+#define UP_OP_COPY 0
+#define UP_OP_ZERO 1
+#define UP_OP_CONTINUE 2
+#define UP_OP_POISON 3
+
+#define UP_PLACE_WAKE 1
+#define UP_PLACE_STRICT 2
+
+/* Returned by up_ledger_place when strict mode refused a data op over POISONED pages. */
+#define UP_REFUSED_POISON (-EHWPOISON)
+
+typedef struct up_ledger {
+	uint8_t *states;      /* npages bytes, mmap(MAP_NORESERVE): zero = all MISSING, no RSS */
+	uint64_t npages;
+	uint64_t base;
+	uint64_t page_size;
+	int fd;
+	int hugetlb;          /* ZERO = COPY from a zero huge page (no ZEROPAGE on hugetlb) */
+	uint64_t counts[UP_NSTATES];
+	uint64_t refused;     /* cumulative over all calls */
+	uint64_t already;
+	uint64_t dropped;
+	uint64_t raced;
+	uint64_t zero_src;    /* hugetlb: page_size bytes of never-written anon memory, or 0 */
+	uint64_t map_len;
+} up_ledger;
+
+typedef struct up_place_result {
+	uint64_t placed;
+	uint64_t already;
+	uint64_t refused;
+	uint64_t dropped;
+	uint64_t raced;
+	int64_t stop;         /* page index where the call stopped on an error, else -1 */
+	int64_t progress;     /* the failing ioctl's progress field (bytes or -errno) */
+} up_place_result;
+
+up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_size, int hugetlb);
+void up_ledger_free(up_ledger *l);
+int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
+		    int flags, up_place_result *res);
+int up_ledger_get(const up_ledger *l, uint64_t index);
+int up_ledger_set(up_ledger *l, uint64_t index, int state);
+int64_t up_ledger_mark(up_ledger *l, uint64_t first, uint64_t count, unsigned from_mask, int to);
+int64_t up_ledger_find(const up_ledger *l, uint64_t start, unsigned mask);
+int64_t up_ledger_count(const up_ledger *l, uint64_t first, uint64_t count, unsigned mask);
+#endif

@@ -1,0 +1,69 @@
+"""The typed kernel boundary; the only package that imports ``uffdpoison._native``."""
+
+from uffdpoison.kernel.digest import digest, page_digests, zero_runs
+from uffdpoison.kernel.errors import (
+    AlreadyPopulated,
+    EventPending,
+    FeatureMissing,
+    InvalidArgument,
+    NotAUserfaultfd,
+    PartialProgress,
+    RangeGone,
+    TargetGone,
+    UffdError,
+)
+from uffdpoison.kernel.events import Event, EventBatch, EventKind
+from uffdpoison.kernel.memory import (
+    HUGE_PAGE_SIZE,
+    PAGE_SIZE,
+    HugePagesUnavailable,
+    Mapping,
+    anon,
+    hugetlb,
+    reserve_hugepages,
+    shmem,
+)
+from uffdpoison.kernel.pagestates import PageStates
+from uffdpoison.kernel.uffd import (
+    DEFAULT_FEATURES,
+    NONCOOPERATIVE,
+    Feature,
+    Ioctl,
+    RegisterMode,
+    Userfaultfd,
+    probe_features,
+)
+
+__all__ = [
+    "DEFAULT_FEATURES",
+    "HUGE_PAGE_SIZE",
+    "NONCOOPERATIVE",
+    "PAGE_SIZE",
+    "AlreadyPopulated",
+    "Event",
+    "EventBatch",
+    "EventKind",
+    "EventPending",
+    "Feature",
+    "FeatureMissing",
+    "HugePagesUnavailable",
+    "InvalidArgument",
+    "Ioctl",
+    "Mapping",
+    "NotAUserfaultfd",
+    "PageStates",
+    "PartialProgress",
+    "RangeGone",
+    "RegisterMode",
+    "TargetGone",
+    "UffdError",
+    "Userfaultfd",
+    "anon",
+    "digest",
+    "hugetlb",
+    "page_digests",
+    "probe_features",
+    "reserve_hugepages",
+    "shmem",
+    "zero_runs",
+]
