@@ -13,12 +13,13 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
+import importlib
 import os
 import re
 import struct
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "Backend",
@@ -235,12 +236,12 @@ def _xxh64_py(data: bytes | memoryview, seed: int = 0) -> int:
     return h
 
 
-def _load_native_digests():  # type: ignore[no-untyped-def]
+def _load_native_digests() -> Any:
+    # The C digests of uffdpoison.kernel, when the extension is built; None otherwise.
     try:
-        from uffdpoison.kernel import digest as native  # type: ignore[attr-defined]
+        return importlib.import_module("uffdpoison.kernel.digest")
     except Exception:
         return None
-    return native
 
 
 _native_digest = _load_native_digests()
@@ -260,6 +261,32 @@ def page_digests(buf: bytes | bytearray | memoryview, page_size: int) -> array:
         out = _native_digest.page_digests(mv, page_size)
         return out if isinstance(out, array) else array("Q", out)
     return array("Q", (_xxh64_py(mv[i : i + page_size]) for i in range(0, len(mv), page_size)))
+
+
+def _zero_split(mv: memoryview, start: int, stop: int, unit: int) -> list[tuple[bool, int]]:
+    """(is_zero, units) runs covering mv[start:stop]: C when built, else a regex scan (the
+    next non-zero byte decides: every whole unit before it is zero)."""
+    if start >= stop:
+        return []
+    if _native_digest is not None:
+        return _native_digest.zero_runs(mv[start:stop], unit)  # type: ignore[no-any-return]
+    out: list[tuple[bool, int]] = []
+    pos = start
+    search = _NONZERO_RE.search
+    while pos < stop:
+        m = search(mv, pos, stop)
+        nz = stop if m is None else m.start()
+        zero_units = (nz - pos) // unit
+        if zero_units:
+            out.append((True, zero_units))
+            pos += zero_units * unit
+        if pos < stop:
+            if out and not out[-1][0]:
+                out[-1] = (False, out[-1][1] + 1)
+            else:
+                out.append((False, 1))
+            pos += unit
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,29 +466,20 @@ class Backend:
                 runs.append(Run(kind, off, n))
 
         pos = 0
-        search = _NONZERO_RE.search
         while pos < length:
             if poisoned_here and self.is_poisoned(offset + pos, unit):
                 add(RunKind.POISONED, offset + pos, 1)
                 pos += unit
                 continue
-            # The next non-zero byte decides: every whole unit before it is zero.
             stop = length
             if poisoned_here:
-                # Never classify past the next poisoned base page in one step.
+                # Classify up to the unit holding the next poisoned base page.
                 nxt = self._poison.find_set((offset + pos) // ps, (offset + length) // ps)
                 if nxt >= 0:
                     stop = (nxt * ps - offset) // unit * unit
-            m = search(mv, pos, stop)
-            nz = stop if m is None else m.start()
-            zero_units = (nz - pos) // unit
-            if zero_units:
-                add(RunKind.ZERO, offset + pos, zero_units)
-                pos += zero_units * unit
-            if pos < stop:
-                # The unit holding nz is data.
-                add(RunKind.DATA, offset + pos, 1)
-                pos += unit
+            for is_zero, n in _zero_split(mv, pos, stop, unit):
+                add(RunKind.ZERO if is_zero else RunKind.DATA, offset + pos, n)
+                pos += n * unit
         return runs
 
     def close(self) -> None:

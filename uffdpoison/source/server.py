@@ -615,3 +615,81 @@ async def serve(
     cancelled. Calls task_status.started((host, port)) once bound."""
     server = SourceServer(backend, max_bandwidth=max_bandwidth, status=status)
     await server.serve(listen, task_status=task_status)
+
+
+# ---------------------------------------------------------------------- benchmark
+
+
+async def _bench_reader(host: str, port: int) -> None:
+    """A plain protocol reader: one session, drain the bulk push, print the rate as JSON."""
+    import json
+    import time
+
+    rbuf = bytearray(4 << 20)
+    rview = memoryview(rbuf)
+
+    async def channel(ch: Channel, token: bytes | None) -> tuple[Any, Connection]:
+        sock = trio.socket.socket()
+        await sock.connect((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        conn = Connection(Side.DESTINATION, ch)
+        await _send_all(sock, conn.send(Hello(PROTOCOL_VERSION, ch, token, 0, False)))
+        return sock, conn
+
+    async def next_event(sock: Any, conn: Connection) -> Any:
+        while True:
+            ev = conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            n = await sock.recv_into(rview)
+            conn.receive_data(rview[:n])
+
+    us, uc = await channel(Channel.URGENT, None)
+    welcome = await next_event(us, uc)
+    bs, bc = await channel(Channel.BULK, welcome.session)
+    await next_event(bs, bc)
+    t0 = time.perf_counter()
+    nbytes = frames = 0
+    while True:
+        ev = await next_event(bs, bc)
+        if isinstance(ev, Done):
+            break
+        frames += 1
+        nbytes += ev.count * welcome.page_size
+    dt = time.perf_counter() - t0
+    print(
+        json.dumps(
+            {"bytes": nbytes, "frames": frames, "seconds": dt, "GB_per_s": nbytes / dt / 1e9}
+        )
+    )
+    us.close()
+    bs.close()
+
+
+def _bench(size: int) -> None:
+    """Serve a MemoryBackend of `size` random-ish bytes and time a reader process's bulk drain."""
+    import os
+
+    from uffdpoison.source.backends import MemoryBackend
+
+    buf = bytearray(os.urandom(1 << 20)) * (size >> 20)
+    backend = MemoryBackend(buf)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve, backend, "127.0.0.1:0")
+            cmd = [sys.executable, "-m", "uffdpoison.source.server", "reader", host, str(port)]
+            await trio.run_process(cmd)
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    # python -m uffdpoison.source.server bench [SIZE]   (e.g. 256M)
+    if sys.argv[1:2] == ["reader"]:
+        trio.run(_bench_reader, sys.argv[2], int(sys.argv[3]))
+    else:
+        from uffdpoison.source.backends import parse_size
+
+        _bench(parse_size(sys.argv[2] if len(sys.argv) > 2 else "256M"))
