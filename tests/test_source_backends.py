@@ -344,3 +344,28 @@ def test_process_backend_gone_pid() -> None:
     p.wait()
     with pytest.raises(SourceError, match=f"process {p.pid} does not exist"):
         ProcessBackend(p.pid, [(0x1000, PS)])
+
+
+def test_zero_split_fallback_matches_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pure-Python zero scan (used when the C extension is not built) agrees with C."""
+    from uffdpoison.source import backends
+
+    if backends._native_digest is None:
+        pytest.skip("C extension not built: only the fallback exists here")
+    rnd = __import__("random").Random(7)
+    buf = bytearray(300 * PS)
+    for i in range(300):
+        if rnd.random() < 0.5:
+            buf[i * PS + rnd.randrange(PS)] = rnd.randrange(1, 256)
+    mv = memoryview(buf)
+    native = [
+        backends._zero_split(mv, s, e, u)
+        for s, e, u in ((0, len(buf), PS), (2 * PS, 66 * PS, 2 * PS))
+    ]
+    monkeypatch.setattr(backends, "_native_digest", None)
+    py = [
+        backends._zero_split(mv, s, e, u)
+        for s, e, u in ((0, len(buf), PS), (2 * PS, 66 * PS, 2 * PS))
+    ]
+    assert [[(bool(z), n) for z, n in r] for r in native] == py
+    assert xxh64(buf[:PS]) == backends._xxh64_py(buf[:PS])

@@ -184,6 +184,25 @@ async def test_demand_every_reply_kind() -> None:
         await urgent.aclose()
 
 
+async def test_large_demand_split_into_frames() -> None:
+    n = 3000  # 12 MB: more than one demand piece
+    buf = make_guest(n, set(range(1000, 1010)))
+    async with running(MemoryBackend(buf)) as srv:
+        urgent, _ = await session(srv.addr)
+        frames = await ask(urgent, 42, 0, n)
+        assert len(frames) >= 4
+        pos = 0
+        for f in frames:
+            assert f.offset == pos
+            if f.kind is PageKind.DATA:
+                assert bytes(f.data) == bytes(buf[pos : pos + f.count * PS])
+            else:
+                assert f.kind is PageKind.ZERO and 1000 <= pos // PS < 1010
+            pos += f.count * PS
+        assert pos == n * PS
+        await urgent.aclose()
+
+
 async def test_bulk_covers_every_page_once_then_done() -> None:
     n = 3000  # not a multiple of the chunk
     zero = set(range(100, 400)) | {2999}
