@@ -357,6 +357,20 @@ async def test_process_exit_mid_serve_is_an_error_never_zeros() -> None:
             assert w.poisoned_count == 1
             frames = await ask(urgent, 1, 4 * PS, 2)
             assert [f.kind for f in frames] == [PageKind.DATA, PageKind.POISONED]
+            # The bulk push of a live process (read in a worker thread) is byte-exact.
+            bulk = await Client.open(srv.addr, Channel.BULK)
+            await bulk.hello(session=w.session)
+            pushed = await drain_bulk(bulk)
+            assert sum(f.count for f in pushed) == n - 2
+            for f in pushed:
+                if f.offset <= 5 * PS < f.offset + f.count * PS:
+                    assert f.kind is PageKind.POISONED and f.count == 1
+                    continue
+                assert f.kind is PageKind.DATA
+                for k in range(f.count):
+                    page = f.offset // PS + k
+                    want = struct.pack("<Q", page + 1) * (PS // 8)
+                    assert bytes(f.data[k * PS : (k + 1) * PS]) == want
             proc.kill()
             proc.wait()
             await urgent.send(Request(2, 10 * PS, 4, True))
@@ -368,6 +382,7 @@ async def test_process_exit_mid_serve_is_an_error_never_zeros() -> None:
             ev = await c.hello()
             assert isinstance(ev, Error) and ev.code == "read-failed"
             await urgent.aclose()
+            await bulk.aclose()
             await c.aclose()
         be.close()
     finally:

@@ -17,6 +17,7 @@ import importlib
 import os
 import re
 import struct
+import threading
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -359,6 +360,9 @@ class Backend:
 
     page_size: int
     size: int
+    # Whether reads are syscalls worth running off the event loop (the server then reads bulk
+    # chunks in a worker thread).
+    blocking_reads: bool = True
 
     def __init__(self, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> None:
         if page_size <= 0 or page_size & (page_size - 1):
@@ -371,13 +375,16 @@ class Backend:
         self.size = size
         self.npages = size // page_size
         self._poison = PageBitmap(self.npages)
+        # Reads may run in a worker thread while another reader marks poison in the same byte.
+        self._poison_lock = threading.Lock()
         self._zero = bytes(page_size)
 
     # -- poison set ---------------------------------------------------------------------------
 
     def mark_poisoned(self, offset: int) -> bool:
         """Record the base page at byte `offset` as poisoned (terminal). True if new."""
-        return self._poison.set(offset // self.page_size)
+        with self._poison_lock:
+            return self._poison.set(offset // self.page_size)
 
     def add_poison(self, offsets: Iterable[int]) -> None:
         for off in offsets:
@@ -494,6 +501,8 @@ class Backend:
 
 class MemoryBackend(Backend):
     """An in-memory guest (tests, demo, benchmarks)."""
+
+    blocking_reads = False
 
     def __init__(
         self,

@@ -56,6 +56,12 @@ _KIND = {
     RunKind.ZERO: PageKind.ZERO,
     RunKind.POISONED: PageKind.POISONED,
 }
+_COUNT_KEY = {
+    PageKind.DATA: "data_pages",
+    PageKind.ZERO: "zero_pages",
+    PageKind.POISONED: "poisoned_pages",
+    PageKind.CLEAN: "clean_pages",
+}
 # Bulk frames: up to 1 MiB / 256 base pages a read, so a demand reply waits behind at most that.
 BULK_CHUNK_BYTES = 1 << 20
 BULK_CHUNK_UNITS = 256
@@ -194,14 +200,10 @@ class Session:
             self.abort_reason = (code, message)
         self.stop()
 
-    def count_run(self, kind: PageKind, n: int) -> None:
-        key = {
-            PageKind.DATA: "data_pages",
-            PageKind.ZERO: "zero_pages",
-            PageKind.POISONED: "poisoned_pages",
-            PageKind.CLEAN: "clean_pages",
-        }[kind]
-        self.counts[key] += n
+    def count_events(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, Pages):
+                self.counts[_COUNT_KEY[ev.kind]] += ev.count
 
 
 class SourceServer:
@@ -423,7 +425,8 @@ class SourceServer:
             n = min(piece_units, req.count - done)
             off = req.offset + done * unit
             buf = bytearray(n * unit)
-            events = self._reply_events(req.id, off, buf, unit, digests, done, session)
+            events = self._reply_events(req.id, off, buf, unit, digests, done)
+            session.count_events(events)
             await ch.send(events)
             done += n
 
@@ -435,7 +438,6 @@ class SourceServer:
         unit: int,
         digests: memoryview | None,
         dbase: int,
-        session: Session,
     ) -> list[Event]:
         runs = self.backend.read_into(offset, buf, unit)
         mv = memoryview(buf)
@@ -460,11 +462,10 @@ class SourceServer:
                         mv,
                         offset,
                         unit,
-                        session,
                     )
                     k = j
             else:
-                self._add_run(events, rid, kind, run.offset, run.count, mv, offset, unit, session)
+                self._add_run(events, rid, kind, run.offset, run.count, mv, offset, unit)
         return events
 
     @staticmethod
@@ -477,9 +478,7 @@ class SourceServer:
         mv: memoryview,
         base: int,
         unit: int,
-        session: Session,
     ) -> None:
-        session.count_run(kind, count)
         if kind is PageKind.DATA:
             rel = off - base
             events.append(Pages(rid, kind, off, count, mv[rel : rel + count * unit]))
@@ -577,7 +576,15 @@ class SourceServer:
             offered.set_range(i, j)
             session.counts["bulk_pages"] += j - i
             view = memoryview(buf)[: (j - i) * unit]
-            events = self._reply_events(None, i * unit, view, unit, None, 0, session)
+            if self.backend.blocking_reads:
+                # pread of a file or of /proc/PID/mem: in a worker thread (the GIL is released
+                # there), so demand replies go out while a bulk chunk is being read.
+                events = await trio.to_thread.run_sync(
+                    self._reply_events, None, i * unit, view, unit, None, 0
+                )
+            else:
+                events = self._reply_events(None, i * unit, view, unit, None, 0)
+            session.count_events(events)
             sent += await ch.send(events)
             cursor = j
             if self.max_bandwidth is not None:
