@@ -458,6 +458,15 @@ class Backend:
         self._read(offset, mv)
         return self._classify(offset, mv, unit)
 
+    def read(
+        self, offset: int, buf: bytearray | memoryview, unit: int | None = None
+    ) -> tuple[memoryview, list[Run]]:
+        """Like read_into, but may return a view of the backend's own memory instead of
+        filling buf (no copy). Returns (view of the bytes, runs); run offsets are relative to
+        `offset` as for read_into."""
+        runs = self.read_into(offset, buf, unit)
+        return memoryview(buf).cast("B"), runs
+
     def _classify(self, offset: int, mv: memoryview, unit: int) -> list[Run]:
         runs: list[Run] = []
         ps = self.page_size
@@ -516,6 +525,18 @@ class MemoryBackend(Backend):
 
     def _read(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._buf[offset : offset + len(buf)]
+
+    def read(
+        self, offset: int, buf: bytearray | memoryview, unit: int | None = None
+    ) -> tuple[memoryview, list[Run]]:
+        # Serve straight from the buffer: no copy. The caller owns the buffer and must not
+        # change it while the server runs (data sent would be torn).
+        unit = self.check_unit(unit)
+        length = memoryview(buf).nbytes
+        if offset % unit or length % unit or offset < 0 or offset + length > self.size:
+            return super().read(offset, buf, unit)  # raises the usual error
+        view = self._buf[offset : offset + length]
+        return view, self._classify(offset, view, unit)
 
     def close(self) -> None:
         self._buf.release()

@@ -439,8 +439,7 @@ class SourceServer:
         digests: memoryview | None,
         dbase: int,
     ) -> list[Event]:
-        runs = self.backend.read_into(offset, buf, unit)
-        mv = memoryview(buf)
+        mv, runs = self.backend.read(offset, buf, unit)
         events: list[Event] = []
         for run in runs:
             kind = _KIND[run.kind]
@@ -627,8 +626,10 @@ async def serve(
 # ---------------------------------------------------------------------- benchmark
 
 
-async def _bench_reader(host: str, port: int) -> None:
-    """A plain protocol reader: one session, drain the bulk push, print the rate as JSON."""
+async def _bench_reader(host: str, port: int, mode: str = "protocol") -> None:
+    """One session, drain the bulk push, print the rate as JSON. mode "protocol": every frame
+    through the sans-IO Connection (what a destination pays); "sink": only the 8-byte prefixes
+    are parsed and payloads are discarded in the socket buffer (what the source can push)."""
     import json
     import time
 
@@ -643,26 +644,59 @@ async def _bench_reader(host: str, port: int) -> None:
         await _send_all(sock, conn.send(Hello(PROTOCOL_VERSION, ch, token, 0, False)))
         return sock, conn
 
-    async def next_event(sock: Any, conn: Connection) -> Any:
+    async def next_event(sock: Any, conn: Connection, exact: bool = False) -> Any:
         while True:
             ev = conn.next_event()
             if ev is not NEED_DATA:
                 return ev
-            n = await sock.recv_into(rview)
+            # exact: read no byte past this frame (the sink reads the rest itself).
+            n = await sock.recv_into(rview[: conn.bytes_wanted] if exact else rview)
             conn.receive_data(rview[:n])
 
     us, uc = await channel(Channel.URGENT, None)
     welcome = await next_event(us, uc)
     bs, bc = await channel(Channel.BULK, welcome.session)
-    await next_event(bs, bc)
+    await next_event(bs, bc, exact=True)
     t0 = time.perf_counter()
     nbytes = frames = 0
-    while True:
-        ev = await next_event(bs, bc)
-        if isinstance(ev, Done):
-            break
-        frames += 1
-        nbytes += ev.count * welcome.page_size
+    if mode == "sink":
+        import struct
+
+        prefix = struct.Struct("<2sHI")
+        left = 0  # bytes of the current frame still to skip
+        pending = bytearray()
+        done = False
+        while not done:
+            n = await bs.recv_into(rview)
+            if not n:
+                raise ConnectionError("source closed the bulk connection")
+            pos = 0
+            while pos < n and not done:
+                if left:
+                    k = min(left, n - pos)
+                    left -= k
+                    pos += k
+                    continue
+                take = min(prefix.size - len(pending), n - pos)
+                pending += rview[pos : pos + take]
+                pos += take
+                if len(pending) < prefix.size:
+                    continue
+                _, hl, pl = prefix.unpack(pending)
+                pending.clear()
+                frames += 1
+                nbytes += pl
+                left = hl + pl
+                # Done is the only frame with a header this small ({"t": 6}) and no payload.
+                done = pl == 0 and hl <= 8
+        frames -= 1
+    else:
+        while True:
+            ev = await next_event(bs, bc)
+            if isinstance(ev, Done):
+                break
+            frames += 1
+            nbytes += ev.count * welcome.page_size
     dt = time.perf_counter() - t0
     print(
         json.dumps(
@@ -673,7 +707,7 @@ async def _bench_reader(host: str, port: int) -> None:
     bs.close()
 
 
-def _bench(size: int) -> None:
+def _bench(size: int, mode: str = "protocol") -> None:
     """Serve a MemoryBackend of `size` random-ish bytes and time a reader process's bulk drain."""
     import os
 
@@ -686,6 +720,7 @@ def _bench(size: int) -> None:
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(serve, backend, "127.0.0.1:0")
             cmd = [sys.executable, "-m", "uffdpoison.source.server", "reader", host, str(port)]
+            cmd.append(mode)
             await trio.run_process(cmd)
             nursery.cancel_scope.cancel()
 
@@ -693,10 +728,11 @@ def _bench(size: int) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # python -m uffdpoison.source.server bench [SIZE]   (e.g. 256M)
+    # python -m uffdpoison.source.server bench [SIZE [protocol|sink]]   (e.g. 256M)
     if sys.argv[1:2] == ["reader"]:
-        trio.run(_bench_reader, sys.argv[2], int(sys.argv[3]))
+        trio.run(_bench_reader, sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:
         from uffdpoison.source.backends import parse_size
 
-        _bench(parse_size(sys.argv[2] if len(sys.argv) > 2 else "256M"))
+        size = parse_size(sys.argv[2] if len(sys.argv) > 2 else "256M")
+        _bench(size, sys.argv[3] if len(sys.argv) > 3 else "protocol")
