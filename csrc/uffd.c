@@ -148,7 +148,7 @@ static void decode(const struct uffd_msg *m, up_event *e)
 		e->fork_fd = (int32_t)m->arg.fork.ufd;
 		break;
 	case UFFD_EVENT_REMAP:
-		e->from = m->arg.remap.from;
+		e->from_ = m->arg.remap.from;
 		e->to = m->arg.remap.to;
 		e->len = m->arg.remap.len;
 		break;

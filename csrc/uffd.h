@@ -16,7 +16,7 @@ typedef struct up_event {
 	uint64_t address; /* pagefault address */
 	uint64_t start;   /* REMOVE/UNMAP: range [start, end) */
 	uint64_t end;
-	uint64_t from;    /* REMAP: from, to, len */
+	uint64_t from_;   /* REMAP: from_, to, len */
 	uint64_t to;
 	uint64_t len;
 } up_event;

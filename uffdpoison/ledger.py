@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,7 @@ _POISON = pagestates.OP_POISON
 _WAKE = pagestates.FLAG_WAKE
 _STRICT = pagestates.FLAG_STRICT
 _REFUSED = pagestates.REFUSED_POISON
+log = logging.getLogger(__name__)
 _OPNAMES = {_COPY: "copy", _ZERO: "zero", _CONT: "continue", _POISON: "poison"}
 
 
@@ -158,6 +160,14 @@ class Ledger:
         return self._ps.raw.raced
 
     @property
+    def already_total(self) -> int:
+        return self._ps.raw.already
+
+    @property
+    def dropped_total(self) -> int:
+        return self._ps.raw.dropped
+
+    @property
     def complete(self) -> bool:
         """No page MISSING, REQUESTED or BACKGROUND."""
         c = self._ps.raw.counts
@@ -221,4 +231,14 @@ class Ledger:
     def poison(self, first: int, count: int, *, wake: bool = True) -> PlaceResult:
         """Place poison markers; PRESENT pages are skipped (``already``: data was there)."""
         rc = self._ps.place(_POISON, first, count, 0, _WAKE if wake else 0)
-        return self._outcome(rc, _POISON, first, count)
+        result = self._outcome(rc, _POISON, first, count)
+        if result.already or result.raced:
+            # not an error, but a guest may have consumed data the source calls poisoned
+            log.info(
+                "poison of pages %d+%d: %d already there (data or our marker), %d raced",
+                first,
+                count,
+                result.already,
+                result.raced,
+            )
+        return result

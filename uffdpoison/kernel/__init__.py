@@ -31,6 +31,7 @@ from uffdpoison.kernel.uffd import (
     Ioctl,
     RegisterMode,
     Userfaultfd,
+    open_paths,
     probe_features,
 )
 
@@ -61,6 +62,7 @@ __all__ = [
     "anon",
     "digest",
     "hugetlb",
+    "open_paths",
     "page_digests",
     "probe_features",
     "reserve_hugepages",

@@ -76,7 +76,7 @@ class EventBatch:
             e.address,
             e.start,
             e.end,
-            getattr(e, "from"),
+            e.from_,
             e.to,
             e.len,
             e.fork_fd,

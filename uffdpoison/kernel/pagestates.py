@@ -65,7 +65,10 @@ class PageStates:
 
     def place(self, op: int, first: int, count: int, src: int, flags: int) -> int:
         """Apply the placement table over pages [first, first+count); 0 or -errno."""
-        return _place(self._l, op, first, count, src, flags, self.result)
+        try:
+            return _place(self._l, op, first, count, src, flags, self.result)
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"bad placement pages {first!r}+{count!r} src {src!r}: {e}") from e
 
     def place_buffer(self, op: int, first: int, count: int, buf: Any, flags: int) -> int:
         """``place`` with the source a Python buffer of count*page_size bytes."""
@@ -75,7 +78,10 @@ class PageStates:
                 f"source buffer of {len(cbuf)} bytes is short of {count} pages "
                 f"({count * self.page_size} bytes)"
             )
-        return _place(self._l, op, first, count, ffi.cast("uint64_t", cbuf), flags, self.result)
+        try:
+            return _place(self._l, op, first, count, ffi.cast("uint64_t", cbuf), flags, self.result)
+        except OverflowError as e:
+            raise ValueError(f"bad placement pages {first!r}+{count!r}: {e}") from e
 
     def get(self, index: int) -> int:
         s = lib.up_ledger_get(self.raw, index)

@@ -113,6 +113,26 @@ def probe_features(*, user_mode_only: bool = False) -> Feature:
         os.close(fd)
 
 
+def open_paths() -> dict[str, str]:
+    """Try every way to create a userfaultfd: {path: "ok" or the error}. Nothing is kept."""
+    out: dict[str, str] = {}
+    for name, fd in (
+        ("syscall", lib.up_uffd_open_syscall(0)),
+        ("syscall (user-mode only)", lib.up_uffd_open_syscall(1)),
+        ("/dev/userfaultfd", lib.up_uffd_open_device()),
+    ):
+        if fd >= 0:
+            os.close(fd)
+            out[name] = "ok"
+        else:
+            out[name] = f"{errno.errorcode.get(-fd, str(-fd))} ({os.strerror(-fd)})"
+    return out
+
+
+def _bad_args(e: OverflowError) -> ValueError:
+    return ValueError(f"addresses and lengths must be unsigned 64-bit integers: {e}")
+
+
 class Userfaultfd:
     """An owned userfaultfd (O_NONBLOCK, O_CLOEXEC). Close exactly once."""
 
@@ -154,8 +174,9 @@ class Userfaultfd:
         require: Feature = NO_FEATURES,
     ) -> Userfaultfd:
         """Open a userfaultfd and run UFFDIO_API with ``features`` (limited to what the kernel
-        offers, since asking for an unknown bit is EINVAL). Raises FeatureMissing naming the
-        bits of ``require`` the kernel did not grant."""
+        offers, since asking for an unknown bit is EINVAL) plus ``require``. Raises FeatureMissing
+        naming the bits of ``require`` the kernel does not offer."""
+        features |= require
         available = probe_features(user_mode_only=user_mode_only)
         missing = Feature(require & ~(available & features))
         if missing:
@@ -266,25 +287,37 @@ class Userfaultfd:
 
     def copy(self, dst: int, src: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_COPY from address ``src``; returns bytes done."""
-        rc = _copy(self._fd, dst, src, length, 0 if wake else 1, self._prog)
+        try:
+            rc = _copy(self._fd, dst, src, length, 0 if wake else 1, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_COPY", rc, dst, length)
 
     def zeropage(self, start: int, length: int, *, wake: bool = True) -> int:
-        rc = _zeropage(self._fd, start, length, 0 if wake else 1, self._prog)
+        try:
+            rc = _zeropage(self._fd, start, length, 0 if wake else 1, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_ZEROPAGE", rc, start, length)
 
     def continue_(self, start: int, length: int, *, wake: bool = True) -> int:
-        rc = _continue(self._fd, start, length, 0 if wake else 1, self._prog)
+        try:
+            rc = _continue(self._fd, start, length, 0 if wake else 1, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_CONTINUE", rc, start, length)
 
     def poison(self, start: int, length: int, *, wake: bool = True) -> int:
-        rc = _poison(self._fd, start, length, 0 if wake else 1, self._prog)
+        try:
+            rc = _poison(self._fd, start, length, 0 if wake else 1, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_POISON", rc, start, length)
@@ -298,7 +331,10 @@ class Userfaultfd:
         self, dst: int, src: int, length: int, *, wake: bool = True, allow_src_holes: bool = False
     ) -> int:
         mode = (0 if wake else 1) | (2 if allow_src_holes else 0)
-        rc = _move(self._fd, dst, src, length, mode, self._prog)
+        try:
+            rc = _move(self._fd, dst, src, length, mode, self._prog)
+        except OverflowError as e:
+            raise _bad_args(e) from e
         if rc == 0:
             return length
         return self._short_or_raise("UFFDIO_MOVE", rc, dst, length)

@@ -1,0 +1,152 @@
+"""``uffdpoison check``: what this kernel's userfaultfd supports, measured, not assumed.
+
+Reports the fd creation paths, the API features, the ioctls offered per memory kind and
+registration mode, and whether UFFDIO_POISON works (a marker is placed, then a second POISON
+must be EEXIST). Exit 0 when what uffdpoison needs (the POISON ioctl) works, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from uffdpoison.kernel import (
+    HUGE_PAGE_SIZE,
+    PAGE_SIZE,
+    AlreadyPopulated,
+    Feature,
+    HugePagesUnavailable,
+    Ioctl,
+    Mapping,
+    RegisterMode,
+    UffdError,
+    Userfaultfd,
+    anon,
+    hugetlb,
+    open_paths,
+    probe_features,
+    reserve_hugepages,
+    shmem,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print a JSON report")
+    parser.add_argument(
+        "--no-hugetlb",
+        action="store_true",
+        help="skip the hugetlb probe (it reserves one 2 MiB page and restores the count)",
+    )
+
+
+def _names(flags: Ioctl | Feature) -> list[str]:
+    return [f.name for f in type(flags) if f in flags and f.name]
+
+
+def _register(make: Callable[[], Mapping], mode: RegisterMode) -> dict[str, Any]:
+    try:
+        with Userfaultfd.create() as u, make() as m:
+            got = u.register(m.addr, m.size, mode)
+            u.unregister(m.addr, m.size)
+            return {"ok": True, "ioctls": _names(got)}
+    except OSError as e:
+        return {"ok": False, "error": str(e)}
+
+
+def _hugetlb(mode: RegisterMode) -> dict[str, Any]:
+    try:
+        with reserve_hugepages(1):
+            return _register(lambda: hugetlb(HUGE_PAGE_SIZE), mode)
+    except HugePagesUnavailable as e:
+        return {"ok": False, "skipped": str(e)}
+
+
+def _poison() -> dict[str, Any]:
+    """Place a marker; a second POISON must say EEXIST (the marker is really there)."""
+    try:
+        with Userfaultfd.create() as u, anon(PAGE_SIZE) as m:
+            u.register(m.addr, m.size, RegisterMode.MISSING)
+            try:
+                u.poison(m.addr, PAGE_SIZE)
+                try:
+                    u.poison(m.addr, PAGE_SIZE)
+                except AlreadyPopulated:
+                    return {"ok": True, "detail": "marker placed; a second POISON is EEXIST"}
+                return {"ok": False, "detail": "a second POISON succeeded: no marker was kept"}
+            finally:
+                u.unregister(m.addr, m.size)
+    except OSError as e:
+        return {"ok": False, "detail": str(e)}
+
+
+def report(*, hugetlb_probe: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"kernel": os.uname().release, "create": open_paths()}
+    try:
+        out["features"] = _names(probe_features())
+        with Userfaultfd.create() as u:
+            out["api_ioctls"] = _names(u.api_ioctls)
+            out["created_via"] = u.created_via
+    except UffdError as e:
+        out["features"] = []
+        out["api_ioctls"] = []
+        out["error"] = str(e)
+        out["register"] = {}
+        out["poison"] = {"ok": False, "detail": "no userfaultfd"}
+        out["ok"] = False
+        return out
+    page = PAGE_SIZE
+    reg = {
+        "anon MISSING": _register(lambda: anon(page), RegisterMode.MISSING),
+        "shmem MISSING": _register(lambda: shmem(page), RegisterMode.MISSING),
+        "shmem MISSING|MINOR": _register(
+            lambda: shmem(page), RegisterMode.MISSING | RegisterMode.MINOR
+        ),
+    }
+    if hugetlb_probe:
+        reg["hugetlb MISSING|MINOR"] = _hugetlb(RegisterMode.MISSING | RegisterMode.MINOR)
+    out["register"] = reg
+    out["poison"] = _poison()
+    anon_ioctls = reg["anon MISSING"].get("ioctls", [])
+    out["ok"] = bool(out["poison"]["ok"] and "POISON" in anon_ioctls)
+    return out
+
+
+def _text(r: dict[str, Any]) -> str:
+    lines = [f"kernel {r['kernel']}", "userfaultfd creation:"]
+    lines += [f"  {path:<26} {res}" for path, res in r["create"].items()]
+    if "error" in r:
+        lines.append(f"no usable userfaultfd: {r['error']}")
+    lines.append("API features: " + (" ".join(r["features"]) or "-"))
+    lines.append("API ioctls:   " + (" ".join(r["api_ioctls"]) or "-"))
+    lines.append("ioctls offered on registration:")
+    for what, res in r["register"].items():
+        if res["ok"]:
+            detail = " ".join(res["ioctls"])
+        else:
+            detail = "skipped: " + res["skipped"] if "skipped" in res else "FAILED: " + res["error"]
+        lines.append(f"  {what:<22} {detail}")
+    lines.append(f"POISON: {'works' if r['poison']['ok'] else 'MISSING'} ({r['poison']['detail']})")
+    lines.append(
+        "uffdpoison can run here" if r["ok"] else "uffdpoison cannot run here: needs UFFDIO_POISON"
+    )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    r = report(hugetlb_probe=not getattr(args, "no_hugetlb", False))
+    if getattr(args, "json", False):
+        json.dump(r, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(_text(r))
+    return 0 if r["ok"] else 1
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="uffdpoison check", description=__doc__)
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))
