@@ -646,8 +646,10 @@ class Connection:
             raise ProtocolError(f"cannot send {name} after our fatal Error")
         if not ours and self._their_abort:
             raise ProtocolError(f"{name} from the peer after its fatal Error")
+        # After its Done a side sends only a fatal Error, or (the source) replies with an id.
         if (self.our_done if ours else self.their_done) and not (
-            sender is Side.SOURCE and isinstance(ev, Pages | Error) and ev.id is not None
+            (isinstance(ev, Error) and ev.id is None)
+            or (sender is Side.SOURCE and isinstance(ev, Pages | Error) and ev.id is not None)
         ):
             raise ProtocolError(f"{name} sent by {sender.value} after its Done")
 
@@ -717,10 +719,8 @@ class Connection:
             return
 
         if self.welcome is None:
-            if isinstance(ev, Error) and ev.id is None and sender is Side.SOURCE:
-                if self.hello is None:
-                    raise ProtocolError("Error before the Hello")
-                return  # the source refuses the Hello
+            if isinstance(ev, Error) and ev.id is None and self.hello is not None:
+                return  # the source refuses the Hello, or the destination gives up
             first = "Hello" if self.hello is None else "Welcome"
             raise ProtocolError(f"{name} before the handshake (expected {first})")
 
