@@ -287,6 +287,68 @@ async def test_capped_bulk_restarts_at_demand_and_urgent_is_not_held_back() -> N
         await urgent.aclose()
 
 
+async def test_destination_done_stops_push_and_session_outlives_urgent() -> None:
+    n = 16384
+    buf = make_guest(n, set())
+    async with running(MemoryBackend(buf), max_bandwidth=4 << 20) as srv:
+        urgent, w = await session(srv.addr)
+        bulk = await Client.open(srv.addr, Channel.BULK)
+        await bulk.hello(session=w.session)
+        # URGENT closes first: the session lives on while BULK is open.
+        await urgent.aclose()
+        ev = await bulk.next()
+        assert isinstance(ev, Pages) and ev.id is None
+        # The destination says it has all it needs: the push stops with the source's Done.
+        await bulk.send(Done())
+        pushed = ev.count
+        while True:
+            ev = await bulk.next()
+            if isinstance(ev, Done):
+                break
+            assert isinstance(ev, Pages)
+            pushed += ev.count
+        assert pushed < n
+        assert await bulk.next() is CLOSED
+        await bulk.aclose()
+        with trio.fail_after(5):
+            while not any(s["event"] == "session-ended" for s in srv.statuses):
+                await trio.sleep(0.01)
+        (ended,) = [s for s in srv.statuses if s["event"] == "session-ended"]
+        assert "destination done" in ended["reason"] and not ended["bulk_done"]
+
+
+async def test_image_truncated_while_serving_is_a_read_error(tmp_path: Path) -> None:
+    from uffdpoison.source.backends import ImageBackend
+
+    img = tmp_path / "guest.img"
+    img.write_bytes(bytes(make_guest(64, set())))
+    with ImageBackend(img) as be:
+        async with running(be) as srv:
+            urgent, w = await session(srv.addr)
+            os.truncate(img, 16 * PS)
+            frames = await ask(urgent, 1, 0, 2)
+            assert [f.kind for f in frames] == [PageKind.DATA]
+            await urgent.send(Request(2, 32 * PS, 2, True))
+            ev = await urgent.next()
+            assert isinstance(ev, Error) and ev.id == 2 and ev.code == "read-failed"
+            assert "truncated" in ev.message
+            # The channel stays usable.
+            frames = await ask(urgent, 3, 4 * PS, 1)
+            assert frames[0].kind is PageKind.DATA
+            # The bulk push meets the hole and ends with a fatal read error, never zeros.
+            bulk = await Client.open(srv.addr, Channel.BULK)
+            await bulk.hello(session=w.session)
+            while True:
+                ev = await bulk.next()
+                if isinstance(ev, Error):
+                    break
+                assert isinstance(ev, Pages) and ev.kind is PageKind.DATA
+                assert ev.offset + ev.count * PS <= 16 * PS
+            assert ev.id is None and ev.code == "read-failed"
+            await bulk.aclose()
+            await urgent.aclose()
+
+
 async def test_two_destinations_and_a_malformed_one() -> None:
     n = 512
     buf = make_guest(n, {7})

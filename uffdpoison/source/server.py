@@ -21,6 +21,7 @@ import trio
 
 from uffdpoison.protocol import (
     CLOSED,
+    MAX_PAYLOAD,
     NEED_DATA,
     PROTOCOL_VERSION,
     Channel,
@@ -69,6 +70,8 @@ BULK_CHUNK_UNITS = 256
 # could otherwise ask for gigabytes in one buffer).
 DEMAND_PIECE_BYTES = 8 << 20
 _RECV_SIZE = 1 << 16
+# Once a frame is partly written, how long the rest may take before the connection is dropped.
+PARTIAL_FRAME_TIMEOUT = 30.0
 _IOV_MAX = 1024
 
 
@@ -96,22 +99,40 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes | memoryview]) -> int:
-    """Write buffers in order with as few syscalls as the kernel allows; returns bytes sent."""
+    """Write buffers in order with as few syscalls as the kernel allows; returns bytes sent.
+
+    Cancellation is honoured only before the first byte goes out: once part of a frame is on
+    the wire the rest is written shielded (bounded by PARTIAL_FRAME_TIMEOUT), so a cancelled
+    push never leaves half a frame in front of the Error or Done that follows it."""
     views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
     total = sum(v.nbytes for v in views)
     i = 0
-    while i < len(views):
-        n = await sock.sendmsg(views[i : i + _IOV_MAX])
-        while n:
-            v = views[i]
-            if n >= v.nbytes:
-                n -= v.nbytes
+    first = True
+    shield: trio.CancelScope | None = None
+    try:
+        while i < len(views):
+            n = await sock.sendmsg(views[i : i + _IOV_MAX])
+            while n:
+                v = views[i]
+                if n >= v.nbytes:
+                    n -= v.nbytes
+                    i += 1
+                else:
+                    views[i] = v[n:]
+                    n = 0
+            while i < len(views) and views[i].nbytes == 0:
                 i += 1
-            else:
-                views[i] = v[n:]
-                n = 0
-        while i < len(views) and views[i].nbytes == 0:
-            i += 1
+            if first and i < len(views):
+                first = False
+                shield = trio.CancelScope(
+                    shield=True, deadline=trio.current_time() + PARTIAL_FRAME_TIMEOUT
+                )
+                shield.__enter__()
+    finally:
+        if shield is not None:
+            shield.__exit__(None, None, None)
+    if shield is not None and shield.cancelled_caught:
+        raise trio.BrokenResourceError("peer stopped reading in the middle of a frame")
     return total
 
 
@@ -179,6 +200,10 @@ class Session:
             "bytes_sent": 0,
         }
         self.bulk_done = False
+        self.push_finished = trio.Event()
+        self.push_scope: trio.CancelScope | None = None
+        self.channels_open = 1  # the URGENT connection that created it
+        self.reasons: list[str] = []
 
     def scope(self) -> trio.CancelScope:
         """A cancel scope for one of this session's connection handlers."""
@@ -321,7 +346,7 @@ class SourceServer:
         unit = session.unit
         plist: memoryview | None = None
         offsets = self.backend.poisoned_offsets(unit)
-        if hello.want_poison_list:
+        if hello.want_poison_list and len(offsets) * 8 <= MAX_PAYLOAD:
             plist = memoryview(offsets).cast("B") if sys.byteorder == "little" else None
             if plist is None:  # pragma: no cover - big-endian host
                 offsets.byteswap()
@@ -377,27 +402,39 @@ class SourceServer:
                         break
         except SourceGone as e:
             self._source_gone(str(e))
-            reason = "source gone"
         except ProtocolError as e:
             reason = f"protocol error: {e}"
+            raise
+        except (OSError, trio.BrokenResourceError) as e:
+            reason = f"connection lost: {e}"
             raise
         finally:
             if session.abort_reason is not None:
                 reason = session.abort_reason[1]
                 await ch.send_error(*session.abort_reason)
-            session.stop()
-            self.sessions.pop(token, None)
-            counts = dict(session.counts)
-            counts["bytes_sent"] = ch.bytes_sent + (session.bulk.bytes_sent if session.bulk else 0)
-            log.info("%s: session %s ended (%s): %s", ch.peer, token.hex()[:8], reason, counts)
-            self.status(
-                "session-ended",
-                session=token.hex(),
-                peer=ch.peer,
-                reason=reason,
-                bulk_done=session.bulk_done,
-                **counts,
-            )
+            self._channel_closed(session, "urgent", reason)
+
+    def _channel_closed(self, session: Session, which: str, reason: str) -> None:
+        """A session ends when both its channels are closed (or URGENT closes with no BULK)."""
+        session.reasons.append(f"{which}: {reason}")
+        session.channels_open -= 1
+        if session.channels_open > 0:
+            return
+        session.stop()
+        token = session.token
+        self.sessions.pop(token, None)
+        counts = dict(session.counts)
+        counts["bytes_sent"] = sum(c.bytes_sent for c in (session.urgent, session.bulk) if c)
+        why = "; ".join(session.reasons)
+        log.info("%s: session %s ended (%s): %s", session.peer, token.hex()[:8], why, counts)
+        self.status(
+            "session-ended",
+            session=token.hex(),
+            peer=session.peer,
+            reason=why,
+            bulk_done=session.bulk_done,
+            **counts,
+        )
 
     def _source_gone(self, message: str) -> None:
         """The served process is gone: every session ends with an ERROR, never with zeros."""
@@ -425,7 +462,15 @@ class SourceServer:
             n = min(piece_units, req.count - done)
             off = req.offset + done * unit
             buf = bytearray(n * unit)
-            events = self._reply_events(req.id, off, buf, unit, digests, done)
+            try:
+                events = self._reply_events(req.id, off, buf, unit, digests, done)
+            except SourceGone:
+                raise
+            except SourceError as e:
+                # Not poison (that is a POISONED reply): the pages cannot be read at all.
+                log.error("%s: request %d failed: %s", ch.peer, req.id, e)
+                await ch.send([Error(req.id, "read-failed", str(e)[:1000])])
+                return
             session.count_events(events)
             await ch.send(events)
             done += n
@@ -502,48 +547,71 @@ class SourceServer:
             )
             return
         session.bulk = ch
-        await ch.send([self._welcome(session, hello)])
+        session.channels_open += 1
+        reason = "closed"
         try:
+            await ch.send([self._welcome(session, hello)])
             with session.scope():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._push, session, ch)
                     try:
-                        await self._bulk_reader(session, ch)
+                        reason = await self._bulk_reader(session, ch)
                     except ProtocolError as e:
                         log.warning("%s: protocol error on BULK, closing it: %s", ch.peer, e)
+                        reason = f"protocol error: {e}"
                         await ch.send_error("bad-request", str(e))
                     except SourceGone as e:
                         self._source_gone(str(e))
                     except (OSError, trio.BrokenResourceError) as e:
                         log.info("%s: BULK connection lost: %s", ch.peer, e)
+                        reason = f"connection lost: {e}"
                     nursery.cancel_scope.cancel()
         finally:
             if session.abort_reason is not None:
+                reason = session.abort_reason[1]
                 await ch.send_error(*session.abort_reason)
+            self._channel_closed(session, "bulk", reason)
 
-    async def _bulk_reader(self, session: Session, ch: _Channel) -> None:
+    async def _bulk_reader(self, session: Session, ch: _Channel) -> str:
         """Background (urgent=False) requests on BULK, until the destination closes it."""
         while True:
             ev = await ch.next_event()
             if ev is CLOSED:
-                return
+                return "closed"
             if isinstance(ev, Request):
                 await self._answer(session, ch, ev)
             elif isinstance(ev, Error):
                 log.warning("%s: bulk error %s: %s", ch.peer, ev.code, ev.message)
-                return
-            # Done from the destination: it wants no more pushes; replies may still follow.
+                return f"destination error {ev.code}"
+            elif isinstance(ev, Done):
+                # The destination holds every page it needs: stop pushing, answer with our
+                # Done (if the push had not finished) and close.
+                if session.push_scope is not None:
+                    session.push_scope.cancel()
+                await session.push_finished.wait()
+                if not ch.conn.our_done:
+                    await ch.send([Done()])
+                return "destination done"
 
     async def _push(self, session: Session, ch: _Channel) -> None:
         try:
-            await self._push_pages(session, ch)
+            with trio.CancelScope() as scope:
+                session.push_scope = scope
+                await self._push_pages(session, ch)
         except SourceGone as e:
             self._source_gone(str(e))
+        except SourceError as e:
+            # Not poison and not a vanished process (e.g. an image truncated under us): this
+            # push cannot go on; demand requests still get their own per-request errors.
+            log.error("%s: bulk push failed: %s", ch.peer, e)
+            await ch.send_error("read-failed", str(e))
         except ProtocolError as e:
             # Our own send refused (e.g. after a fatal Error on this channel): stop pushing.
             log.info("%s: bulk push stopped: %s", ch.peer, e)
         except (OSError, trio.BrokenResourceError) as e:
             log.info("%s: bulk push stopped, connection lost: %s", ch.peer, e)
+        finally:
+            session.push_finished.set()
 
     async def _push_pages(self, session: Session, ch: _Channel) -> None:
         """Offer every page not yet offered, near the latest demand first, then Done."""
