@@ -177,6 +177,14 @@ async def test_demand_every_reply_kind() -> None:
             (PageKind.DATA, 10 * PS, 1),
         ]
         assert bytes(frames[1].data) == bytes(buf[10 * PS : 11 * PS])
+        # Zero pages: CLEAN when the destination's copy is zero too, else ZERO.
+        dig = page_digests(bytes(2 * PS), PS)
+        dig[1] ^= 1
+        frames = await ask(urgent, 10, 4 * PS, 2, memoryview(dig).cast("B"))
+        assert [(f.kind, f.offset, f.count) for f in frames] == [
+            (PageKind.CLEAN, 4 * PS, 1),
+            (PageKind.ZERO, 5 * PS, 1),
+        ]
         # A poisoned page stays POISONED even when the digest "matches".
         dig = page_digests(buf[6 * PS : 7 * PS], PS)
         frames = await ask(urgent, 9, 6 * PS, 1, memoryview(dig).cast("B"))
@@ -285,6 +293,27 @@ async def test_capped_bulk_restarts_at_demand_and_urgent_is_not_held_back() -> N
         assert bulk_pages * PS <= cap * elapsed + (256 << 10)
         await bulk.aclose()
         await urgent.aclose()
+
+
+async def test_ipv6_loopback() -> None:
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            SourceServer(MemoryBackend(make_guest(4, set()))).serve, "[::1]:0"
+        )
+        assert host == "::1" and port > 0
+        urgent, w = await session((host, port))
+        assert w.memory_size == 4 * PS
+        await urgent.aclose()
+        nursery.cancel_scope.cancel()
 
 
 async def test_destination_done_stops_push_and_session_outlives_urgent() -> None:
@@ -513,3 +542,35 @@ def test_cli_errors(tmp_path: Path, args: list[str], message: str) -> None:
     assert p.returncode != 0
     assert message in err
     assert out == ""
+
+
+async def test_poison_found_by_eio_is_reported_to_later_sessions() -> None:
+    from test_source_backends import CHILD
+
+    n = 16
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(n), "5,9", "", ""],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        addr = int(proc.stdout.readline())
+        # No pagemap scan: the source learns of the poison only when a read fails with EIO.
+        with ProcessBackend(proc.pid, [(addr, n * PS)], scan_pagemap=False) as be:
+            async with running(be) as srv:
+                first, w1 = await session(srv.addr)
+                assert w1.poisoned_count == 0
+                frames = await ask(first, 1, 0, n)
+                kinds = [f.kind for f in frames for _ in range(f.count)]
+                assert [i for i, k in enumerate(kinds) if k is PageKind.POISONED] == [5, 9]
+                second, w2 = await session(srv.addr)
+                assert w2.poisoned_count == 2
+                assert list(w2.poison_list.cast("Q")) == [5 * PS, 9 * PS]
+                await first.aclose()
+                await second.aclose()
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -249,6 +249,7 @@ class SourceServer:
         self.sessions: dict[bytes, Session] = {}
         self.gone: str | None = None  # set once the backend reported SourceGone
         self.sessions_started = 0
+        self._zero_digests: dict[int, int] = {}
 
     def status(self, event: str, **fields: Any) -> None:
         if self._status is not None:
@@ -488,9 +489,14 @@ class SourceServer:
         events: list[Event] = []
         for run in runs:
             kind = _KIND[run.kind]
-            if kind is PageKind.DATA and digests is not None:
+            if kind is not PageKind.POISONED and digests is not None:
+                # MINOR mode: a page whose digest matches the destination's copy is CLEAN
+                # (nothing crosses the wire); the others go as DATA or ZERO. Poison never is.
                 rel = (run.offset - offset) // unit
-                ours = page_digests(mv[rel * unit : (rel + run.count) * unit], unit)
+                if kind is PageKind.DATA:
+                    ours = page_digests(mv[rel * unit : (rel + run.count) * unit], unit)
+                else:
+                    ours = [self._zero_digest(unit)] * run.count
                 k = 0
                 while k < run.count:
                     clean = ours[k] == digests[dbase + rel + k]
@@ -500,7 +506,7 @@ class SourceServer:
                     self._add_run(
                         events,
                         rid,
-                        PageKind.CLEAN if clean else PageKind.DATA,
+                        PageKind.CLEAN if clean else kind,
                         run.offset + k * unit,
                         j - k,
                         mv,
@@ -511,6 +517,12 @@ class SourceServer:
             else:
                 self._add_run(events, rid, kind, run.offset, run.count, mv, offset, unit)
         return events
+
+    def _zero_digest(self, unit: int) -> int:
+        d = self._zero_digests.get(unit)
+        if d is None:
+            d = self._zero_digests[unit] = page_digests(bytes(unit), unit)[0]
+        return d
 
     @staticmethod
     def _add_run(
