@@ -532,6 +532,11 @@ def test_cli_listening_line_first_and_sigterm_exits_zero(tmp_path: Path) -> None
         (["--listen", "127.0.0.1:0", "--pid", "1"], "--range"),
         (["--listen", "127.0.0.1:0", "--pid", "1", "--range", "zz:1"], "START:LENGTH"),
         (["--listen", "127.0.0.1:0", "--image", "{img}", "--max-bandwidth", "x"], "size"),
+        (
+            ["--listen", "127.0.0.1:0", "--pid", "999999999", "--range", "0x1000:0x1000"],
+            "process 999999999 does not exist",
+        ),
+        (["--listen", "127.0.0.1:0", "--image", "{img}", "--page-size", "3000"], "power of two"),
     ],
 )
 def test_cli_errors(tmp_path: Path, args: list[str], message: str) -> None:
@@ -574,3 +579,51 @@ async def test_poison_found_by_eio_is_reported_to_later_sessions() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_cli_serves_a_live_process() -> None:
+    from test_source_backends import CHILD
+
+    n = 32
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(n), "3,17", "", ""],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    p = None
+    try:
+        assert child.stdout is not None
+        addr = int(child.stdout.readline())
+        half = n // 2 * PS
+        p = _cli(
+            "--listen",
+            "127.0.0.1:0",
+            "--pid",
+            str(child.pid),
+            "--range",
+            f"{addr + half:#x}:{half:#x}",
+            "--range",
+            f"{addr}:{half}",
+        )
+        assert p.stdout is not None
+        first = json.loads(p.stdout.readline())
+        assert first["event"] == "listening"
+
+        async def check() -> None:
+            urgent, w = await session((first["host"], first["port"]))
+            # Guest offset 0 is the child's page 16: page 17 -> guest 1, page 3 -> guest 19.
+            assert list(w.poison_list.cast("Q")) == [1 * PS, 19 * PS]
+            frames = await ask(urgent, 1, 0, 1)
+            assert bytes(frames[0].data) == struct.pack("<Q", 17) * (PS // 8)
+            await urgent.aclose()
+
+        trio.run(check)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p is not None:
+            p.kill()
+            p.wait()
+        child.kill()
+        child.wait()

@@ -352,6 +352,11 @@ def parse_poison_list(path: str | os.PathLike[str], *, page_size: int, size: int
 # Backends
 
 
+def _check_page_size(page_size: int) -> None:
+    if page_size < 4096 or page_size & (page_size - 1):
+        raise SourceError(f"page size {page_size} is not a power of two of at least 4096")
+
+
 class Backend:
     """Guest memory of `size` bytes in `page_size` base pages, plus which pages are poisoned.
 
@@ -365,8 +370,7 @@ class Backend:
     blocking_reads: bool = True
 
     def __init__(self, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> None:
-        if page_size <= 0 or page_size & (page_size - 1):
-            raise SourceError(f"page size {page_size} is not a power of two")
+        _check_page_size(page_size)
         if size <= 0:
             raise SourceError("guest memory is empty")
         if size % page_size:
@@ -553,6 +557,7 @@ class ImageBackend(Backend):
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         self.path = os.fspath(path)
+        _check_page_size(page_size)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -640,6 +645,7 @@ class ProcessBackend(Backend):
         scan_pagemap: bool = True,
     ) -> None:
         self.pid = pid
+        _check_page_size(page_size)
         if not ranges:
             raise SourceError("no memory ranges given")
         maps = _read_maps(pid)
