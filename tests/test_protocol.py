@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import uffdpoison.protocol as proto
 from uffdpoison.protocol import (
     CLOSED,
     MAGIC,
@@ -49,7 +50,7 @@ URGENT, BULK = Channel.URGENT, Channel.BULK
 def raw_frame(header: Any, payload: bytes = b"", magic: bytes = MAGIC) -> bytes:
     """A frame built by hand, bypassing every send-side check."""
     h = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
-    return struct.pack("<2sHI", magic, len(h), len(payload)) + h + payload
+    return struct.pack(">2sHI", magic, len(h), len(payload)) + h + payload
 
 
 def u64s(*offsets: int) -> memoryview:
@@ -298,7 +299,7 @@ def test_unknown_map_keys_are_ignored() -> None:
 
 def test_bench_codec_runs() -> None:
     r = bench_codec(200)
-    assert r["round_trips"] == 200 and r["GB_per_s"] > 0
+    assert r["frames"] == 200 and r["push_GB_per_s"] > 0 and r["demand_GB_per_s"] > 0
 
 
 def test_open_pair_helper() -> None:
@@ -346,15 +347,15 @@ def test_bad_magic() -> None:
 
 def test_oversize_header() -> None:
     _, dst = handshake(URGENT)
-    assert_rejected(dst, struct.pack("<2sHI", MAGIC, MAX_HEADER + 1, 0), "header length")
+    assert_rejected(dst, struct.pack(">2sHI", MAGIC, MAX_HEADER + 1, 0), "header length")
     _, dst = handshake(URGENT)
-    assert_rejected(dst, struct.pack("<2sHI", MAGIC, 0, 0), "header length")
+    assert_rejected(dst, struct.pack(">2sHI", MAGIC, 0, 0), "header length")
 
 
 def test_oversize_payload_rejected_before_buffering() -> None:
     _, dst = handshake(URGENT)
     # Only the prefix arrived: the announced size alone condemns the frame.
-    assert_rejected(dst, struct.pack("<2sHI", MAGIC, 10, MAX_PAYLOAD + 1), "MAX_PAYLOAD")
+    assert_rejected(dst, struct.pack(">2sHI", MAGIC, 10, MAX_PAYLOAD + 1), "MAX_PAYLOAD")
 
 
 def test_header_not_msgpack() -> None:
@@ -568,6 +569,12 @@ def test_hello_from_wrong_side_and_wrong_channel() -> None:
     assert_rejected(src, raw_frame({**hello, "p": 5000}), "page_size", "power of two")
     src = Connection(Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame({**hello, "w": 1}), "want_poison_list", "bool")
+    src = Connection(Side.SOURCE, BULK)
+    assert_rejected(src, raw_frame({**hello, "c": 2, "s": "tok"}), "'session'", "bytes", "str")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "a": "pw"}), "'auth'", "bytes", "str")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "v": 1.0}), "'version'", "float")
     assert src.hello is None
 
 
@@ -886,3 +893,105 @@ def test_mutated_valid_stream_decodes_or_protocol_error(data: st.DataObject) -> 
         drain(dst)
     except ProtocolError:
         pass
+
+
+# ---------------------------------------------------------------------------- fixed-width headers
+
+
+def fast_pages(rid: int, kind: int, off: int, n: int, payload: bytes = b"") -> bytes:
+    """A Pages frame in the sender's fixed-width (uint64) encoding, bypassing send()."""
+    c1, c2, c3, c4 = proto._PAGES_C
+    head = proto._PAGES_F.pack(MAGIC, 40, len(payload), c1, rid, c2, kind, c3, off, c4, n)
+    return head + payload
+
+
+def test_fixed_width_header_is_plain_msgpack() -> None:
+    src, dst = handshake(URGENT)
+    parts = dst.send(Request(5, 3 * PS, 2, True, u64s(9, 8)))
+    header = bytes(parts[0])[PREFIX_SIZE:]
+    assert msgpack.unpackb(header) == {"t": 3, "i": 5, "o": 3 * PS, "n": 2, "u": True}
+    src.receive_data(wire(parts))
+    assert drain(src) == [Request(5, 3 * PS, 2, True, u64s(9, 8))]
+    parts = src.send(Pages(5, PageKind.ZERO, 3 * PS, 1))
+    header = bytes(parts[0])[PREFIX_SIZE:]
+    assert msgpack.unpackb(header) == {"t": 4, "i": 5, "k": 2, "o": 3 * PS, "n": 1}
+    # Both encodings of the same frame decode to the same event.
+    dst.receive_data(raw_frame(pages_hdr(5, 2, 3 * PS, 1)))
+    dst.receive_data(fast_pages(5, 2, 4 * PS, 1))
+    assert drain(dst) == [Pages(5, PageKind.ZERO, 3 * PS, 1), Pages(5, PageKind.ZERO, 4 * PS, 1)]
+    assert dst.outstanding == 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (fast_pages(2, 2, 0, 1), ("unknown request id 2",)),
+        (fast_pages(1, 2, PS, 1), ("skips",)),
+        (fast_pages(1, 2, 0, 3), ("past the end",)),
+        (fast_pages(1, 2, 0, 0), ("count 0",)),
+        (fast_pages(1, 9, 0, 1), ("unknown kind",)),
+        (fast_pages(1, 4, 0, 1), ("CLEAN", "digests")),
+        (fast_pages(1, 1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
+        (fast_pages(1, 1, 0, 1), ("DATA payload is 0 bytes",)),
+        (fast_pages(1, 2, 0, 1, b"x" * 8), ("no payload",)),
+        (fast_pages(1, 2, 100, 1), ("not aligned",)),
+        (fast_pages(1, 2, 2**64 - PS, 1), ("past memory_size",)),
+        (fast_pages(1, 0xC3, 0, 1), ("unknown kind True",)),  # 0xc3 is msgpack true
+    ],
+)
+def test_fixed_width_malformed_falls_back_and_is_named(frame: bytes, words: tuple[str]) -> None:
+    dst = _dst_with_request(id=1, off=0, n=2)
+    assert_rejected(dst, frame, *words)
+    assert dst.outstanding == 1 and dst._out[1].next == 0
+
+
+def fast_request(rid: int, off: int, n: int, urgent: int = 0xC3, payload: bytes = b"") -> bytes:
+    """A Request frame in the sender's fixed-width encoding, bypassing send()."""
+    c1, c2, c3, c4 = proto._REQ_C
+    head = proto._REQ_F.pack(MAGIC, 40, len(payload), c1, rid, c2, off, c3, n, c4, urgent)
+    return head + payload
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (fast_request(1, PS, 1), ("duplicate request id 1",)),
+        (fast_request(2, PS, 1, urgent=0xC2), ("URGENT channel",)),
+        (fast_request(2, PS, 1, urgent=0x01), ("'urgent'", "bool", "int")),
+        (fast_request(2, PS, 2, payload=b"d" * 8), ("digests", "8 * count")),
+        (fast_request(2, PS + 1, 1), ("not aligned",)),
+        (fast_request(2, MEM, 1), ("past memory_size",)),
+        (fast_request(2, 0, 0), ("count 0",)),
+        (fast_request(2, 0, MAX_PAGES_PER_FRAME + 1), ("count",)),
+    ],
+)
+def test_fixed_width_bad_request_falls_back_and_is_named(frame: bytes, words: tuple[str]) -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 1, True))
+    assert_rejected(src, frame, *words)
+    assert src.outstanding == 1
+
+
+def test_fixed_width_request_accepted() -> None:
+    src, _ = handshake(URGENT)
+    src.receive_data(fast_request(3, PS, 2, payload=bytes(u64s(1, 2))))
+    assert drain(src) == [Request(3, PS, 2, True, u64s(1, 2))]
+    assert src.outstanding == 1
+
+
+def test_receive_data_accepts_any_buffer_shape() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 2, True))
+    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS))))
+    frame += wire(src.send(Pages(1, PageKind.ZERO, PS, 1)))
+    # The stream's tail, spanning the payload's end, as a u64-formatted view: the receiver
+    # must count it in bytes.
+    k = len(frame) - PS // 2
+    k -= (len(frame) - k) % 8
+    dst.receive_data(frame[:k])
+    assert dst.next_event() is NEED_DATA
+    dst.receive_data(memoryview(frame[k:]).cast("Q"))
+    assert drain(dst) == [
+        Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS)),
+        Pages(1, PageKind.ZERO, PS, 1),
+    ]
