@@ -408,10 +408,11 @@ async def test_two_destinations_and_a_malformed_one() -> None:
         # ...and b is undisturbed.
         frames = await ask(b, 3, 8 * PS, 2)
         assert [(f.kind, f.count) for f in frames] == [(PageKind.DATA, 1), (PageKind.POISONED, 1)]
-        # A request past the end (hand-encoded: our Connection refuses to send it) is an Error.
+        # A request past the end (hand-encoded per docs/PROTOCOL.md: our Connection refuses to
+        # send it) is an Error.
         c, _ = await session(srv.addr)
         header = msgpack.packb({"t": 3, "i": 1, "o": n * PS, "n": 1, "u": True})
-        await c.stream.send_all(struct.pack("<2sHI", b"uP", len(header), 0) + header)
+        await c.stream.send_all(struct.pack(">2sHI", b"uP", len(header), 0) + header)
         ev = await c.next()
         assert isinstance(ev, Error) and "memory_size" in ev.message
         frames = await ask(b, 4, 0, 1)

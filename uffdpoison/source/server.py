@@ -742,7 +742,7 @@ async def _bench_reader(host: str, port: int, mode: str = "protocol") -> None:
     if mode == "sink":
         import struct
 
-        prefix = struct.Struct("<2sHI")
+        prefix = struct.Struct(">2sHI")
         left = 0  # bytes of the current frame still to skip
         pending = bytearray()
         done = False
