@@ -672,6 +672,10 @@ class ProcessBackend(Backend):
         except OSError as e:
             raise SourceError(f"cannot open /proc/{pid}/mem: {e.strerror}") from e
         try:
+            self._pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._pagemap_fd = -1  # then every unreadable page counts as poisoned
+        try:
             self.pagemap_poisoned = 0
             if scan_pagemap:
                 self.pagemap_poisoned = self._scan_pagemap()
@@ -680,7 +684,7 @@ class ProcessBackend(Backend):
             if poison_list:
                 self.add_poison(poison_list)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _scan_pagemap(self) -> int:
@@ -748,8 +752,8 @@ class ProcessBackend(Backend):
                 n = os.preadv(self._fd, [buf[pos:end]], addr)
             except OSError as e:
                 if e.errno in (errno.EIO, errno.EFAULT, _EHWPOISON):
-                    # The first page cannot be read: it is poisoned, from now on.
-                    self.mark_poisoned(offset + pos)
+                    # The first page cannot be read: poisoned from now on (or an error).
+                    self._unreadable(offset + pos, addr)
                     pos += ps
                     addr += ps
                     continue
@@ -763,14 +767,43 @@ class ProcessBackend(Backend):
             # its error names it. A partial page is never served: it is re-read whole, and a
             # page that cannot be read whole is poisoned.
             if n < ps:
-                self.mark_poisoned(offset + pos)
+                self._unreadable(offset + pos, addr)
                 n = ps
             n -= n % ps
             pos += n
             addr += n
         return pos
 
+    def _unreadable(self, offset: int, addr: int) -> None:
+        """A page that /proc/PID/mem cannot read. A poison marker (or hardware poison) has a
+        swap-type pagemap entry (bit 62; type and offset hidden without CAP_SYS_ADMIN): that
+        page is POISONED from now on. An entry with nothing at all (not present, not swapped)
+        is a hole, e.g. a userfaultfd-registered page the VMM has not populated: its content
+        is unknown, but it is not poison, so the read fails instead (never data, never zero,
+        and no false poison). Without a readable pagemap every unreadable page is poison."""
+        entry = None
+        if self._pagemap_fd >= 0:
+            sys_ps = os.sysconf("SC_PAGE_SIZE")
+            try:
+                raw: bytes | None = os.pread(self._pagemap_fd, 8, addr // sys_ps * 8)
+            except OSError:
+                raw = None
+            if raw is not None and len(raw) == 0:
+                raise self._gone()
+            if raw is not None and len(raw) == 8:
+                (entry,) = struct.unpack("<Q", raw)
+        if entry is not None and not entry & (3 << 62):
+            raise SourceError(
+                f"process {self.pid}: page at {addr:#x} (guest offset {offset:#x}) cannot be "
+                "read and is not poisoned: nothing is mapped there (a userfaultfd-registered "
+                "page not yet populated?)"
+            )
+        self.mark_poisoned(offset)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._pagemap_fd >= 0:
+            os.close(self._pagemap_fd)
+            self._pagemap_fd = -1
