@@ -312,6 +312,10 @@ class SourceServer:
                 await ch.send_error("bad-request", str(e))
             except (OSError, trio.BrokenResourceError) as e:
                 log.info("%s: connection lost: %s", peer, e)
+            except Exception as e:
+                # A bug of ours in one connection must not take the other sessions down.
+                log.exception("%s: internal error, closing this connection", peer)
+                await ch.send_error("internal", f"{type(e).__name__}: {e}")
 
     async def _handshake(
         self, sock: trio.socket.SocketType, peer: str
