@@ -805,7 +805,10 @@ def _bench(size: int, mode: str = "protocol") -> None:
             host, port = await nursery.start(serve, backend, "127.0.0.1:0")
             cmd = [sys.executable, "-m", "uffdpoison.source.server", "reader", host, str(port)]
             cmd.append(mode)
-            await trio.run_process(cmd)
+            # The reader must speak this very protocol module, whatever is installed.
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            env = dict(os.environ, PYTHONPATH=root)
+            await trio.run_process(cmd, env=env)
             nursery.cancel_scope.cancel()
 
     trio.run(run)
