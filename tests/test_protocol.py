@@ -995,3 +995,35 @@ def test_receive_data_accepts_any_buffer_shape() -> None:
         Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS)),
         Pages(1, PageKind.ZERO, PS, 1),
     ]
+
+
+def test_received_data_is_not_kept_by_reference() -> None:
+    """A transport may reuse its receive buffer (recv_into) right after receive_data."""
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 3, True))
+    stream = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
+    stream += wire(src.send(Pages(1, PageKind.DATA, PS, 2, memoryview(b"b" * 2 * PS))))
+    rx = bytearray(5000)
+    for i in range(0, len(stream), len(rx)):
+        piece = stream[i : i + len(rx)]
+        rx[: len(piece)] = piece
+        dst.receive_data(memoryview(rx)[: len(piece)])
+        rx[:] = b"\xff" * len(rx)  # the transport scribbles over its buffer
+    got = drain(dst)
+    assert [bytes(e.data) for e in got] == [b"a" * PS, b"b" * 2 * PS]  # type: ignore[union-attr]
+    assert got[0].data.obj is not got[1].data.obj  # type: ignore[union-attr]
+
+
+def test_frames_before_a_framing_error_are_delivered_first() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 2, True))
+    good = wire(src.send(Pages(1, PageKind.ZERO, 0, 1)))
+    dst.receive_data(good + b"GET / HTTP/1.1\r\n\r\n")
+    assert dst.next_event() == Pages(1, PageKind.ZERO, 0, 1)
+    assert dst.outstanding == 1
+    with pytest.raises(ProtocolError, match="magic"):
+        dst.next_event()
+    assert dst.outstanding == 1
+    dst.receive_data(wire(src.send(Pages(1, PageKind.ZERO, PS, 1))))  # dropped: stream is dead
+    with pytest.raises(ProtocolError, match="magic"):
+        dst.next_event()

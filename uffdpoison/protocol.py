@@ -13,6 +13,7 @@ import enum
 import struct
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -488,12 +489,15 @@ class Connection:
         # May the hot frames take the fast paths? (OPEN, and that direction not finished)
         self._fast_in = False
         self._fast_out = False
-        # receive side
-        self._buf = bytearray()
+        # receive side: complete frames not yet decoded, the prefix/header being gathered, the
+        # payload being filled, and a framing error waiting its turn
+        self._frames: deque[tuple[bytes, bytearray | memoryview | None]] = deque()
+        self._stash = bytearray()
+        self._pending: tuple[bytes, memoryview] | None = None  # header, view of its payload
+        self._fill = 0
+        self._frame_error: ProtocolError | None = None
         self._eof = False
         self._failed: ProtocolError | None = None
-        self._pending: tuple[bytes, bytearray] | None = None  # header, payload being filled
-        self._fill = 0
 
     # ------------------------------------------------------------------ public state
 
@@ -520,14 +524,15 @@ class Connection:
 
     @property
     def bytes_wanted(self) -> int:
-        """Hint for transports: bytes that would complete the frame being received (>= 1)."""
+        """Hint for transports: bytes that would complete the frame being received (or the
+        next frame's prefix)."""
         if self._pending is not None:
             return len(self._pending[1]) - self._fill
-        have = len(self._buf)
+        have = len(self._stash)
         if have < PREFIX_SIZE:
             return PREFIX_SIZE - have
-        _, hl, pl = _PREFIX.unpack_from(self._buf)
-        return max(1, PREFIX_SIZE + hl + pl - have)
+        _, hl, pl = _PREFIX.unpack_from(self._stash)
+        return PREFIX_SIZE + hl + pl - have
 
     # ------------------------------------------------------------------ sending
 
@@ -686,7 +691,11 @@ class Connection:
     # ------------------------------------------------------------------ receiving
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the transport; b"" means the peer closed (EOF)."""
+        """Feed bytes from the transport; b"" means the peer closed (EOF).
+
+        Splits the stream into frames as it arrives, so each payload is copied exactly once,
+        from `data` into the buffer the event will hold; `data` is not kept. Framing errors
+        (bad prefix, oversize) are raised by next_event after the frames before them."""
         if self._eof:
             if data:
                 raise ProtocolError("data received after EOF")
@@ -694,94 +703,122 @@ class Connection:
         if not data:
             self._eof = True
             return
+        if self._frame_error is not None:
+            return  # the stream cannot be resynchronised: drop the rest
         mv = data if isinstance(data, memoryview) else memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")  # slice lengths below are in bytes
-        if self._pending is not None:
-            # A payload is being filled: copy straight into its final buffer.
-            payload = self._pending[1]
-            n = min(len(payload) - self._fill, mv.nbytes)
-            payload[self._fill : self._fill + n] = mv[:n]
-            self._fill += n
-            if n == mv.nbytes:
-                return
-            mv = mv[n:]
-        self._buf += mv
+        pos, n = 0, mv.nbytes
+        frames = self._frames
+        while pos < n:
+            if self._pending is not None:
+                # A payload is being filled: copy straight into its final buffer.
+                # (Assigning through a memoryview is one memcpy; bytearray slice assignment
+                # from a non-bytearray would copy the source to a temporary first.)
+                header, pview = self._pending
+                take = min(len(pview) - self._fill, n - pos)
+                pview[self._fill : self._fill + take] = mv[pos : pos + take]
+                self._fill += take
+                pos += take
+                if self._fill == len(pview):
+                    frames.append((header, pview))
+                    self._pending = None
+                continue
+            stash = self._stash
+            if not stash and n - pos >= PREFIX_SIZE:
+                # Common case: the prefix (and usually the whole frame) is in this chunk.
+                magic, hl, pl = _PREFIX.unpack_from(mv, pos)
+                if self._bad_prefix(magic, hl, pl):
+                    return
+                start = pos + PREFIX_SIZE + hl
+                if start <= n:
+                    header = bytes(mv[pos + PREFIX_SIZE : start])
+                    end = start + pl
+                    if pl == 0:
+                        frames.append((header, None))
+                    elif end <= n:
+                        frames.append((header, bytearray(mv[start:end])))
+                    else:
+                        self._start_payload(header, pl)
+                        end = start
+                    pos = end
+                    continue
+            # Prefix or header split across chunks: gather them in the stash.
+            if len(stash) < PREFIX_SIZE:
+                take = min(PREFIX_SIZE - len(stash), n - pos)
+                stash += mv[pos : pos + take]
+                pos += take
+                if len(stash) < PREFIX_SIZE:
+                    return
+                magic, hl, pl = _PREFIX.unpack_from(stash)
+                if self._bad_prefix(magic, hl, pl):
+                    return
+            _, hl, pl = _PREFIX.unpack_from(stash)
+            take = min(PREFIX_SIZE + hl - len(stash), n - pos)
+            stash += mv[pos : pos + take]
+            pos += take
+            if len(stash) == PREFIX_SIZE + hl:
+                header = bytes(stash[PREFIX_SIZE:])
+                stash.clear()
+                if pl == 0:
+                    frames.append((header, None))
+                else:
+                    self._start_payload(header, pl)
+
+    def _bad_prefix(self, magic: bytes, hl: int, pl: int) -> bool:
+        """Record a framing error (raised by next_event in its turn); True if there is one."""
+        if magic != MAGIC:
+            msg = f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r})"
+        elif not 0 < hl <= MAX_HEADER:
+            msg = f"frame header length {hl} outside 1..{MAX_HEADER}"
+        elif pl > MAX_PAYLOAD:
+            msg = f"frame announces a {pl}-byte payload > MAX_PAYLOAD {MAX_PAYLOAD}"
+        else:
+            return False
+        self._frame_error = ProtocolError(msg)
+        self._stash.clear()
+        return True
+
+    def _start_payload(self, header: bytes, pl: int) -> None:
+        self._pending = (header, memoryview(bytearray(pl)))
+        self._fill = 0
 
     def next_event(self) -> Event | _Sentinel:
         """The next complete event, NEED_DATA, or CLOSED (peer's EOF at a frame boundary)."""
         if self._failed is not None:
             raise self._failed
         try:
-            return self._next_event()
+            if self._frames:
+                header, payload = self._frames.popleft()
+                if payload is not None and type(payload) is not memoryview:
+                    payload = memoryview(payload)
+                return self._accept(header, payload)
+            if self._frame_error is not None:
+                raise self._frame_error
+            if not self._eof:
+                return NEED_DATA
+            if self._pending is not None:
+                raise ProtocolError(
+                    f"truncated frame at EOF: payload has {self._fill} of "
+                    f"{len(self._pending[1])} bytes"
+                )
+            stash = self._stash
+            if len(stash) >= PREFIX_SIZE:
+                _, hl, _ = _PREFIX.unpack_from(stash)
+                raise ProtocolError(
+                    f"truncated frame at EOF: header has {len(stash) - PREFIX_SIZE} of {hl} bytes"
+                )
+            if stash:
+                raise ProtocolError(
+                    f"truncated frame at EOF: prefix has {len(stash)} of {PREFIX_SIZE} bytes"
+                )
+            if self._state is not State.CLOSED:
+                self._state = State.CLOSED
+                self._refresh()
+            return CLOSED
         except ProtocolError as e:
             self._failed = e
             raise
-
-    def _next_event(self) -> Event | _Sentinel:
-        if self._pending is not None:
-            header, pbuf = self._pending
-            if self._fill < len(pbuf):
-                if self._eof:
-                    raise ProtocolError(
-                        f"truncated frame at EOF: payload has {self._fill} of {len(pbuf)} bytes"
-                    )
-                return NEED_DATA
-            self._pending = None
-            self._fill = 0
-            return self._accept(header, memoryview(pbuf))
-
-        buf = self._buf
-        have = len(buf)
-        if have < PREFIX_SIZE:
-            if not self._eof:
-                return NEED_DATA
-            if have:
-                raise ProtocolError(
-                    f"truncated frame at EOF: prefix has {have} of {PREFIX_SIZE} bytes"
-                )
-            self._state = State.CLOSED
-            self._refresh()
-            return CLOSED
-        magic, hl, pl = _PREFIX.unpack_from(buf)
-        if magic != MAGIC:
-            raise ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r})")
-        if not 0 < hl <= MAX_HEADER:
-            raise ProtocolError(f"frame header length {hl} outside 1..{MAX_HEADER}")
-        if pl > MAX_PAYLOAD:
-            raise ProtocolError(f"frame announces a {pl}-byte payload > MAX_PAYLOAD {MAX_PAYLOAD}")
-        start = PREFIX_SIZE + hl
-        if have < start:
-            if self._eof:
-                raise ProtocolError(
-                    f"truncated frame at EOF: header has {have - PREFIX_SIZE} of {hl} bytes"
-                )
-            return NEED_DATA
-        header = bytes(buf[PREFIX_SIZE:start])
-        if pl == 0:
-            del buf[:start]
-            return self._accept(header, None)
-        end = start + pl
-        if have >= end:
-            # Whole payload buffered: copy the smaller of the payload and the bytes after it.
-            if have - end < pl:
-                payload = buf
-                self._buf = bytearray(buf[end:])
-                del payload[end:]
-                del payload[:start]  # deleting from the front of a bytearray is O(1)
-            else:
-                payload = buf[start:end]
-                del buf[:end]
-            return self._accept(header, memoryview(payload))
-        if self._eof:
-            raise ProtocolError(f"truncated frame at EOF: payload has {have - start} of {pl} bytes")
-        # Partial payload: move what we have into its final buffer, the rest lands there directly.
-        payload = bytearray(pl)
-        payload[: have - start] = memoryview(buf)[start:]
-        self._fill = have - start
-        del buf[:]
-        self._pending = (header, payload)
-        return NEED_DATA
 
     def _accept(self, header: bytes, payload: memoryview | None) -> Event:
         if self._fast_in and len(header) == _FAST_HEADER:
