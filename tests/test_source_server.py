@@ -378,6 +378,37 @@ async def test_image_truncated_while_serving_is_a_read_error(tmp_path: Path) -> 
             await urgent.aclose()
 
 
+async def test_bandwidth_cap_is_shared_by_all_sessions() -> None:
+    n = 8192
+    cap = 2 << 20
+    async with running(MemoryBackend(make_guest(n, set())), max_bandwidth=cap) as srv:
+        t0 = trio.current_time()
+        clients = []
+        for _ in range(3):
+            urgent, w = await session(srv.addr)
+            bulk = await Client.open(srv.addr, Channel.BULK)
+            await bulk.hello(session=w.session)
+            clients += [urgent, bulk]
+        got = [0, 0, 0]
+
+        async def drain(k: int, c: Client) -> None:
+            while True:
+                ev = await c.next()
+                assert isinstance(ev, Pages)
+                got[k] += ev.count
+
+        with trio.move_on_after(0.6):
+            async with trio.open_nursery() as nursery:
+                for k in range(3):
+                    nursery.start_soon(drain, k, clients[2 * k + 1])
+        elapsed = trio.current_time() - t0
+        assert all(got), "every session makes progress"
+        # One clock for all: the sum is bounded, not each session alone.
+        assert sum(got) * PS <= cap * elapsed + 3 * (cap // 20)
+        for c in clients:
+            await c.aclose()
+
+
 async def test_two_destinations_and_a_malformed_one() -> None:
     n = 512
     buf = make_guest(n, {7})

@@ -70,6 +70,7 @@ BULK_CHUNK_UNITS = 256
 # could otherwise ask for gigabytes in one buffer).
 DEMAND_PIECE_BYTES = 8 << 20
 _RECV_SIZE = 1 << 16
+_FRAME_OVERHEAD = 48  # prefix + msgpack header of a Pages frame, for bandwidth accounting
 # Once a frame is partly written, how long the rest may take before the connection is dropped.
 PARTIAL_FRAME_TIMEOUT = 30.0
 _IOV_MAX = 1024
@@ -250,6 +251,7 @@ class SourceServer:
         self.gone: str | None = None  # set once the backend reported SourceGone
         self.sessions_started = 0
         self._zero_digests: dict[int, int] = {}
+        self._bulk_clock = 0.0  # trio time when the bulk link is free again (max_bandwidth)
 
     def status(self, event: str, **fields: Any) -> None:
         if self._status is not None:
@@ -609,6 +611,21 @@ class SourceServer:
                     await ch.send([Done()])
                 return "destination done"
 
+    async def _pace(self, events: list[Event]) -> None:
+        """Hold a bulk chunk until its slot under max_bandwidth. One clock for the whole
+        server: the cap bounds the sum of all sessions' pushes (the link they share), and
+        demand replies never wait on it. Idle time earns no credit, so there is no burst."""
+        assert self.max_bandwidth is not None
+        nbytes = sum(
+            _FRAME_OVERHEAD + (ev.data.nbytes if isinstance(ev, Pages) and ev.data else 0)
+            for ev in events
+        )
+        now = trio.current_time()
+        slot = max(self._bulk_clock, now)
+        self._bulk_clock = slot + nbytes / self.max_bandwidth
+        if slot > now:
+            await trio.sleep_until(slot)
+
     async def _push(self, session: Session, ch: _Channel) -> None:
         try:
             with trio.CancelScope() as scope:
@@ -642,8 +659,6 @@ class SourceServer:
         buf = bytearray(chunk * unit)
         offered = session.offered
         cursor = 0
-        start_time = trio.current_time()
-        sent = 0
         while True:
             if session.hint is not None:
                 cursor = session.hint if session.hint < session.nunits else 0
@@ -668,18 +683,12 @@ class SourceServer:
             else:
                 events = self._reply_events(None, i * unit, view, unit, None, 0)
             session.count_events(events)
-            sent += await ch.send(events)
-            cursor = j
             if self.max_bandwidth is not None:
-                due = start_time + sent / self.max_bandwidth
-                now = trio.current_time()
-                if due > now:
-                    await trio.sleep(due - now)
-                else:
-                    await trio.lowlevel.checkpoint()
-            else:
-                # Let demand replies (other tasks) go out between bulk frames.
-                await trio.lowlevel.checkpoint()
+                await self._pace(events)
+            await ch.send(events)
+            cursor = j
+            # Let demand replies (other tasks) go out between bulk frames.
+            await trio.lowlevel.checkpoint()
         await ch.send([Done()])
         session.bulk_done = True
         log.info("%s: bulk push done for session %s", ch.peer, session.token.hex()[:8])
