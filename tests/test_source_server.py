@@ -346,6 +346,32 @@ async def test_destination_done_stops_push_and_session_outlives_urgent() -> None
         assert "destination done" in ended["reason"] and not ended["bulk_done"]
 
 
+async def test_push_stopped_mid_frame_leaves_a_clean_stream() -> None:
+    """The destination's Done arrives while the push is blocked in the middle of a 1 MiB frame
+    (the destination stopped reading, buffers full): the frame is finished, then Done, and
+    the stream parses cleanly to the end."""
+    n = 32768  # 128 MiB, far more than the socket buffers hold
+    buf = make_guest(n, set())
+    async with running(MemoryBackend(buf)) as srv:
+        urgent, w = await session(srv.addr)
+        bulk = await Client.open(srv.addr, Channel.BULK)
+        await bulk.hello(session=w.session)
+        await trio.sleep(0.3)  # not reading: the push fills the buffers and blocks mid-frame
+        await bulk.send(Done())
+        pushed = 0
+        while True:
+            ev = await bulk.next()  # a torn frame would be a ProtocolError here
+            if isinstance(ev, Done):
+                break
+            assert isinstance(ev, Pages) and ev.kind is PageKind.DATA
+            assert bytes(ev.data[:16]) == bytes(buf[ev.offset : ev.offset + 16])
+            pushed += ev.count
+        assert 0 < pushed < n
+        assert await bulk.next() is CLOSED
+        await bulk.aclose()
+        await urgent.aclose()
+
+
 async def test_image_truncated_while_serving_is_a_read_error(tmp_path: Path) -> None:
     from uffdpoison.source.backends import ImageBackend
 

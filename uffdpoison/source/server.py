@@ -99,6 +99,21 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, port
 
 
+def _advance(views: list[memoryview], i: int, n: int) -> int:
+    """Drop n sent bytes from views[i:]; return the index of the first unsent view."""
+    while n:
+        v = views[i]
+        if n >= v.nbytes:
+            n -= v.nbytes
+            i += 1
+        else:
+            views[i] = v[n:]
+            n = 0
+    while i < len(views) and views[i].nbytes == 0:
+        i += 1
+    return i
+
+
 async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes | memoryview]) -> int:
     """Write buffers in order with as few syscalls as the kernel allows; returns bytes sent.
 
@@ -107,33 +122,14 @@ async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes | memoryview]
     push never leaves half a frame in front of the Error or Done that follows it."""
     views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
     total = sum(v.nbytes for v in views)
-    i = 0
-    first = True
-    shield: trio.CancelScope | None = None
-    try:
-        while i < len(views):
-            n = await sock.sendmsg(views[i : i + _IOV_MAX])
-            while n:
-                v = views[i]
-                if n >= v.nbytes:
-                    n -= v.nbytes
-                    i += 1
-                else:
-                    views[i] = v[n:]
-                    n = 0
-            while i < len(views) and views[i].nbytes == 0:
-                i += 1
-            if first and i < len(views):
-                first = False
-                shield = trio.CancelScope(
-                    shield=True, deadline=trio.current_time() + PARTIAL_FRAME_TIMEOUT
-                )
-                shield.__enter__()
-    finally:
-        if shield is not None:
-            shield.__exit__(None, None, None)
-    if shield is not None and shield.cancelled_caught:
-        raise trio.BrokenResourceError("peer stopped reading in the middle of a frame")
+    i = _advance(views, 0, await sock.sendmsg(views[:_IOV_MAX]))
+    if i < len(views):
+        deadline = trio.current_time() + PARTIAL_FRAME_TIMEOUT
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            while i < len(views):
+                i = _advance(views, i, await sock.sendmsg(views[i : i + _IOV_MAX]))
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("peer stopped reading in the middle of a frame")
     return total
 
 
@@ -148,10 +144,12 @@ class _Channel:
         self.bytes_sent = 0
 
     async def send(self, events: list[Event]) -> int:
-        bufs: list[bytes | memoryview] = []
-        for ev in events:
-            bufs.extend(self.conn.send(ev))
         async with self.lock:
+            # Encoded under the lock, so the Connection's view of what was sent (request
+            # coverage, Done) is always the order the bytes hit the wire.
+            bufs: list[bytes | memoryview] = []
+            for ev in events:
+                bufs.extend(self.conn.send(ev))
             n = await _send_all(self.sock, bufs)
         self.bytes_sent += n
         return n
