@@ -70,6 +70,7 @@ BULK_CHUNK_UNITS = 256
 # could otherwise ask for gigabytes in one buffer).
 DEMAND_PIECE_BYTES = 8 << 20
 _RECV_SIZE = 1 << 16
+_MAX_UNYIELDED = 8
 _FRAME_OVERHEAD = 48  # prefix + msgpack header of a Pages frame, for bandwidth accounting
 # Once a frame is partly written, how long the rest may take before the connection is dropped.
 PARTIAL_FRAME_TIMEOUT = 30.0
@@ -114,7 +115,25 @@ def _advance(views: list[memoryview], i: int, n: int) -> int:
     return i
 
 
-async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes | memoryview]) -> int:
+async def _sendmsg(sock: socket.socket, views: list[memoryview]) -> int:
+    """One sendmsg on a non-blocking socket; trio is asked to wait only on EAGAIN (no
+    scheduler hop when the kernel takes the bytes at once)."""
+    while True:
+        try:
+            return sock.sendmsg(views)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+async def _recv(sock: socket.socket, size: int) -> bytes:
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
+async def _send_all(sock: socket.socket, bufs: list[bytes | memoryview]) -> int:
     """Write buffers in order with as few syscalls as the kernel allows; returns bytes sent.
 
     Cancellation is honoured only before the first byte goes out: once part of a frame is on
@@ -122,12 +141,12 @@ async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes | memoryview]
     push never leaves half a frame in front of the Error or Done that follows it."""
     views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
     total = sum(v.nbytes for v in views)
-    i = _advance(views, 0, await sock.sendmsg(views[:_IOV_MAX]))
+    i = _advance(views, 0, await _sendmsg(sock, views[:_IOV_MAX]))
     if i < len(views):
         deadline = trio.current_time() + PARTIAL_FRAME_TIMEOUT
         with trio.CancelScope(shield=True, deadline=deadline) as scope:
             while i < len(views):
-                i = _advance(views, i, await sock.sendmsg(views[i : i + _IOV_MAX]))
+                i = _advance(views, i, await _sendmsg(sock, views[i : i + _IOV_MAX]))
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("peer stopped reading in the middle of a frame")
     return total
@@ -136,12 +155,13 @@ async def _send_all(sock: trio.socket.SocketType, bufs: list[bytes | memoryview]
 class _Channel:
     """One accepted socket plus its protocol Connection; frames are written whole under a lock."""
 
-    def __init__(self, sock: trio.socket.SocketType, conn: Connection, peer: str) -> None:
+    def __init__(self, sock: socket.socket, conn: Connection, peer: str) -> None:
         self.sock = sock
         self.conn = conn
         self.peer = peer
         self.lock = trio.Lock()
         self.bytes_sent = 0
+        self._unyielded = 0  # events handled back to back without waiting on the socket
 
     async def send(self, events: list[Event]) -> int:
         async with self.lock:
@@ -159,7 +179,17 @@ class _Channel:
             ev = self.conn.next_event()
             if ev is not NEED_DATA:
                 return ev
-            data = await self.sock.recv(max(_RECV_SIZE, min(self.conn.bytes_wanted, 1 << 22)))
+            size = max(_RECV_SIZE, min(self.conn.bytes_wanted, 1 << 22))
+            try:
+                data = self.sock.recv(size)
+                self._unyielded += 1
+                if self._unyielded >= _MAX_UNYIELDED:
+                    # A peer that keeps the socket full must not starve the other sessions.
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
+            except BlockingIOError:
+                self._unyielded = 0
+                data = await _recv(self.sock, size)
             self.conn.receive_data(data)
 
     async def send_error(self, code: str, message: str) -> None:
@@ -285,40 +315,48 @@ class SourceServer:
             task_status.started((bound[0], bound[1]))
             async with trio.open_nursery() as nursery:
                 while True:
-                    sock, peer = await lsock.accept()
+                    tsock, peer = await lsock.accept()
+                    sock = socket.socket(tsock.family, tsock.type, tsock.proto, tsock.detach())
+                    sock.setblocking(False)
                     nursery.start_soon(self._handle, sock, _peer_name(peer))
 
-    async def _handle(self, sock: trio.socket.SocketType, peer: str) -> None:
-        with sock:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                ch, hello = await self._handshake(sock, peer)
-            except ProtocolError as e:
-                log.warning("%s: protocol error before handshake: %s", peer, e)
-                return
-            except OSError as e:
-                log.info("%s: connection lost before handshake: %s", peer, e)
-                return
-            if ch is None or hello is None:
-                return
-            try:
-                if hello.channel is Channel.URGENT:
-                    await self._urgent(ch, hello)
-                else:
-                    await self._bulk(ch, hello)
-            except ProtocolError as e:
-                log.warning("%s: protocol error, closing this connection: %s", peer, e)
-                await ch.send_error("bad-request", str(e))
-            except (OSError, trio.BrokenResourceError) as e:
-                log.info("%s: connection lost: %s", peer, e)
-            except Exception as e:
-                # A bug of ours in one connection must not take the other sessions down.
-                log.exception("%s: internal error, closing this connection", peer)
-                await ch.send_error("internal", f"{type(e).__name__}: {e}")
+    async def _handle(self, sock: socket.socket, peer: str) -> None:
+        try:
+            await self._handle_socket(sock, peer)
+        finally:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def _handle_socket(self, sock: socket.socket, peer: str) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            ch, hello = await self._handshake(sock, peer)
+        except ProtocolError as e:
+            log.warning("%s: protocol error before handshake: %s", peer, e)
+            return
+        except OSError as e:
+            log.info("%s: connection lost before handshake: %s", peer, e)
+            return
+        if ch is None or hello is None:
+            return
+        try:
+            if hello.channel is Channel.URGENT:
+                await self._urgent(ch, hello)
+            else:
+                await self._bulk(ch, hello)
+        except ProtocolError as e:
+            log.warning("%s: protocol error, closing this connection: %s", peer, e)
+            await ch.send_error("bad-request", str(e))
+        except (OSError, trio.BrokenResourceError) as e:
+            log.info("%s: connection lost: %s", peer, e)
+        except Exception as e:
+            # A bug of ours in one connection must not take the other sessions down.
+            log.exception("%s: internal error, closing this connection", peer)
+            await ch.send_error("internal", f"{type(e).__name__}: {e}")
 
     async def _handshake(
-        self, sock: trio.socket.SocketType, peer: str
+        self, sock: socket.socket, peer: str
     ) -> tuple[_Channel | None, Hello | None]:
         """Read the Hello. The Connection is per channel but the channel is only named inside
         the Hello, so the same bytes feed one candidate Connection per channel; the one that
@@ -343,7 +381,7 @@ class SourceServer:
             if not cands:
                 # Report the more telling error: the one not about the channel mismatch.
                 raise min(errors.values(), key=lambda e: "channel" in str(e))
-            data = await sock.recv(_RECV_SIZE)
+            data = await _recv(sock, _RECV_SIZE)
             for conn in cands.values():
                 conn.receive_data(data)
 
@@ -717,48 +755,47 @@ async def serve(
 # ---------------------------------------------------------------------- benchmark
 
 
-async def _bench_reader(host: str, port: int, mode: str = "protocol") -> None:
+def _bench_reader(host: str, port: int, mode: str = "protocol") -> None:
     """One session, drain the bulk push, print the rate as JSON. mode "protocol": every frame
     through the sans-IO Connection (what a destination pays); "sink": only the 8-byte prefixes
-    are parsed and payloads are discarded in the socket buffer (what the source can push)."""
+    are parsed and payloads are discarded (what the source can push). Plain blocking sockets."""
     import json
+    import struct
     import time
 
     rbuf = bytearray(4 << 20)
     rview = memoryview(rbuf)
 
-    async def channel(ch: Channel, token: bytes | None) -> tuple[Any, Connection]:
-        sock = trio.socket.socket()
-        await sock.connect((host, port))
+    def channel(ch: Channel, token: bytes | None) -> tuple[socket.socket, Connection]:
+        sock = socket.create_connection((host, port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         conn = Connection(Side.DESTINATION, ch)
-        await _send_all(sock, conn.send(Hello(PROTOCOL_VERSION, ch, token, 0, False)))
+        for b in conn.send(Hello(PROTOCOL_VERSION, ch, token, 0, False)):
+            sock.sendall(b)
         return sock, conn
 
-    async def next_event(sock: Any, conn: Connection, exact: bool = False) -> Any:
+    def next_event(sock: socket.socket, conn: Connection, exact: bool = False) -> Any:
         while True:
             ev = conn.next_event()
             if ev is not NEED_DATA:
                 return ev
             # exact: read no byte past this frame (the sink reads the rest itself).
-            n = await sock.recv_into(rview[: conn.bytes_wanted] if exact else rview)
+            n = sock.recv_into(rview[: conn.bytes_wanted] if exact else rview)
             conn.receive_data(rview[:n])
 
-    us, uc = await channel(Channel.URGENT, None)
-    welcome = await next_event(us, uc)
-    bs, bc = await channel(Channel.BULK, welcome.session)
-    await next_event(bs, bc, exact=True)
+    us, uc = channel(Channel.URGENT, None)
+    welcome = next_event(us, uc)
+    bs, bc = channel(Channel.BULK, welcome.session)
+    next_event(bs, bc, exact=True)
     t0 = time.perf_counter()
     nbytes = frames = 0
     if mode == "sink":
-        import struct
-
         prefix = struct.Struct(">2sHI")
         left = 0  # bytes of the current frame still to skip
         pending = bytearray()
         done = False
         while not done:
-            n = await bs.recv_into(rview)
+            n = bs.recv_into(rview)
             if not n:
                 raise ConnectionError("source closed the bulk connection")
             pos = 0
@@ -783,7 +820,7 @@ async def _bench_reader(host: str, port: int, mode: str = "protocol") -> None:
         frames -= 1
     else:
         while True:
-            ev = await next_event(bs, bc)
+            ev = next_event(bs, bc)
             if isinstance(ev, Done):
                 break
             frames += 1
@@ -824,7 +861,7 @@ def _bench(size: int, mode: str = "protocol") -> None:
 if __name__ == "__main__":  # pragma: no cover
     # python -m uffdpoison.source.server bench [SIZE [protocol|sink]]   (e.g. 256M)
     if sys.argv[1:2] == ["reader"]:
-        trio.run(_bench_reader, sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        _bench_reader(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:
         from uffdpoison.source.backends import parse_size
 
