@@ -23,9 +23,14 @@ __all__ = [
     "BASE_PAGE_SIZE",
     "CLOSED",
     "ERROR_CODES",
+    "MAGIC",
+    "MAX_AUTH",
+    "MAX_CODE",
     "MAX_HEADER",
+    "MAX_MESSAGE",
     "MAX_PAGES_PER_FRAME",
     "MAX_PAYLOAD",
+    "MAX_SESSION",
     "NEED_DATA",
     "PREFIX_SIZE",
     "PROTOCOL_VERSION",
@@ -43,6 +48,7 @@ __all__ = [
     "State",
     "Welcome",
     "bench_codec",
+    "open_pair",
 ]
 
 # Major version: peers must agree exactly. Compatible additions are new optional map keys, which
