@@ -151,6 +151,14 @@ async def test_handshake_reports_poison() -> None:
         assert isinstance(ev, Error) and ev.code == "bad-page-size"
         for x in (urgent, urgent2, urgent3, c):
             await x.aclose()
+    # A hugetlb guest served in 2 MiB base pages says so.
+    huge = 2 << 20
+    async with running(MemoryBackend(bytearray(2 * huge), [huge], page_size=huge)) as srv:
+        urgent, w = await session(srv.addr)
+        assert (w.page_size, w.huge_page_size, w.poisoned_count) == (huge, huge, 1)
+        frames = await ask(urgent, 1, 0, 2)
+        assert [(f.kind, f.count) for f in frames] == [(PageKind.ZERO, 1), (PageKind.POISONED, 1)]
+        await urgent.aclose()
 
 
 async def test_demand_every_reply_kind() -> None:

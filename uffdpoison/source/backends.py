@@ -383,6 +383,12 @@ class Backend:
         self._poison_lock = threading.Lock()
         self._zero = bytes(page_size)
 
+    @property
+    def huge_page_size(self) -> int:
+        """The guest's huge-page size for the Welcome: a base page above 4 KiB is one (a
+        hugetlb guest served with --page-size 2M), else 0."""
+        return self.page_size if self.page_size > DEFAULT_PAGE_SIZE else 0
+
     # -- poison set ---------------------------------------------------------------------------
 
     def mark_poisoned(self, offset: int) -> bool:

@@ -406,7 +406,7 @@ class SourceServer:
             session.token,
             unit,
             self.backend.size,
-            getattr(self.backend, "huge_page_size", 0),
+            self.backend.huge_page_size,
             len(offsets),
             plist,
         )
