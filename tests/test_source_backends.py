@@ -216,9 +216,10 @@ CHILD = textwrap.dedent(
     for i in sorted(poison):
         p = (ctypes.c_uint64 * 4)(addr + i * PS, PS, 0, 0)
         assert libc.ioctl(fd, 0xC020AA08, p) == 0, ctypes.get_errno()  # UFFDIO_POISON
-    # Markers survive closing the fd; untouched pages then read as zero instead of blocking a
-    # remote reader in handle_userfault.
-    os.close(fd)
+    # Markers survive closing the fd; untouched pages then read as zero. With "keep", the fd
+    # stays open and untouched pages stay unpopulated holes (a remote read of one is EIO).
+    if sys.argv[5:] != ["keep"]:
+        os.close(fd)
     print(addr, flush=True)
     sys.stdin.read()
     """
@@ -344,3 +345,55 @@ def test_process_backend_gone_pid() -> None:
     p.wait()
     with pytest.raises(SourceError, match=f"process {p.pid} does not exist"):
         ProcessBackend(p.pid, [(0x1000, PS)])
+
+
+def test_zero_split_fallback_matches_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pure-Python zero scan (used when the C extension is not built) agrees with C."""
+    from uffdpoison.source import backends
+
+    if backends._native_digest is None:
+        pytest.skip("C extension not built: only the fallback exists here")
+    rnd = __import__("random").Random(7)
+    buf = bytearray(300 * PS)
+    for i in range(300):
+        if rnd.random() < 0.5:
+            buf[i * PS + rnd.randrange(PS)] = rnd.randrange(1, 256)
+    mv = memoryview(buf)
+    native = [
+        backends._zero_split(mv, s, e, u)
+        for s, e, u in ((0, len(buf), PS), (2 * PS, 66 * PS, 2 * PS))
+    ]
+    monkeypatch.setattr(backends, "_native_digest", None)
+    py = [
+        backends._zero_split(mv, s, e, u)
+        for s, e, u in ((0, len(buf), PS), (2 * PS, 66 * PS, 2 * PS))
+    ]
+    assert [[(bool(z), n) for z, n in r] for r in native] == py
+    assert xxh64(buf[:PS]) == backends._xxh64_py(buf[:PS])
+
+
+def test_process_backend_unpopulated_uffd_page_is_an_error_not_poison() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, "16", "3", "", "7", "keep"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        addr = int(proc.stdout.readline())
+        with ProcessBackend(proc.pid, [(addr, 16 * PS)], scan_pagemap=False) as be:
+            with pytest.raises(SourceError, match="not poisoned: nothing is mapped") as e:
+                be.read_into(0, bytearray(16 * PS))
+            assert not isinstance(e.value, SourceGone)
+            # Page 3 (a marker, found by EIO on the way) is poisoned; page 7 (a hole) is not.
+            assert list(be.poisoned_offsets()) == [3 * PS]
+            assert expand(be.read_into(0, bytearray(7 * PS))) == [
+                *[RunKind.DATA] * 3,
+                RunKind.POISONED,
+                *[RunKind.DATA] * 3,
+            ]
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
+import importlib
 import os
 import re
 import struct
+import threading
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "Backend",
@@ -235,12 +237,12 @@ def _xxh64_py(data: bytes | memoryview, seed: int = 0) -> int:
     return h
 
 
-def _load_native_digests():  # type: ignore[no-untyped-def]
+def _load_native_digests() -> Any:
+    # The C digests of uffdpoison.kernel, when the extension is built; None otherwise.
     try:
-        from uffdpoison.kernel import digest as native  # type: ignore[attr-defined]
+        return importlib.import_module("uffdpoison.kernel.digest")
     except Exception:
         return None
-    return native
 
 
 _native_digest = _load_native_digests()
@@ -260,6 +262,32 @@ def page_digests(buf: bytes | bytearray | memoryview, page_size: int) -> array:
         out = _native_digest.page_digests(mv, page_size)
         return out if isinstance(out, array) else array("Q", out)
     return array("Q", (_xxh64_py(mv[i : i + page_size]) for i in range(0, len(mv), page_size)))
+
+
+def _zero_split(mv: memoryview, start: int, stop: int, unit: int) -> list[tuple[bool, int]]:
+    """(is_zero, units) runs covering mv[start:stop]: C when built, else a regex scan (the
+    next non-zero byte decides: every whole unit before it is zero)."""
+    if start >= stop:
+        return []
+    if _native_digest is not None:
+        return _native_digest.zero_runs(mv[start:stop], unit)  # type: ignore[no-any-return]
+    out: list[tuple[bool, int]] = []
+    pos = start
+    search = _NONZERO_RE.search
+    while pos < stop:
+        m = search(mv, pos, stop)
+        nz = stop if m is None else m.start()
+        zero_units = (nz - pos) // unit
+        if zero_units:
+            out.append((True, zero_units))
+            pos += zero_units * unit
+        if pos < stop:
+            if out and not out[-1][0]:
+                out[-1] = (False, out[-1][1] + 1)
+            else:
+                out.append((False, 1))
+            pos += unit
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +352,11 @@ def parse_poison_list(path: str | os.PathLike[str], *, page_size: int, size: int
 # Backends
 
 
+def _check_page_size(page_size: int) -> None:
+    if page_size < 4096 or page_size & (page_size - 1):
+        raise SourceError(f"page size {page_size} is not a power of two of at least 4096")
+
+
 class Backend:
     """Guest memory of `size` bytes in `page_size` base pages, plus which pages are poisoned.
 
@@ -332,10 +365,12 @@ class Backend:
 
     page_size: int
     size: int
+    # Whether reads are syscalls worth running off the event loop (the server then reads bulk
+    # chunks in a worker thread).
+    blocking_reads: bool = True
 
     def __init__(self, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> None:
-        if page_size <= 0 or page_size & (page_size - 1):
-            raise SourceError(f"page size {page_size} is not a power of two")
+        _check_page_size(page_size)
         if size <= 0:
             raise SourceError("guest memory is empty")
         if size % page_size:
@@ -344,13 +379,22 @@ class Backend:
         self.size = size
         self.npages = size // page_size
         self._poison = PageBitmap(self.npages)
+        # Reads may run in a worker thread while another reader marks poison in the same byte.
+        self._poison_lock = threading.Lock()
         self._zero = bytes(page_size)
+
+    @property
+    def huge_page_size(self) -> int:
+        """The guest's huge-page size for the Welcome: a base page above 4 KiB is one (a
+        hugetlb guest served with --page-size 2M), else 0."""
+        return self.page_size if self.page_size > DEFAULT_PAGE_SIZE else 0
 
     # -- poison set ---------------------------------------------------------------------------
 
     def mark_poisoned(self, offset: int) -> bool:
         """Record the base page at byte `offset` as poisoned (terminal). True if new."""
-        return self._poison.set(offset // self.page_size)
+        with self._poison_lock:
+            return self._poison.set(offset // self.page_size)
 
     def add_poison(self, offsets: Iterable[int]) -> None:
         for off in offsets:
@@ -424,6 +468,15 @@ class Backend:
         self._read(offset, mv)
         return self._classify(offset, mv, unit)
 
+    def read(
+        self, offset: int, buf: bytearray | memoryview, unit: int | None = None
+    ) -> tuple[memoryview, list[Run]]:
+        """Like read_into, but may return a view of the backend's own memory instead of
+        filling buf (no copy). Returns (view of the bytes, runs); run offsets are relative to
+        `offset` as for read_into."""
+        runs = self.read_into(offset, buf, unit)
+        return memoryview(buf).cast("B"), runs
+
     def _classify(self, offset: int, mv: memoryview, unit: int) -> list[Run]:
         runs: list[Run] = []
         ps = self.page_size
@@ -439,29 +492,20 @@ class Backend:
                 runs.append(Run(kind, off, n))
 
         pos = 0
-        search = _NONZERO_RE.search
         while pos < length:
             if poisoned_here and self.is_poisoned(offset + pos, unit):
                 add(RunKind.POISONED, offset + pos, 1)
                 pos += unit
                 continue
-            # The next non-zero byte decides: every whole unit before it is zero.
             stop = length
             if poisoned_here:
-                # Never classify past the next poisoned base page in one step.
+                # Classify up to the unit holding the next poisoned base page.
                 nxt = self._poison.find_set((offset + pos) // ps, (offset + length) // ps)
                 if nxt >= 0:
                     stop = (nxt * ps - offset) // unit * unit
-            m = search(mv, pos, stop)
-            nz = stop if m is None else m.start()
-            zero_units = (nz - pos) // unit
-            if zero_units:
-                add(RunKind.ZERO, offset + pos, zero_units)
-                pos += zero_units * unit
-            if pos < stop:
-                # The unit holding nz is data.
-                add(RunKind.DATA, offset + pos, 1)
-                pos += unit
+            for is_zero, n in _zero_split(mv, pos, stop, unit):
+                add(RunKind.ZERO if is_zero else RunKind.DATA, offset + pos, n)
+                pos += n * unit
         return runs
 
     def close(self) -> None:
@@ -477,6 +521,8 @@ class Backend:
 class MemoryBackend(Backend):
     """An in-memory guest (tests, demo, benchmarks)."""
 
+    blocking_reads = False
+
     def __init__(
         self,
         buffer: bytes | bytearray | memoryview,
@@ -489,6 +535,18 @@ class MemoryBackend(Backend):
 
     def _read(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._buf[offset : offset + len(buf)]
+
+    def read(
+        self, offset: int, buf: bytearray | memoryview, unit: int | None = None
+    ) -> tuple[memoryview, list[Run]]:
+        # Serve straight from the buffer: no copy. The caller owns the buffer and must not
+        # change it while the server runs (data sent would be torn).
+        unit = self.check_unit(unit)
+        length = memoryview(buf).nbytes
+        if offset % unit or length % unit or offset < 0 or offset + length > self.size:
+            return super().read(offset, buf, unit)  # raises the usual error
+        view = self._buf[offset : offset + length]
+        return view, self._classify(offset, view, unit)
 
     def close(self) -> None:
         self._buf.release()
@@ -505,6 +563,7 @@ class ImageBackend(Backend):
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         self.path = os.fspath(path)
+        _check_page_size(page_size)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -592,6 +651,7 @@ class ProcessBackend(Backend):
         scan_pagemap: bool = True,
     ) -> None:
         self.pid = pid
+        _check_page_size(page_size)
         if not ranges:
             raise SourceError("no memory ranges given")
         maps = _read_maps(pid)
@@ -618,6 +678,10 @@ class ProcessBackend(Backend):
         except OSError as e:
             raise SourceError(f"cannot open /proc/{pid}/mem: {e.strerror}") from e
         try:
+            self._pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._pagemap_fd = -1  # then every unreadable page counts as poisoned
+        try:
             self.pagemap_poisoned = 0
             if scan_pagemap:
                 self.pagemap_poisoned = self._scan_pagemap()
@@ -626,7 +690,7 @@ class ProcessBackend(Backend):
             if poison_list:
                 self.add_poison(poison_list)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _scan_pagemap(self) -> int:
@@ -694,8 +758,8 @@ class ProcessBackend(Backend):
                 n = os.preadv(self._fd, [buf[pos:end]], addr)
             except OSError as e:
                 if e.errno in (errno.EIO, errno.EFAULT, _EHWPOISON):
-                    # The first page cannot be read: it is poisoned, from now on.
-                    self.mark_poisoned(offset + pos)
+                    # The first page cannot be read: poisoned from now on (or an error).
+                    self._unreadable(offset + pos, addr)
                     pos += ps
                     addr += ps
                     continue
@@ -709,14 +773,43 @@ class ProcessBackend(Backend):
             # its error names it. A partial page is never served: it is re-read whole, and a
             # page that cannot be read whole is poisoned.
             if n < ps:
-                self.mark_poisoned(offset + pos)
+                self._unreadable(offset + pos, addr)
                 n = ps
             n -= n % ps
             pos += n
             addr += n
         return pos
 
+    def _unreadable(self, offset: int, addr: int) -> None:
+        """A page that /proc/PID/mem cannot read. A poison marker (or hardware poison) has a
+        swap-type pagemap entry (bit 62; type and offset hidden without CAP_SYS_ADMIN): that
+        page is POISONED from now on. An entry with nothing at all (not present, not swapped)
+        is a hole, e.g. a userfaultfd-registered page the VMM has not populated: its content
+        is unknown, but it is not poison, so the read fails instead (never data, never zero,
+        and no false poison). Without a readable pagemap every unreadable page is poison."""
+        entry = None
+        if self._pagemap_fd >= 0:
+            sys_ps = os.sysconf("SC_PAGE_SIZE")
+            try:
+                raw: bytes | None = os.pread(self._pagemap_fd, 8, addr // sys_ps * 8)
+            except OSError:
+                raw = None
+            if raw is not None and len(raw) == 0:
+                raise self._gone()
+            if raw is not None and len(raw) == 8:
+                (entry,) = struct.unpack("<Q", raw)
+        if entry is not None and not entry & (3 << 62):
+            raise SourceError(
+                f"process {self.pid}: page at {addr:#x} (guest offset {offset:#x}) cannot be "
+                "read and is not poisoned: nothing is mapped there (a userfaultfd-registered "
+                "page not yet populated?)"
+            )
+        self.mark_poisoned(offset)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._pagemap_fd >= 0:
+            os.close(self._pagemap_fd)
+            self._pagemap_fd = -1
