@@ -17,6 +17,7 @@ import msgpack
 import pytest
 import trio
 
+from uffdpoison.kernel.digest import page_digests
 from uffdpoison.protocol import (
     CLOSED,
     NEED_DATA,
@@ -33,7 +34,7 @@ from uffdpoison.protocol import (
     Side,
     Welcome,
 )
-from uffdpoison.source.backends import MemoryBackend, ProcessBackend, page_digests
+from uffdpoison.source.backends import MemoryBackend, ProcessBackend
 from uffdpoison.source.server import SourceServer, parse_listen
 
 PS = 4096

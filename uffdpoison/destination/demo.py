@@ -18,11 +18,11 @@ import logging
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from uffdpoison.destination.regions import Region
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.kernel.toucher import Toucher
+from uffdpoison.source.spawn import SourceStartError, source_process
 from uffdpoison.units import size_arg
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None):
+def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None) -> Iterator[str]:
     image_path = workdir / "guest.img"
     image_path.write_bytes(guest.image)
     poison_path = workdir / "poison.txt"
@@ -123,35 +124,13 @@ def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None):
         "# synthetic guest: poisoned pages\n"
         + "".join(f"{i * guest.page_size:#x}\n" for i in guest.poisoned)
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "uffdpoison",
-        "source",
-        "--listen",
-        "127.0.0.1:0",
-        "--image",
-        str(image_path),
-        "--poison-list",
-        str(poison_path),
-    ]
-    if max_bandwidth:
-        cmd += ["--max-bandwidth", max_bandwidth]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise SetupError(f"source process exited ({proc.wait()}) before listening")
-        status = json.loads(line)
-        yield f"{status['host']}:{status['port']}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with source_process(
+            image_path, poison_list=poison_path, max_bandwidth=max_bandwidth
+        ) as address:
+            yield address
+    except SourceStartError as e:
+        raise SetupError(str(e)) from None
 
 
 def _mapping(kind: str, size: int) -> memory.Mapping:

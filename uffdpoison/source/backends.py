@@ -13,14 +13,16 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
-import importlib
+import functools
 import os
 import re
 import struct
 import threading
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
+
+from uffdpoison.kernel.digest import zero_runs
 
 __all__ = [
     "Backend",
@@ -32,10 +34,7 @@ __all__ = [
     "RunKind",
     "SourceError",
     "SourceGone",
-    "page_digests",
     "parse_poison_list",
-    "parse_size",
-    "xxh64",
 ]
 
 DEFAULT_PAGE_SIZE = 4096
@@ -179,115 +178,20 @@ class PageBitmap:
 # ----------------------------------------------------------------------------------------------
 # Digests (XXH64, seed 0): C from uffdpoison.kernel when built, pure Python otherwise.
 
-_P1 = 0x9E3779B185EBCA87
-_P2 = 0xC2B2AE3D27D4EB4F
-_P3 = 0x165667B19E3779F9
-_P4 = 0x85EBCA77C2B2AE63
-_P5 = 0x27D4EB2F165667C5
-_M = 0xFFFFFFFFFFFFFFFF
-
-
-def _rotl(x: int, r: int) -> int:
-    return ((x << r) | (x >> (64 - r))) & _M
-
-
-def _round(acc: int, lane: int) -> int:
-    acc = (acc + lane * _P2) & _M
-    return (_rotl(acc, 31) * _P1) & _M
-
-
-def _xxh64_py(data: bytes | memoryview, seed: int = 0) -> int:
-    data = bytes(data)
-    n = len(data)
-    i = 0
-    if n >= 32:
-        v1 = (seed + _P1 + _P2) & _M
-        v2 = (seed + _P2) & _M
-        v3 = seed & _M
-        v4 = (seed - _P1) & _M
-        lanes = struct.unpack_from(f"<{(n // 32) * 4}Q", data)
-        for k in range(0, len(lanes), 4):
-            v1 = _round(v1, lanes[k])
-            v2 = _round(v2, lanes[k + 1])
-            v3 = _round(v3, lanes[k + 2])
-            v4 = _round(v4, lanes[k + 3])
-        h = (_rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)) & _M
-        for v in (v1, v2, v3, v4):
-            h = ((h ^ _round(0, v)) * _P1 + _P4) & _M
-        i = (n // 32) * 32
-    else:
-        h = (seed + _P5) & _M
-    h = (h + n) & _M
-    while i + 8 <= n:
-        (k1,) = struct.unpack_from("<Q", data, i)
-        h = (_rotl(h ^ _round(0, k1), 27) * _P1 + _P4) & _M
-        i += 8
-    if i + 4 <= n:
-        (k2,) = struct.unpack_from("<I", data, i)
-        h = (_rotl(h ^ (k2 * _P1 & _M), 23) * _P2 + _P3) & _M
-        i += 4
-    while i < n:
-        h = (_rotl(h ^ (data[i] * _P5 & _M), 11) * _P1) & _M
-        i += 1
-    h ^= h >> 33
-    h = (h * _P2) & _M
-    h ^= h >> 29
-    h = (h * _P3) & _M
-    h ^= h >> 32
-    return h
-
-
-def _load_native_digests() -> Any:
-    # The C digests of uffdpoison.kernel, when the extension is built; None otherwise.
-    try:
-        return importlib.import_module("uffdpoison.kernel.digest")
-    except Exception:
-        return None
-
-
-_native_digest = _load_native_digests()
-
-
-def xxh64(data: bytes | bytearray | memoryview) -> int:
-    """XXH64 with seed 0 of one buffer."""
-    if _native_digest is not None and hasattr(_native_digest, "digest"):
-        return int(_native_digest.digest(data))
-    return _xxh64_py(memoryview(data))
-
-
-def page_digests(buf: bytes | bytearray | memoryview, page_size: int) -> array:
-    """XXH64 (seed 0) of each `page_size` page of buf, as array('Q')."""
-    mv = memoryview(buf).cast("B")
-    if _native_digest is not None and hasattr(_native_digest, "page_digests"):
-        out = _native_digest.page_digests(mv, page_size)
-        return out if isinstance(out, array) else array("Q", out)
-    return array("Q", (_xxh64_py(mv[i : i + page_size]) for i in range(0, len(mv), page_size)))
-
 
 def _zero_split(mv: memoryview, start: int, stop: int, unit: int) -> list[tuple[bool, int]]:
     """(is_zero, units) runs covering mv[start:stop]: C when built, else a regex scan (the
     next non-zero byte decides: every whole unit before it is zero)."""
     if start >= stop:
         return []
-    if _native_digest is not None:
-        return _native_digest.zero_runs(mv[start:stop], unit)  # type: ignore[no-any-return]
-    out: list[tuple[bool, int]] = []
-    pos = start
-    search = _NONZERO_RE.search
-    while pos < stop:
-        m = search(mv, pos, stop)
-        nz = stop if m is None else m.start()
-        zero_units = (nz - pos) // unit
-        if zero_units:
-            out.append((True, zero_units))
-            pos += zero_units * unit
-        if pos < stop:
-            if out and not out[-1][0]:
-                out[-1] = (False, out[-1][1] + 1)
-            else:
-                out.append((False, 1))
-            pos += unit
-    return out
+    if stop - start == unit:  # one page (a demand fault): skip the run machinery
+        return [(mv[start:stop] == _zero_unit(unit), 1)]
+    return zero_runs(mv[start:stop], unit)
+
+
+@functools.cache
+def _zero_unit(unit: int) -> bytes:
+    return bytes(unit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,23 +202,6 @@ def _parse_int(text: str) -> int:
     text = text.strip()
     base = 16 if text.lower().startswith("0x") else 10
     return int(text, base)
-
-
-_SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'4096', '0x1000', '10M', '1G', '512K', '2MiB' -> bytes (binary multiples)."""
-    s = text.strip()
-    m = re.fullmatch(r"(0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?(?:/s)?", s)
-    if m is None:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 0x1000, 512K, 10M, 1G)")
-    num, suffix = m.groups()
-    value = int(num, 16) if num.lower().startswith("0x") else float(num)
-    result = int(value * _SIZE_SUFFIX[suffix.upper()])
-    if result < 0:
-        raise ValueError(f"negative size: {text!r}")
-    return result
 
 
 def parse_poison_list(path: str | os.PathLike[str], *, page_size: int, size: int) -> list[int]:

@@ -21,9 +21,9 @@ from uffdpoison.source.backends import (
     ImageBackend,
     ProcessBackend,
     SourceError,
-    parse_size,
 )
 from uffdpoison.source.server import SourceServer, parse_listen
+from uffdpoison.units import parse_size
 
 log = logging.getLogger("uffdpoison.source")
 

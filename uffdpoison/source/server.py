@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from uffdpoison.kernel.digest import page_digests
 from uffdpoison.protocol import (
     CLOSED,
     MAX_PAYLOAD,
@@ -43,8 +44,8 @@ from uffdpoison.source.backends import (
     RunKind,
     SourceError,
     SourceGone,
-    page_digests,
 )
+from uffdpoison.transport import parse_address
 
 __all__ = ["SourceServer", "parse_listen", "serve"]
 
@@ -79,25 +80,7 @@ _IOV_MAX = 1024
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """'HOST:PORT' or '[IPv6]:PORT' -> (host, port)."""
-    text = listen.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"bad listen address {listen!r} (use [IPv6]:PORT)")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"bad listen address {listen!r} (use HOST:PORT or [IPv6]:PORT)")
-    if not host:
-        raise ValueError(f"listen address {listen!r} has no host")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"bad port in listen address {listen!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} in listen address {listen!r} is out of range")
-    return host, port
+    return parse_address(listen.strip(), what="listen address")
 
 
 def _advance(views: list[memoryview], i: int, n: int) -> int:
@@ -757,120 +740,3 @@ async def serve(
     cancelled. Calls task_status.started((host, port)) once bound."""
     server = SourceServer(backend, max_bandwidth=max_bandwidth, status=status)
     await server.serve(listen, task_status=task_status)
-
-
-# ---------------------------------------------------------------------- benchmark
-
-
-def _bench_reader(host: str, port: int, mode: str = "protocol") -> None:
-    """One session, drain the bulk push, print the rate as JSON. mode "protocol": every frame
-    through the sans-IO Connection (what a destination pays); "sink": only the 8-byte prefixes
-    are parsed and payloads are discarded (what the source can push). Plain blocking sockets."""
-    import json
-    import struct
-    import time
-
-    rbuf = bytearray(4 << 20)
-    rview = memoryview(rbuf)
-
-    def channel(ch: Channel, token: bytes | None) -> tuple[socket.socket, Connection]:
-        sock = socket.create_connection((host, port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        conn = Connection(Side.DESTINATION, ch)
-        for b in conn.send(Hello(PROTOCOL_VERSION, ch, token, 0, False)):
-            sock.sendall(b)
-        return sock, conn
-
-    def next_event(sock: socket.socket, conn: Connection, exact: bool = False) -> Any:
-        while True:
-            ev = conn.next_event()
-            if ev is not NEED_DATA:
-                return ev
-            # exact: read no byte past this frame (the sink reads the rest itself).
-            n = sock.recv_into(rview[: conn.bytes_wanted] if exact else rview)
-            conn.receive_data(rview[:n])
-
-    us, uc = channel(Channel.URGENT, None)
-    welcome = next_event(us, uc)
-    bs, bc = channel(Channel.BULK, welcome.session)
-    next_event(bs, bc, exact=True)
-    t0 = time.perf_counter()
-    nbytes = frames = 0
-    if mode == "sink":
-        prefix = struct.Struct(">2sHI")
-        left = 0  # bytes of the current frame still to skip
-        pending = bytearray()
-        done = False
-        while not done:
-            n = bs.recv_into(rview)
-            if not n:
-                raise ConnectionError("source closed the bulk connection")
-            pos = 0
-            while pos < n and not done:
-                if left:
-                    k = min(left, n - pos)
-                    left -= k
-                    pos += k
-                    continue
-                take = min(prefix.size - len(pending), n - pos)
-                pending += rview[pos : pos + take]
-                pos += take
-                if len(pending) < prefix.size:
-                    continue
-                _, hl, pl = prefix.unpack(pending)
-                pending.clear()
-                frames += 1
-                nbytes += pl
-                left = hl + pl
-                # Done is the only frame with a header this small ({"t": 6}) and no payload.
-                done = pl == 0 and hl <= 8
-        frames -= 1
-    else:
-        while True:
-            ev = next_event(bs, bc)
-            if isinstance(ev, Done):
-                break
-            frames += 1
-            nbytes += ev.count * welcome.page_size
-    dt = time.perf_counter() - t0
-    print(
-        json.dumps(
-            {"bytes": nbytes, "frames": frames, "seconds": dt, "GB_per_s": nbytes / dt / 1e9}
-        )
-    )
-    us.close()
-    bs.close()
-
-
-def _bench(size: int, mode: str = "protocol") -> None:
-    """Serve a MemoryBackend of `size` random-ish bytes and time a reader process's bulk drain."""
-    import os
-
-    from uffdpoison.source.backends import MemoryBackend
-
-    buf = bytearray(os.urandom(1 << 20)) * (size >> 20)
-    backend = MemoryBackend(buf)
-
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            host, port = await nursery.start(serve, backend, "127.0.0.1:0")
-            cmd = [sys.executable, "-m", "uffdpoison.source.server", "reader", host, str(port)]
-            cmd.append(mode)
-            # The reader must speak this very protocol module, whatever is installed.
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            env = dict(os.environ, PYTHONPATH=root)
-            await trio.run_process(cmd, env=env)
-            nursery.cancel_scope.cancel()
-
-    trio.run(run)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    # python -m uffdpoison.source.server bench [SIZE [protocol|sink]]   (e.g. 256M)
-    if sys.argv[1:2] == ["reader"]:
-        _bench_reader(sys.argv[2], int(sys.argv[3]), sys.argv[4])
-    else:
-        from uffdpoison.source.backends import parse_size
-
-        size = parse_size(sys.argv[2] if len(sys.argv) > 2 else "256M")
-        _bench(size, sys.argv[3] if len(sys.argv) > 3 else "protocol")
