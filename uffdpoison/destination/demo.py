@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 JSON_SCHEMA = "uffdpoison.demo/1"
 HUGE = 2 << 20
-FAULT_THRESHOLD_NS = 10_000  # a touch slower than this took a fault (as ANCHORS.md counts them)
+FAULT_THRESHOLD_NS = 10_000
+ZERO_RUN_MEAN = 32  # a touch slower than this took a fault (as ANCHORS.md counts them)
 
 
 class SetupError(Exception):
@@ -64,6 +65,8 @@ class Guest:
 def build_guest(
     size: int, page_size: int, *, poison_fraction: float, zero_fraction: float, seed: int
 ) -> Guest:
+    """Random pages; all-zero pages in runs (free memory comes in stretches, as in a real
+    guest: a mean run of ``ZERO_RUN_MEAN`` pages); poisoned pages scattered one by one."""
     rng = random.Random(seed)
     image = bytearray(size)
     chunk = 1 << 20  # randbytes() of a whole guest overflows past 256 MiB
@@ -71,13 +74,22 @@ def build_guest(
         n = min(chunk, size - off)
         image[off : off + n] = rng.randbytes(n)
     npages = size // page_size
-    picks = rng.sample(
-        range(npages),
-        k=min(npages, round(npages * zero_fraction) + max(1, round(npages * poison_fraction))),
-    )
+    is_zero = bytearray(npages)
+    want = round(npages * zero_fraction)
+    have = 0
+    mean = ZERO_RUN_MEAN if page_size == 4096 else 1
+    while have < want:
+        start = rng.randrange(npages)
+        run = min(want - have, max(1, round(rng.expovariate(1 / mean))), npages - start)
+        for i in range(start, start + run):
+            have += not is_zero[i]
+            is_zero[i] = 1
     n_poison = max(1, round(npages * poison_fraction)) if poison_fraction > 0 else 0
-    poisoned = array("Q", sorted(picks[:n_poison]))
-    zero = array("Q", sorted(picks[n_poison:]))
+    candidates = [i for i in range(npages) if not is_zero[i]] or list(range(npages))
+    poisoned = array("Q", sorted(rng.sample(candidates, k=min(n_poison, len(candidates)))))
+    for i in poisoned:
+        is_zero[i] = 0
+    zero = array("Q", (i for i in range(npages) if is_zero[i]))
     blank = bytes(page_size)
     for i in zero:
         image[i * page_size : (i + 1) * page_size] = blank

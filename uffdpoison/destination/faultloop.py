@@ -311,11 +311,19 @@ class Session:
     async def _bulk_reader(self) -> None:
         t = self.client.bulk
         assert t is not None
+        chunk = _bulk_chunk(self.page_size)
+        since_yield = 0
         while True:
+            # receive() and place() return without suspending while frames are buffered and
+            # small: without this yield a steady push would starve the fault reader.
             ev = await t.receive()
             if isinstance(ev, protocol.Pages):
                 self.stats.bulk_pages += ev.count
-                await self.placer.place(ev, chunk=_bulk_chunk(self.page_size))
+                await self.placer.place(ev, chunk=chunk)
+                since_yield += ev.count
+                if since_yield >= chunk:
+                    since_yield = 0
+                    await trio.lowlevel.checkpoint()
             elif isinstance(ev, protocol.Done):
                 self._source_done = True
                 self._check_complete()

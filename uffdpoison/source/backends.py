@@ -252,9 +252,6 @@ class Backend:
 
     page_size: int
     size: int
-    # Whether reads are syscalls worth running off the event loop (the server then reads bulk
-    # chunks in a worker thread).
-    blocking_reads: bool = True
 
     def __init__(self, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> None:
         _check_page_size(page_size)
@@ -407,8 +404,6 @@ class Backend:
 
 class MemoryBackend(Backend):
     """An in-memory guest (tests, demo, benchmarks)."""
-
-    blocking_reads = False
 
     def __init__(
         self,
