@@ -28,9 +28,12 @@ def source_process(
     ``prefix`` runs it under another command (``taskset -c 1``, ``ip netns exec NS``). The child
     is terminated (then killed) on exit.
     """
+    # -P: never let the working directory shadow the installed package (a source checkout
+    # without its compiled extension, say).
     cmd = [
         *prefix,
         sys.executable,
+        "-P",
         "-m",
         "uffdpoison",
         "source",
