@@ -234,7 +234,19 @@ class Session:
         idx = (page_addr - led.base) // ps
         state = led.state(idx)
         if flags & _FLAG_MINOR:
+            # The page cache holds a copy, but whether it is current (or poisoned at the
+            # source) needs the MINOR-mode exchange (digests, CLEAN, CONTINUE), which this
+            # session does not speak yet. COPY cannot resolve a MINOR fault and CONTINUE would
+            # map a copy nobody checked: leave the vCPU blocked rather than guess.
             stats.minor_faults += 1
+            if stats.minor_faults == 1:
+                log.error(
+                    "%s: MINOR fault at %#x: MINOR-mode sessions are not supported; the "
+                    "vCPU stays blocked (register MISSING only)",
+                    self.name,
+                    addr,
+                )
+            return
         if state in (_MISSING, _BACKGROUND):
             # Never make a vCPU wait behind bulk data: ask urgently even if the push has it.
             led.mark(
