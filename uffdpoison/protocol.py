@@ -422,6 +422,7 @@ def _check_event_types(ev: object) -> None:
 def _encode(
     ev: Event, payload: memoryview | None, packer: msgpack.Packer
 ) -> tuple[bytes, memoryview | None]:
+    h: dict[str, object]
     if isinstance(ev, Pages):
         h = {"t": _T_PAGES, "i": ev.id, "k": int(ev.kind), "o": ev.offset, "n": ev.count}
     elif isinstance(ev, Request):

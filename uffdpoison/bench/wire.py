@@ -121,7 +121,7 @@ def run(size: int = 256 << 20, requests: int = 3000, rounds: int = 3) -> dict[st
                                     req = request_bytes(rng.randrange(npages) * PS, 1)
                                     c_rtt.extend(pingpong(s, req, REPLY.size + PS, 1))
     py, c = list(py_rtt), list(c_rtt)
-    res = {
+    res: dict[str, Any] = {
         "size": size,
         "requests_per_round": requests,
         "rounds": rounds,

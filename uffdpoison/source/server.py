@@ -14,7 +14,7 @@ import logging
 import secrets
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -525,6 +525,7 @@ class SourceServer:
                 # MINOR mode: a page whose digest matches the destination's copy is CLEAN
                 # (nothing crosses the wire); the others go as DATA or ZERO. Poison never is.
                 rel = (run.offset - offset) // unit
+                ours: Sequence[int]
                 if kind is PageKind.DATA:
                     ours = page_digests(mv[rel * unit : (rel + run.count) * unit], unit)
                 else:
