@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from array import array
+from pathlib import Path
 
 import pytest
 import trio
@@ -16,6 +18,7 @@ from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.kernel.toucher import Toucher
 from uffdpoison.ledger import PageState
+from uffdpoison.source.spawn import source_process
 
 PS = 4096
 
@@ -37,6 +40,29 @@ async def test_serve_memory_touch_everything(nursery: trio.Nursery) -> None:
                 assert r.outcome[i] == 1
             else:
                 assert r.outcome[i] == 0 and r.digest[i] == digests[i]
+
+
+async def test_faults_are_served_while_the_background_stream_runs(tmp_path: Path) -> None:
+    """A steady bulk push must not starve the fault reader: a touch far ahead of the push is
+    answered by a demand request, not left blocked until the push gets there. (The source is
+    a separate process, as in production: only then does the push arrive faster than it is
+    placed.)"""
+    # Scattered zero pages cut the push into many small frames, none big enough to be split.
+    rng = random.Random(3)
+    n = 16384
+    guest = make_guest(n, poisoned=[], zero=[i for i in range(n) if rng.random() < 0.25])
+    image = tmp_path / "guest.img"
+    image.write_bytes(guest.image)
+    with source_process(image) as source, memory.anon(len(guest.image)) as m:
+        async with serve_memory([Region(m.addr, len(guest.image), 0)], source) as server:
+            far = [n - 1, n - 1000, n - 3000, n - 5000]
+            t = Toucher(array("Q", (m.addr + i * PS for i in far)), digest=True)
+            t.start()
+            await t.wait()
+            assert t.results.ok == len(far)
+            assert server.stats["faults"] >= 1, "no fault was read while the push ran"
+            assert server.stats["demand_requests"] >= 1
+            await server.wait_complete()
 
 
 async def test_ensure_present_lets_python_read(nursery: trio.Nursery) -> None:

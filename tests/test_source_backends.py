@@ -21,10 +21,7 @@ from uffdpoison.source.backends import (
     RunKind,
     SourceError,
     SourceGone,
-    page_digests,
     parse_poison_list,
-    parse_size,
-    xxh64,
 )
 
 PS = 4096
@@ -75,19 +72,6 @@ def test_poison_list_missing_file(tmp_path: Path) -> None:
         parse_poison_list(tmp_path / "nope.txt", page_size=PS, size=PS)
 
 
-def test_parse_size() -> None:
-    assert parse_size("10M") == 10 << 20
-    assert parse_size("1G") == 1 << 30
-    assert parse_size("0x1000") == 4096
-    assert parse_size("512KiB") == 512 << 10
-    assert parse_size("2.5M") == int(2.5 * (1 << 20))
-    with pytest.raises(ValueError, match="fast"):
-        parse_size("fast")
-
-
-# -- bitmap and digests -----------------------------------------------------------------------
-
-
 def test_bitmap_search() -> None:
     b = PageBitmap(1000)
     b.set_range(5, 900)
@@ -99,16 +83,6 @@ def test_bitmap_search() -> None:
     b.set_range(0, 1000)
     assert b.count == 1000 and b.find_clear(0) == -1
     assert b.count_range(3, 17) == 14
-
-
-def test_xxh64_known_vectors() -> None:
-    assert xxh64(b"") == 0xEF46DB3751D8E999
-    assert xxh64(b"a") == 0xD24EC4F1A98C6E5B
-    buf = b"".join(pattern(i) for i in range(3))
-    assert list(page_digests(buf, PS)) == [xxh64(pattern(i)) for i in range(3)]
-
-
-# -- image and memory backends ----------------------------------------------------------------
 
 
 def test_image_size_errors(tmp_path: Path) -> None:
@@ -216,9 +190,10 @@ CHILD = textwrap.dedent(
     for i in sorted(poison):
         p = (ctypes.c_uint64 * 4)(addr + i * PS, PS, 0, 0)
         assert libc.ioctl(fd, 0xC020AA08, p) == 0, ctypes.get_errno()  # UFFDIO_POISON
-    # Markers survive closing the fd; untouched pages then read as zero instead of blocking a
-    # remote reader in handle_userfault.
-    os.close(fd)
+    # Markers survive closing the fd; untouched pages then read as zero. With "keep", the fd
+    # stays open and untouched pages stay unpopulated holes (a remote read of one is EIO).
+    if sys.argv[5:] != ["keep"]:
+        os.close(fd)
     print(addr, flush=True)
     sys.stdin.read()
     """
@@ -344,3 +319,46 @@ def test_process_backend_gone_pid() -> None:
     p.wait()
     with pytest.raises(SourceError, match=f"process {p.pid} does not exist"):
         ProcessBackend(p.pid, [(0x1000, PS)])
+
+
+def test_single_page_zero_check_agrees_with_the_run_scan() -> None:
+    """A demand request (one page) skips the C run scan; both must classify alike."""
+    from uffdpoison.kernel.digest import zero_runs
+    from uffdpoison.source import backends
+
+    rnd = __import__("random").Random(7)
+    buf = bytearray(64 * PS)
+    for i in range(64):
+        if rnd.random() < 0.5:
+            buf[i * PS + rnd.randrange(PS)] = rnd.randrange(1, 256)
+    mv = memoryview(buf)
+    for i in range(64):
+        fast = backends._zero_split(mv, i * PS, (i + 1) * PS, PS)
+        assert [(bool(z), n) for z, n in fast] == zero_runs(mv[i * PS : (i + 1) * PS], PS)
+
+
+def test_process_backend_unpopulated_uffd_page_is_an_error_not_poison() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, "16", "3", "", "7", "keep"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        addr = int(proc.stdout.readline())
+        with ProcessBackend(proc.pid, [(addr, 16 * PS)], scan_pagemap=False) as be:
+            with pytest.raises(SourceError, match="not poisoned: nothing is mapped") as e:
+                be.read_into(0, bytearray(16 * PS))
+            assert not isinstance(e.value, SourceGone)
+            # Page 3 (a marker, found by EIO on the way) is poisoned; page 7 (a hole) is not.
+            assert list(be.poisoned_offsets()) == [3 * PS]
+            assert expand(be.read_into(0, bytearray(7 * PS))) == [
+                *[RunKind.DATA] * 3,
+                RunKind.POISONED,
+                *[RunKind.DATA] * 3,
+            ]
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

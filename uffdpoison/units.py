@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$")
+_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?(?:/s)?\s*$")
 
 
 def parse_size(text: str) -> int:
-    """``4096``, ``0x1000``, ``256M``, ``1G``, ``2MiB`` → bytes (multiples of 1024)."""
+    """``4096``, ``0x1000``, ``256M``, ``1G``, ``2MiB``, ``10M/s`` → bytes (multiples of 1024)."""
     try:
         value = int(text.strip(), 0)
     except ValueError:

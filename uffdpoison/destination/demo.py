@@ -18,11 +18,11 @@ import logging
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,15 @@ from uffdpoison.destination.regions import Region
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.kernel.toucher import Toucher
+from uffdpoison.source.spawn import SourceStartError, source_process
 from uffdpoison.units import size_arg
 
 log = logging.getLogger(__name__)
 
 JSON_SCHEMA = "uffdpoison.demo/1"
 HUGE = 2 << 20
-FAULT_THRESHOLD_NS = 10_000  # a touch slower than this took a fault (as ANCHORS.md counts them)
+FAULT_THRESHOLD_NS = 10_000
+ZERO_RUN_MEAN = 32  # a touch slower than this took a fault (as ANCHORS.md counts them)
 
 
 class SetupError(Exception):
@@ -63,6 +65,8 @@ class Guest:
 def build_guest(
     size: int, page_size: int, *, poison_fraction: float, zero_fraction: float, seed: int
 ) -> Guest:
+    """Random pages; all-zero pages in runs (free memory comes in stretches, as in a real
+    guest: a mean run of ``ZERO_RUN_MEAN`` pages); poisoned pages scattered one by one."""
     rng = random.Random(seed)
     image = bytearray(size)
     chunk = 1 << 20  # randbytes() of a whole guest overflows past 256 MiB
@@ -70,13 +74,22 @@ def build_guest(
         n = min(chunk, size - off)
         image[off : off + n] = rng.randbytes(n)
     npages = size // page_size
-    picks = rng.sample(
-        range(npages),
-        k=min(npages, round(npages * zero_fraction) + max(1, round(npages * poison_fraction))),
-    )
+    is_zero = bytearray(npages)
+    want = round(npages * zero_fraction)
+    have = 0
+    mean = ZERO_RUN_MEAN if page_size == 4096 else 1
+    while have < want:
+        start = rng.randrange(npages)
+        run = min(want - have, max(1, round(rng.expovariate(1 / mean))), npages - start)
+        for i in range(start, start + run):
+            have += not is_zero[i]
+            is_zero[i] = 1
     n_poison = max(1, round(npages * poison_fraction)) if poison_fraction > 0 else 0
-    poisoned = array("Q", sorted(picks[:n_poison]))
-    zero = array("Q", sorted(picks[n_poison:]))
+    candidates = [i for i in range(npages) if not is_zero[i]] or list(range(npages))
+    poisoned = array("Q", sorted(rng.sample(candidates, k=min(n_poison, len(candidates)))))
+    for i in poisoned:
+        is_zero[i] = 0
+    zero = array("Q", (i for i in range(npages) if is_zero[i]))
     blank = bytes(page_size)
     for i in zero:
         image[i * page_size : (i + 1) * page_size] = blank
@@ -115,7 +128,7 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None):
+def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None) -> Iterator[str]:
     image_path = workdir / "guest.img"
     image_path.write_bytes(guest.image)
     poison_path = workdir / "poison.txt"
@@ -123,35 +136,13 @@ def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None):
         "# synthetic guest: poisoned pages\n"
         + "".join(f"{i * guest.page_size:#x}\n" for i in guest.poisoned)
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "uffdpoison",
-        "source",
-        "--listen",
-        "127.0.0.1:0",
-        "--image",
-        str(image_path),
-        "--poison-list",
-        str(poison_path),
-    ]
-    if max_bandwidth:
-        cmd += ["--max-bandwidth", max_bandwidth]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise SetupError(f"source process exited ({proc.wait()}) before listening")
-        status = json.loads(line)
-        yield f"{status['host']}:{status['port']}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with source_process(
+            image_path, poison_list=poison_path, max_bandwidth=max_bandwidth
+        ) as address:
+            yield address
+    except SourceStartError as e:
+        raise SetupError(str(e)) from None
 
 
 def _mapping(kind: str, size: int) -> memory.Mapping:

@@ -234,7 +234,19 @@ class Session:
         idx = (page_addr - led.base) // ps
         state = led.state(idx)
         if flags & _FLAG_MINOR:
+            # The page cache holds a copy, but whether it is current (or poisoned at the
+            # source) needs the MINOR-mode exchange (digests, CLEAN, CONTINUE), which this
+            # session does not speak yet. COPY cannot resolve a MINOR fault and CONTINUE would
+            # map a copy nobody checked: leave the vCPU blocked rather than guess.
             stats.minor_faults += 1
+            if stats.minor_faults == 1:
+                log.error(
+                    "%s: MINOR fault at %#x: MINOR-mode sessions are not supported; the "
+                    "vCPU stays blocked (register MISSING only)",
+                    self.name,
+                    addr,
+                )
+            return
         if state in (_MISSING, _BACKGROUND):
             # Never make a vCPU wait behind bulk data: ask urgently even if the push has it.
             led.mark(
@@ -311,11 +323,19 @@ class Session:
     async def _bulk_reader(self) -> None:
         t = self.client.bulk
         assert t is not None
+        chunk = _bulk_chunk(self.page_size)
+        since_yield = 0
         while True:
+            # receive() and place() return without suspending while frames are buffered and
+            # small: without this yield a steady push would starve the fault reader.
             ev = await t.receive()
             if isinstance(ev, protocol.Pages):
                 self.stats.bulk_pages += ev.count
-                await self.placer.place(ev, chunk=_bulk_chunk(self.page_size))
+                await self.placer.place(ev, chunk=chunk)
+                since_yield += ev.count
+                if since_yield >= chunk:
+                    since_yield = 0
+                    await trio.lowlevel.checkpoint()
             elif isinstance(ev, protocol.Done):
                 self._source_done = True
                 self._check_complete()

@@ -13,12 +13,16 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
+import functools
 import os
 import re
 import struct
+import threading
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
+
+from uffdpoison.kernel.digest import zero_runs
 
 __all__ = [
     "Backend",
@@ -30,10 +34,7 @@ __all__ = [
     "RunKind",
     "SourceError",
     "SourceGone",
-    "page_digests",
     "parse_poison_list",
-    "parse_size",
-    "xxh64",
 ]
 
 DEFAULT_PAGE_SIZE = 4096
@@ -177,89 +178,20 @@ class PageBitmap:
 # ----------------------------------------------------------------------------------------------
 # Digests (XXH64, seed 0): C from uffdpoison.kernel when built, pure Python otherwise.
 
-_P1 = 0x9E3779B185EBCA87
-_P2 = 0xC2B2AE3D27D4EB4F
-_P3 = 0x165667B19E3779F9
-_P4 = 0x85EBCA77C2B2AE63
-_P5 = 0x27D4EB2F165667C5
-_M = 0xFFFFFFFFFFFFFFFF
+
+def _zero_split(mv: memoryview, start: int, stop: int, unit: int) -> list[tuple[bool, int]]:
+    """(is_zero, units) runs covering mv[start:stop]: C when built, else a regex scan (the
+    next non-zero byte decides: every whole unit before it is zero)."""
+    if start >= stop:
+        return []
+    if stop - start == unit:  # one page (a demand fault): skip the run machinery
+        return [(mv[start:stop] == _zero_unit(unit), 1)]
+    return zero_runs(mv[start:stop], unit)
 
 
-def _rotl(x: int, r: int) -> int:
-    return ((x << r) | (x >> (64 - r))) & _M
-
-
-def _round(acc: int, lane: int) -> int:
-    acc = (acc + lane * _P2) & _M
-    return (_rotl(acc, 31) * _P1) & _M
-
-
-def _xxh64_py(data: bytes | memoryview, seed: int = 0) -> int:
-    data = bytes(data)
-    n = len(data)
-    i = 0
-    if n >= 32:
-        v1 = (seed + _P1 + _P2) & _M
-        v2 = (seed + _P2) & _M
-        v3 = seed & _M
-        v4 = (seed - _P1) & _M
-        lanes = struct.unpack_from(f"<{(n // 32) * 4}Q", data)
-        for k in range(0, len(lanes), 4):
-            v1 = _round(v1, lanes[k])
-            v2 = _round(v2, lanes[k + 1])
-            v3 = _round(v3, lanes[k + 2])
-            v4 = _round(v4, lanes[k + 3])
-        h = (_rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)) & _M
-        for v in (v1, v2, v3, v4):
-            h = ((h ^ _round(0, v)) * _P1 + _P4) & _M
-        i = (n // 32) * 32
-    else:
-        h = (seed + _P5) & _M
-    h = (h + n) & _M
-    while i + 8 <= n:
-        (k1,) = struct.unpack_from("<Q", data, i)
-        h = (_rotl(h ^ _round(0, k1), 27) * _P1 + _P4) & _M
-        i += 8
-    if i + 4 <= n:
-        (k2,) = struct.unpack_from("<I", data, i)
-        h = (_rotl(h ^ (k2 * _P1 & _M), 23) * _P2 + _P3) & _M
-        i += 4
-    while i < n:
-        h = (_rotl(h ^ (data[i] * _P5 & _M), 11) * _P1) & _M
-        i += 1
-    h ^= h >> 33
-    h = (h * _P2) & _M
-    h ^= h >> 29
-    h = (h * _P3) & _M
-    h ^= h >> 32
-    return h
-
-
-def _load_native_digests():  # type: ignore[no-untyped-def]
-    try:
-        from uffdpoison.kernel import digest as native  # type: ignore[attr-defined]
-    except Exception:
-        return None
-    return native
-
-
-_native_digest = _load_native_digests()
-
-
-def xxh64(data: bytes | bytearray | memoryview) -> int:
-    """XXH64 with seed 0 of one buffer."""
-    if _native_digest is not None and hasattr(_native_digest, "digest"):
-        return int(_native_digest.digest(data))
-    return _xxh64_py(memoryview(data))
-
-
-def page_digests(buf: bytes | bytearray | memoryview, page_size: int) -> array:
-    """XXH64 (seed 0) of each `page_size` page of buf, as array('Q')."""
-    mv = memoryview(buf).cast("B")
-    if _native_digest is not None and hasattr(_native_digest, "page_digests"):
-        out = _native_digest.page_digests(mv, page_size)
-        return out if isinstance(out, array) else array("Q", out)
-    return array("Q", (_xxh64_py(mv[i : i + page_size]) for i in range(0, len(mv), page_size)))
+@functools.cache
+def _zero_unit(unit: int) -> bytes:
+    return bytes(unit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,23 +202,6 @@ def _parse_int(text: str) -> int:
     text = text.strip()
     base = 16 if text.lower().startswith("0x") else 10
     return int(text, base)
-
-
-_SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'4096', '0x1000', '10M', '1G', '512K', '2MiB' -> bytes (binary multiples)."""
-    s = text.strip()
-    m = re.fullmatch(r"(0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?(?:/s)?", s)
-    if m is None:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 0x1000, 512K, 10M, 1G)")
-    num, suffix = m.groups()
-    value = int(num, 16) if num.lower().startswith("0x") else float(num)
-    result = int(value * _SIZE_SUFFIX[suffix.upper()])
-    if result < 0:
-        raise ValueError(f"negative size: {text!r}")
-    return result
 
 
 def parse_poison_list(path: str | os.PathLike[str], *, page_size: int, size: int) -> list[int]:
@@ -324,6 +239,11 @@ def parse_poison_list(path: str | os.PathLike[str], *, page_size: int, size: int
 # Backends
 
 
+def _check_page_size(page_size: int) -> None:
+    if page_size < 4096 or page_size & (page_size - 1):
+        raise SourceError(f"page size {page_size} is not a power of two of at least 4096")
+
+
 class Backend:
     """Guest memory of `size` bytes in `page_size` base pages, plus which pages are poisoned.
 
@@ -334,8 +254,7 @@ class Backend:
     size: int
 
     def __init__(self, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> None:
-        if page_size <= 0 or page_size & (page_size - 1):
-            raise SourceError(f"page size {page_size} is not a power of two")
+        _check_page_size(page_size)
         if size <= 0:
             raise SourceError("guest memory is empty")
         if size % page_size:
@@ -344,13 +263,22 @@ class Backend:
         self.size = size
         self.npages = size // page_size
         self._poison = PageBitmap(self.npages)
+        # Reads may run in a worker thread while another reader marks poison in the same byte.
+        self._poison_lock = threading.Lock()
         self._zero = bytes(page_size)
+
+    @property
+    def huge_page_size(self) -> int:
+        """The guest's huge-page size for the Welcome: a base page above 4 KiB is one (a
+        hugetlb guest served with --page-size 2M), else 0."""
+        return self.page_size if self.page_size > DEFAULT_PAGE_SIZE else 0
 
     # -- poison set ---------------------------------------------------------------------------
 
     def mark_poisoned(self, offset: int) -> bool:
         """Record the base page at byte `offset` as poisoned (terminal). True if new."""
-        return self._poison.set(offset // self.page_size)
+        with self._poison_lock:
+            return self._poison.set(offset // self.page_size)
 
     def add_poison(self, offsets: Iterable[int]) -> None:
         for off in offsets:
@@ -424,6 +352,15 @@ class Backend:
         self._read(offset, mv)
         return self._classify(offset, mv, unit)
 
+    def read(
+        self, offset: int, buf: bytearray | memoryview, unit: int | None = None
+    ) -> tuple[memoryview, list[Run]]:
+        """Like read_into, but may return a view of the backend's own memory instead of
+        filling buf (no copy). Returns (view of the bytes, runs); run offsets are relative to
+        `offset` as for read_into."""
+        runs = self.read_into(offset, buf, unit)
+        return memoryview(buf).cast("B"), runs
+
     def _classify(self, offset: int, mv: memoryview, unit: int) -> list[Run]:
         runs: list[Run] = []
         ps = self.page_size
@@ -439,29 +376,20 @@ class Backend:
                 runs.append(Run(kind, off, n))
 
         pos = 0
-        search = _NONZERO_RE.search
         while pos < length:
             if poisoned_here and self.is_poisoned(offset + pos, unit):
                 add(RunKind.POISONED, offset + pos, 1)
                 pos += unit
                 continue
-            # The next non-zero byte decides: every whole unit before it is zero.
             stop = length
             if poisoned_here:
-                # Never classify past the next poisoned base page in one step.
+                # Classify up to the unit holding the next poisoned base page.
                 nxt = self._poison.find_set((offset + pos) // ps, (offset + length) // ps)
                 if nxt >= 0:
                     stop = (nxt * ps - offset) // unit * unit
-            m = search(mv, pos, stop)
-            nz = stop if m is None else m.start()
-            zero_units = (nz - pos) // unit
-            if zero_units:
-                add(RunKind.ZERO, offset + pos, zero_units)
-                pos += zero_units * unit
-            if pos < stop:
-                # The unit holding nz is data.
-                add(RunKind.DATA, offset + pos, 1)
-                pos += unit
+            for is_zero, n in _zero_split(mv, pos, stop, unit):
+                add(RunKind.ZERO if is_zero else RunKind.DATA, offset + pos, n)
+                pos += n * unit
         return runs
 
     def close(self) -> None:
@@ -490,6 +418,18 @@ class MemoryBackend(Backend):
     def _read(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._buf[offset : offset + len(buf)]
 
+    def read(
+        self, offset: int, buf: bytearray | memoryview, unit: int | None = None
+    ) -> tuple[memoryview, list[Run]]:
+        # Serve straight from the buffer: no copy. The caller owns the buffer and must not
+        # change it while the server runs (data sent would be torn).
+        unit = self.check_unit(unit)
+        length = memoryview(buf).nbytes
+        if offset % unit or length % unit or offset < 0 or offset + length > self.size:
+            return super().read(offset, buf, unit)  # raises the usual error
+        view = self._buf[offset : offset + length]
+        return view, self._classify(offset, view, unit)
+
     def close(self) -> None:
         self._buf.release()
 
@@ -505,6 +445,7 @@ class ImageBackend(Backend):
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         self.path = os.fspath(path)
+        _check_page_size(page_size)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -592,6 +533,7 @@ class ProcessBackend(Backend):
         scan_pagemap: bool = True,
     ) -> None:
         self.pid = pid
+        _check_page_size(page_size)
         if not ranges:
             raise SourceError("no memory ranges given")
         maps = _read_maps(pid)
@@ -618,6 +560,10 @@ class ProcessBackend(Backend):
         except OSError as e:
             raise SourceError(f"cannot open /proc/{pid}/mem: {e.strerror}") from e
         try:
+            self._pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._pagemap_fd = -1  # then every unreadable page counts as poisoned
+        try:
             self.pagemap_poisoned = 0
             if scan_pagemap:
                 self.pagemap_poisoned = self._scan_pagemap()
@@ -626,7 +572,7 @@ class ProcessBackend(Backend):
             if poison_list:
                 self.add_poison(poison_list)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _scan_pagemap(self) -> int:
@@ -694,8 +640,8 @@ class ProcessBackend(Backend):
                 n = os.preadv(self._fd, [buf[pos:end]], addr)
             except OSError as e:
                 if e.errno in (errno.EIO, errno.EFAULT, _EHWPOISON):
-                    # The first page cannot be read: it is poisoned, from now on.
-                    self.mark_poisoned(offset + pos)
+                    # The first page cannot be read: poisoned from now on (or an error).
+                    self._unreadable(offset + pos, addr)
                     pos += ps
                     addr += ps
                     continue
@@ -709,14 +655,43 @@ class ProcessBackend(Backend):
             # its error names it. A partial page is never served: it is re-read whole, and a
             # page that cannot be read whole is poisoned.
             if n < ps:
-                self.mark_poisoned(offset + pos)
+                self._unreadable(offset + pos, addr)
                 n = ps
             n -= n % ps
             pos += n
             addr += n
         return pos
 
+    def _unreadable(self, offset: int, addr: int) -> None:
+        """A page that /proc/PID/mem cannot read. A poison marker (or hardware poison) has a
+        swap-type pagemap entry (bit 62; type and offset hidden without CAP_SYS_ADMIN): that
+        page is POISONED from now on. An entry with nothing at all (not present, not swapped)
+        is a hole, e.g. a userfaultfd-registered page the VMM has not populated: its content
+        is unknown, but it is not poison, so the read fails instead (never data, never zero,
+        and no false poison). Without a readable pagemap every unreadable page is poison."""
+        entry = None
+        if self._pagemap_fd >= 0:
+            sys_ps = os.sysconf("SC_PAGE_SIZE")
+            try:
+                raw: bytes | None = os.pread(self._pagemap_fd, 8, addr // sys_ps * 8)
+            except OSError:
+                raw = None
+            if raw is not None and len(raw) == 0:
+                raise self._gone()
+            if raw is not None and len(raw) == 8:
+                (entry,) = struct.unpack("<Q", raw)
+        if entry is not None and not entry & (3 << 62):
+            raise SourceError(
+                f"process {self.pid}: page at {addr:#x} (guest offset {offset:#x}) cannot be "
+                "read and is not poisoned: nothing is mapped there (a userfaultfd-registered "
+                "page not yet populated?)"
+            )
+        self.mark_poisoned(offset)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._pagemap_fd >= 0:
+            os.close(self._pagemap_fd)
+            self._pagemap_fd = -1

@@ -21,9 +21,9 @@ from uffdpoison.source.backends import (
     ImageBackend,
     ProcessBackend,
     SourceError,
-    parse_size,
 )
 from uffdpoison.source.server import SourceServer, parse_listen
+from uffdpoison.units import parse_size
 
 log = logging.getLogger("uffdpoison.source")
 
@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="RATE",
         help="cap the background (bulk) push at RATE bytes/s, e.g. 10M or 1G (binary "
-        "multiples); demand replies are never delayed by it",
+        "multiples), summed over all sessions; demand replies are never delayed by it",
     )
     parser.add_argument(
         "--insecure",

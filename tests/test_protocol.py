@@ -1,0 +1,1029 @@
+"""Tests of the sans-IO wire protocol: round trips, every malformed frame, properties."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import uffdpoison.protocol as proto
+from uffdpoison.protocol import (
+    CLOSED,
+    MAGIC,
+    MAX_HEADER,
+    MAX_PAGES_PER_FRAME,
+    MAX_PAYLOAD,
+    NEED_DATA,
+    PREFIX_SIZE,
+    PROTOCOL_VERSION,
+    Channel,
+    Connection,
+    Done,
+    Error,
+    Event,
+    Hello,
+    PageKind,
+    Pages,
+    ProtocolError,
+    Request,
+    Side,
+    State,
+    Welcome,
+    bench_codec,
+    open_pair,
+)
+
+PS = 4096
+MEM = 64 * PS
+SESSION = b"s" * 16
+URGENT, BULK = Channel.URGENT, Channel.BULK
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def raw_frame(header: Any, payload: bytes = b"", magic: bytes = MAGIC) -> bytes:
+    """A frame built by hand, bypassing every send-side check."""
+    h = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
+    return struct.pack(">2sHI", magic, len(h), len(payload)) + h + payload
+
+
+def u64s(*offsets: int) -> memoryview:
+    return memoryview(struct.pack(f"<{len(offsets)}Q", *offsets))
+
+
+def wire(parts: list[bytes | memoryview]) -> bytes:
+    return b"".join(bytes(p) for p in parts)
+
+
+def drain(conn: Connection) -> list[Event]:
+    out: list[Event] = []
+    while True:
+        ev = conn.next_event()
+        if ev is NEED_DATA or ev is CLOSED:
+            return out
+        out.append(ev)  # type: ignore[arg-type]
+
+
+def deliver(sender: Connection, receiver: Connection, event: Event) -> Event:
+    receiver.receive_data(wire(sender.send(event)))
+    got = receiver.next_event()
+    assert receiver.next_event() is NEED_DATA
+    return got  # type: ignore[return-value]
+
+
+def handshake(
+    channel: Channel = URGENT,
+    page_size: int = PS,
+    memory: int = MEM,
+    poison: memoryview | None = None,
+    want_list: bool = True,
+) -> tuple[Connection, Connection]:
+    src, dst = Connection(Side.SOURCE, channel), Connection(Side.DESTINATION, channel)
+    hello = Hello(
+        PROTOCOL_VERSION, channel, SESSION if channel is BULK else None, 0, want_list, None
+    )
+    assert deliver(dst, src, hello) == hello
+    n = 0 if poison is None else len(poison) // 8
+    welcome = Welcome(PROTOCOL_VERSION, SESSION, page_size, memory, 0, n, poison)
+    assert deliver(src, dst, welcome) == welcome
+    return src, dst
+
+
+def snapshot(c: Connection) -> tuple[Any, ...]:
+    return (
+        c.state,
+        c.outstanding,
+        c.page_size,
+        c.memory_size,
+        c.session,
+        c.hello,
+        c.welcome,
+        c.our_done,
+        c.their_done,
+        {k: (v.next, v.end) for k, v in c._out.items()},
+    )
+
+
+def assert_rejected(conn: Connection, data: bytes, *words: str, eof: bool = False) -> None:
+    """Feeding data raises a ProtocolError naming the problem, with the state untouched."""
+    before = snapshot(conn)
+    conn.receive_data(data)
+    if eof:
+        conn.receive_data(b"")
+    with pytest.raises(ProtocolError) as info:
+        drain(conn)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    assert snapshot(conn) == before
+    # The failure is sticky: the connection never resynchronises on garbage.
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+    assert conn.failed is not None
+
+
+def assert_send_rejected(conn: Connection, event: Any, *words: str) -> None:
+    before = snapshot(conn)
+    with pytest.raises(ProtocolError) as info:
+        conn.send(event)
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value!s}"
+    assert snapshot(conn) == before
+
+
+def pages_hdr(id: Any, kind: Any, off: Any, n: Any, **extra: Any) -> dict[str, Any]:
+    return {"t": 4, "i": id, "k": kind, "o": off, "n": n, **extra}
+
+
+def req_hdr(id: Any, off: Any, n: Any, urgent: Any) -> dict[str, Any]:
+    return {"t": 3, "i": id, "o": off, "n": n, "u": urgent}
+
+
+# ---------------------------------------------------------------------------- round trips
+
+
+def test_handshake_sets_state() -> None:
+    src, dst = handshake(URGENT)
+    for c in (src, dst):
+        assert c.state is State.OPEN
+        assert (c.page_size, c.memory_size, c.session) == (PS, MEM, SESSION)
+        assert c.max_data_pages == MAX_PAYLOAD // PS
+
+
+def test_round_trip_every_kind() -> None:
+    src, dst = handshake(URGENT)
+    data = memoryview(bytes(range(256)) * (2 * PS // 256))
+    digests = u64s(1, 2, 3, 4, 5)
+    req = Request(7, 0, 5, True, digests)
+    got = deliver(dst, src, req)
+    assert got == req and bytes(got.digests) == bytes(digests)  # type: ignore[union-attr]
+    assert src.outstanding == dst.outstanding == 1
+    replies = [
+        Pages(7, PageKind.DATA, 0, 2, data),
+        Pages(7, PageKind.ZERO, 2 * PS, 1),
+        Pages(7, PageKind.POISONED, 3 * PS, 1),
+        Pages(7, PageKind.CLEAN, 4 * PS, 1),
+    ]
+    for r in replies:
+        assert deliver(src, dst, r) == r
+    assert src.outstanding == dst.outstanding == 0
+    req2 = Request(8, 8 * PS, 3, True)
+    deliver(dst, src, req2)
+    err = Error(8, "read-failed", "pread: EIO not poison")
+    assert deliver(src, dst, err) == err
+    assert src.outstanding == dst.outstanding == 0
+
+
+def test_bulk_push_done_and_close() -> None:
+    src, dst = handshake(BULK)
+    push = Pages(None, PageKind.DATA, 4 * PS, 1, memoryview(b"x" * PS))
+    assert deliver(src, dst, push) == push
+    assert deliver(src, dst, Pages(None, PageKind.POISONED, 0, 1)).kind is PageKind.POISONED
+    bg = Request(1, 8 * PS, 2, False)
+    assert deliver(dst, src, bg) == bg
+    assert deliver(src, dst, Done()) == Done()
+    assert src.our_done and dst.their_done and src.state is State.OPEN
+    # After its Done the source still answers outstanding requests, but pushes nothing.
+    assert_send_rejected(src, Pages(None, PageKind.ZERO, 0, 1), "after its Done")
+    deliver(src, dst, Pages(1, PageKind.ZERO, 8 * PS, 2))
+    assert deliver(dst, src, Done()) == Done()
+    assert src.state is State.DONE and dst.state is State.DONE
+    assert_send_rejected(dst, Request(2, 0, 1, False), "after its Done")
+    src.receive_data(b"")
+    assert src.next_event() is CLOSED
+    assert src.state is State.CLOSED
+    assert src.next_event() is CLOSED
+
+
+def test_welcome_poison_list_round_trip() -> None:
+    plist = u64s(0, 5 * PS, 63 * PS)
+    _, dst = handshake(BULK, poison=plist)
+    assert dst.welcome is not None and dst.welcome.poisoned_count == 3
+    assert bytes(dst.welcome.poison_list) == bytes(plist)  # type: ignore[arg-type]
+    # An empty list (nothing poisoned) is still a list, distinct from "not sent".
+    _, dst = handshake(URGENT, poison=memoryview(b""))
+    assert dst.welcome is not None and dst.welcome.poison_list is not None
+    assert len(dst.welcome.poison_list) == 0
+
+
+def test_hugetlb_page_size() -> None:
+    huge = 2 << 20
+    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
+    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None, page_size=huge))
+    deliver(src, dst, Welcome(PROTOCOL_VERSION, SESSION, huge, 8 * huge, huge, 0, None))
+    assert dst.page_size == huge and dst.max_data_pages == MAX_PAYLOAD // huge
+    deliver(dst, src, Request(1, huge, 2, True))
+    assert_send_rejected(dst, Request(2, PS, 1, True), "not aligned")
+    assert_send_rejected(src, Pages(1, PageKind.DATA, huge, 1, memoryview(b"x" * PS)), "DATA")
+
+
+def test_welcome_must_honour_requested_page_size() -> None:
+    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
+    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None, page_size=2 << 20))
+    bad = Welcome(PROTOCOL_VERSION, SESSION, PS, MEM, 0, 0, None)
+    assert_send_rejected(src, bad, "page_size")
+    frame = raw_frame({"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False})
+    assert_rejected(dst, frame, "page_size")
+
+
+def test_source_may_refuse_hello_with_error() -> None:
+    src, dst = Connection(Side.SOURCE, BULK), Connection(Side.DESTINATION, BULK)
+    deliver(dst, src, Hello(PROTOCOL_VERSION, BULK, b"nope"))
+    err = Error(None, "unknown-session", "no session b'nope'")
+    assert deliver(src, dst, err) == err
+    assert src.state is State.ABORTED and dst.state is State.ABORTED
+    assert_send_rejected(src, Welcome(PROTOCOL_VERSION, b"nope", PS, MEM, 0, 0, None), "fatal")
+    assert_rejected(dst, raw_frame({"t": 6}), "after its fatal Error")
+
+
+def test_send_keeps_payload_apart_and_uncopied() -> None:
+    _, dst = handshake(URGENT)
+    buf = bytearray(4 * PS)
+    parts = dst.send(Request(1, 0, 4, True, memoryview(bytearray(32))))
+    assert len(parts) == 2 and isinstance(parts[0], bytes) and len(parts[1]) == 32
+    src2, dst2 = handshake(URGENT)
+    deliver(dst2, src2, Request(1, 0, 4, True))
+    parts = src2.send(Pages(1, PageKind.DATA, 0, 4, memoryview(buf)))
+    assert len(parts) == 2
+    assert isinstance(parts[1], memoryview) and parts[1].obj is buf  # no copy
+    assert len(parts[0]) < 64
+
+
+def test_received_payload_is_one_buffer() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 2, True))
+    deliver(dst, src, Request(2, 2 * PS, 1, True))
+    data = bytes(range(256)) * (2 * PS // 256)
+    stream = wire(src.send(Pages(1, PageKind.DATA, 0, 2, memoryview(data))))
+    stream += wire(src.send(Pages(2, PageKind.DATA, 2 * PS, 1, memoryview(data[:PS]))))
+    # Both frames in one chunk, then each split in the middle of its payload.
+    for chunks in ([stream], [stream[:100], stream[100:5000], stream[5000:]]):
+        _, d = handshake(URGENT)
+        d.send(Request(1, 0, 2, True))
+        d.send(Request(2, 2 * PS, 1, True))
+        for c in chunks:
+            d.receive_data(c)
+        got = drain(d)
+        assert [bytes(e.data) for e in got] == [data, data[:PS]]  # type: ignore[union-attr]
+        assert all(isinstance(e.data, memoryview) for e in got)  # type: ignore[union-attr]
+        assert d.outstanding == 0
+
+
+def test_bytes_wanted_hint() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 1, True))
+    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
+    assert dst.bytes_wanted == PREFIX_SIZE
+    dst.receive_data(frame[:3])
+    assert dst.bytes_wanted == PREFIX_SIZE - 3
+    dst.receive_data(frame[3:20])
+    assert dst.bytes_wanted == len(frame) - 20
+    assert dst.next_event() is NEED_DATA
+    assert dst.bytes_wanted == len(frame) - 20
+    dst.receive_data(frame[20:])
+    assert isinstance(dst.next_event(), Pages)
+
+
+def test_unknown_map_keys_are_ignored() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(3, PS, 1, True))
+    dst.receive_data(raw_frame(pages_hdr(3, int(PageKind.ZERO), PS, 1, future="x", z=[1, 2])))
+    assert drain(dst) == [Pages(3, PageKind.ZERO, PS, 1)]
+
+
+def test_bench_codec_runs() -> None:
+    r = bench_codec(200)
+    assert r["frames"] == 200 and r["push_GB_per_s"] > 0 and r["demand_GB_per_s"] > 0
+
+
+def test_open_pair_helper() -> None:
+    src, dst = open_pair(BULK)
+    assert src.state is dst.state is State.OPEN
+
+
+# ---------------------------------------------------------------------------- malformed frames
+
+
+def test_eof_at_boundary_is_closed_mid_frame_is_error() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 1, True))
+    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"z" * PS))))
+    header_end = len(frame) - PS
+    for cut, word in ((3, "prefix"), (PREFIX_SIZE + 2, "header"), (header_end + 10, "payload")):
+        _, d = handshake(URGENT)
+        d.send(Request(1, 0, 1, True))
+        assert_rejected(d, frame[:cut], "truncated", word, eof=True)
+        assert d.outstanding == 1
+
+
+def test_truncated_payload_after_partial_fill() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 2, True))
+    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 2, memoryview(b"z" * 2 * PS))))
+    dst.receive_data(frame[:100])
+    assert dst.next_event() is NEED_DATA
+    dst.receive_data(frame[100:5000])
+    assert_rejected(dst, b"", "truncated", "payload", eof=True)
+    assert dst.outstanding == 1
+
+
+def test_data_after_eof() -> None:
+    _, dst = handshake(URGENT)
+    dst.receive_data(b"")
+    with pytest.raises(ProtocolError, match="after EOF"):
+        dst.receive_data(b"x")
+
+
+def test_bad_magic() -> None:
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame({"t": 6}, magic=b"GE"), "magic")
+
+
+def test_oversize_header() -> None:
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, struct.pack(">2sHI", MAGIC, MAX_HEADER + 1, 0), "header length")
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, struct.pack(">2sHI", MAGIC, 0, 0), "header length")
+
+
+def test_oversize_payload_rejected_before_buffering() -> None:
+    _, dst = handshake(URGENT)
+    # Only the prefix arrived: the announced size alone condemns the frame.
+    assert_rejected(dst, struct.pack(">2sHI", MAGIC, 10, MAX_PAYLOAD + 1), "MAX_PAYLOAD")
+
+
+def test_header_not_msgpack() -> None:
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame(b"\xc1\xc1"), "not valid msgpack")
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame(msgpack.packb({"t": 6}) + b"\x00"), "not valid msgpack")
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame(b"\x81\xa1t"), "not valid msgpack")  # map cut short
+
+
+def test_header_not_a_map() -> None:
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame([4, 1, 2]), "must be a msgpack map", "list")
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame(7), "must be a msgpack map", "int")
+
+
+def test_header_map_with_non_str_keys() -> None:
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame({b"t": 6}), "keys must be str")
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame({1: 6}), "not valid msgpack")  # strict_map_key
+
+
+def test_unknown_frame_type() -> None:
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame({"t": 99}), "unknown frame type 99")
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame({"t": "pages"}), "frame type must be an int")
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, raw_frame({"x": 1}), "lacks field 'type'")
+
+
+def _dst_with_request(id: int = 1, off: int = 0, n: int = 2, digests: bool = False) -> Connection:
+    src, dst = handshake(URGENT)
+    d = u64s(*range(n)) if digests else None
+    deliver(dst, src, Request(id, off, n, True, d))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        (pages_hdr(True, 2, 0, 1), ("'id'", "int", "bool")),
+        (pages_hdr(1, 2, 0, True), ("'count'", "int", "bool")),
+        (pages_hdr(1, 2, 0.0, 1), ("'offset'", "float")),
+        (pages_hdr(1, 2, "0", 1), ("'offset'", "str")),
+        (pages_hdr(1, 2, -PS, 1), ("'offset'", "u64")),
+        (pages_hdr(1, True, 0, 1), ("unknown kind",)),
+        (pages_hdr(1, 9, 0, 1), ("unknown kind",)),
+        (pages_hdr(b"\x01", 2, 0, 1), ("'id'", "bytes")),
+        ({"t": 4, "i": 1, "k": 2, "o": 0}, ("lacks field 'count'",)),
+        ({"t": 4, "i": 1, "k": 2, "n": 1}, ("lacks field 'offset'",)),
+        ({"t": 4, "k": 2, "o": 0, "n": 1}, ("lacks field 'id'",)),
+        ({"t": 4, "i": 1, "o": 0, "n": 1}, ("lacks field 'kind'",)),
+        ({"t": 5, "i": 1, "c": b"busy", "m": "x"}, ("'code'", "str", "bytes")),
+        ({"t": 5, "i": 1, "c": "busy", "m": None}, ("'message'", "str")),
+        ({"t": 5, "i": 1, "c": "", "m": ""}, ("'code'", "1..")),
+        ({"t": 5, "i": 1, "c": "x"}, ("lacks field 'message'",)),
+    ],
+)
+def test_wrong_field_types_and_missing_fields(header: dict[str, Any], words: tuple[str]) -> None:
+    dst = _dst_with_request()
+    assert_rejected(dst, raw_frame(header), *words)
+    assert dst.outstanding == 1
+
+
+def test_misaligned_zero_count_and_out_of_range() -> None:
+    src, dst = handshake(URGENT)
+    for req, word in (
+        (Request(1, 100, 1, True), "not aligned"),
+        (Request(1, 0, 0, True), "count 0"),
+        (Request(1, 0, MAX_PAGES_PER_FRAME + 1, True), "count"),
+        (Request(1, MEM - PS, 2, True), "past memory_size"),
+        (Request(1, MEM, 1, True), "past memory_size"),
+    ):
+        assert_send_rejected(dst, req, word)
+        frame = raw_frame(req_hdr(req.id, req.offset, req.count, True))
+        assert_rejected(_fresh_src(), frame, word)
+    assert src.outstanding == dst.outstanding == 0
+
+
+def _fresh_src(channel: Channel = URGENT) -> Connection:
+    src, _ = handshake(channel)
+    return src
+
+
+def test_data_length_mismatch() -> None:
+    dst = _dst_with_request(n=2)
+    assert_rejected(dst, raw_frame(pages_hdr(1, 1, 0, 2), b"x" * (2 * PS - 1)), "DATA payload")
+    dst = _dst_with_request(n=2)
+    assert_rejected(dst, raw_frame(pages_hdr(1, 1, 0, 1)), "DATA payload is 0 bytes")
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 2, True))
+    assert_send_rejected(src, Pages(1, PageKind.DATA, 0, 2, memoryview(b"x" * PS)), "DATA")
+    assert_send_rejected(src, Pages(1, PageKind.DATA, 0, 2), "DATA payload is 0 bytes")
+
+
+def test_payload_on_non_data_kinds() -> None:
+    for kind in (PageKind.ZERO, PageKind.POISONED, PageKind.CLEAN):
+        dst = _dst_with_request(digests=True)
+        assert_rejected(dst, raw_frame(pages_hdr(1, int(kind), 0, 1), b"x" * PS), "no payload")
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 1, True))
+    assert_send_rejected(src, Pages(1, PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload")
+    for header in ({"t": 6}, {"t": 5, "i": None, "c": "x", "m": ""}):
+        _, d = handshake(BULK)
+        assert_rejected(d, raw_frame(header, b"junk"), "no payload")
+
+
+def test_digest_length_mismatch() -> None:
+    src = _fresh_src()
+    assert_rejected(src, raw_frame(req_hdr(1, 0, 2, True), b"d" * 8), "digests", "8 * count")
+    _, dst = handshake(URGENT)
+    assert_send_rejected(dst, Request(1, 0, 2, True, memoryview(b"d" * 24)), "digests")
+    assert_send_rejected(dst, Request(1, 0, 2, True, memoryview(b"")), "digests")
+
+
+def test_clean_needs_digests() -> None:
+    dst = _dst_with_request(digests=False)
+    assert_rejected(dst, raw_frame(pages_hdr(1, int(PageKind.CLEAN), 0, 1)), "CLEAN", "digests")
+
+
+def test_unknown_request_id() -> None:
+    dst = _dst_with_request(id=1)
+    assert_rejected(dst, raw_frame(pages_hdr(2, 2, 0, 1)), "unknown request id 2")
+    dst = _dst_with_request(id=1)
+    assert_rejected(dst, raw_frame({"t": 5, "i": 2, "c": "x", "m": "y"}), "unknown request id 2")
+    src, _ = handshake(URGENT)
+    assert_send_rejected(src, Pages(5, PageKind.ZERO, 0, 1), "unknown request id 5")
+
+
+def test_overlapping_out_of_order_and_overlong_replies() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 4 * PS, 4, True))
+    deliver(src, dst, Pages(1, PageKind.ZERO, 4 * PS, 2))
+    assert dst.outstanding == 1
+    for hdr, word in (
+        (pages_hdr(1, 2, 5 * PS, 1), "overlaps"),
+        (pages_hdr(1, 2, 4 * PS, 1), "overlaps"),
+        (pages_hdr(1, 2, 7 * PS, 1), "skips"),
+        (pages_hdr(1, 2, 6 * PS, 3), "past the end"),
+    ):
+        d2 = _clone_dst_state(dst)
+        assert_rejected(d2, raw_frame(hdr), word)
+        assert d2.outstanding == 1 and d2._out[1].next == 6 * PS
+    assert_send_rejected(src, Pages(1, PageKind.ZERO, 5 * PS, 1), "overlaps")
+    assert_send_rejected(src, Pages(1, PageKind.ZERO, 6 * PS, 3), "past the end")
+
+
+def _clone_dst_state(dst: Connection) -> Connection:
+    """A fresh destination whose requests await the same bytes (a failed connection stays
+    failed, so each malformed case needs its own)."""
+    src, d = handshake(URGENT)
+    for id, out in dst._out.items():
+        deliver(d, src, Request(id, out.next, (out.end - out.next) // PS, True))
+    return d
+
+
+def test_duplicate_request_id() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 1, True))
+    assert_send_rejected(dst, Request(1, PS, 1, True), "duplicate request id 1")
+    assert_rejected(src, raw_frame(req_hdr(1, PS, 1, True)), "duplicate request id 1")
+    assert src.outstanding == dst.outstanding == 1
+
+
+def test_frames_before_handshake() -> None:
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame(req_hdr(1, 0, 1, True)), "before the handshake", "Hello")
+    dst = Connection(Side.DESTINATION, URGENT)
+    assert_send_rejected(dst, Request(1, 0, 1, True), "before the handshake")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_send_rejected(
+        src, Welcome(PROTOCOL_VERSION, SESSION, PS, MEM, 0, 0, None), "before the Hello"
+    )
+    # Welcome arrives but the Hello was never sent.
+    dst = Connection(Side.DESTINATION, URGENT)
+    w = {"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    assert_rejected(dst, raw_frame(w), "Welcome before the Hello")
+    # Destination got its Hello out, then receives Pages instead of a Welcome.
+    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
+    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None))
+    assert_rejected(dst, raw_frame(pages_hdr(1, 2, 0, 1)), "before the handshake", "Welcome")
+    assert dst.state is State.HANDSHAKE
+
+
+def test_duplicate_hello_and_welcome() -> None:
+    src, dst = handshake(URGENT)
+    hello = {"t": 1, "v": 1, "c": 1, "s": None, "p": 0, "w": True, "a": None}
+    assert_rejected(src, raw_frame(hello), "duplicate Hello")
+    assert_send_rejected(dst, Hello(PROTOCOL_VERSION, URGENT, None), "duplicate Hello")
+    w = {"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    assert_rejected(dst, raw_frame(w), "duplicate Welcome")
+
+
+def test_hello_from_wrong_side_and_wrong_channel() -> None:
+    dst = Connection(Side.DESTINATION, URGENT)
+    hello = {"t": 1, "v": 1, "c": 1, "s": None, "p": 0, "w": True, "a": None}
+    assert_rejected(dst, raw_frame(hello), "Hello sent by the source")
+    src = Connection(Side.SOURCE, BULK)
+    assert_rejected(src, raw_frame({**hello, "s": SESSION}), "URGENT channel on the BULK")
+    src = Connection(Side.SOURCE, BULK)
+    assert_rejected(src, raw_frame({**hello, "c": 2}), "must carry a session")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "s": SESSION}), "session None")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "c": 3}), "unknown channel")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "p": 5000}), "page_size", "power of two")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "w": 1}), "want_poison_list", "bool")
+    src = Connection(Side.SOURCE, BULK)
+    assert_rejected(src, raw_frame({**hello, "c": 2, "s": "tok"}), "'session'", "bytes", "str")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "a": "pw"}), "'auth'", "bytes", "str")
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame({**hello, "v": 1.0}), "'version'", "float")
+    assert src.hello is None
+
+
+def test_version_mismatch() -> None:
+    hello = {"t": 1, "v": PROTOCOL_VERSION + 1, "c": 1, "s": None, "p": 0, "w": True, "a": None}
+    src = Connection(Side.SOURCE, URGENT)
+    assert_rejected(src, raw_frame(hello), "version mismatch")
+    assert src.hello is None and src.state is State.HANDSHAKE
+    dst = Connection(Side.DESTINATION, URGENT)
+    assert_send_rejected(dst, Hello(PROTOCOL_VERSION + 1, URGENT, None), "version mismatch")
+    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
+    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None))
+    w = {"t": 2, "v": 2, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    assert_rejected(dst, raw_frame(w), "version mismatch")
+    assert dst.page_size == 0
+
+
+def test_bad_welcome_fields() -> None:
+    base = {"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    cases: list[tuple[dict[str, Any], bytes, str]] = [
+        ({"m": MEM + 1}, b"", "multiple of"),
+        ({"m": 0}, b"", "multiple of"),
+        ({"p": 3 * PS}, b"", "power of two"),
+        ({"s": ""}, b"", "'session'"),
+        ({"s": None}, b"", "'session'"),
+        ({"n": 65}, b"", "poisoned_count"),
+        ({"n": 2, "l": True}, u64s(0), "8 * poisoned_count"),
+        ({"n": 2, "l": True}, u64s(PS, 0), "above the previous"),
+        ({"n": 1, "l": True}, u64s(100), "not aligned"),
+        ({"n": 1, "l": True}, u64s(MEM), "past memory_size"),
+        ({"n": 1, "l": False}, u64s(0), "no payload"),
+        ({"h": 1000}, b"", "huge_page_size"),
+    ]
+    for changes, payload, word in cases:
+        src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
+        deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None))
+        assert_rejected(dst, raw_frame({**base, **changes}, bytes(payload)), word)
+        assert dst.state is State.HANDSHAKE and dst.page_size == 0
+
+
+def test_poison_list_not_wanted() -> None:
+    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
+    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None, want_poison_list=False))
+    w = Welcome(PROTOCOL_VERSION, SESSION, PS, MEM, 0, 1, u64s(0))
+    assert_send_rejected(src, w, "did not want")
+
+
+def test_bulk_session_must_match() -> None:
+    src, dst = Connection(Side.SOURCE, BULK), Connection(Side.DESTINATION, BULK)
+    deliver(dst, src, Hello(PROTOCOL_VERSION, BULK, SESSION))
+    assert_send_rejected(
+        src, Welcome(PROTOCOL_VERSION, b"other", PS, MEM, 0, 0, None), "another session"
+    )
+
+
+def test_channel_rules() -> None:
+    # urgent request on BULK, background request on URGENT
+    src_b, dst_b = handshake(BULK)
+    assert_send_rejected(dst_b, Request(1, 0, 1, True), "urgent Request on the BULK")
+    assert_rejected(src_b, raw_frame(req_hdr(1, 0, 1, True)), "urgent Request on the BULK")
+    src_u, dst_u = handshake(URGENT)
+    assert_send_rejected(dst_u, Request(1, 0, 1, False), "URGENT channel")
+    assert_rejected(src_u, raw_frame(req_hdr(1, 0, 1, False)), "URGENT channel")
+    # unsolicited Pages and Done only on BULK
+    src_u, dst_u = handshake(URGENT)
+    assert_send_rejected(src_u, Pages(None, PageKind.ZERO, 0, 1), "unsolicited", "URGENT")
+    assert_rejected(dst_u, raw_frame(pages_hdr(None, 2, 0, 1)), "unsolicited", "URGENT")
+    src_u, dst_u = handshake(URGENT)
+    assert_send_rejected(src_u, Done(), "Done on the URGENT")
+    assert_rejected(dst_u, raw_frame({"t": 6}), "Done on the URGENT")
+    # unsolicited CLEAN makes no sense
+    src_b, dst_b = handshake(BULK)
+    assert_rejected(dst_b, raw_frame(pages_hdr(None, 4, 0, 1)), "cannot be CLEAN")
+
+
+def test_wrong_direction() -> None:
+    src, dst = handshake(BULK)
+    assert_send_rejected(src, Request(1, 0, 1, False), "sent by the source")
+    assert_send_rejected(dst, Pages(None, PageKind.ZERO, 0, 1), "sent by the destination")
+    assert_send_rejected(dst, Error(1, "x", ""), "sent by the destination")
+    assert_rejected(src, raw_frame(pages_hdr(None, 2, 0, 1)), "sent by the destination")
+
+
+def test_frames_after_done() -> None:
+    src, dst = handshake(BULK)
+    deliver(dst, src, Request(1, 0, 1, False))
+    deliver(src, dst, Done())
+    assert_rejected(dst, raw_frame(pages_hdr(None, 2, 0, 1)), "after its Done")
+    src, dst = handshake(BULK)
+    deliver(dst, src, Done())
+    assert_rejected(src, raw_frame(req_hdr(1, 0, 1, False)), "after its Done")
+
+
+def test_send_type_checks() -> None:
+    src, dst = handshake(URGENT)
+    assert_send_rejected(dst, Request(True, 0, 1, True), "'id'", "bool")  # type: ignore[arg-type]
+    assert_send_rejected(dst, Request(1, 0, 1, 1), "'urgent'", "bool")  # type: ignore[arg-type]
+    assert_send_rejected(dst, Request(1, 0.0, 1, True), "'offset'")  # type: ignore[arg-type]
+    assert_send_rejected(dst, Request(1, 0, 1, True, "digests"), "buffer")  # type: ignore[arg-type]
+    assert_send_rejected(dst, "Request", "not a protocol event")
+    deliver(dst, src, Request(1, 0, 1, True))
+    assert_send_rejected(src, Pages(1, 2, 0, 1), "PageKind")  # type: ignore[arg-type]
+    assert_send_rejected(src, Error(1, "x", "m" * 5000), "'message'")
+    assert_send_rejected(src, Error(1, "x" * 100, ""), "'code'")
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+def _chunks(draw: Callable[..., Any], data: bytes) -> list[bytes]:
+    out = []
+    i = 0
+    while i < len(data):
+        n = draw(st.integers(1, max(1, min(len(data) - i, 3 * PS))))
+        out.append(data[i : i + n])
+        i += n
+    return out
+
+
+@st.composite
+def scenarios(draw: Callable[..., Any]) -> tuple[Channel, int, list[tuple[Side, Event]]]:
+    """A valid conversation on one channel, as (sender, event) in the order they are sent."""
+    channel = draw(st.sampled_from([URGENT, BULK]))
+    ps = draw(st.sampled_from([PS, 4 * PS]))
+    npages = draw(st.integers(1, 40))
+    mem = npages * ps
+    plist = sorted(draw(st.sets(st.integers(0, npages - 1), max_size=5)))
+    want = draw(st.booleans())
+    poison = u64s(*(p * ps for p in plist)) if want and draw(st.booleans()) else None
+    hello = Hello(
+        PROTOCOL_VERSION,
+        channel,
+        SESSION if channel is BULK else None,
+        draw(st.sampled_from([0, ps])),
+        want,
+        draw(st.one_of(st.none(), st.binary(max_size=20))),
+    )
+    welcome = Welcome(PROTOCOL_VERSION, SESSION, ps, mem, draw(st.sampled_from([0, ps])),
+                      len(plist), poison)  # fmt: skip
+    evs: list[tuple[Side, Event]] = [(Side.DESTINATION, hello), (Side.SOURCE, welcome)]
+    out: dict[int, list[Any]] = {}  # id -> [next, end, has_digests]
+    next_id = draw(st.integers(0, 2**64 - 100))
+    src_done = dst_done = False
+    for _ in range(draw(st.integers(0, 12))):
+        choices = []
+        if not dst_done:
+            choices.append("request")
+        if out:
+            choices += ["reply", "reply", "error"]
+        if channel is BULK and not src_done:
+            choices += ["push", "src_done"]
+        if channel is BULK and not dst_done:
+            choices.append("dst_done")
+        if not choices:
+            break
+        what = draw(st.sampled_from(choices))
+        if what == "request":
+            off = draw(st.integers(0, npages - 1))
+            n = draw(st.integers(1, npages - off))
+            dig = (
+                memoryview(draw(st.binary(min_size=8 * n, max_size=8 * n)))
+                if draw(st.booleans())
+                else None
+            )
+            evs.append((Side.DESTINATION, Request(next_id, off * ps, n, channel is URGENT, dig)))
+            out[next_id] = [off * ps, (off + n) * ps, dig is not None]
+            next_id += 1
+        elif what == "reply":
+            rid = draw(st.sampled_from(sorted(out)))
+            nxt, end, dig = out[rid]
+            n = draw(st.integers(1, (end - nxt) // ps))
+            kinds = [PageKind.DATA, PageKind.ZERO, PageKind.POISONED]
+            kind = draw(st.sampled_from([*kinds, PageKind.CLEAN] if dig else kinds))
+            data = (
+                memoryview(draw(st.binary(min_size=n * ps, max_size=n * ps)))
+                if kind is PageKind.DATA
+                else None
+            )
+            evs.append((Side.SOURCE, Pages(rid, kind, nxt, n, data)))
+            out[rid][0] += n * ps
+            if out[rid][0] == end:
+                del out[rid]
+        elif what == "error":
+            rid = draw(st.sampled_from(sorted(out)))
+            evs.append((Side.SOURCE, Error(rid, draw(st.sampled_from(["busy", "x"])), "m")))
+            del out[rid]
+        elif what == "push":
+            off = draw(st.integers(0, npages - 1))
+            n = draw(st.integers(1, npages - off))
+            kind = draw(st.sampled_from([PageKind.DATA, PageKind.ZERO, PageKind.POISONED]))
+            data = memoryview(bytes([off % 256]) * (n * ps)) if kind is PageKind.DATA else None
+            evs.append((Side.SOURCE, Pages(None, kind, off * ps, n, data)))
+        elif what == "src_done":
+            evs.append((Side.SOURCE, Done()))
+            src_done = True
+        else:
+            evs.append((Side.DESTINATION, Done()))
+            dst_done = True
+    return channel, ps, evs
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.data())
+def test_valid_conversations_survive_encode_decode(
+    scenario: tuple[Channel, int, list[tuple[Side, Event]]], data: st.DataObject
+) -> None:
+    channel, _, evs = scenario
+    src, dst = Connection(Side.SOURCE, channel), Connection(Side.DESTINATION, channel)
+    to_src: list[Event] = []
+    to_dst_stream = bytearray()
+    to_dst: list[Event] = []
+    for sender, ev in evs:
+        if sender is Side.DESTINATION:
+            # The source must see each request before it can reply: deliver now, in chunks.
+            for chunk in _chunks(data.draw, wire(dst.send(ev))):
+                src.receive_data(chunk)
+            to_src += drain(src)
+        elif isinstance(ev, Welcome):
+            # The destination needs the Welcome (page size) before its first request.
+            assert deliver(src, dst, ev) == ev
+        else:
+            to_dst_stream += wire(src.send(ev))
+            to_dst.append(ev)
+    assert to_src == [ev for s, ev in evs if s is Side.DESTINATION]
+    # Byte by byte for small streams, otherwise random chunks; then EOF at a frame boundary.
+    if len(to_dst_stream) < 2000 and data.draw(st.booleans()):
+        pieces = [to_dst_stream[i : i + 1] for i in range(len(to_dst_stream))]
+    else:
+        pieces = _chunks(data.draw, bytes(to_dst_stream))
+    got: list[Event] = []
+    for p in pieces:
+        dst.receive_data(bytes(p))
+        got += drain(dst)
+    dst.receive_data(b"")
+    assert dst.next_event() is CLOSED
+    assert got == to_dst
+    assert dst.outstanding == src.outstanding
+    assert dst.our_done == src.their_done and dst.their_done == src.our_done
+
+
+_keys = st.sampled_from([*"tikonusvcpwamhl", "x"])
+_values = st.one_of(
+    st.integers(-3, 10),
+    st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from([0, PS, 2 * PS, MEM, MEM - PS]),
+    st.booleans(),
+    st.none(),
+    st.binary(max_size=70),
+    st.text(max_size=5),
+    st.floats(allow_nan=False),
+    st.lists(st.integers(-(2**63), 2**64 - 1), max_size=2),
+)
+
+
+@st.composite
+def noise_frames(draw: Callable[..., Any]) -> bytes:
+    """Frames whose headers are plausible maps of the right keys with arbitrary values."""
+    h = draw(st.dictionaries(_keys, _values, max_size=8))
+    if draw(st.booleans()):
+        h["t"] = draw(st.integers(0, 7))
+    payload = draw(st.sampled_from([b"", b"\0" * 8, b"\0" * PS, b"\0" * 16]))
+    return raw_frame(h, payload)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(list(Side)),
+    st.sampled_from(list(Channel)),
+    st.booleans(),
+    st.lists(st.one_of(st.binary(max_size=64), noise_frames()), max_size=6),
+    st.booleans(),
+)
+def test_arbitrary_bytes_decode_or_protocol_error(
+    side: Side, channel: Channel, shake: bool, blobs: list[bytes], eof: bool
+) -> None:
+    if shake:
+        src, dst = handshake(channel)
+        if channel is URGENT:
+            deliver(dst, src, Request(1, 0, 2, True, u64s(1, 2)))
+        conn = src if side is Side.SOURCE else dst
+    else:
+        conn = Connection(side, channel)
+    try:
+        for b in blobs:
+            conn.receive_data(b)
+            drain(conn)
+        if eof:
+            conn.receive_data(b"")
+            drain(conn)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_mutated_valid_stream_decodes_or_protocol_error(data: st.DataObject) -> None:
+    src, dst = handshake(BULK)
+    deliver(dst, src, Request(1, 0, 3, False, u64s(1, 2, 3)))
+    stream = bytearray()
+    for ev in (
+        Pages(1, PageKind.DATA, 0, 1, memoryview(b"d" * PS)),
+        Pages(1, PageKind.CLEAN, PS, 1),
+        Pages(None, PageKind.POISONED, 5 * PS, 2),
+        Error(1, "read-failed", "x"),
+        Done(),
+    ):
+        stream += wire(src.send(ev))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(stream) - 1))
+        stream[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(stream)))
+    try:
+        dst.receive_data(bytes(stream[:cut]))
+        drain(dst)
+        dst.receive_data(b"")
+        drain(dst)
+    except ProtocolError:
+        pass
+
+
+# ---------------------------------------------------------------------------- fixed-width headers
+
+
+def fast_pages(rid: int, kind: int, off: int, n: int, payload: bytes = b"") -> bytes:
+    """A Pages frame in the sender's fixed-width (uint64) encoding, bypassing send()."""
+    c1, c2, c3, c4 = proto._PAGES_C
+    head = proto._PAGES_F.pack(MAGIC, 40, len(payload), c1, rid, c2, kind, c3, off, c4, n)
+    return head + payload
+
+
+def test_fixed_width_header_is_plain_msgpack() -> None:
+    src, dst = handshake(URGENT)
+    parts = dst.send(Request(5, 3 * PS, 2, True, u64s(9, 8)))
+    header = bytes(parts[0])[PREFIX_SIZE:]
+    assert msgpack.unpackb(header) == {"t": 3, "i": 5, "o": 3 * PS, "n": 2, "u": True}
+    src.receive_data(wire(parts))
+    assert drain(src) == [Request(5, 3 * PS, 2, True, u64s(9, 8))]
+    parts = src.send(Pages(5, PageKind.ZERO, 3 * PS, 1))
+    header = bytes(parts[0])[PREFIX_SIZE:]
+    assert msgpack.unpackb(header) == {"t": 4, "i": 5, "k": 2, "o": 3 * PS, "n": 1}
+    # Both encodings of the same frame decode to the same event.
+    dst.receive_data(raw_frame(pages_hdr(5, 2, 3 * PS, 1)))
+    dst.receive_data(fast_pages(5, 2, 4 * PS, 1))
+    assert drain(dst) == [Pages(5, PageKind.ZERO, 3 * PS, 1), Pages(5, PageKind.ZERO, 4 * PS, 1)]
+    assert dst.outstanding == 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (fast_pages(2, 2, 0, 1), ("unknown request id 2",)),
+        (fast_pages(1, 2, PS, 1), ("skips",)),
+        (fast_pages(1, 2, 0, 3), ("past the end",)),
+        (fast_pages(1, 2, 0, 0), ("count 0",)),
+        (fast_pages(1, 9, 0, 1), ("unknown kind",)),
+        (fast_pages(1, 4, 0, 1), ("CLEAN", "digests")),
+        (fast_pages(1, 1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
+        (fast_pages(1, 1, 0, 1), ("DATA payload is 0 bytes",)),
+        (fast_pages(1, 2, 0, 1, b"x" * 8), ("no payload",)),
+        (fast_pages(1, 2, 100, 1), ("not aligned",)),
+        (fast_pages(1, 2, 2**64 - PS, 1), ("past memory_size",)),
+        (fast_pages(1, 0xC3, 0, 1), ("unknown kind True",)),  # 0xc3 is msgpack true
+    ],
+)
+def test_fixed_width_malformed_falls_back_and_is_named(frame: bytes, words: tuple[str]) -> None:
+    dst = _dst_with_request(id=1, off=0, n=2)
+    assert_rejected(dst, frame, *words)
+    assert dst.outstanding == 1 and dst._out[1].next == 0
+
+
+def fast_request(rid: int, off: int, n: int, urgent: int = 0xC3, payload: bytes = b"") -> bytes:
+    """A Request frame in the sender's fixed-width encoding, bypassing send()."""
+    c1, c2, c3, c4 = proto._REQ_C
+    head = proto._REQ_F.pack(MAGIC, 40, len(payload), c1, rid, c2, off, c3, n, c4, urgent)
+    return head + payload
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (fast_request(1, PS, 1), ("duplicate request id 1",)),
+        (fast_request(2, PS, 1, urgent=0xC2), ("URGENT channel",)),
+        (fast_request(2, PS, 1, urgent=0x01), ("'urgent'", "bool", "int")),
+        (fast_request(2, PS, 2, payload=b"d" * 8), ("digests", "8 * count")),
+        (fast_request(2, PS + 1, 1), ("not aligned",)),
+        (fast_request(2, MEM, 1), ("past memory_size",)),
+        (fast_request(2, 0, 0), ("count 0",)),
+        (fast_request(2, 0, MAX_PAGES_PER_FRAME + 1), ("count",)),
+    ],
+)
+def test_fixed_width_bad_request_falls_back_and_is_named(frame: bytes, words: tuple[str]) -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 1, True))
+    assert_rejected(src, frame, *words)
+    assert src.outstanding == 1
+
+
+def test_fixed_width_request_accepted() -> None:
+    src, _ = handshake(URGENT)
+    src.receive_data(fast_request(3, PS, 2, payload=bytes(u64s(1, 2))))
+    assert drain(src) == [Request(3, PS, 2, True, u64s(1, 2))]
+    assert src.outstanding == 1
+
+
+def test_receive_data_accepts_any_buffer_shape() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 2, True))
+    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS))))
+    frame += wire(src.send(Pages(1, PageKind.ZERO, PS, 1)))
+    # The stream's tail, spanning the payload's end, as a u64-formatted view: the receiver
+    # must count it in bytes.
+    k = len(frame) - PS // 2
+    k -= (len(frame) - k) % 8
+    dst.receive_data(frame[:k])
+    assert dst.next_event() is NEED_DATA
+    dst.receive_data(memoryview(frame[k:]).cast("Q"))
+    assert drain(dst) == [
+        Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS)),
+        Pages(1, PageKind.ZERO, PS, 1),
+    ]
+
+
+def test_received_data_is_not_kept_by_reference() -> None:
+    """A transport may reuse its receive buffer (recv_into) right after receive_data."""
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 3, True))
+    stream = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
+    stream += wire(src.send(Pages(1, PageKind.DATA, PS, 2, memoryview(b"b" * 2 * PS))))
+    rx = bytearray(5000)
+    for i in range(0, len(stream), len(rx)):
+        piece = stream[i : i + len(rx)]
+        rx[: len(piece)] = piece
+        dst.receive_data(memoryview(rx)[: len(piece)])
+        rx[:] = b"\xff" * len(rx)  # the transport scribbles over its buffer
+    got = drain(dst)
+    assert [bytes(e.data) for e in got] == [b"a" * PS, b"b" * 2 * PS]  # type: ignore[union-attr]
+    assert got[0].data.obj is not got[1].data.obj  # type: ignore[union-attr]
+
+
+def test_frames_before_a_framing_error_are_delivered_first() -> None:
+    src, dst = handshake(URGENT)
+    deliver(dst, src, Request(1, 0, 2, True))
+    good = wire(src.send(Pages(1, PageKind.ZERO, 0, 1)))
+    dst.receive_data(good + b"GET / HTTP/1.1\r\n\r\n")
+    assert dst.next_event() == Pages(1, PageKind.ZERO, 0, 1)
+    assert dst.outstanding == 1
+    with pytest.raises(ProtocolError, match="magic"):
+        dst.next_event()
+    assert dst.outstanding == 1
+    dst.receive_data(wire(src.send(Pages(1, PageKind.ZERO, PS, 1))))  # dropped: stream is dead
+    with pytest.raises(ProtocolError, match="magic"):
+        dst.next_event()
