@@ -402,7 +402,7 @@ def start_sources(
     """The uffdpoison source and the C source for ``guest``, each in its own process."""
     pre = _affinity(cfg.scpu, pair.preexec_src() if pair else None)
     up_cmd = [
-        sys.executable, "-m", "uffdpoison", "source", "--listen", f"{host}:0",
+        sys.executable, "-P", "-m", "uffdpoison", "source", "--listen", f"{host}:0",
         "--image", str(guest.path), "--poison-list", str(guest.poison_path),
     ]  # fmt: skip
     if host not in ("127.0.0.1", "::1"):
@@ -412,7 +412,7 @@ def start_sources(
     up = Process(up_cmd, pre, "uffdpoison source")
     procs.append(up)
     c_cmd = [
-        sys.executable, "-m", "uffdpoison.bench.csource", "--listen", f"{host}:0",
+        sys.executable, "-P", "-m", "uffdpoison.bench.csource", "--listen", f"{host}:0",
         "--image", str(guest.path), "--poison-list", str(guest.poison_path),
         "--page-size", str(guest.page_size),
     ]  # fmt: skip
@@ -427,7 +427,7 @@ def start_delay(
     procs: list[Process], target: Process, delay: float, pair: NetnsPair, scpu: int | None
 ) -> Process:
     cmd = [
-        sys.executable, "-m", "uffdpoison.bench.delayproxy", "--listen", f"{pair.src_addr}:0",
+        sys.executable, "-P", "-m", "uffdpoison.bench.delayproxy", "--listen", f"{pair.src_addr}:0",
         "--to", target.address, "--delay", repr(delay),
     ]  # fmt: skip
     p = Process(cmd, _affinity(scpu, pair.preexec_src()), "delay proxy")
