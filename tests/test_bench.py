@@ -301,3 +301,44 @@ def _ppid(pid: int) -> int | None:
     except OSError:
         return None
     return None if fields[0] == "Z" else int(fields[1])
+
+
+def _fake(name: str, **figs: Any) -> dict[str, Any]:
+    """A scenario record carrying only what goal evaluation reads."""
+    rec: dict[str, Any] = {"name": name, "status": "ok", "params": {"bg_cap_bytes_per_s": 1}}
+    for side in ("uffdpoison", "c"):
+        rec[side] = {"latency_us": {"p99": figs.get(f"{side}_p99")}, "bytes_per_s": figs.get("bps")}
+    rec["ratio"] = {"p50": figs.get("p50"), "p99": figs.get("p99")}
+    return rec
+
+
+def test_goal_evaluation() -> None:
+    goals = {
+        g["name"]: g
+        for g in command.evaluate_goals(
+            [
+                _fake("loopback", p50=1.2, p99=1.3, uffdpoison_p99=100.0),
+                _fake("loopback+bg", uffdpoison_p99=160.0),
+                _fake("local", p50=1.31),
+                _fake("bulk", bps=2.5e9),
+            ]
+        )
+    }
+    assert goals["loopback demand p50 <= 1.25x C"]["met"] is True
+    assert goals["loopback demand p99 <= 1.25x C"]["met"] is False
+    assert goals["local p50 <= 1.3x C"]["met"] is False
+    bg = goals["demand p99 with background <= 1.5x idle"]
+    assert bg["value"] == 1.6 and bg["met"] is False and "cap" in bg["note"]
+    assert goals["bulk >= 2 GB/s on loopback"]["met"] is True
+    skipped = {"name": "netns", "status": "skipped", "reason": "x"}
+    none = command.evaluate_goals([skipped])
+    assert all(g["met"] is None and g["note"] for g in none)
+
+
+def test_size_and_pages_conflict(capsys: pytest.CaptureFixture[str]) -> None:
+    assert command.main(parse(["--pages", "10", "--size", "8M"])) == 2
+    assert "--pages or --size" in capsys.readouterr().err
+    assert command.main(parse(["--size", "5000"])) == 2
+    assert "multiple of 4096" in capsys.readouterr().err
+    cfg = command.config_from_args(parse(["--size", "8M", "--memory", "hugetlb"]))
+    assert cfg.pages == 4 and cfg.page_size == 2 << 20 and cfg.span == 1
