@@ -169,7 +169,8 @@ class Samples:
 
     lat: array = field(default_factory=lambda: array("Q"))  # demand-fault latencies, ns
     touches: int = 0
-    hits: int = 0  # touches under HIT_NS: page already placed by the background stream
+    hits: int = 0  # touches under hit_ns: page already placed by the background stream
+    hit_ns: int = 0  # 0: every touch is a fault (no background stream to race it)
     sigbus: int = 0
     seconds: float = 0.0  # touch phases (or bulk transfers), summed
     bytes: int = 0  # bulk: bytes placed
@@ -186,7 +187,7 @@ class Samples:
             if o == OUTCOME_SIGBUS:
                 self.sigbus += 1
             elif o == OUTCOME_OK:
-                if v < HIT_NS:
+                if v < self.hit_ns:
                     self.hits += 1
                 else:
                     self.lat.append(v)
@@ -614,7 +615,8 @@ def _demand(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     rec = _record(name, cfg, params)
-    up, c = Samples(), Samples()
+    hit = HIT_NS if bg else 0
+    up, c = Samples(hit_ns=hit), Samples(hit_ns=hit)
     for r in range(cfg.warmup + cfg.rounds):
         order = touch_order(cfg, r)
         sides = ("uffdpoison", "c") if r % 2 == 0 else ("c", "uffdpoison")
@@ -649,7 +651,7 @@ def _demand_params(cfg: Config, bg: bool) -> dict[str, Any]:
         "background": bg,
         "bg_cap_bytes_per_s": cfg.bg_cap if bg else None,
         "c_bg_chunk_pages": chunk_pages(BG_CHUNK, cfg.page_size) if bg else None,
-        "hit_threshold_us": HIT_NS / 1000,
+        "hit_threshold_us": HIT_NS / 1000 if bg else None,
     }
 
 
