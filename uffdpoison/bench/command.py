@@ -354,6 +354,13 @@ def public(doc: dict[str, Any]) -> dict[str, Any]:
                                 doc["scenarios"]]}  # fmt: skip
 
 
+def _command_line() -> str:
+    """``uffdpoison bench ...`` as invoked (whatever ran the CLI: script, -m, tests)."""
+    argv = sys.argv
+    rest = argv[argv.index("bench") + 1 :] if "bench" in argv else argv[1:]
+    return " ".join(["uffdpoison", "bench", *rest])
+
+
 def have_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -394,9 +401,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     try:
-        doc = run(
-            cfg, scenarios, progress=progress, command=" ".join(["uffdpoison", *sys.argv[2:]])
-        )
+        doc = run(cfg, scenarios, progress=progress, command=_command_line())
     except BenchError as e:
         print(f"\nuffdpoison bench: {e}", file=sys.stderr)
         return 2
