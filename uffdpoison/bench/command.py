@@ -65,8 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="counted rounds per side (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (default 1)")
     p.add_argument("--threads", type=int, default=1, help="toucher threads (default 1)")
-    p.add_argument("--memory", choices=("anon", "shmem", "hugetlb"), default="anon")
-    p.add_argument("--pattern", choices=("random", "sequential"), default="random")
+    p.add_argument(
+        "--memory",
+        choices=("anon", "shmem", "hugetlb"),
+        default="anon",
+        help="destination memory (default anon; local is always anon 4 KiB)",
+    )
+    p.add_argument(
+        "--pattern",
+        choices=("random", "sequential"),
+        default="random",
+        help="touch order: a random sample of the region, or its first pages in order",
+    )
     p.add_argument(
         "--poison-fraction", type=float, default=0.0, help="fraction of pages poisoned (default 0)"
     )
@@ -102,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bulk-size", type=size_arg, default=256 << 20, help="bulk scenario size (default 256M)"
     )
     p.add_argument("--bulk-rounds", type=int, default=3, help="bulk rounds per side (default 3)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="guest image, poison and order seed")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a round may take")
     p.add_argument("--json", metavar="PATH", help=f"write every figure as JSON ({JSON_SCHEMA})")
     p.add_argument("--plot", metavar="PATH.png", help="latency CDFs (needs matplotlib)")
