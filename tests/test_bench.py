@@ -342,3 +342,20 @@ def test_size_and_pages_conflict(capsys: pytest.CaptureFixture[str]) -> None:
     assert "multiple of 4096" in capsys.readouterr().err
     cfg = command.config_from_args(parse(["--size", "8M", "--memory", "hugetlb"]))
     assert cfg.pages == 4 and cfg.page_size == 2 << 20 and cfg.span == 1
+
+
+def test_a_scenario_that_cannot_finish_is_recorded_not_fatal(tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    argv = ["--scenarios", "loopback,local", "--pages", "20", "--rounds", "1", "--warmup", "0",
+            "--timeout", "0.000001", "--json", str(out), "--quiet"]  # fmt: skip
+    before = children()
+    assert command.main(parse(argv)) == 1  # loopback could not run: non-zero, after the table
+    doc = json.loads(out.read_text())
+    check_document(doc)
+    rec = {r["name"]: r for r in doc["scenarios"]}
+    assert rec["loopback"]["status"] == "failed"
+    assert "--timeout" in rec["loopback"]["reason"]
+    assert rec["local"]["status"] == "ok"  # the next scenario still ran
+    goal = next(g for g in doc["goals"] if g["scenario"] == "loopback")
+    assert goal["met"] is None and goal["note"] == "scenario loopback failed"
+    assert children() <= before

@@ -199,13 +199,14 @@ def _get(rec: dict[str, Any], path: str) -> Any:
 
 def evaluate_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {r["name"]: r for r in records if r["status"] == "ok"}
+    status = {r["name"]: r["status"] for r in records}
     out = []
     for name, scen, what, target in GOALS:
         value: float | None = None
         note = None
         rec = by.get(scen)
         if rec is None:
-            note = f"scenario {scen} not run"
+            note = f"scenario {scen} {status.get(scen, 'not run')}"
         elif what == "bg_vs_idle.p99":
             idle = by.get("loopback")
             a = _get(rec, "uffdpoison.latency_us.p99")

@@ -499,6 +499,7 @@ def up_round(
             cpus=cfg.tcpus,
         )
         region = Region(base=m.addr, size=size, offset=0, page_size=ps)
+        started: list[bool] = []
 
         async def main() -> tuple[float, set[int], dict[str, int]]:
             with trio.fail_after(cfg.timeout):
@@ -508,6 +509,7 @@ def up_round(
                     cpus = {current_cpu()}
                     t0 = time.perf_counter()
                     toucher.start()
+                    started.append(True)
                     await _join(toucher)
                     seconds = time.perf_counter() - t0
                     cpus.add(current_cpu())
@@ -517,7 +519,7 @@ def up_round(
             with _pinned_thread(cfg.hcpu):
                 seconds, cpus, stats = trio.run(main)
         finally:
-            if toucher.join(0) is False and not toucher.join(cfg.timeout):
+            if started and not toucher.join(cfg.timeout):
                 raise BenchError(f"uffdpoison: toucher hung ({toucher.pending} pending)")
         return toucher.results, seconds, cpus, stats
 
@@ -733,9 +735,14 @@ class Runner:
         except Skip as e:
             rec = _record(name, self.cfg, {})
             rec.update(status="skipped", reason=str(e))
-        except (BenchError, OSError, TimeoutError, RuntimeError, trio.TooSlowError) as e:
+        except Exception as e:  # recorded as this scenario's failure; the others still run
             rec = _record(name, self.cfg, {})
-            rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
+            why = str(e) or (
+                f"a round took longer than --timeout {self.cfg.timeout} s"
+                if isinstance(e, trio.TooSlowError | TimeoutError)
+                else repr(e)
+            )
+            rec.update(status="failed", reason=f"{type(e).__name__}: {why}")
         rec["wall_seconds"] = round(time.monotonic() - t0, 2)
         return rec
 
