@@ -489,7 +489,22 @@ struct up_cref_source {
     const uint8_t *poison;
     uint8_t *discard;
     pthread_t tid;
+    int cpu;
+    int threaded;                                /* a thread per connection */
+    struct up_cref_conn *conns[UP_CREF_MAX_CONNS];
+    int nconns;
     up_cref_stats st;
+};
+
+/* Threaded mode: one connection served by its own thread. The fd stays open until the thread
+ * has been joined (by the accept loop once done is set, or at stop), so it is never reused
+ * while someone may still shut it down. */
+struct up_cref_conn {
+    up_cref_source *s;
+    int fd;
+    int done;
+    pthread_t tid;
+    uint8_t *discard;
 };
 
 static int page_is_zero(const uint8_t *p, uint64_t len)
@@ -512,7 +527,7 @@ static uint32_t page_kind(up_cref_source *s, uint64_t idx, uint32_t flags)
 }
 
 /* Serve one request on fd; -errno closes the connection. */
-static int serve_one(up_cref_source *s, int fd)
+static int serve_one(up_cref_source *s, int fd, uint8_t *discard)
 {
     struct up_cref_req req;
     int rc = read_all(fd, &req, sizeof req);
@@ -520,7 +535,7 @@ static int serve_one(up_cref_source *s, int fd)
         return rc;
     size_t pad = req.flags >> 16;
     if (pad) {
-        rc = read_all(fd, s->discard, pad);
+        rc = read_all(fd, discard, pad);
         if (rc)
             return rc;
     }
@@ -552,6 +567,66 @@ static int serve_one(up_cref_source *s, int fd)
     return 0;
 }
 
+static void *conn_thread(void *arg)
+{
+    struct up_cref_conn *c = arg;
+    struct pollfd p[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = c->s->stop_fd, .events = POLLIN}};
+    for (;;) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            st_error(&c->s->st, errno);
+            break;
+        }
+        if (p[1].revents)
+            break;
+        int rc = (p[0].revents & POLLIN) ? serve_one(c->s, c->fd, c->discard) : -EPIPE;
+        if (rc) {
+            if (rc != -EPIPE && rc != -ECONNRESET && rc != -ESHUTDOWN)
+                st_error(&c->s->st, -rc);
+            break;
+        }
+    }
+    __atomic_store_n(&c->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static void conn_free(struct up_cref_conn *c)
+{
+    shutdown(c->fd, SHUT_RDWR); /* ends a read or write it is blocked in */
+    pthread_join(c->tid, NULL);
+    close(c->fd);
+    free(c->discard);
+    free(c);
+}
+
+/* Threaded mode: hand an accepted connection to a thread of its own (0 or -errno). */
+static int conn_start(up_cref_source *s, int fd)
+{
+    for (int k = 0; k < s->nconns; k++) { /* reap finished connections first */
+        if (__atomic_load_n(&s->conns[k]->done, __ATOMIC_ACQUIRE)) {
+            conn_free(s->conns[k]);
+            s->conns[k--] = s->conns[--s->nconns];
+        }
+    }
+    if (s->nconns == UP_CREF_MAX_CONNS)
+        return -EMFILE;
+    struct up_cref_conn *c = calloc(1, sizeof *c);
+    if (!c)
+        return -ENOMEM;
+    c->s = s;
+    c->fd = fd;
+    c->discard = malloc(65536);
+    int rc = c->discard ? start_thread(&c->tid, conn_thread, c, s->cpu) : -ENOMEM;
+    if (rc) {
+        free(c->discard);
+        free(c);
+        return rc;
+    }
+    s->conns[s->nconns++] = c;
+    return 0;
+}
+
 static void *source_thread(void *arg)
 {
     up_cref_source *s = arg;
@@ -573,7 +648,8 @@ static void *source_thread(void *arg)
         for (int k = 0; k < nconn; k++) {
             if (!pfd[2 + k].revents)
                 continue;
-            int rc = (pfd[2 + k].revents & POLLIN) ? serve_one(s, pfd[2 + k].fd) : -EPIPE;
+            int rc = (pfd[2 + k].revents & POLLIN) ? serve_one(s, pfd[2 + k].fd, s->discard)
+                                                    : -EPIPE;
             if (rc) {
                 if (rc != -EPIPE && rc != -ECONNRESET)
                     st_error(&s->st, -rc);
@@ -588,7 +664,7 @@ static void *source_thread(void *arg)
             if (c < 0) {
                 if (errno != EAGAIN && errno != EINTR)
                     st_error(&s->st, errno);
-            } else if (nconn == UP_CREF_MAX_CONNS) {
+            } else if (!s->threaded && nconn == UP_CREF_MAX_CONNS) {
                 st_error(&s->st, EMFILE);
                 close(c);
             } else {
@@ -596,18 +672,37 @@ static void *source_thread(void *arg)
                 setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                 /* Blocking I/O per request: the reference serves requests back to back. */
                 fcntl(c, F_SETFL, fcntl(c, F_GETFL) & ~O_NONBLOCK);
-                pfd[2 + nconn++] = (struct pollfd){.fd = c, .events = POLLIN};
+                if (s->threaded) {
+                    int rc = conn_start(s, c);
+                    if (rc) {
+                        st_error(&s->st, -rc);
+                        close(c);
+                        continue;
+                    }
+                } else {
+                    pfd[2 + nconn++] = (struct pollfd){.fd = c, .events = POLLIN};
+                }
                 st_add(&s->st.connections, 1);
             }
         }
     }
     for (int k = 0; k < nconn; k++)
         close(pfd[2 + k].fd);
+    for (int k = 0; k < s->nconns; k++)
+        conn_free(s->conns[k]);
+    s->nconns = 0;
     return NULL;
 }
 
 int up_cref_source_start(up_cref_source **out, int listen_fd, uint64_t buf, uint64_t size,
                          uint64_t page_size, const uint8_t *poison_bitmap, int cpu)
+{
+    return up_cref_source_start_ex(out, listen_fd, buf, size, page_size, poison_bitmap, cpu, 0);
+}
+
+int up_cref_source_start_ex(up_cref_source **out, int listen_fd, uint64_t buf, uint64_t size,
+                            uint64_t page_size, const uint8_t *poison_bitmap, int cpu,
+                            uint32_t flags)
 {
     if (!out || !buf || page_size == 0 || (page_size & (page_size - 1)) || size % page_size)
         return -EINVAL;
@@ -618,6 +713,8 @@ int up_cref_source_start(up_cref_source **out, int listen_fd, uint64_t buf, uint
     s->size = size;
     s->page_size = page_size;
     s->poison = poison_bitmap;
+    s->cpu = cpu;
+    s->threaded = (flags & UP_CREF_SOURCE_THREADED) != 0;
     s->st.cpu = -1;
     s->stop_fd = -1;
     s->listen_fd = listen_fd;

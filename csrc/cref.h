@@ -54,6 +54,13 @@ int up_cref_handler_stop(up_cref_handler *h, up_cref_stats *final_out);
  * binds 127.0.0.1:0 itself. 0 or -errno. */
 int up_cref_source_start(up_cref_source **out, int listen_fd, uint64_t buf, uint64_t size,
                          uint64_t page_size, const uint8_t *poison_bitmap, int cpu);
+/* As up_cref_source_start; flags UP_CREF_SOURCE_THREADED serves each accepted connection on
+ * a thread of its own (pinned like the source), so a request on one connection never waits
+ * behind a reply on another (a demand request behind a bulk one). */
+#define UP_CREF_SOURCE_THREADED 1u
+int up_cref_source_start_ex(up_cref_source **out, int listen_fd, uint64_t buf, uint64_t size,
+                            uint64_t page_size, const uint8_t *poison_bitmap, int cpu,
+                            uint32_t flags);
 int up_cref_source_port(up_cref_source *s);
 void up_cref_source_stats(up_cref_source *s, up_cref_stats *out);
 int up_cref_source_stop(up_cref_source *s, up_cref_stats *final_out);

@@ -18,7 +18,14 @@ import pytest
 from uffdpoison.bench import command, netns
 from uffdpoison.bench.scenarios import RATIO_KEYS, SCENARIOS, BenchError, Config, Runner
 from uffdpoison.kernel import RegisterMode, Userfaultfd, anon
-from uffdpoison.kernel.cref import BulkPuller, PageSource, poison_bitmap
+from uffdpoison.kernel.cref import (
+    REPLY,
+    BulkPuller,
+    PageSource,
+    pingpong,
+    poison_bitmap,
+    request_bytes,
+)
 from uffdpoison.kernel.toucher import Toucher
 
 IS_ROOT = os.geteuid() == 0
@@ -359,3 +366,31 @@ def test_a_scenario_that_cannot_finish_is_recorded_not_fatal(tmp_path: Path) -> 
     goal = next(g for g in doc["goals"] if g["scenario"] == "loopback")
     assert goal["met"] is None and goal["note"] == "scenario loopback failed"
     assert children() <= before
+
+
+def test_threaded_c_source_serves_connections_independently() -> None:
+    pages = 64
+    data = bytearray(os.urandom(pages * 4096))
+    req = request_bytes(0, 1)
+    with PageSource(data, poison=poison_bitmap(pages, [5]), threaded=True) as src:
+        a, b = src.connect(), src.connect()
+        with a, b:
+            # b's request is answered while a's 64-page reply sits unread in a's socket.
+            a.sendall(request_bytes(0, pages))
+            ns = pingpong(b, req, REPLY.size + 4096, 50)
+            assert len(ns) == 50
+            got = bytearray()
+            while len(got) < 3 * REPLY.size + (pages - 1) * 4096:
+                chunk = a.recv(1 << 20)
+                assert chunk
+                got += chunk
+            off, count, kind = REPLY.unpack_from(got, 0)
+            assert (off, count, kind) == (0, 5, 0)
+            assert bytes(got[REPLY.size : REPLY.size + 5 * 4096]) == bytes(data[: 5 * 4096])
+        # More connections over its life than the connection table holds: finished ones are
+        # reaped.
+        for _ in range(80):
+            with src.connect() as c:
+                assert len(pingpong(c, req, REPLY.size + 4096, 1)) == 1
+        st = src.stats()
+    assert st.connections == 82 and st.errors == 0

@@ -16,6 +16,8 @@ import contextlib
 import ctypes
 import itertools
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 
 CLONE_NEWNET = 0x40000000
@@ -23,6 +25,23 @@ SRC_ADDR = "10.77.0.1"  # only ever configured inside our own namespaces
 DST_ADDR = "10.77.0.2"
 PREFIX = 30
 _counter = itertools.count()
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done, then raise it. pyroute2 creates a namespace in a
+    forked child: interrupted half way, the child could create it after we removed it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pending:
+        raise KeyboardInterrupt
 
 
 class NetnsUnavailable(Exception):
@@ -58,6 +77,14 @@ class NetnsPair:
 
     def __enter__(self) -> NetnsPair:
         try:
+            with _sigint_deferred():
+                return self._setup()
+        except KeyboardInterrupt:  # held during a setup that completed: undo it, then stop
+            self.close()
+            raise
+
+    def _setup(self) -> NetnsPair:
+        try:
             from pyroute2 import IPRoute, NetNS, netns
         except ImportError as e:  # pragma: no cover - pyroute2 is a dependency
             raise NetnsUnavailable(f"pyroute2 is not installed: {e}") from e
@@ -65,8 +92,9 @@ class NetnsPair:
             raise NetnsUnavailable("creating network namespaces needs root")
         try:
             for name in (self.src, self.dst):
-                netns.create(name)
+                # Noted before it exists: a Ctrl-C inside create() must still remove it.
                 self._created.append(name)
+                netns.create(name)
             with IPRoute() as ipr:
                 ipr.link("add", ifname=self._vsrc, kind="veth", peer={"ifname": self._vdst})
                 for ifname, ns in ((self._vsrc, self.src), (self._vdst, self.dst)):
@@ -89,13 +117,17 @@ class NetnsPair:
                 for n in (self.src, self.dst)
             ]
         except BaseException as e:
-            self.close()
+            self._teardown()
             if isinstance(e, OSError | ImportError):
                 raise NetnsUnavailable(f"cannot set up network namespaces: {e}") from e
             raise
         return self
 
     def close(self) -> None:
+        with _sigint_deferred():
+            self._teardown()
+
+    def _teardown(self) -> None:
         from pyroute2 import netns
 
         for fd in self._fds:

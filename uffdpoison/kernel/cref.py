@@ -251,6 +251,10 @@ class PageSource:
     """(b) Serve ``buf`` (address with ``size``, or a buffer object) over TCP; pages whose bit
     is set in ``poison`` are answered POISONED. ``listen``: a listening socket to accept on
     (not closed here); default binds 127.0.0.1:0 (see :attr:`port`). Starts at once.
+
+    ``threaded``: serve each connection on a thread of its own (pinned to ``cpu`` too), so a
+    request on one connection never waits behind a reply on another (demand behind bulk);
+    default: one thread serving every connection in turn.
     """
 
     def __init__(
@@ -262,6 +266,7 @@ class PageSource:
         poison: bytes | bytearray | None = None,
         listen: socket.socket | None = None,
         cpu: int | None = None,
+        threaded: bool = False,
     ) -> None:
         self._keep: list[Any] = []
         addr, length = _address(buf, self._keep)
@@ -278,7 +283,7 @@ class PageSource:
         self._listen = listen
         out = ffi.new("up_cref_source **")
         _check(
-            lib.up_cref_source_start(
+            lib.up_cref_source_start_ex(
                 out,
                 -1 if listen is None else listen.fileno(),
                 addr,
@@ -286,6 +291,7 @@ class PageSource:
                 page_size,
                 bm,
                 -1 if cpu is None else cpu,
+                lib.UP_CREF_SOURCE_THREADED if threaded else 0,
             ),
             "starting C page source",
         )
