@@ -1,7 +1,7 @@
 """The C reference page source in a process of its own (as a real source host would be).
 
     python -m uffdpoison.bench.csource --listen HOST:PORT --image FILE [--poison-list FILE]
-        [--page-size N] [--cpu N]
+        [--page-size N] [--cpu N] [--threaded]
 
 Prints one JSON line ``{"event": "listening", "host", "port"}`` when ready, serves
 (``uffdpoison.kernel.cref.PageSource``, one C thread) until stdin closes or SIGTERM, then prints
@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poison-list")
     ap.add_argument("--page-size", type=int, default=4096)
     ap.add_argument("--cpu", type=int, default=None)
+    ap.add_argument(
+        "--threaded",
+        action="store_true",
+        help="a thread per connection (demand never waits behind bulk on another connection)",
+    )
     args = ap.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     with open(args.image, "rb") as f:
@@ -57,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     lsock.listen(16)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with PageSource(data, page_size=args.page_size, poison=bm, listen=lsock, cpu=args.cpu) as src:
+    with PageSource(
+        data,
+        page_size=args.page_size,
+        poison=bm,
+        listen=lsock,
+        cpu=args.cpu,
+        threaded=args.threaded,
+    ) as src:
         print(json.dumps({"event": "listening", "host": host, "port": lsock.getsockname()[1]}))
         sys.stdout.flush()
         threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
