@@ -78,7 +78,7 @@ def check_document(doc: dict[str, Any]) -> None:
         doc
     )
     env = doc["environment"]
-    for k in ("kernel", "cpus", "affinity", "python", "trio", "uffdpoison"):
+    for k in ("kernel", "cpus", "affinity", "python", "trio", "uffdpoison", "placement"):
         assert env[k], k
     for rec in doc["scenarios"]:
         assert rec["name"] in SCENARIOS

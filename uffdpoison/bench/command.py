@@ -352,7 +352,8 @@ def run(
         "command": command,
         "started": started,
         "seconds": round(time.monotonic() - t0, 2),
-        "environment": environment(),
+        "environment": environment()
+        | {"placement": cfg.as_dict()["pin"] or "unpinned (CPUs seen: per scenario, per side)"},
         "config": cfg.as_dict(),
         "scenarios": records,
         "goals": evaluate_goals(records),
