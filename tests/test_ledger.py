@@ -224,3 +224,20 @@ def test_bad_input_is_named(region) -> None:
         uffd.copy(m.addr, -5, P)
     with pytest.raises(LedgerError, match="not aligned"):
         Ledger(uffd, m.addr + 1, P, P)
+
+
+def test_claim_requests_a_page_exactly_once(region) -> None:
+    """The fault path's claim: MISSING and BACKGROUND become REQUESTED (one request), every
+    other state is reported untouched, poison included."""
+    _, _, ledger = region
+    assert ledger.claim(0) == PageState.MISSING
+    assert ledger.state(0) == PageState.REQUESTED
+    assert ledger.claim(0) == PageState.REQUESTED  # a second fault coalesces
+    ledger.mark(1, 1, PageState.BACKGROUND, only_from=[PageState.MISSING])
+    assert ledger.claim(1) == PageState.BACKGROUND
+    assert ledger.state(1) == PageState.REQUESTED
+    ledger.poison(2, 1)
+    assert ledger.claim(2) == PageState.POISONED
+    assert ledger.state(2) == PageState.POISONED
+    counts = ledger.counts
+    assert counts[PageState.REQUESTED] == 2 and counts[PageState.POISONED] == 1

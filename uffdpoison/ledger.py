@@ -76,6 +76,11 @@ log = logging.getLogger(__name__)
 _OPNAMES = {_COPY: "copy", _ZERO: "zero", _CONT: "continue", _POISON: "poison"}
 
 
+_MISSING = int(PageState.MISSING)
+_REQUESTED = int(PageState.REQUESTED)
+_BACKGROUND = int(PageState.BACKGROUND)
+
+
 class Ledger:
     """Page states of one registered region [base, base+size) served through ``uffd``.
 
@@ -137,6 +142,15 @@ class Ledger:
 
     def state(self, index: int) -> PageState:
         return PageState(self._ps.get(index))
+
+    def claim(self, index: int) -> int:
+        """The demand-fault fast path: returns the page's state (a plain int, compare with
+        ``PageState``); a MISSING or BACKGROUND page becomes REQUESTED, so the caller asks the
+        source for it exactly once."""
+        s = self._ps.get(index)
+        if s in (_MISSING, _BACKGROUND):
+            self._ps.set(index, _REQUESTED)
+        return s
 
     def mark(self, first: int, count: int, to: PageState, *, only_from: Iterable[PageState]) -> int:
         """Pages of [first, first+count) in a state of ``only_from`` become ``to``; returns how

@@ -92,7 +92,13 @@ def _c_bulk(src: PageSource, size: int) -> float:
         return time.perf_counter() - t0
 
 
-def run(size: int = 256 << 20, requests: int = 3000, rounds: int = 3) -> dict[str, Any]:
+def run(
+    size: int = 256 << 20, requests: int = 3000, rounds: int = 3, cpu: int | None = None
+) -> dict[str, Any]:
+    """``cpu``: pin every party (this process, its C threads, the source process) to one CPU;
+    None leaves placement to the scheduler (on 2 vCPUs it decides the figures: report it)."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     image = _image(size)
     npages = size // PS
     with tempfile.NamedTemporaryFile(
@@ -100,7 +106,8 @@ def run(size: int = 256 << 20, requests: int = 3000, rounds: int = 3) -> dict[st
     ) as f:
         f.write(image)
         f.flush()
-        with source_process(f.name) as address:
+        prefix = ("taskset", "-c", str(cpu)) if cpu is not None else ()
+        with source_process(f.name, prefix=prefix) as address:
             py_bulk: list[float] = []
             c_bulk: list[float] = []
             py_rtt = array("Q")
@@ -126,6 +133,7 @@ def run(size: int = 256 << 20, requests: int = 3000, rounds: int = 3) -> dict[st
         "requests_per_round": requests,
         "rounds": rounds,
         "cpus": os.cpu_count(),
+        "placement": "unpinned" if cpu is None else f"all on CPU {cpu}",
         "bulk_gb_s": {
             "uffdpoison": sorted(py_bulk)[len(py_bulk) // 2],
             "c": sorted(c_bulk)[len(c_bulk) // 2],
@@ -147,13 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=size_arg, default=256 << 20)
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cpu", type=int, default=None, help="pin every party to this CPU")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    res = run(a.size, a.requests, a.rounds)
+    res = run(a.size, a.requests, a.rounds, a.cpu)
     if a.json:
         print(json.dumps(res, indent=2))
         return 0
     b, r = res["bulk_gb_s"], res["rtt_us"]
+    print(f"placement   {res['placement']} ({res['cpus']} CPUs)")
     print(
         f"bulk push   uffdpoison {b['uffdpoison']:.2f} GB/s   C 64-page replies {b['c']:.2f} "
         f"GB/s   (goal >= {b['goal']} GB/s)"

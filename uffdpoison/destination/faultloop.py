@@ -232,7 +232,6 @@ class Session:
             return
         led = self.ledgers[i]
         idx = (page_addr - led.base) // ps
-        state = led.state(idx)
         if flags & _FLAG_MINOR:
             # The page cache holds a copy, but whether it is current (or poisoned at the
             # source) needs the MINOR-mode exchange (digests, CLEAN, CONTINUE), which this
@@ -247,11 +246,9 @@ class Session:
                     addr,
                 )
             return
+        state = led.claim(idx)  # MISSING/BACKGROUND become REQUESTED
         if state in (_MISSING, _BACKGROUND):
             # Never make a vCPU wait behind bulk data: ask urgently even if the push has it.
-            led.mark(
-                idx, 1, PageState.REQUESTED, only_from=(PageState.MISSING, PageState.BACKGROUND)
-            )
             stats.demand_requests += 1
             self.client.request(self.regions.regions[i].offset + idx * ps, 1)
         elif state == _REQUESTED:

@@ -127,7 +127,13 @@ class Placer:
             while done < total:
                 n = min(step, total - done)
                 part = data[base + done * ps : base + (done + n) * ps] if data is not None else None
-                await self._place_retrying(led, kind, first + done, n, part)
+                try:
+                    res = self._place_one(led, kind, first + done, n, part)
+                except kerrors.UffdError:
+                    # The slow path (pending event, range gone, target gone) awaits and retries.
+                    await self._place_retrying(led, kind, first + done, n, part)
+                else:
+                    self._count(res, kind)
                 done += n
                 if chunk and done < total:
                     await trio.lowlevel.checkpoint()
