@@ -160,19 +160,18 @@ class FrameTransport:
 
     # -- receiving -------------------------------------------------------------------------
 
-    async def receive(self) -> protocol.Event:
-        """The next event from the peer. Raises ``ConnectionLost`` at EOF, ``ProtocolError`` on
-        a malformed frame (nothing of that frame is returned)."""
+    def receive_nowait(self) -> protocol.Event | None:
+        """The next event if it can be had without waiting, else None. Raises
+        ``ConnectionLost`` at EOF, ``ProtocolError`` on a malformed frame (nothing of that
+        frame is returned)."""
         conn = self.conn
-        sock = self.sock
         while True:
             ev = conn.next_event()
             if ev is protocol.NEED_DATA:
                 try:
-                    n = sock.recv_into(self._rbuf)
+                    n = self.sock.recv_into(self._rbuf)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                    continue
+                    return None
                 except OSError as e:
                     raise ConnectionLost(f"{self.name}: receive failed: {e}") from e
                 self.bytes_in += n
@@ -181,6 +180,14 @@ class FrameTransport:
             if ev is protocol.CLOSED:
                 raise ConnectionLost(f"{self.name}: peer closed the connection")
             return ev  # type: ignore[return-value]
+
+    async def receive(self) -> protocol.Event:
+        """The next event from the peer, waiting for it (see ``receive_nowait``)."""
+        while True:
+            ev = self.receive_nowait()
+            if ev is not None:
+                return ev
+            await trio.lowlevel.wait_readable(self.sock)
 
     def close(self) -> None:
         if not self._closed:

@@ -15,9 +15,11 @@ kernel zero-fill every page not yet placed, silently. A failed session leaves it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import select
 from collections.abc import Callable
 from typing import Any
 
@@ -25,12 +27,12 @@ import trio
 
 from uffdpoison import protocol
 from uffdpoison.destination.client import SourceClient
-from uffdpoison.destination.placement import Placer, SessionEnded, Stats
+from uffdpoison.destination.placement import Deferred, Placer, SessionEnded, Stats
 from uffdpoison.destination.regions import RegionMap
 from uffdpoison.kernel import EventBatch, EventKind, Userfaultfd
 from uffdpoison.ledger import Ledger, PageState
 from uffdpoison.protocol import PageKind
-from uffdpoison.transport import ConnectionLost
+from uffdpoison.transport import ConnectionLost, FrameTransport
 from uffdpoison.trioutil import leaf_of
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ class Session:
         self.failed: str | None = None
         self._source_done = False
         self._progress = trio.lowlevel.ParkingLot()
-        self._retry: list[tuple[Ledger, PageKind, int]] = []
+        self._retry: list[Deferred] = []
         self._retry_wakeup = trio.Event()
         self._client_closed = False
 
@@ -108,7 +110,7 @@ class Session:
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._event_reader)
+                    nursery.start_soon(self._demand_loop)
                     nursery.start_soon(self._retry_loop)
                     nursery.start_soon(self._source_tasks)
                     task_status.started()
@@ -137,7 +139,6 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.client.urgent.run_writer)
-                nursery.start_soon(self._urgent_reader)
                 if self.client.bulk is not None:
                     nursery.start_soon(self._bulk_reader)
                 poison = self.client.welcome.poison_list
@@ -190,34 +191,86 @@ class Session:
 
     # -- the userfaultfd side --------------------------------------------------------------
 
-    async def _event_reader(self) -> None:
+    async def _demand_loop(self) -> None:
+        """The demand path in one task: userfaultfd events and urgent replies.
+
+        Both fds sit in an epoll set of our own, so one trio wait covers both and a fault and
+        its reply are handled without a task hop. Nothing here waits on the network or on a
+        placement: a reply part that meets a pending event goes to the retry task.
+        """
         uffd = self.uffd
         batch = EventBatch(64)
         raw = batch.raw
-        cap = batch.capacity
-        while True:
-            n = uffd.read_events(batch)
-            if n == 0:
-                await trio.lowlevel.wait_readable(uffd.fileno())
-                continue
-            for k in range(n):
-                ev = raw[k]
-                kind = ev.kind
-                if kind == _PAGEFAULT:
-                    self._on_fault(ev.address, ev.flags)
-                elif kind in (_REMOVE, _UNMAP):
-                    self._on_remove(ev.start, ev.end, unmap=kind == _UNMAP)
-                elif kind == _FORK:
-                    log.warning("%s: VMM forked; the child's memory is not served", self.name)
-                    os.close(ev.fork_fd)
-                elif kind == _REMAP:
-                    log.error(
-                        "%s: VMM moved guest memory (mremap); not supported, pages there "
-                        "will not be served",
-                        self.name,
-                    )
-            if n == cap:
-                await trio.lowlevel.checkpoint()
+        urgent = self.client.urgent
+        ufd, sfd = uffd.fileno(), urgent.sock.fileno()
+        ep = select.epoll()
+        ep.register(ufd, select.EPOLLIN)
+        ep.register(sfd, select.EPOLLIN)
+        watching = True
+        spins = 0
+        try:
+            while True:
+                if watching and self._client_closed:
+                    # Completed (or failed): the socket is closed; stop watching it.
+                    with contextlib.suppress(OSError):
+                        ep.unregister(sfd)
+                    watching = False
+                # One epoll_wait(0) says which fd is ready: no EAGAIN reads on the other.
+                ready = ep.poll(0)
+                if not ready:
+                    spins = 0
+                    await trio.lowlevel.wait_readable(ep.fileno())
+                    continue
+                for fd, _ in ready:
+                    if fd == ufd:
+                        n = uffd.read_events(batch)
+                        for k in range(n):
+                            ev = raw[k]
+                            kind = ev.kind
+                            if kind == _PAGEFAULT:
+                                self._on_fault(ev.address, ev.flags)
+                            elif kind in (_REMOVE, _UNMAP):
+                                self._on_remove(ev.start, ev.end, unmap=kind == _UNMAP)
+                            elif kind == _FORK:
+                                log.warning(
+                                    "%s: VMM forked; the child's memory is not served", self.name
+                                )
+                                os.close(ev.fork_fd)
+                            elif kind == _REMAP:
+                                log.error(
+                                    "%s: VMM moved guest memory (mremap); not supported, "
+                                    "pages there will not be served",
+                                    self.name,
+                                )
+                    elif watching and not self._client_closed:
+                        while (reply := self._urgent_nowait(urgent)) is not None:
+                            self._on_reply(reply)
+                spins += 1
+                if spins >= 16:
+                    spins = 0
+                    await trio.lowlevel.checkpoint()  # fairness under a flood of faults
+        finally:
+            trio.lowlevel.notify_closing(ep.fileno())
+            ep.close()
+
+    def _urgent_nowait(self, urgent: FrameTransport) -> protocol.Event | None:
+        try:
+            return urgent.receive_nowait()
+        except (ConnectionLost, protocol.ProtocolError) as e:
+            if self.completed.is_set() or self._client_closed:
+                return None
+            raise SessionFailed(f"source {self.client.address} lost: {e}") from None
+
+    def _on_reply(self, ev: protocol.Event) -> None:
+        if isinstance(ev, protocol.Pages):
+            deferred = self.placer.place_sync(ev)
+            if deferred:
+                self._retry.extend(deferred)
+                self._retry_wakeup.set()
+        elif isinstance(ev, protocol.Error):
+            raise SessionFailed(f"source error for request {ev.id}: {ev.code}: {ev.message}")
+        else:
+            raise SessionFailed(f"unexpected {type(ev).__name__} on the urgent channel")
 
     def _on_fault(self, addr: int, flags: int) -> None:
         stats = self.stats
@@ -267,7 +320,7 @@ class Session:
 
     def _place_local(self, led: Ledger, kind: PageKind, idx: int) -> None:
         if not self.placer.place_now(led, kind, idx, 1):
-            self._retry.append((led, kind, idx))
+            self._retry.append((led, kind, idx, 1, None))
             self._retry_wakeup.set()
 
     async def _retry_loop(self) -> None:
@@ -276,8 +329,7 @@ class Session:
             await self._retry_wakeup.wait()
             self._retry_wakeup = trio.Event()
             while self._retry:
-                led, kind, idx = self._retry.pop(0)
-                await self.placer._place_retrying(led, kind, idx, 1, None)
+                await self.placer.place_deferred(self._retry.pop(0))
 
     def _on_remove(self, start: int, end: int, *, unmap: bool) -> None:
         """The guest discarded [start, end): it reads as zeros from now on, except poisoned
@@ -305,17 +357,6 @@ class Session:
         self._check_complete()
 
     # -- the source side -------------------------------------------------------------------
-
-    async def _urgent_reader(self) -> None:
-        t = self.client.urgent
-        while True:
-            ev = await t.receive()
-            if isinstance(ev, protocol.Pages):
-                await self.placer.place(ev)
-            elif isinstance(ev, protocol.Error):
-                raise SessionFailed(f"source error for request {ev.id}: {ev.code}: {ev.message}")
-            else:
-                raise SessionFailed(f"unexpected {type(ev).__name__} on the urgent channel")
 
     async def _bulk_reader(self) -> None:
         t = self.client.bulk

@@ -28,6 +28,10 @@ BULK_CHUNK_PAGES = 64
 _EVENT_PENDING_BACKOFF = (0.0, 0.0, 0.0001, 0.0005, 0.002)
 
 
+# A placement that met a pending event: (ledger, kind, first page, pages, data).
+Deferred = tuple[Ledger, PageKind, int, int, "memoryview | None"]
+
+
 class SessionEnded(Exception):
     """The VMM (the target mm) is gone: nothing more can be placed."""
 
@@ -139,6 +143,30 @@ class Placer:
                     await trio.lowlevel.checkpoint()
         self._on_progress()
 
+    def place_sync(self, ev: protocol.Pages) -> list[Deferred]:
+        """Place a demand reply without ever waiting (for the task that also reads the
+        userfaultfd: it must not wait for itself). Parts that met a pending non-cooperative
+        event are returned, to be retried by a task that may wait."""
+        ps = self.page_size
+        kind = ev.kind
+        data = ev.data
+        deferred: list[Deferred] = []
+        if kind is PageKind.CLEAN:
+            self.stats.clean += ev.count
+        for i, delta, length in self.regions.split_offsets(ev.offset, ev.count * ps):
+            led = self.ledgers[i]
+            base = self.regions.regions[i].offset + delta - ev.offset
+            part = data[base : base + length] if data is not None else None
+            n = length // ps
+            if not self.place_now(led, kind, delta // ps, n, part):
+                deferred.append((led, kind, delta // ps, n, part))
+        self._on_progress()
+        return deferred
+
+    async def place_deferred(self, item: Deferred) -> None:
+        await self._place_retrying(*item)
+        self._on_progress()
+
     async def _place_retrying(
         self, led: Ledger, kind: PageKind, first: int, n: int, data: memoryview | None
     ) -> None:
@@ -168,10 +196,12 @@ class Placer:
             self._count(res, kind)
             return
 
-    def place_now(self, led: Ledger, kind: PageKind, first: int, n: int) -> bool:
+    def place_now(
+        self, led: Ledger, kind: PageKind, first: int, n: int, data: memoryview | None = None
+    ) -> bool:
         """Place without waiting (from the fault path). False if it must be retried later."""
         try:
-            res = self._place_one(led, kind, first, n, None)
+            res = self._place_one(led, kind, first, n, data)
         except kerrors.EventPending:
             return False
         except kerrors.RangeGone:
