@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -201,13 +202,16 @@ def _handoff_from_child(path: str, body: str) -> None:
     subprocess.run([sys.executable, "-c", code, path, body], check=True, timeout=30)
 
 
-async def test_disallowed_uid_is_rejected(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_disallowed_uid_is_rejected(
+    nursery: trio.Nursery, request: pytest.FixtureRequest
+) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to connect as another uid")
     guest = make_guest(4)
     source = await start_source(nursery, guest.backend())
     # A directory another uid can traverse (pytest's tmp_path parents are 0700).
     shared = Path(tempfile.mkdtemp(prefix="uffdpoison-uid-"))
+    request.addfinalizer(lambda: shutil.rmtree(shared, ignore_errors=True))
     shared.chmod(0o755)
     d = await start_daemon(nursery, shared, source)
     os.chmod(d.path, 0o777)
