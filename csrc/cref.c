@@ -141,8 +141,8 @@ static int write_all(int fd, const struct iovec *iov_in, int iovcnt)
     return 0;
 }
 
-/* Read exactly len bytes; -EPIPE on EOF. */
-static int read_all(int fd, void *buf, size_t len)
+/* Read exactly len bytes; -EPIPE on EOF. Shared with cref2.c. */
+int up_cref_read_all(int fd, void *buf, size_t len)
 {
     char *p = buf;
     while (len) {
@@ -304,7 +304,7 @@ static int resolve_remote(up_cref_handler *h, uint64_t page)
     uint32_t got = 0;
     while (got < req.count) {
         struct up_cref_rep rep;
-        rc = read_all(h->sock, &rep, sizeof rep);
+        rc = up_cref_read_all(h->sock, &rep, sizeof rep);
         if (rc)
             return rc;
         if (rep.kind == UP_CREF_KIND_ERROR || rep.count == 0 || rep.count > req.count - got)
@@ -313,7 +313,7 @@ static int resolve_remote(up_cref_handler *h, uint64_t page)
             uint64_t at = h->base + rep.offset + (uint64_t)k * h->page_size;
             switch (rep.kind) {
             case UP_CREF_KIND_DATA:
-                rc = read_all(h->sock, h->scratch, h->page_size);
+                rc = up_cref_read_all(h->sock, h->scratch, h->page_size);
                 if (rc)
                     return rc;
                 place_copy(h, at, h->scratch);
@@ -530,12 +530,12 @@ static uint32_t page_kind(up_cref_source *s, uint64_t idx, uint32_t flags)
 static int serve_one(up_cref_source *s, int fd, uint8_t *discard)
 {
     struct up_cref_req req;
-    int rc = read_all(fd, &req, sizeof req);
+    int rc = up_cref_read_all(fd, &req, sizeof req);
     if (rc)
         return rc;
     size_t pad = req.flags >> 16;
     if (pad) {
-        rc = read_all(fd, discard, pad);
+        rc = up_cref_read_all(fd, discard, pad);
         if (rc)
             return rc;
     }
@@ -795,7 +795,7 @@ int up_cref_pingpong(int fd, const void *req, size_t req_len, size_t reply_len, 
         struct iovec iov = {.iov_base = (void *)req, .iov_len = req_len};
         rc = req_len ? write_all(fd, &iov, 1) : 0;
         if (!rc)
-            rc = read_all(fd, reply, reply_len);
+            rc = up_cref_read_all(fd, reply, reply_len);
         ns_out[i] = now_ns() - t0;
     }
     free(reply);

@@ -69,4 +69,7 @@ int up_cref_source_stop(up_cref_source *s, up_cref_stats *final_out);
  * ns_out[i] = round trip i in ns. 0 or -errno (-EPIPE: peer closed). */
 int up_cref_pingpong(int fd, const void *req, size_t req_len, size_t reply_len, size_t n,
                      uint64_t *ns_out);
+/* Read exactly len bytes from a socket; -EPIPE on EOF (internal, shared by the refs). */
+int up_cref_read_all(int fd, void *buf, size_t len);
+
 #endif

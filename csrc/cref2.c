@@ -62,24 +62,6 @@ static void fail(up_cref_bulk *b, int err)
     __atomic_store_n(&b->st.last_errno, err, __ATOMIC_RELAXED);
 }
 
-static int recv_all(int fd, void *buf, size_t len)
-{
-    char *p = buf;
-    while (len) {
-        ssize_t r = recv(fd, p, len, MSG_WAITALL);
-        if (r == 0)
-            return -EPIPE;
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += r;
-        len -= (size_t)r;
-    }
-    return 0;
-}
-
 enum { OP_COPY, OP_ZERO, OP_POISON };
 
 /* Place [dst, dst+len) with one range ioctl, resuming after partial progress and stepping over
@@ -164,7 +146,7 @@ static void *bulk_thread(void *arg)
         int rc = 0;
         while (got < count && !rc) {
             struct up_cref2_msg rep;
-            rc = recv_all(b->sock, &rep, sizeof rep);
+            rc = up_cref_read_all(b->sock, &rep, sizeof rep);
             if (rc)
                 break;
             if (rep.word == UP_CREF_KIND_ERROR || rep.count == 0 || rep.count > count - got) {
@@ -173,7 +155,7 @@ static void *bulk_thread(void *arg)
             }
             uint64_t dst = b->base + rep.offset, len = (uint64_t)rep.count * ps;
             if (rep.word == UP_CREF_KIND_DATA) {
-                rc = recv_all(b->sock, b->buf, len);
+                rc = up_cref_read_all(b->sock, b->buf, len);
                 if (rc)
                     break;
                 add(&b->st.bytes, len);
