@@ -176,12 +176,11 @@ class PageBitmap:
 
 
 # ----------------------------------------------------------------------------------------------
-# Digests (XXH64, seed 0): C from uffdpoison.kernel when built, pure Python otherwise.
+# Zero-page scan (C, uffdpoison.kernel.digest).
 
 
 def _zero_split(mv: memoryview, start: int, stop: int, unit: int) -> list[tuple[bool, int]]:
-    """(is_zero, units) runs covering mv[start:stop]: C when built, else a regex scan (the
-    next non-zero byte decides: every whole unit before it is zero)."""
+    """(is_zero, units) runs covering mv[start:stop]."""
     if start >= stop:
         return []
     if stop - start == unit:  # one page (a demand fault): skip the run machinery
@@ -362,10 +361,15 @@ class Backend:
         return memoryview(buf).cast("B"), runs
 
     def _classify(self, offset: int, mv: memoryview, unit: int) -> list[Run]:
-        runs: list[Run] = []
         ps = self.page_size
         length = len(mv)
         first = offset // ps
+        if length == unit == ps:
+            # One base page (a demand fault): one bit test and one compare, no run building.
+            if self._poison.get(first):
+                return [Run(RunKind.POISONED, offset, 1)]
+            return [Run(RunKind.ZERO if mv == _zero_unit(unit) else RunKind.DATA, offset, 1)]
+        runs: list[Run] = []
         poisoned_here = self._poison.any_set(first, first + length // ps)
 
         def add(kind: RunKind, off: int, n: int) -> None:
