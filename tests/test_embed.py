@@ -163,3 +163,42 @@ async def test_embedded_session_fails_when_source_dies() -> None:
                     scope.cancel()
                     await srv.ensure_present(m.addr + 60 * PS, PS)
             outer.cancel_scope.cancel()
+
+
+async def test_discards_racing_the_background_stream(tmp_path: Path) -> None:
+    """Balloon-style discards while pages stream in: a placement that meets the pending REMOVE
+    event (EAGAIN) is retried after the event is read, never lost or misapplied. Afterwards
+    every discarded page reads as zeros, every other page as the source's bytes, and every
+    poisoned page (discarded or not) still raises SIGBUS."""
+    n = 8192
+    poisoned = [5, 100, 4000, 8000]
+    guest = make_guest(n, poisoned=poisoned, zero=[])
+    image = tmp_path / "guest.img"
+    image.write_bytes(guest.image)
+    listing = tmp_path / "poison.txt"
+    listing.write_text("".join(f"{i * PS}\n" for i in poisoned))
+    discarded = sorted({i for k in range(0, n, 128) for i in range(k, k + 8)} | {100})
+    with source_process(image, poison_list=listing) as source, memory.anon(n * PS) as m:
+        async with serve_memory([Region(m.addr, n * PS, 0)], source) as server:
+
+            def balloon() -> None:
+                for i in discarded:
+                    m.discard(i * PS, PS)
+
+            await trio.to_thread.run_sync(balloon)  # madvise waits for its REMOVE to be read
+            await server.wait_complete()
+            t = Toucher(array("Q", (m.addr + i * PS for i in range(n))), digest=True)
+            t.start()
+            await t.wait()
+            r = t.results
+            assert server.stats["removes"] >= len(discarded)
+    zero = page_digests(bytes(PS), PS)[0]
+    digests = guest.digests()
+    gone = set(discarded)
+    for i in range(n):
+        if i in poisoned:
+            assert r.outcome[i] == 1, f"poisoned page {i} readable"
+        elif i in gone:
+            assert r.outcome[i] == 0 and r.digest[i] == zero, f"discarded page {i} not zero"
+        else:
+            assert r.outcome[i] == 0 and r.digest[i] == digests[i], f"page {i} bytes differ"
