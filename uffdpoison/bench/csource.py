@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ) as src:
         print(json.dumps({"event": "listening", "host": host, "port": lsock.getsockname()[1]}))
         sys.stdout.flush()
-        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+        def stop_on_eof() -> None:
+            sys.stdin.read()  # the parent closes our stdin to stop us
+            stop.set()
+
+        threading.Thread(target=stop_on_eof, daemon=True).start()
         stop.wait()
         final = src.stop()
     lsock.close()

@@ -183,7 +183,7 @@ def _summary(lat: array) -> dict[str, float]:
     n = len(s)
 
     def pct(p: float) -> int:
-        return s[max(0, -(-n * p // 100) - 1)]
+        return s[max(0, int(-(-n * p // 100)) - 1)]
 
     return {
         "touches": n,

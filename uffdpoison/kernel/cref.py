@@ -365,9 +365,10 @@ class BulkStats:
 
     @classmethod
     def _from_c(cls, st: Any) -> BulkStats:
-        return cls(
-            **{f: (bool if f == "done" else int)(getattr(st, f)) for f in cls.__dataclass_fields__}
-        )
+        fields: dict[str, Any] = {
+            f: (bool if f == "done" else int)(getattr(st, f)) for f in cls.__dataclass_fields__
+        }
+        return cls(**fields)
 
 
 class BulkPuller:
