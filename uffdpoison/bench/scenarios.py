@@ -323,15 +323,20 @@ class Process:
             text=True,
         )
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
+        try:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise BenchError(
+                    f"{what} exited ({self.proc.poll()}) before listening: {self.stderr()}"
+                )
+            status = json.loads(line)
+            self.host: str = status["host"]
+            self.port: int = int(status["port"])
+        except BaseException:
+            # Not yet in anyone's list of processes to close (a Ctrl-C while it starts, a bad
+            # first line): close it here or it outlives the benchmark, in its namespace.
             self.close()
-            raise BenchError(
-                f"{what} exited ({self.proc.returncode}) before listening: {self.stderr()}"
-            )
-        status = json.loads(line)
-        self.host: str = status["host"]
-        self.port: int = int(status["port"])
+            raise
         self.lines: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
 
