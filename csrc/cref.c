@@ -8,6 +8,7 @@
  *   kind ERROR (count 0) answers a request outside the served buffer.
  */
 #include "cref.h"
+#include "uffd.h" /* the kernel boundary's ioctl wrappers and newer-uapi definitions */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -28,14 +29,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* UFFDIO_POISON (6.6) is newer than the 6.1 build headers: a private copy of its layout. */
-struct up_cref_uffdio_poison {
-    struct uffdio_range range;
-    uint64_t mode;
-    int64_t updated;
-};
-#define UP_CREF_UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct up_cref_uffdio_poison)
-#define UP_CREF_FEATURE_POISON (1ull << 14)
 
 #define UP_CREF_MAX_CONNS 64
 #define UP_CREF_MSG_BATCH 64
@@ -167,7 +160,7 @@ int up_cref_uffd_open(void)
     int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return -errno;
-    struct uffdio_api api = {.api = UFFD_API, .features = UP_CREF_FEATURE_POISON};
+    struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_POISON};
     if (ioctl(fd, UFFDIO_API, &api) != 0) {
         /* Older kernel without the POISON bit: an fd can be negotiated once, start over. */
         close(fd);
@@ -217,67 +210,33 @@ static void place_wake_on_eexist(up_cref_handler *h, uint64_t page)
     ioctl(h->uffd, UFFDIO_WAKE, &r);
 }
 
-/* 1 placed, 0 not (already there, or an error counted). */
-static int copy_page(up_cref_handler *h, uint64_t page, const void *from)
+enum { OP_COPY, OP_ZERO, OP_POISON };
+
+/* Place one page with the kernel boundary's wrappers (no ledger: this is the floor the
+ * product is measured against). Zero pages of huge pages are COPYs of a zero page. */
+static void place_page(up_cref_handler *h, int op, uint64_t page, const void *from)
 {
+    int64_t done;
+    uint64_t ps = h->page_size;
+    uint64_t *count = op == OP_COPY ? &h->st.copies : op == OP_ZERO ? &h->st.zeropages : &h->st.poisons;
+    if (op == OP_ZERO && h->huge) {
+        op = OP_COPY;
+        from = h->zeros;
+    }
     for (;;) {
-        struct uffdio_copy c = {.dst = page, .src = (uint64_t)(uintptr_t)from,
-                                .len = h->page_size, .mode = 0};
-        if (ioctl(h->uffd, UFFDIO_COPY, &c) == 0)
-            return 1;
-        if (errno == EAGAIN)
+        int rc = op == OP_COPY   ? up_uffd_copy(h->uffd, page, (uint64_t)(uintptr_t)from, ps, 0, &done)
+                 : op == OP_ZERO ? up_uffd_zeropage(h->uffd, page, ps, 0, &done)
+                                 : up_uffd_poison(h->uffd, page, ps, 0, &done);
+        if (rc == 0) {
+            st_add(count, 1);
+            return;
+        }
+        if (rc == -EAGAIN)
             continue; /* a non-cooperative event in flight; none are enabled, so retry */
-        if (errno == EEXIST)
+        if (rc == -EEXIST)
             place_wake_on_eexist(h, page);
         else
-            st_error(&h->st, errno);
-        return 0;
-    }
-}
-
-static void place_copy(up_cref_handler *h, uint64_t page, const void *from)
-{
-    if (copy_page(h, page, from))
-        st_add(&h->st.copies, 1);
-}
-
-static void place_zero(up_cref_handler *h, uint64_t page)
-{
-    if (h->huge) {
-        if (copy_page(h, page, h->zeros))
-            st_add(&h->st.zeropages, 1);
-        return;
-    }
-    for (;;) {
-        struct uffdio_zeropage z = {.range = {.start = page, .len = h->page_size}, .mode = 0};
-        if (ioctl(h->uffd, UFFDIO_ZEROPAGE, &z) == 0) {
-            st_add(&h->st.zeropages, 1);
-            return;
-        }
-        if (errno == EAGAIN)
-            continue;
-        if (errno == EEXIST)
-            place_wake_on_eexist(h, page);
-        else
-            st_error(&h->st, errno);
-        return;
-    }
-}
-
-static void place_poison(up_cref_handler *h, uint64_t page)
-{
-    for (;;) {
-        struct up_cref_uffdio_poison p = {.range = {.start = page, .len = h->page_size}, .mode = 0};
-        if (ioctl(h->uffd, UP_CREF_UFFDIO_POISON, &p) == 0) {
-            st_add(&h->st.poisons, 1);
-            return;
-        }
-        if (errno == EAGAIN)
-            continue;
-        if (errno == EEXIST)
-            place_wake_on_eexist(h, page);
-        else
-            st_error(&h->st, errno);
+            st_error(&h->st, -rc);
         return;
     }
 }
@@ -286,9 +245,9 @@ static void resolve_local(up_cref_handler *h, uint64_t page)
 {
     uint64_t idx = (page - h->base) / h->page_size;
     if (bit_set(h->poison, idx))
-        place_poison(h, page);
+        place_page(h, OP_POISON, page, NULL);
     else
-        place_copy(h, page, (const void *)(uintptr_t)(h->src + idx * h->page_size));
+        place_page(h, OP_COPY, page, (const void *)(uintptr_t)(h->src + idx * h->page_size));
 }
 
 /* 0, or -errno when the connection to the source is unusable (the handler then stops). */
@@ -316,13 +275,13 @@ static int resolve_remote(up_cref_handler *h, uint64_t page)
                 rc = up_cref_read_all(h->sock, h->scratch, h->page_size);
                 if (rc)
                     return rc;
-                place_copy(h, at, h->scratch);
+                place_page(h, OP_COPY, at, h->scratch);
                 break;
             case UP_CREF_KIND_ZERO:
-                place_zero(h, at);
+                place_page(h, OP_ZERO, at, NULL);
                 break;
             case UP_CREF_KIND_POISONED:
-                place_poison(h, at);
+                place_page(h, OP_POISON, at, NULL);
                 break;
             default:
                 return -EPROTO;

@@ -18,13 +18,8 @@
 #include <unistd.h>
 
 #include "cref.h"
+#include "uffd.h"
 
-struct up_cref2_poison {
-    struct uffdio_range range;
-    uint64_t mode;
-    int64_t updated;
-};
-#define UP_CREF2_UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct up_cref2_poison)
 
 struct up_cref2_msg {
     uint64_t offset;
@@ -70,26 +65,15 @@ static void place_range(up_cref_bulk *b, int op, uint64_t dst, const uint8_t *sr
 {
     int spins = 0;
     while (len) {
-        int rc;
         int64_t done;
-        if (op == OP_COPY) {
-            struct uffdio_copy c = {.dst = dst, .src = (uint64_t)(uintptr_t)src, .len = len};
-            rc = ioctl(b->uffd, UFFDIO_COPY, &c);
-            done = c.copy;
-        } else if (op == OP_ZERO) {
-            struct uffdio_zeropage z = {.range = {.start = dst, .len = len}};
-            rc = ioctl(b->uffd, UFFDIO_ZEROPAGE, &z);
-            done = z.zeropage;
-        } else {
-            struct up_cref2_poison p = {.range = {.start = dst, .len = len}};
-            rc = ioctl(b->uffd, UP_CREF2_UFFDIO_POISON, &p);
-            done = p.updated;
-        }
+        int rc = op == OP_COPY   ? up_uffd_copy(b->uffd, dst, (uint64_t)(uintptr_t)src, len, 0, &done)
+                 : op == OP_ZERO ? up_uffd_zeropage(b->uffd, dst, len, 0, &done)
+                                 : up_uffd_poison(b->uffd, dst, len, 0, &done);
         if (rc == 0) {
             add(&b->st.placed, len / b->page_size);
             return;
         }
-        int e = errno;
+        int e = -rc;
         if (e == EAGAIN && done > 0) {
             add(&b->st.placed, (uint64_t)done / b->page_size);
         } else if (e == EEXIST) {
