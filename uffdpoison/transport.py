@@ -20,6 +20,7 @@ import trio
 from uffdpoison import protocol
 
 RECV_SIZE = 1 << 20
+YIELD_EVERY = 16  # events receive() returns back to back before it yields anyway
 _IOV_MAX = 512
 
 
@@ -94,6 +95,7 @@ class FrameTransport:
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         self.bytes_in = 0
+        self._unyielded = 0
         self.bytes_out = 0
 
     # -- sending ---------------------------------------------------------------------------
@@ -182,11 +184,20 @@ class FrameTransport:
             return ev  # type: ignore[return-value]
 
     async def receive(self) -> protocol.Event:
-        """The next event from the peer, waiting for it (see ``receive_nowait``)."""
+        """The next event from the peer, waiting for it (see ``receive_nowait``).
+
+        While frames keep arriving this returns without suspending, and ``await`` on a call
+        that does not suspend does not yield in trio: every ``YIELD_EVERY`` events it yields
+        anyway, so a steady stream (the bulk push) cannot starve the other tasks."""
         while True:
             ev = self.receive_nowait()
             if ev is not None:
+                self._unyielded += 1
+                if self._unyielded >= YIELD_EVERY:
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
                 return ev
+            self._unyielded = 0
             await trio.lowlevel.wait_readable(self.sock)
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from uffdpoison.kernel._ffi import ffi
 from uffdpoison.kernel.cref import LocalHandler
 from uffdpoison.kernel.toucher import Toucher, current_cpu
 from uffdpoison.ledger import Ledger
+from uffdpoison.stats import percentile
 
 PLACEMENTS = ("same", "cross", "free")
 PAGE = 4096
@@ -183,7 +184,7 @@ def _summary(lat: array) -> dict[str, float]:
     n = len(s)
 
     def pct(p: float) -> int:
-        return s[max(0, int(-(-n * p // 100)) - 1)]
+        return percentile(s, p)
 
     return {
         "touches": n,

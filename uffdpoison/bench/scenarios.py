@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import socket
@@ -38,6 +37,7 @@ from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
 from uffdpoison.kernel._ffi import ffi
 from uffdpoison.kernel.cref import BulkPuller, RemoteHandler
 from uffdpoison.kernel.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, current_cpu
+from uffdpoison.stats import percentile
 
 HUGE = 2 << 20
 HIT_NS = 5_000  # a touch faster than this found its page present (the bulk stream won the race)
@@ -204,9 +204,7 @@ class Samples:
         n = len(s)
 
         def pct(p: float) -> float | None:
-            if not n:
-                return None
-            return round(s[max(0, math.ceil(n * p / 100) - 1)] / 1000, 2)
+            return round(percentile(s, p) / 1000, 2) if n else None
 
         faults = n + self.sigbus
         out: dict[str, Any] = {

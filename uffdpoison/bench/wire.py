@@ -29,6 +29,7 @@ from uffdpoison import protocol
 from uffdpoison.destination.client import SourceClient
 from uffdpoison.kernel.cref import REPLY, PageSource, pingpong, request_bytes
 from uffdpoison.source.spawn import source_process
+from uffdpoison.stats import percentile
 from uffdpoison.units import size_arg
 
 PS = 4096
@@ -36,8 +37,7 @@ BULK_PAGES = 64
 
 
 def _pct(values: list[int], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(len(s) * p / 100))] / 1000.0
+    return percentile(sorted(values), p) / 1000.0
 
 
 def _image(size: int, seed: int = 1) -> bytes:

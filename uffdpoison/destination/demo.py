@@ -36,6 +36,7 @@ from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.kernel.toucher import Toucher
 from uffdpoison.source.spawn import SourceStartError, source_process
+from uffdpoison.stats import percentile
 from uffdpoison.units import size_arg
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,8 @@ def build_guest(
 
 
 def _pct(sorted_ns: list[int], p: float) -> float:
-    if not sorted_ns:
-        return 0.0
-    k = min(len(sorted_ns) - 1, max(0, round(p / 100 * (len(sorted_ns) - 1))))
-    return sorted_ns[k] / 1000.0
+    """µs; 0 when there is nothing to measure (no faulting touch)."""
+    return percentile(sorted_ns, p) / 1000.0 if sorted_ns else 0.0
 
 
 class _Progress:

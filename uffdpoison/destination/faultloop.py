@@ -88,7 +88,6 @@ class Session:
         self.placer = Placer(regions, self.ledgers, self.stats, self._check_complete)
         self.completed = trio.Event()
         self.failed: str | None = None
-        self._source_done = False
         self._progress = trio.lowlevel.ParkingLot()
         self._retry: list[Deferred] = []
         self._retry_wakeup = trio.Event()
@@ -299,12 +298,8 @@ class Session:
                     addr,
                 )
             return
-        state = led.claim(idx)  # MISSING/BACKGROUND become REQUESTED
-        if state in (_MISSING, _BACKGROUND):
-            # Never make a vCPU wait behind bulk data: ask urgently even if the push has it.
-            stats.demand_requests += 1
-            self.client.request(self.regions.regions[i].offset + idx * ps, 1)
-        elif state == _REQUESTED:
+        state = self._request_or_zero(i, led, idx)
+        if state == _REQUESTED:
             stats.coalesced += 1
         elif state == _PRESENT:
             # Placed by the background stream between the fault and now.
@@ -314,9 +309,19 @@ class Session:
             # The marker was discarded (MADV_DONTNEED & co) but the page stays poisoned.
             stats.repoisoned += 1
             self._place_local(led, PageKind.POISONED, idx)
+
+    def _request_or_zero(self, i: int, led: Ledger, idx: int) -> int:
+        """A page someone needs now (a fault, ``ensure_present``): ask the source for it once
+        (never making it wait behind the bulk push), or zero it if the guest discarded it.
+        Returns the state it was in."""
+        state = led.claim(idx)  # MISSING/BACKGROUND become REQUESTED
+        if state in (_MISSING, _BACKGROUND):
+            self.stats.demand_requests += 1
+            self.client.request(self.regions.regions[i].offset + idx * self.page_size, 1)
         elif state == _REMOVED:
-            stats.zero_after_remove += 1
+            self.stats.zero_after_remove += 1
             self._place_local(led, PageKind.ZERO, idx)
+        return state
 
     def _place_local(self, led: Ledger, kind: PageKind, idx: int) -> None:
         if not self.placer.place_now(led, kind, idx, 1):
@@ -362,20 +367,12 @@ class Session:
         t = self.client.bulk
         assert t is not None
         chunk = _bulk_chunk(self.page_size)
-        since_yield = 0
         while True:
-            # receive() and place() return without suspending while frames are buffered and
-            # small: without this yield a steady push would starve the fault reader.
             ev = await t.receive()
             if isinstance(ev, protocol.Pages):
                 self.stats.bulk_pages += ev.count
                 await self.placer.place(ev, chunk=chunk)
-                since_yield += ev.count
-                if since_yield >= chunk:
-                    since_yield = 0
-                    await trio.lowlevel.checkpoint()
             elif isinstance(ev, protocol.Done):
-                self._source_done = True
                 self._check_complete()
                 if not self.completed.is_set():
                     counts = self.page_counts()
@@ -400,18 +397,7 @@ class Session:
             first, last = (lo - r.base) // ps, math.ceil((hi - r.base) / ps)
             led = self.ledgers[i]
             for idx in range(first, last):
-                st = led.state(idx)
-                if st in (_MISSING, _BACKGROUND):
-                    led.mark(
-                        idx,
-                        1,
-                        PageState.REQUESTED,
-                        only_from=(PageState.MISSING, PageState.BACKGROUND),
-                    )
-                    self.stats.demand_requests += 1
-                    self.client.request(r.offset + idx * ps, 1)
-                elif st == _REMOVED:
-                    self._place_local(led, PageKind.ZERO, idx)
+                self._request_or_zero(i, led, idx)
             pending.append((i, first, last))
         poisoned: list[int] = []
         for i, first, last in pending:

@@ -21,14 +21,14 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from uffdpoison.destination.client import SourceClient, SourceInfo, probe
-from uffdpoison.destination.faultloop import Session, SessionFailed
+from uffdpoison.destination.faultloop import Session, SessionFailed, StatusSink
 from uffdpoison.destination.regions import (
     MAX_HANDOFF_BYTES,
     RegionError,
@@ -61,9 +61,6 @@ class Handoff:
     peer: Peer
     regions: RegionMap
     uffd_fd: int
-
-
-StatusSink = Callable[[dict[str, Any]], None]
 
 
 def peer_credentials(sock: socket.socket) -> Peer:

@@ -7,8 +7,9 @@ data over a poisoned page: the ledger refuses that, and a refusal is counted and
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import trio
@@ -112,100 +113,84 @@ class Placer:
             return led.poison(first, n)
         return led.continue_(first, n, strict=False)
 
-    async def place(self, ev: protocol.Pages, *, chunk: int = 0) -> None:
-        """Place one reply or pushed run. ``chunk`` > 0 splits it, yielding between chunks."""
+    def _parts(
+        self, ev: protocol.Pages, chunk: int
+    ) -> Iterator[tuple[Ledger, int, int, memoryview | None]]:
+        """(ledger, first page, pages, payload part) for every region a run covers, in pieces
+        of at most ``chunk`` pages (0: one piece a region)."""
         ps = self.page_size
-        kind = ev.kind
         data = ev.data
-        if kind is PageKind.CLEAN:
-            # MINOR mode: the page cache copy is current; map it.
-            self.stats.clean += ev.count
         for i, delta, length in self.regions.split_offsets(ev.offset, ev.count * ps):
             led = self.ledgers[i]
-            first = delta // ps
-            total = length // ps
-            # where this region's part starts inside the frame's payload
-            base = self.regions.regions[i].offset + delta - ev.offset
+            first, total = delta // ps, length // ps
+            base = self.regions.regions[i].offset + delta - ev.offset  # this part in the payload
             step = chunk or total
-            done = 0
-            while done < total:
+            for done in range(0, total, step):
                 n = min(step, total - done)
                 part = data[base + done * ps : base + (done + n) * ps] if data is not None else None
-                try:
-                    res = self._place_one(led, kind, first + done, n, part)
-                except kerrors.UffdError:
-                    # The slow path (pending event, range gone, target gone) awaits and retries.
-                    await self._place_retrying(led, kind, first + done, n, part)
-                else:
-                    self._count(res, kind)
-                done += n
-                if chunk and done < total:
-                    await trio.lowlevel.checkpoint()
+                yield led, first + done, n, part
+
+    async def place(self, ev: protocol.Pages, *, chunk: int = 0) -> None:
+        """Place a pushed run (may wait): ``chunk`` > 0 splits it, yielding between pieces so a
+        demand reply never waits behind more than one."""
+        kind = ev.kind
+        if kind is PageKind.CLEAN:
+            self.stats.clean += ev.count
+        for k, (led, first, n, part) in enumerate(self._parts(ev, chunk)):
+            if k:
+                await trio.lowlevel.checkpoint()
+            if not self.place_now(led, kind, first, n, part):
+                await self._retry_until_placed(led, kind, first, n, part)
         self._on_progress()
 
     def place_sync(self, ev: protocol.Pages) -> list[Deferred]:
         """Place a demand reply without ever waiting (for the task that also reads the
         userfaultfd: it must not wait for itself). Parts that met a pending non-cooperative
         event are returned, to be retried by a task that may wait."""
-        ps = self.page_size
         kind = ev.kind
-        data = ev.data
-        deferred: list[Deferred] = []
         if kind is PageKind.CLEAN:
             self.stats.clean += ev.count
-        for i, delta, length in self.regions.split_offsets(ev.offset, ev.count * ps):
-            led = self.ledgers[i]
-            base = self.regions.regions[i].offset + delta - ev.offset
-            part = data[base : base + length] if data is not None else None
-            n = length // ps
-            if not self.place_now(led, kind, delta // ps, n, part):
-                deferred.append((led, kind, delta // ps, n, part))
+        deferred: list[Deferred] = [
+            (led, kind, first, n, part)
+            for led, first, n, part in self._parts(ev, 0)
+            if not self.place_now(led, kind, first, n, part)
+        ]
         self._on_progress()
         return deferred
 
     async def place_deferred(self, item: Deferred) -> None:
-        await self._place_retrying(*item)
+        await self._retry_until_placed(*item)
         self._on_progress()
 
-    async def _place_retrying(
+    async def _retry_until_placed(
         self, led: Ledger, kind: PageKind, first: int, n: int, data: memoryview | None
     ) -> None:
-        attempt = 0
-        while True:
-            try:
-                res = self._place_one(led, kind, first, n, data)
-            except kerrors.EventPending:
-                # Pages done before the event are recorded in the ledger; a retry skips them.
-                self.stats.retries += 1
-                delay = _EVENT_PENDING_BACKOFF[min(attempt, len(_EVENT_PENDING_BACKOFF) - 1)]
-                attempt += 1
-                await trio.sleep(delay)
-                continue
-            except kerrors.RangeGone as e:
-                # The VMM unregistered or unmapped the range: nothing to place any more.
-                self.stats.range_gone += n
-                log.warning(
-                    "dropping %d page(s) at %#x: range no longer registered (%s)",
-                    n,
-                    led.address(first),
-                    e,
-                )
+        """After ``place_now`` met a pending event: back off while the event reader reads it,
+        then try again. Pages placed before the event are in the ledger; a retry skips them."""
+        for attempt in itertools.count():
+            self.stats.retries += 1
+            await trio.sleep(_EVENT_PENDING_BACKOFF[min(attempt, len(_EVENT_PENDING_BACKOFF) - 1)])
+            if self.place_now(led, kind, first, n, data):
                 return
-            except kerrors.TargetGone as e:
-                raise SessionEnded(f"guest memory is gone: {e}") from e
-            self._count(res, kind)
-            return
 
     def place_now(
         self, led: Ledger, kind: PageKind, first: int, n: int, data: memoryview | None = None
     ) -> bool:
-        """Place without waiting (from the fault path). False if it must be retried later."""
+        """Place without waiting. False when a non-cooperative event is pending (retry after
+        it is read); the other kernel outcomes are final and handled here."""
         try:
             res = self._place_one(led, kind, first, n, data)
         except kerrors.EventPending:
             return False
-        except kerrors.RangeGone:
+        except kerrors.RangeGone as e:
+            # The VMM unregistered or unmapped the range: nothing to place any more.
             self.stats.range_gone += n
+            log.warning(
+                "dropping %d page(s) at %#x: range no longer registered (%s)",
+                n,
+                led.address(first),
+                e,
+            )
             return True
         except kerrors.TargetGone as e:
             raise SessionEnded(f"guest memory is gone: {e}") from e
@@ -220,10 +205,9 @@ class Placer:
             i = self.regions.by_offset(off)
             if i < 0:
                 continue
-            r = self.regions.regions[i]
-            await self._place_retrying(
-                self.ledgers[i], PageKind.POISONED, (off - r.offset) // ps, 1, None
-            )
+            led, first = self.ledgers[i], (off - self.regions.regions[i].offset) // ps
+            if not self.place_now(led, PageKind.POISONED, first, 1):
+                await self._retry_until_placed(led, PageKind.POISONED, first, 1, None)
             placed += 1
             if k % 256 == 255:
                 await trio.lowlevel.checkpoint()

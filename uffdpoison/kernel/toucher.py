@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from uffdpoison.kernel._ffi import ffi, lib
+from uffdpoison.stats import percentile
 
 __all__ = [
     "OUTCOME_NOT_RUN",
@@ -113,14 +114,11 @@ class TouchResults:
         ``only_ok`` counts successful touches only; otherwise SIGBUS touches count too. Touches
         that have not run never count. Raises ValueError when no touch qualifies.
         """
-        if not 0 <= p <= 100:
-            raise ValueError(f"percentile must be within 0..100, got {p}")
         wanted = (OUTCOME_OK,) if only_ok else (OUTCOME_OK, OUTCOME_SIGBUS)
         lat = sorted(v for v, o in zip(self.latency_ns, self.outcome, strict=True) if o in wanted)
         if not lat:
             raise ValueError("no finished touches to take a percentile of")
-        rank = max(1, -(-len(lat) * p // 100))  # ceil(n * p / 100), at least the first
-        return lat[int(rank) - 1]
+        return percentile(lat, p)
 
 
 class Toucher:

@@ -364,11 +364,6 @@ class Backend:
         ps = self.page_size
         length = len(mv)
         first = offset // ps
-        if length == unit == ps:
-            # One base page (a demand fault): one bit test and one compare, no run building.
-            if self._poison.get(first):
-                return [Run(RunKind.POISONED, offset, 1)]
-            return [Run(RunKind.ZERO if mv == _zero_unit(unit) else RunKind.DATA, offset, 1)]
         runs: list[Run] = []
         poisoned_here = self._poison.any_set(first, first + length // ps)
 
