@@ -149,18 +149,25 @@ async def test_embedded_session_fails_when_source_dies() -> None:
         async with trio.open_nursery() as outer:
             scope = trio.CancelScope()
             box: list[str] = []
+            dead = trio.Event()
 
             async def source(task_status: trio.TaskStatus[None]) -> None:
-                with scope:
-                    async with trio.open_nursery() as n:
-                        box.append(await start_source(n, guest.backend(), max_bandwidth=4096))
-                        task_status.started()
-                        await trio.sleep_forever()
+                try:
+                    with scope:
+                        async with trio.open_nursery() as n:
+                            box.append(await start_source(n, guest.backend(), max_bandwidth=4096))
+                            task_status.started()
+                            await trio.sleep_forever()
+                finally:
+                    dead.set()
 
             await outer.start(source)
             with pytest.raises(SessionFailed, match="lost"):
                 async with serve_memory([Region(m.addr, len(guest.image), 0)], box[0]) as srv:
+                    # Gone, connections closed, before the fault: a C urgent loop still
+                    # running would answer it (correctly) and nothing would fail.
                     scope.cancel()
+                    await dead.wait()
                     await srv.ensure_present(m.addr + 60 * PS, PS)
             outer.cancel_scope.cancel()
 

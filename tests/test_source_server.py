@@ -79,9 +79,22 @@ class Client:
         await self.stream.aclose()
 
 
+# Every server test runs on both urgent paths: the C one (the default) and the Python
+# reference path it hands unusual frames to.
+_FAST_URGENT = [True]
+
+
+@pytest.fixture(autouse=True, params=["c-urgent", "python-urgent"])
+def urgent_path(request: pytest.FixtureRequest) -> Any:
+    _FAST_URGENT[0] = request.param == "c-urgent"
+    yield request.param
+    _FAST_URGENT[0] = True
+
+
 @asynccontextmanager
 async def running(backend: MemoryBackend | ProcessBackend, **kw: Any) -> AsyncIterator[Any]:
     statuses: list[dict[str, Any]] = []
+    kw.setdefault("fast_urgent", _FAST_URGENT[0])
     server = SourceServer(backend, status=statuses.append, **kw)
     async with trio.open_nursery() as nursery:
         addr = await nursery.start(server.serve, "127.0.0.1:0")

@@ -530,6 +530,18 @@ class Connection:
         return self._failed
 
     @property
+    def idle(self) -> bool:
+        """Nothing received is waiting to be returned: no whole frame, no part of one (and no
+        framing error). Another reader of the same stream (a C fast path) may take over."""
+        return (
+            not self._frames
+            and not self._stash
+            and self._pending is None
+            and self._frame_error is None
+            and not self._eof
+        )
+
+    @property
     def bytes_wanted(self) -> int:
         """Hint for transports: bytes that would complete the frame being received (or the
         next frame's prefix)."""

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from uffdpoison.kernel.digest import zero_runs
+from uffdpoison.kernel.urgent import ReadLayout
 
 __all__ = [
     "Backend",
@@ -88,6 +89,12 @@ class PageBitmap:
 
     def __len__(self) -> int:
         return self.npages
+
+    @property
+    def buffer(self) -> bytearray:
+        """The bits themselves (bit i of byte i // 8), for C code that shares them. Bits set
+        there are not in ``count``."""
+        return self._bits
 
     def get(self, i: int) -> bool:
         return bool(self._bits[i >> 3] & (1 << (i & 7)))
@@ -324,7 +331,17 @@ class Backend:
                 last = u
         return out
 
+    @property
+    def poison_bits(self) -> bytearray:
+        """The poison bitmap's bits, one per base page (shared with the C urgent path)."""
+        return self._poison.buffer
+
     # -- reading ------------------------------------------------------------------------------
+
+    def read_layout(self) -> ReadLayout | None:
+        """Where C may read guest bytes itself (the urgent fast path), or None: every read
+        then goes through this object."""
+        return None
 
     def _read(self, offset: int, buf: memoryview) -> None:
         raise NotImplementedError
@@ -417,6 +434,9 @@ class MemoryBackend(Backend):
     def _read(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._buf[offset : offset + len(buf)]
 
+    def read_layout(self) -> ReadLayout:
+        return ReadLayout(mem=self._buf)
+
     def read(
         self, offset: int, buf: bytearray | memoryview, unit: int | None = None
     ) -> tuple[memoryview, list[Run]]:
@@ -466,6 +486,9 @@ class ImageBackend(Backend):
         except BaseException:
             os.close(self._fd)
             raise
+
+    def read_layout(self) -> ReadLayout:
+        return ReadLayout(data_fd=self._fd, ranges=[(0, 0, self.size)])
 
     def _read(self, offset: int, buf: memoryview) -> None:
         done = 0
@@ -612,6 +635,9 @@ class ProcessBackend(Backend):
         i = bisect.bisect_right(self._starts, offset) - 1
         goff, addr, length = self._ranges[i]
         return i, addr + (offset - goff), length - (offset - goff)
+
+    def read_layout(self) -> ReadLayout:
+        return ReadLayout(data_fd=self._fd, ranges=list(self._ranges))
 
     def _gone(self) -> SourceGone:
         return SourceGone(f"process {self.pid} exited: its memory can no longer be read")

@@ -10,7 +10,10 @@ copied through Python objects.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import os
 import secrets
 import socket
 import sys
@@ -20,6 +23,7 @@ from typing import Any
 import trio
 
 from uffdpoison.kernel.digest import page_digests
+from uffdpoison.kernel.urgent import Outcome, UrgentResponder
 from uffdpoison.protocol import (
     CLOSED,
     MAX_PAYLOAD,
@@ -76,6 +80,9 @@ _FRAME_OVERHEAD = 48  # prefix + msgpack header of a Pages frame, for bandwidth 
 # Once a frame is partly written, how long the rest may take before the connection is dropped.
 PARTIAL_FRAME_TIMEOUT = 30.0
 _IOV_MAX = 1024
+# Threads that run C urgent loops: one per URGENT connection, never queued behind each other
+# (trio's default limiter would make the 41st destination's faults wait).
+_URGENT_THREADS = trio.CapacityLimiter(math.inf)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -203,6 +210,7 @@ class Session:
         self.nunits = server.backend.size // unit
         self.offered = PageBitmap(self.nunits)
         self.hint: int | None = None  # unit index just after the latest demand
+        self.fast: UrgentResponder | None = None  # the C urgent path, while URGENT is open
         self.bulk: _Channel | None = None
         self.urgent: _Channel | None = None
         self._scopes: list[trio.CancelScope] = []
@@ -211,6 +219,7 @@ class Session:
         self.counts = {
             "demand_requests": 0,
             "demand_pages": 0,
+            "fast_requests": 0,  # of demand_requests, those answered by the C urgent path
             "bulk_pages": 0,
             "data_pages": 0,
             "zero_pages": 0,
@@ -249,6 +258,15 @@ class Session:
             if isinstance(ev, Pages):
                 self.counts[_COUNT_KEY[ev.kind]] += ev.count
 
+    def take_hint(self) -> int | None:
+        """Unit index just after the latest demand (from either urgent path), once."""
+        hint, self.hint = self.hint, None
+        if self.fast is not None:
+            fast = self.fast.take_hint()
+            if fast is not None:
+                hint = fast
+        return hint
+
 
 class SourceServer:
     """Serves one backend to any number of destination sessions."""
@@ -259,10 +277,14 @@ class SourceServer:
         *,
         max_bandwidth: float | None = None,
         status: StatusCallback | None = None,
+        fast_urgent: bool = True,
     ) -> None:
+        """``fast_urgent``: answer plain demand Requests in C (``kernel.urgent``) where the
+        backend allows; False keeps every frame on the Python reference path."""
         if max_bandwidth is not None and max_bandwidth <= 0:
             raise ValueError(f"max_bandwidth must be positive, got {max_bandwidth}")
         self.backend = backend
+        self.fast_urgent = fast_urgent
         self.max_bandwidth = max_bandwidth
         self._status = status
         self.sessions: dict[bytes, Session] = {}
@@ -422,8 +444,11 @@ class SourceServer:
                 memory_size=self.backend.size,
                 poisoned=self.backend.poisoned_count(unit),
             )
+            session.fast = self._responder(session, ch)
             with session.scope():
                 while True:
+                    if session.fast is not None and ch.conn.idle:
+                        await self._serve_fast(session, ch, session.fast)
                     ev = await ch.next_event()
                     if ev is CLOSED:
                         break
@@ -442,10 +467,63 @@ class SourceServer:
             reason = f"connection lost: {e}"
             raise
         finally:
+            if session.fast is not None:
+                session.fast.close()
             if session.abort_reason is not None:
                 reason = session.abort_reason[1]
                 await ch.send_error(*session.abort_reason)
             self._channel_closed(session, "urgent", reason)
+
+    def _responder(self, session: Session, ch: _Channel) -> UrgentResponder | None:
+        layout = self.backend.read_layout() if self.fast_urgent else None
+        if layout is None:
+            return None
+        return UrgentResponder(
+            ch.sock.fileno(),
+            layout,
+            size=self.backend.size,
+            base_page_size=self.backend.page_size,
+            unit=session.unit,
+            poison_bits=self.backend.poison_bits,
+            offered_bits=session.offered.buffer,
+        )
+
+    async def _serve_fast(self, session: Session, ch: _Channel, fast: UrgentResponder) -> None:
+        """Let the C loop answer Requests until it meets a frame for Python (left in the
+        Connection for ``next_event``), EOF or an error. Cancellation stops it."""
+        while True:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_stop_when_cancelled, fast)
+                    try:
+                        outcome, left = await trio.to_thread.run_sync(
+                            fast.serve, limiter=_URGENT_THREADS
+                        )
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                counts = fast.take_counters()
+                ch.bytes_sent += counts.pop("bytes_sent")
+                session.counts["fast_requests"] += counts["requests"]
+                session.counts["demand_requests"] += counts.pop("requests")
+                session.counts["demand_pages"] += counts.pop("pages")
+                for k, v in counts.items():
+                    session.counts[k] += v
+            if left:
+                ch.conn.receive_data(left)
+            if outcome is not Outcome.STOPPED:
+                break
+            # Stopped: by our cancellation (raised here), or a stale stop from the last run.
+            await trio.lowlevel.checkpoint()
+            fast.clear_stop()
+        if outcome is Outcome.EOF:
+            ch.conn.receive_data(b"")
+        elif outcome is Outcome.ERROR:
+            raise OSError(fast.errno, os.strerror(fast.errno))
+        elif outcome is Outcome.BROKEN:
+            if fast.errno == errno.ETIMEDOUT:
+                raise trio.BrokenResourceError("peer stopped reading in the middle of a frame")
+            raise trio.BrokenResourceError(os.strerror(fast.errno))
 
     def _channel_closed(self, session: Session, which: str, reason: str) -> None:
         """A session ends when both its channels are closed (or URGENT closes with no BULK)."""
@@ -687,9 +765,9 @@ class SourceServer:
         offered = session.offered
         cursor = 0
         while True:
-            if session.hint is not None:
-                cursor = session.hint if session.hint < session.nunits else 0
-                session.hint = None
+            hint = session.take_hint()
+            if hint is not None:
+                cursor = hint if hint < session.nunits else 0
             i = offered.find_clear(cursor)
             if i < 0:
                 i = offered.find_clear(0)
@@ -718,6 +796,13 @@ class SourceServer:
         self.status("bulk-done", session=session.token.hex(), pages=session.counts["bulk_pages"])
 
 
+async def _stop_when_cancelled(fast: UrgentResponder) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        fast.stop()
+
+
 def _peer_name(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = addr[0]
@@ -731,9 +816,12 @@ async def serve(
     *,
     max_bandwidth: float | None = None,
     status: StatusCallback | None = None,
+    fast_urgent: bool = True,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `backend` on `listen` ('HOST:PORT', '[IPv6]:PORT'; port 0 = a free port) until
     cancelled. Calls task_status.started((host, port)) once bound."""
-    server = SourceServer(backend, max_bandwidth=max_bandwidth, status=status)
+    server = SourceServer(
+        backend, max_bandwidth=max_bandwidth, status=status, fast_urgent=fast_urgent
+    )
     await server.serve(listen, task_status=task_status)
