@@ -140,7 +140,7 @@ static int send_all(up_urgent *u, struct iovec *iov, int cnt)
 				return sent_any ? UP_URG_BROKEN : UP_URG_ERROR;
 			}
 			if (!deadline)
-				deadline = now_ms() + UP_URG_PARTIAL_TIMEOUT_MS;
+				deadline = now_ms() + u->partial_timeout_ms;
 			int64_t left = deadline - now_ms();
 			struct pollfd p = {.fd = u->sock, .events = POLLOUT};
 			if (left <= 0 || poll(&p, 1, (int)left) == 0) {

@@ -19,9 +19,6 @@
 #define UP_URG_ERROR 3    /* socket error before any byte of a reply (err = errno) */
 #define UP_URG_BROKEN 4   /* a reply was cut short (err = errno, or ETIMEDOUT) */
 
-/* Once part of a reply is on the wire, how long the rest may take (as server.py). */
-#define UP_URG_PARTIAL_TIMEOUT_MS 30000
-
 typedef struct up_urgent {
 	/* Set by Python before serving; read-only here. */
 	int sock;                /* the connection (non-blocking; trio's) */
@@ -36,8 +33,9 @@ typedef struct up_urgent {
 	uint32_t nranges;        /* data_fd layout: guest offset, fd offset, length (u64 each) */
 	const uint64_t *ranges;
 	uint64_t max_bytes;      /* largest request served here; the buffers' size */
+	int partial_timeout_ms;  /* once part of a reply is out, how long the rest may take */
 	uint8_t *buf;            /* max_bytes: pages read from data_fd */
-	uint8_t *inbuf;           /* receive buffer; unconsumed bytes stay at its start */
+	uint8_t *inbuf;          /* receive buffer; unconsumed bytes stay at its start */
 	uint64_t in_cap;
 	uint64_t in_len;
 	/* Written here. */

@@ -3,8 +3,11 @@ for: byte-identical replies, hand-over of every frame it does not serve, shutdow
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import trio
 from test_source_server import ask, make_guest, running, session
 
 from uffdpoison.kernel.digest import page_digests
+from uffdpoison.kernel.urgent import Outcome, ReadLayout, UrgentResponder
 from uffdpoison.protocol import (
     CLOSED,
     NEED_DATA,
@@ -209,16 +213,162 @@ def test_c_path_needs_a_layout() -> None:
             buf[:] = bytes(len(buf))
 
     assert Custom(PS).read_layout() is None
-    with socket.socket() as s:
-        from uffdpoison.kernel.urgent import ReadLayout, UrgentResponder
+    with socket.socket() as s, pytest.raises(ValueError, match="exactly one"):
+        UrgentResponder(
+            s.fileno(),
+            ReadLayout(),
+            size=PS,
+            base_page_size=PS,
+            unit=PS,
+            poison_bits=bytearray(1),
+            offered_bits=bytearray(1),
+        )
 
-        with pytest.raises(ValueError, match="exactly one"):
-            UrgentResponder(
-                s.fileno(),
-                ReadLayout(),
-                size=PS,
-                base_page_size=PS,
-                unit=PS,
-                poison_bits=bytearray(1),
-                offered_bits=bytearray(1),
-            )
+
+# -- the binding alone (uffdpoison.kernel.urgent), over socket pairs ----------------------------
+
+
+def _responder(
+    sock: socket.socket, layout: ReadLayout, npages: int, poisoned: tuple[int, ...] = (), **kw: Any
+) -> tuple[UrgentResponder, bytearray]:
+    poison = bytearray((npages + 7) // 8)
+    for i in poisoned:
+        poison[i >> 3] |= 1 << (i & 7)
+    offered = bytearray((npages + 7) // 8)
+    r = UrgentResponder(
+        sock.fileno(),
+        layout,
+        size=npages * PS,
+        base_page_size=PS,
+        unit=PS,
+        poison_bits=poison,
+        offered_bits=offered,
+        **kw,
+    )
+    return r, offered
+
+
+def _serve(r: UrgentResponder, timeout: float = 5.0) -> tuple[Outcome, bytes]:
+    out: list[tuple[Outcome, bytes]] = []
+    th = threading.Thread(target=lambda: out.append(r.serve()))
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        r.stop()
+        th.join()
+        pytest.fail("serve() did not return")
+    return out[0]
+
+
+def _request(rid: int, off: int, n: int) -> bytes:
+    """The wire bytes of an urgent Request, from a destination Connection after an in-memory
+    handshake with a source Connection."""
+    dst = Connection(Side.DESTINATION, Channel.URGENT)
+    src = Connection(Side.SOURCE, Channel.URGENT)
+    src.receive_data(b"".join(dst.send(Hello(PROTOCOL_VERSION, Channel.URGENT, None, 0, False))))
+    src.next_event()
+    dst.receive_data(b"".join(src.send(Welcome(PROTOCOL_VERSION, b"t", PS, 1 << 30, 0, 0, None))))
+    assert isinstance(dst.next_event(), Welcome)
+    return b"".join(dst.send(Request(rid, off, n, True)))
+
+
+def test_binding_serves_then_hands_back_what_it_does_not_serve() -> None:
+    guest = make_guest(4, zero={2})
+    a, b = socket.socketpair()
+    with a, b:
+        r, offered = _responder(a, ReadLayout(mem=memoryview(guest)), 4, poisoned=(3,))
+        with r:
+            generic = struct.pack(">2sHI", b"uP", 1, 0) + b"\x80"  # an empty map: Python's
+            b.sendall(_request(5, 0, 4) + generic)
+            outcome, left = _serve(r)
+            assert outcome is Outcome.HANDOFF and left == generic
+            reply = b.recv(1 << 20)
+            while reply.count(b"uP") < 3:
+                reply += b.recv(1 << 20)
+            # DATA 0..1, ZERO 2, POISONED 3: three frames, 48 + 8192 + 48 + 48 bytes.
+            assert len(reply) == 3 * 48 + 2 * PS
+            assert reply[48 : 48 + 2 * PS] == bytes(guest[: 2 * PS])
+            assert [reply[25], reply[48 + 2 * PS + 25], reply[2 * 48 + 2 * PS + 25]] == [1, 2, 3]
+            assert offered[0] == 0x0F and r.take_hint() == 4 and r.take_hint() is None
+            counts = r.take_counters()
+            assert counts["requests"] == 1 and counts["data_pages"] == 2
+            assert counts["zero_pages"] == 1 and counts["poisoned_pages"] == 1
+            assert counts["bytes_sent"] == len(reply)
+
+
+def test_binding_never_reads_a_poisoned_page(tmp_path: Path) -> None:
+    """The range table covers only page 0: a read of page 1 would fail (HANDOFF). Poisoned,
+    it is answered POISONED without a read, as /proc/PID/mem would EIO on it."""
+    img = tmp_path / "g"
+    img.write_bytes(bytes(make_guest(2, zero=set())))
+    a, b = socket.socketpair()
+    with a, b, open(img, "rb") as f:
+        r, _ = _responder(a, ReadLayout(data_fd=f.fileno(), ranges=[(0, 0, PS)]), 2, (1,))
+        with r:
+            b.sendall(_request(1, 0, 2))
+            b.shutdown(socket.SHUT_WR)
+            outcome, left = _serve(r)
+            assert outcome is Outcome.EOF and left == b""
+            reply = b.recv(1 << 20)
+            while len(reply) < 2 * 48 + PS:
+                reply += b.recv(1 << 20)
+            assert reply[25] == 1 and reply[48 + PS + 25] == 3
+
+
+def test_binding_read_failure_hands_back_before_sending(tmp_path: Path) -> None:
+    img = tmp_path / "short"
+    img.write_bytes(bytes(PS))  # the layout says 2 pages; the file ends after 1
+    a, b = socket.socketpair()
+    with a, b, open(img, "rb") as f:
+        r, offered = _responder(a, ReadLayout(data_fd=f.fileno(), ranges=[(0, 0, 2 * PS)]), 2)
+        with r:
+            req = _request(1, 0, 2)
+            b.sendall(req)
+            outcome, left = _serve(r)
+            assert outcome is Outcome.HANDOFF and left == req
+            b.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                b.recv(1)
+            assert offered[0] == 0
+
+
+def test_binding_stop_and_peer_errors() -> None:
+    guest = make_guest(256, zero=set())
+    a, b = socket.socketpair()
+    with a, b:
+        r, _ = _responder(a, ReadLayout(mem=memoryview(guest)), 256)
+        with r:
+            r.stop()
+            assert _serve(r) == (Outcome.STOPPED, b"")
+            r.clear_stop()
+            b.sendall(_request(1, 0, 1)[:20])  # part of a frame, then the peer goes
+            b.close()
+            assert _serve(r) == (Outcome.EOF, _request(1, 0, 1)[:20])
+    # A reset connection: ERROR with its errno.
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        c = socket.create_connection(lsock.getsockname())
+        s, _ = lsock.accept()
+        with s:
+            r, _ = _responder(s, ReadLayout(mem=memoryview(guest)), 256)
+            with r:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+                outcome, _ = _serve(r)
+                assert outcome is Outcome.ERROR and r.errno == errno.ECONNRESET
+    # A peer that stops reading in the middle of a 1 MiB reply: BROKEN after the timeout.
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(lsock.getsockname())
+        s, _ = lsock.accept()
+        with c, s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            s.setblocking(False)
+            r, _ = _responder(s, ReadLayout(mem=memoryview(guest)), 256, partial_timeout=0.2)
+            with r:
+                c.sendall(_request(1, 0, 256))
+                t0 = time.monotonic()
+                outcome, _ = _serve(r)
+                assert outcome is Outcome.BROKEN and r.errno == errno.ETIMEDOUT
+                assert time.monotonic() - t0 >= 0.2
+                assert r.take_counters()["bytes_sent"] < 256 * PS

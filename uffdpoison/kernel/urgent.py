@@ -65,7 +65,10 @@ class UrgentResponder:
         unit: int,
         poison_bits: bytearray,
         offered_bits: bytearray,
+        partial_timeout: float = 30.0,
     ) -> None:
+        """``partial_timeout``: once part of a reply is on the wire, how long (s) the peer may
+        take to accept the rest before ``serve()`` gives up with BROKEN."""
         if unit % base_page_size or unit & (unit - 1):
             raise ValueError(f"unit {unit} is not a power-of-two multiple of {base_page_size}")
         if len(poison_bits) * 8 < size // base_page_size or len(offered_bits) * 8 < size // unit:
@@ -97,6 +100,7 @@ class UrgentResponder:
         u.nranges = len(layout.ranges)
         u.ranges = self._ranges
         u.max_bytes = max_bytes
+        u.partial_timeout_ms = max(1, round(partial_timeout * 1000))
         if layout.mem is None:
             self._buf = ffi.new("uint8_t[]", max_bytes)
             u.buf = self._buf

@@ -486,6 +486,7 @@ class SourceServer:
             unit=session.unit,
             poison_bits=self.backend.poison_bits,
             offered_bits=session.offered.buffer,
+            partial_timeout=PARTIAL_FRAME_TIMEOUT,
         )
 
     async def _serve_fast(self, session: Session, ch: _Channel, fast: UrgentResponder) -> None:
