@@ -290,6 +290,23 @@ def test_bytes_wanted_hint() -> None:
     assert isinstance(dst.next_event(), Pages)
 
 
+def test_idle_and_last_was_fast() -> None:
+    """What a second reader of the stream (the source's C urgent path) relies on."""
+    src, dst = handshake(URGENT)
+    assert src.idle
+    frame = wire(dst.send(Request(1, 0, 1, True)))
+    src.receive_data(frame[:10])
+    assert not src.idle and src.next_event() is NEED_DATA
+    src.receive_data(frame[10:])
+    assert not src.idle  # a whole frame not yet returned
+    assert isinstance(src.next_event(), Request) and src.last_was_fast and src.idle
+    src.send(Pages(1, PageKind.ZERO, 0, 1))
+    src.receive_data(raw_frame(req_hdr(2, 0, 1, True)))  # the same map, minimal encoding
+    assert isinstance(src.next_event(), Request) and not src.last_was_fast
+    src.receive_data(b"")
+    assert not src.idle  # EOF is news for next_event
+
+
 def test_unknown_map_keys_are_ignored() -> None:
     src, dst = handshake(URGENT)
     deliver(dst, src, Request(3, PS, 1, True))

@@ -137,7 +137,10 @@ async def test_every_unusual_frame_is_served_by_python_then_c_resumes() -> None:
         dig = page_digests(buf[0:PS], PS)
         frames = await ask(urgent, 2, 0, 1, memoryview(dig).cast("B"))
         assert [f.kind for f in frames] == [PageKind.CLEAN]
-        # Pipelined fast requests in one write, then one sent a byte at a time.
+        # Python keeps the connection until a plain fast Request (it serves that one too)...
+        frames = await ask(urgent, 3, 0, 1)
+        assert frames[0].kind is PageKind.DATA
+        # ...then C has it again: pipelined requests in one write, one sent a byte at a time.
         wire = b"".join(
             b"".join(urgent.conn.send(Request(10 + i, i * PS, 1, True))) for i in range(8)
         )
@@ -160,7 +163,25 @@ async def test_every_unusual_frame_is_served_by_python_then_c_resumes() -> None:
         await _ended(srv, 1)
         ended = next(s for s in srv.statuses if s["event"] == "session-ended")
         assert ended["fast_requests"] == 9  # the 8 pipelined and the byte-at-a-time one
-        assert ended["demand_requests"] == 11
+        assert ended["demand_requests"] == 12
+        assert ended["fast_handoffs"] == 2  # the generic Request, the past-the-end one
+
+
+async def test_a_minor_mode_peer_stays_on_the_python_path() -> None:
+    """Digests on every request (MINOR mode): one hand-off, not a thread hop per request."""
+    n = 16
+    buf = make_guest(n, zero=set())
+    async with running(MemoryBackend(buf), fast_urgent=True) as srv:
+        urgent, _ = await session(srv.addr)
+        for i in range(n):
+            dig = page_digests(buf[i * PS : (i + 1) * PS], PS)
+            frames = await ask(urgent, i + 1, i * PS, 1, memoryview(dig).cast("B"))
+            assert [f.kind for f in frames] == [PageKind.CLEAN]
+        await urgent.aclose()
+        await _ended(srv, 1)
+        ended = srv.statuses[-1]
+        assert ended["fast_handoffs"] == 1 and ended["fast_requests"] == 0
+        assert ended["clean_pages"] == n
 
 
 async def test_eof_in_the_middle_of_a_request_is_a_protocol_error() -> None:

@@ -495,6 +495,9 @@ class Connection:
         self._their_abort = False
         # May the hot frames take the fast paths? (OPEN, and that direction not finished)
         self._fast_in = False
+        # Whether the last event received came in the fixed 40-byte encoding (a peer that
+        # uses it can be served by a C fast path that reads only that encoding).
+        self.last_was_fast = False
         self._fast_out = False
         # receive side: complete frames not yet decoded, the prefix/header being gathered, the
         # payload being filled, and a framing error waiting its turn
@@ -843,7 +846,9 @@ class Connection:
         if self._fast_in and len(header) == _FAST_HEADER:
             fast = self._accept_fast(header, payload)
             if fast is not None:
+                self.last_was_fast = True
                 return fast
+        self.last_was_fast = False
         event = _event_from_header(_decode_header(header), payload)
         self._validate(event, payload, ours=False)
         self._apply(event, ours=False)

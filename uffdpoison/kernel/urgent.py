@@ -24,10 +24,12 @@ from typing import Any
 
 from uffdpoison.kernel._ffi import ffi, lib
 
-__all__ = ["Outcome", "ReadLayout", "UrgentResponder"]
+__all__ = ["FAST_MAX_BYTES", "FAST_MAX_UNITS", "Outcome", "ReadLayout", "UrgentResponder"]
 
-# The largest request answered in C (bigger ones are rare and go to Python, in pieces).
+# The largest request answered in C, in bytes (or one unit, if bigger) and units: bigger ones
+# are rare and go to Python, which sends them in pieces. FAST_MAX_UNITS is MAX_UNITS in C.
 FAST_MAX_BYTES = 1 << 20
+FAST_MAX_UNITS = 256
 _IN_CAP = 1 << 16
 _COUNTERS = ("requests", "pages", "data_pages", "zero_pages", "poisoned_pages", "bytes_sent")
 

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from uffdpoison.kernel.digest import page_digests
-from uffdpoison.kernel.urgent import Outcome, UrgentResponder
+from uffdpoison.kernel.urgent import FAST_MAX_BYTES, FAST_MAX_UNITS, Outcome, UrgentResponder
 from uffdpoison.protocol import (
     CLOSED,
     MAX_PAYLOAD,
@@ -220,6 +220,7 @@ class Session:
             "demand_requests": 0,
             "demand_pages": 0,
             "fast_requests": 0,  # of demand_requests, those answered by the C urgent path
+            "fast_handoffs": 0,  # frames the C urgent path handed to the Python path
             "bulk_pages": 0,
             "data_pages": 0,
             "zero_pages": 0,
@@ -444,15 +445,23 @@ class SourceServer:
                 memory_size=self.backend.size,
                 poisoned=self.backend.poisoned_count(unit),
             )
-            session.fast = self._responder(session, ch)
+            session.fast = fast = self._responder(session, ch)
+            # The C path has the connection whenever the Connection is idle, except after it
+            # handed a Request back: then Python keeps it until a Request arrives that C would
+            # serve (fast-encoded, no digests, small), so a MINOR-mode peer (digests on every
+            # request) or a peer with another encoder does not bounce between the two paths
+            # (a thread hop each way) on every request.
+            c_turn = fast is not None
             with session.scope():
                 while True:
-                    if session.fast is not None and ch.conn.idle:
-                        await self._serve_fast(session, ch, session.fast)
+                    if c_turn and ch.conn.idle:
+                        assert fast is not None
+                        await self._serve_fast(session, ch, fast)
                     ev = await ch.next_event()
                     if ev is CLOSED:
                         break
                     if isinstance(ev, Request):
+                        c_turn = fast is not None and self._c_would_serve(ch.conn, ev, session)
                         await self._answer(session, ch, ev)
                     elif isinstance(ev, Error):
                         log.warning("%s: destination error %s: %s", ch.peer, ev.code, ev.message)
@@ -489,6 +498,15 @@ class SourceServer:
             partial_timeout=PARTIAL_FRAME_TIMEOUT,
         )
 
+    @staticmethod
+    def _c_would_serve(conn: Connection, req: Request, session: Session) -> bool:
+        return (
+            conn.last_was_fast
+            and req.digests is None
+            and req.count <= FAST_MAX_UNITS
+            and req.count * session.unit <= max(FAST_MAX_BYTES, session.unit)
+        )
+
     async def _serve_fast(self, session: Session, ch: _Channel, fast: UrgentResponder) -> None:
         """Let the C loop answer Requests until it meets a frame for Python (left in the
         Connection for ``next_event``), EOF or an error. Cancellation stops it."""
@@ -512,6 +530,8 @@ class SourceServer:
                     session.counts[k] += v
             if left:
                 ch.conn.receive_data(left)
+            if outcome is Outcome.HANDOFF:
+                session.counts["fast_handoffs"] += 1
             if outcome is not Outcome.STOPPED:
                 break
             # Stopped: by our cancellation (raised here), or a stale stop from the last run.
