@@ -6,7 +6,7 @@ import select
 import threading
 
 import pytest
-from conftest import wait_events
+from conftest import SIGBUS_CODES, wait_events
 
 from uffdpoison.kernel import (
     HUGE_PAGE_SIZE,
@@ -241,3 +241,59 @@ def test_claim_requests_a_page_exactly_once(region) -> None:
     assert ledger.state(2) == PageState.POISONED
     counts = ledger.counts
     assert counts[PageState.REQUESTED] == 2 and counts[PageState.POISONED] == 1
+
+
+def _race(ledger: Ledger, n: int, reverse: bool) -> list[int]:
+    """COPY every page from one thread while another POISONs every page; returns the pages
+    whose POISON call reported it placed the marker."""
+    poisoned: list[int] = []
+    start = threading.Barrier(2)
+    data = pages(0x5A, 1)
+
+    def copier() -> None:
+        start.wait()
+        for i in range(n):
+            ledger.copy(i, 1, data, strict=False)
+
+    def poisoner() -> None:
+        start.wait()
+        for i in range(n - 1, -1, -1) if reverse else range(n):
+            if ledger.poison(i, 1).placed:
+                poisoned.append(i)
+
+    threads = [threading.Thread(target=copier), threading.Thread(target=poisoner)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return poisoned
+
+
+def test_copy_and_poison_racing_on_one_ledger_never_unpoison(uffd: Userfaultfd) -> None:
+    """Two threads place on the same pages of one ledger at once (the demand engine's thread
+    and Python's bulk push do): COPY from one, POISON from the other. The ledger's mutex makes
+    check-state -> ioctl -> record atomic, so a COPY can never land on a marker placed between
+    its check and its ioctl (the kernel would let it). Every page the POISON thread placed
+    ends POISONED in the ledger and SIGBUSes when touched; every other page holds the data."""
+    n = 256
+    for rnd in range(32):
+        with anon(n * P) as m:
+            uffd.register(m.addr, m.size, RegisterMode.MISSING)
+            ledger = Ledger(uffd, m.addr, m.size, P)
+            try:
+                poisoned = _race(ledger, n, reverse=rnd % 2 == 1)
+                states = [ledger.state(i) for i in range(n)]
+                assert all(s in (PageState.PRESENT, PageState.POISONED) for s in states)
+                bad = [i for i in poisoned if states[i] != PageState.POISONED]
+                assert not bad, f"round {rnd}: poisoned pages {bad[:5]} ended {states[bad[0]]}"
+                assert ledger.counts[PageState.POISONED] == len(poisoned)
+                res = Toucher([m.addr + i * P for i in range(n)]).run(10)
+                for i in range(n):
+                    if states[i] == PageState.POISONED:
+                        assert res.outcome[i] == OUTCOME_SIGBUS, f"page {i}: marker overwritten"
+                        assert res.si_code[i] in SIGBUS_CODES
+                    else:
+                        assert res.outcome[i] == OUTCOME_OK and res.value[i] == 0x5A
+            finally:
+                ledger.close()
+                uffd.unregister(m.addr, m.size)
