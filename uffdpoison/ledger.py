@@ -118,6 +118,11 @@ class Ledger:
     def close(self) -> None:
         self._ps.close()
 
+    @property
+    def page_states(self) -> PageStates:
+        """The C array under this ledger (for the demand engine, which places through it)."""
+        return self._ps
+
     def __enter__(self) -> Ledger:
         return self
 

@@ -47,7 +47,7 @@ class SourceClient:
             welcome.huge_page_size,
             welcome.poisoned_count,
         )
-        self._next_id = 1
+        self.next_id = 1  # the next request id (the demand engine continues from it)
 
     @classmethod
     async def connect(
@@ -123,8 +123,8 @@ class SourceClient:
         self, offset: int, count: int, *, urgent: bool = True, digests: memoryview | None = None
     ) -> int:
         """Post a demand request; returns its id. Never waits (see ``FrameTransport.post``)."""
-        rid = self._next_id
-        self._next_id = rid + 1
+        rid = self.next_id
+        self.next_id = rid + 1
         self.urgent.post(
             protocol.Request(id=rid, offset=offset, count=count, urgent=urgent, digests=digests)
         )
