@@ -610,7 +610,10 @@ class Session:
         if rc == -errno.ESRCH:
             raise SessionEnded("guest memory is gone")
         if rc < 0:
-            raise SessionFailed(f"requesting pages for ensure_present: {os.strerror(-rc)}")
+            # no socket any more (the session failed or completed) or a send failed
+            raise SessionFailed(
+                self.failed or f"source {self.client.address} lost: {os.strerror(-rc)}"
+            )
 
     async def _wait_placed(self, pending: list[tuple[int, int, int]]) -> list[int]:
         poisoned: list[int] = []
