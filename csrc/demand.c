@@ -483,9 +483,11 @@ static int pump(up_demand *e)
 			case UFFD_EVENT_FORK:
 				close(ev->fork_fd); /* the child's memory is not served */
 				CNT(e, forks, 1);
+				signal_progress(e);
 				break;
 			case UFFD_EVENT_REMAP:
 				CNT(e, remaps, 1);
+				signal_progress(e);
 				break;
 			default:
 				break;
@@ -582,6 +584,7 @@ static int serve_fault(up_demand *e, uint64_t addr, uint32_t flags)
 	if (ri < 0) {
 		CNT(e, unknown_address, 1);
 		STORE(&e->st.last_fault, addr);
+		signal_progress(e); /* Python logs it */
 		up_uffd_wake(e->uffd, page, ps); /* woken unserved: it faults again, logged */
 		return 0;
 	}
@@ -589,6 +592,7 @@ static int serve_fault(up_demand *e, uint64_t addr, uint32_t flags)
 		/* MINOR mode needs the digest/CLEAN/CONTINUE exchange: leave the vCPU blocked */
 		CNT(e, minor_faults, 1);
 		STORE(&e->st.last_fault, addr);
+		signal_progress(e);
 		return 0;
 	}
 	const up_demand_region *r = &e->regions[ri];

@@ -293,3 +293,47 @@ async def test_cancel_stops_the_engine_thread(nursery: trio.Nursery) -> None:
 
 def test_engine_run_result_codes_are_distinct() -> None:
     assert len({int(r) for r in RunResult}) == len(RunResult)
+
+
+async def test_ensure_present_requests_runs_through_the_engine(nursery: trio.Nursery) -> None:
+    """ensure_present claims and requests through the engine (runs of 64 pages, one Request
+    each) and wakes on the engine's progress eventfd; poisoned pages are reported."""
+    n = 256
+    guest = make_guest(n, poisoned=[], zero=[])
+    backend = guest.backend()
+    source = await start_source(nursery, backend)
+    with memory.anon(n * PS) as m:
+        async with serve_memory([Region(m.addr, n * PS, 0)], source, background=False) as srv:
+            eng = srv.session._engine
+            assert eng is not None
+            backend.add_poison([50 * PS])
+            with trio.fail_after(10):
+                poisoned = await srv.ensure_present(m.addr + 10 * PS, 100 * PS)
+            assert poisoned == [m.addr + 50 * PS]
+            assert eng.stats()["demand_requests"] == 2  # 64 + 36 pages
+            assert m.read(10 * PS, 40 * PS) == bytes(guest.image[10 * PS : 50 * PS])
+            assert m.read(51 * PS, 59 * PS) == bytes(guest.image[51 * PS : 110 * PS])
+            assert srv.session._engine_live
+
+
+async def test_fault_in_no_region_is_counted_and_logged(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault in registered memory that no region covers is woken unserved (it faults again)
+    and counted; Python logs it from the engine's counters."""
+    guest = make_guest(8, poisoned=[], zero=[])
+    source = await start_source(nursery, guest.backend())
+    with memory.anon(16 * PS) as m:
+        # serve_memory registers only the region; register the rest of the mapping ourselves
+        async with serve_memory([Region(m.addr, 8 * PS, 0)], source, background=False) as srv:
+            srv.session.uffd.register(m.addr + 8 * PS, 8 * PS, RegisterMode.MISSING)
+            t = _touch([m.addr + 12 * PS])
+            eng = srv.session._engine
+            assert eng is not None
+            with trio.fail_after(5):
+                while eng.stats()["unknown_address"] == 0:
+                    await trio.sleep(0.005)
+                while not any("in no region" in r.message for r in caplog.records):
+                    await trio.sleep(0.005)
+            srv.session.uffd.unregister(m.addr + 8 * PS, 8 * PS)  # lets the touch finish
+            assert t.join(5)

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import select
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -113,6 +114,7 @@ class Session:
         self._engine: DemandEngine | None = None
         self._engine_live = False  # the engine owns the userfaultfd and the URGENT socket
         self._logged: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
         self.completed = trio.Event()
         self.failed: str | None = None
         self._progress = trio.lowlevel.ParkingLot()
@@ -292,7 +294,9 @@ class Session:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stopper)
                 nursery.start_soon(self._engine_progress, eng)
-                result = await trio.to_thread.run_sync(serve)
+                # a limiter of its own: the thread is held for the whole session, and the
+                # default limiter (40) would cap how many sessions a daemon can serve
+                result = await trio.to_thread.run_sync(serve, limiter=trio.CapacityLimiter(1))
                 nursery.cancel_scope.cancel()
         finally:
             self._engine_live = False
@@ -325,9 +329,12 @@ class Session:
              "there will not be served"),
         ):  # fmt: skip
             n = st[key]
-            if n > seen.get(key, 0):
+            now = time.monotonic()
+            # a fault woken unserved faults again at once: at most one line a second each
+            if n > seen.get(key, 0) and now - self._logged_at.get(key, -2.0) >= 1.0:
                 log.log(level, "%s: %d %s (last at %#x)", self.name, n, what, st["last_fault"])
                 seen[key] = n
+                self._logged_at[key] = now
 
     async def _hand_over(self, eng: DemandEngine, result: RunResult) -> None:
         """The engine returned: the URGENT channel comes back to Python's Connection, which
