@@ -399,14 +399,14 @@ class Session:
         ufd, sfd = uffd.fileno(), urgent.sock.fileno()
         ep = select.epoll()
         ep.register(ufd, select.EPOLLIN)
-        ep.register(sfd, select.EPOLLIN)
-        watching = True
+        watching = not self._client_closed  # after a hand-over the socket may be gone
         spins = 0
-        if not self._client_closed:
-            # frames already buffered (handed over by the engine) make no fd readable
-            while (reply := self._urgent_nowait(urgent)) is not None:
-                self._on_reply(reply)
         try:
+            if watching:
+                ep.register(sfd, select.EPOLLIN)
+                # frames already buffered (handed over by the engine) make no fd readable
+                while (reply := self._urgent_nowait(urgent)) is not None:
+                    self._on_reply(reply)
             while True:
                 if watching and self._client_closed:
                     # Completed (or failed): the socket is closed; stop watching it.
