@@ -1,5 +1,6 @@
 """The destination's two connections to a source: URGENT (demand faults) and BULK (the source's
-background push). One ``SourceClient`` per destination session."""
+background push). One ``SourceClient`` per destination session. While a session's C demand engine
+runs, it uses the URGENT socket itself and continues the request ids from ``next_id``."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ For a custom VMM written in Python. The same ``Session`` (ledger, fault loop) as
    is Python in the same process, can never run, and the process deadlocks. Touch guest memory
    only from vCPU threads running C (KVM_RUN, or code called through cffi/ctypes, which release
    the GIL), and before Python reads guest memory call ``ensure_present(addr, length)``. Never
-   read a page it reports poisoned: that raises SIGBUS.
+   read a page it reports poisoned: that raises SIGBUS. (Demand faults are served by a C engine that
+   needs no GIL, but the Python fallback path does, and the rule keeps both safe.)
 
 Two shapes::
 
