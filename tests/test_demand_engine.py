@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import struct
 from array import array
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from uffdpoison.kernel import RegisterMode, RunResult, Userfaultfd, memory
 from uffdpoison.kernel.demand import encode_request
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.kernel.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
+from uffdpoison.ledger import PageState
 from uffdpoison.protocol import Channel, PageKind, Side
 
 PS = 4096
@@ -337,3 +339,65 @@ async def test_fault_in_no_region_is_counted_and_logged(
                     await trio.sleep(0.005)
             srv.session.uffd.unregister(m.addr + 8 * PS, 8 * PS)  # lets the touch finish
             assert t.join(5)
+
+
+@pytest.mark.parametrize("engine", [True, False])
+async def test_both_demand_paths_serve_the_same_guest(nursery: trio.Nursery, engine: bool) -> None:
+    """The Python loop stays the fallback (engine=False) and serves exactly what the engine
+    does, with the background stream running."""
+    n = 512
+    guest = make_guest(n)
+    source = await start_source(nursery, guest.backend(), max_bandwidth=1 << 20)
+    with memory.anon(n * PS) as m:
+        base = m.addr
+        async with serve_memory([Region(base, n * PS, 0)], source, engine=engine) as srv:
+            assert srv.session._engine_live is engine
+            t = _touch([base + i * PS for i in reversed(range(n))], digest=True, threads=2)
+            await t.wait()
+            r = t.results
+            await srv.wait_complete()
+            assert srv.page_counts()["poisoned"] == len(guest.poisoned)
+            assert (srv.session._py_stats.faults > 0) is not engine
+    digests = guest.digests()
+    for k, i in enumerate(reversed(range(n))):
+        if i in guest.poisoned:
+            assert r.outcome[k] == OUTCOME_SIGBUS and r.si_code[k] in SIGBUS_CODES
+        else:
+            assert r.outcome[k] == OUTCOME_OK and r.digest[k] == digests[i], f"page {i}"
+
+
+async def test_requests_queue_while_the_socket_is_full(nursery: trio.Nursery) -> None:
+    """More requests than the socket takes (a source that does not read for a while): the
+    engine queues the rest and sends them as the socket drains; every page arrives."""
+    n = 6000
+    release = trio.Event()
+
+    async def reply(stream: trio.SocketStream, req: protocol.Request) -> None:
+        await release.wait()
+        await stream.send_all(_fast_pages(req.id, PageKind.ZERO, req.offset, req.count))
+
+    source = await _fake_source(nursery, n, reply)
+    with memory.anon(n * PS) as m, Userfaultfd.create(FEATURES) as uffd:
+        uffd.register(m.addr, m.size, RegisterMode.MISSING)
+        client = await SourceClient.connect(source, page_size=PS, bulk=False)
+        client.urgent.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        session = Session(uffd, RegionMap([Region(m.addr, n * PS, 0)]), client)
+        try:
+            async with trio.open_nursery() as inner:
+                await inner.start(session.run)
+                eng = session._engine
+                assert eng is not None
+                for i in range(n):  # one request a page: 6000 x 48 bytes
+                    assert eng.request(0, i, 1, 1) == 0
+                assert eng.unsent(), "the socket took everything: nothing was queued"
+                release.set()
+                with trio.fail_after(20):
+                    while session.ledgers[0].counts[PageState.PRESENT] < n:
+                        await trio.sleep(0.01)
+                st = eng.stats()
+                assert st["demand_requests"] == st["replies"] == n
+                assert session._engine_live
+                inner.cancel_scope.cancel()
+        finally:
+            uffd.unregister(m.addr, m.size)
+            session.close()

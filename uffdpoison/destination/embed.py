@@ -73,6 +73,7 @@ async def serve_memory(
     background: bool = True,
     status: StatusSink | None = None,
     name: str = "embedded",
+    engine: bool | None = None,
 ) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
@@ -83,6 +84,8 @@ async def serve_memory(
 
     ``background=False`` opens no bulk connection: pages arrive only when touched (or through
     ``ensure_present``), which isolates demand-fault latency for measurements.
+
+    ``engine=False`` serves demand faults with the Python loop instead of the C demand engine.
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
@@ -90,7 +93,9 @@ async def serve_memory(
         for r in rmap:
             uffd.register(r.base, r.size, RegisterMode.MISSING)
         client = await SourceClient.connect(source, page_size=rmap.page_size, bulk=background)
-        session = Session(uffd, rmap, client, hugetlb=hugetlb, name=name, status=status)
+        session = Session(
+            uffd, rmap, client, hugetlb=hugetlb, name=name, status=status, engine=engine
+        )
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)
