@@ -518,15 +518,26 @@ static void account(up_demand *e, int op, const up_place_result *r)
 		CNT(e, raced, r->raced);
 }
 
-static void pause_for(int attempt)
+/* Wait a little for a pending non-cooperative event to clear. Its thread holds mmap_changing
+ * from before it queues the event until it runs again after we read it, then issues its
+ * next madvise at once: a VMM discarding page after page (balloon inflation) leaves only a
+ * few microseconds between one event and the next. So retry mostly at once, spinning (the
+ * window opens when that thread runs on the other CPU), and only now and then let it run
+ * here (sched_yield) or wait in poll() on the userfaultfd, never asleep while an event
+ * waits for us to read it. */
+static void pause_for(up_demand *e, int engine, int attempt)
 {
-	if (attempt < 2) {
+	if (attempt % 16 != 15) {
+		for (int k = 0; k < 32; k++)
+			__builtin_ia32_pause();
+		return;
+	}
+	if (!engine || attempt < 256) {
 		sched_yield();
 		return;
 	}
-	long us = 50L << (attempt - 2 < 5 ? attempt - 2 : 5); /* 50 us .. 1.6 ms */
-	struct timespec ts = {0, us * 1000};
-	nanosleep(&ts, NULL);
+	struct pollfd p = {.fd = e->uffd, .events = POLLIN};
+	poll(&p, 1, 1);
 }
 
 /* Placer.place_now + _retry_until_placed, on the engine thread: a pending non-cooperative
@@ -558,7 +569,7 @@ static int place(up_demand *e, up_ledger *l, int op, uint64_t first, uint64_t co
 			} else if (attempt >= 200) {
 				return -EAGAIN; /* the caller retries after the engine read the event */
 			}
-			pause_for(engine ? attempt : 0);
+			pause_for(e, engine, attempt);
 			if (op == UP_OP_COPY)
 				src += (stop - first) * e->ps;
 			first = stop;

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import struct
+import threading
 from array import array
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -401,3 +403,43 @@ async def test_requests_queue_while_the_socket_is_full(nursery: trio.Nursery) ->
         finally:
             uffd.unregister(m.addr, m.size)
             session.close()
+
+
+async def test_faults_are_served_while_the_vmm_discards_in_a_loop(nursery: trio.Nursery) -> None:
+    """Balloon-style discards (MADV_DONTNEED after MADV_DONTNEED from another thread) keep a
+    non-cooperative event pending almost all the time: every placement meets EAGAIN. The
+    engine reads each event at once and retries in the short window before the next, so the
+    faults are still served (with the discarding thread on another CPU; on one shared CPU
+    neither demand path can get in between)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs: the discarding thread must run beside the engine")
+    n = 2048
+    guest = make_guest(n, poisoned=[], zero=[])
+    source = await start_source(nursery, guest.backend())
+    with memory.anon(n * PS) as m:
+        async with serve_memory([Region(m.addr, n * PS, 0)], source, background=False) as srv:
+            stop = threading.Event()
+            discards = [0]
+
+            def discarder() -> None:
+                while not stop.is_set():  # the last 64 pages, never touched
+                    m.discard((n - 1 - discards[0] % 64) * PS, PS)
+                    discards[0] += 1
+
+            th = threading.Thread(target=discarder)
+            th.start()
+            try:
+                t = _touch([m.addr + i * PS for i in range(n - 64)], digest=True, threads=2)
+                with trio.fail_after(30):
+                    await t.wait()
+            finally:
+                stop.set()
+                await trio.to_thread.run_sync(th.join)
+            r = t.results
+            eng = srv.session._engine
+            assert eng is not None and srv.session._engine_live
+            st = eng.stats()
+            assert st["removes"] == discards[0] > 0
+            assert st["copied"] == n - 64
+    digests = guest.digests()
+    assert all(r.outcome[i] == OUTCOME_OK and r.digest[i] == digests[i] for i in range(n - 64))
