@@ -45,6 +45,12 @@ static const uint8_t REQ_C3[3] = {0xa1, 'n', 0xcf};
 static const uint8_t REQ_C4[2] = {0xa1, 'u'};
 #define MSGPACK_TRUE 0xc3
 
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#else
+#define cpu_relax() __asm__ __volatile__("" ::: "memory")
+#endif
+
 #define CNT(e, field, n) __atomic_add_fetch(&(e)->st.field, (uint64_t)(n), __ATOMIC_RELAXED)
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -529,7 +535,7 @@ static void pause_for(up_demand *e, int engine, int attempt)
 {
 	if (attempt % 16 != 15) {
 		for (int k = 0; k < 32; k++)
-			__builtin_ia32_pause();
+			cpu_relax();
 		return;
 	}
 	if (!engine || attempt < 256) {
