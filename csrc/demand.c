@@ -458,10 +458,12 @@ static void on_remove(up_demand *e, uint64_t start, uint64_t end)
 static int pump(up_demand *e)
 {
 	up_event batch[EVENT_BATCH];
+	int total = 0;
 	for (;;) {
 		int n = up_uffd_read_events(e->uffd, batch, EVENT_BATCH);
 		if (n < 0)
 			return n;
+		total += n;
 		for (int i = 0; i < n; i++) {
 			const up_event *ev = &batch[i];
 			switch (ev->kind) {
@@ -500,7 +502,7 @@ static int pump(up_demand *e)
 			}
 		}
 		if (n < EVENT_BATCH)
-			return 0;
+			return total;
 	}
 }
 
@@ -823,6 +825,8 @@ int up_demand_run(up_demand *e)
 				break;
 			}
 			int pr = pump(e);
+			if (pr == 0 && (p[0].revents & (POLLERR | POLLHUP)))
+				pr = -EIO; /* e.g. a blocking fd: poll says POLLERR for ever */
 			if (pr < 0) {
 				STORE(&e->st.last_errno, -pr);
 				rc = UP_DEMAND_UFFD_ERROR;
