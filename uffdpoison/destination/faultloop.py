@@ -348,6 +348,9 @@ class Session:
             raise SessionFailed(
                 f"demand engine: {result.name.lower()}: {os.strerror(err) if err else ''}"
             )
+        if result is RunResult.SOCK_ERROR and not self._client_closed:
+            err = eng.last_errno
+            raise SessionFailed(f"source {self.client.address} lost: {os.strerror(err)}")
         urgent = self.client.urgent
         leftover, unsent = eng.leftover(), eng.unsent()
         out = eng.outstanding()
