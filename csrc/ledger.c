@@ -211,13 +211,45 @@ out:;
 	return rc;
 }
 
+/* A non-strict call over many pages takes the lock one slice at a time (64 KiB, or one huge
+ * page), so a demand placement on another thread waits behind at most one slice of a bulk
+ * run, not the whole run. Each page's check -> ioctl -> record stays under the lock. A strict
+ * call is all-or-nothing over its range, so it holds the lock throughout. */
+#define UP_SLICE_BYTES (64u << 10)
+
 int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
 		    int flags, up_place_result *res)
 {
-	pthread_mutex_lock(&l->lock);
-	int rc = place_locked(l, op, first, count, src, flags, res);
-	pthread_mutex_unlock(&l->lock);
-	return rc;
+	const uint64_t slice = l->page_size < UP_SLICE_BYTES ? UP_SLICE_BYTES / l->page_size : 1;
+	if ((flags & UP_PLACE_STRICT) || count <= slice || first > l->npages ||
+	    count > l->npages - first) {
+		pthread_mutex_lock(&l->lock);
+		int rc = place_locked(l, op, first, count, src, flags, res);
+		pthread_mutex_unlock(&l->lock);
+		return rc;
+	}
+	up_place_result part, sum = {.stop = -1};
+	for (uint64_t done = 0; done < count;) {
+		uint64_t n = count - done < slice ? count - done : slice;
+		uint64_t s = op == UP_OP_COPY ? src + done * l->page_size : src;
+		pthread_mutex_lock(&l->lock);
+		int rc = place_locked(l, op, first + done, n, s, flags, &part);
+		pthread_mutex_unlock(&l->lock);
+		sum.placed += part.placed;
+		sum.already += part.already;
+		sum.refused += part.refused;
+		sum.dropped += part.dropped;
+		sum.raced += part.raced;
+		if (rc) {
+			sum.stop = part.stop;
+			sum.progress = part.progress;
+			*res = sum;
+			return rc;
+		}
+		done += n;
+	}
+	*res = sum;
+	return 0;
 }
 
 int up_ledger_get(const up_ledger *l, uint64_t index)

@@ -178,6 +178,21 @@ def test_event_pending_stops_with_nothing_lost() -> None:
         u.unregister(m.addr, m.size)
 
 
+def test_long_non_strict_run_is_placed_in_slices_with_one_result(region) -> None:
+    """A non-strict call over more than one 64 KiB slice (the lock is taken per slice, so a
+    demand placement waits behind one slice of a bulk run): one result over the whole run,
+    poison refused and a raced page reconciled wherever they fall."""
+    uffd, m, ledger = region
+    ledger.poison(40, 1)
+    uffd.zeropage(m.addr + 20 * P, P)  # placed behind the ledger's back, in another slice
+    r = ledger.copy(3, 60, pages(0x77, 60), strict=False)
+    assert r == PlaceResult(placed=58, already=0, refused=1, dropped=0, raced=1)
+    assert ledger.counts[PageState.PRESENT] == 59 and ledger.counts[PageState.POISONED] == 1
+    assert m.read(3 * P, 1) == b"\x77" and m.read(62 * P, 1) == b"\x77"
+    assert m.read(19 * P, 1) == b"\x77" and m.read(21 * P, 1) == b"\x77"
+    assert Toucher([m.addr + 40 * P]).run(5).outcome[0] == OUTCOME_SIGBUS
+
+
 def test_hugetlb_ledger_zero_copy_poison(uffd: Userfaultfd, hugepages) -> None:
     hugepages(3)
     H = HUGE_PAGE_SIZE
