@@ -443,3 +443,30 @@ async def test_faults_are_served_while_the_vmm_discards_in_a_loop(nursery: trio.
             assert st["copied"] == n - 64
     digests = guest.digests()
     assert all(r.outcome[i] == OUTCOME_OK and r.digest[i] == digests[i] for i in range(n - 64))
+
+
+async def test_reply_for_a_page_discarded_while_in_flight_is_dropped(nursery: trio.Nursery) -> None:
+    """The guest discards a page whose reply is on its way: the late data is dropped (never
+    placed over the discard), the vCPU is woken and faults again, and gets a zero page."""
+    asked = trio.Event()
+    go = trio.Event()
+
+    async def reply(stream: trio.SocketStream, req: protocol.Request) -> None:
+        asked.set()
+        await go.wait()
+        await stream.send_all(_fast_pages(req.id, PageKind.DATA, req.offset, 1, b"\xab" * PS))
+
+    source = await _fake_source(nursery, 8, reply)
+    with memory.anon(8 * PS) as m:
+        async with serve_memory([Region(m.addr, 8 * PS, 0)], source, background=False) as srv:
+            t = _touch([m.addr + 2 * PS])
+            with trio.fail_after(5):
+                await asked.wait()
+            await trio.to_thread.run_sync(m.discard, 2 * PS, PS)  # REMOVE, read by the engine
+            go.set()
+            with trio.fail_after(5):
+                await t.wait()
+            assert t.results.outcome[0] == OUTCOME_OK and t.results.value[0] == 0
+            st = srv.session.stats
+            assert (st.dropped, st.zero_after_remove, st.copied, st.zeroed) == (1, 1, 0, 1)
+            assert srv.session._engine_live
