@@ -3,6 +3,11 @@
  * never-un-poison invariant. The kernel lets COPY, CONTINUE and shmem ZEROPAGE replace a
  * poison marker (KERNEL-FACTS "Poison: what overwrites what"), so data ops are refused on
  * POISONED pages here, before any ioctl.
+ *
+ * Thread safety: every op that changes a state holds the ledger's mutex across check-state ->
+ * ioctl -> record, so a COPY that classified a page MISSING can never land after a concurrent
+ * POISON marked it (the kernel would let the COPY erase the marker). Readers (get, find,
+ * count, the counters) take no lock: they see each byte either before or after a change.
  */
 #include "ledger.h"
 #include "uffd.h"
@@ -60,6 +65,7 @@ up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_siz
 	l->page_size = page_size;
 	l->hugetlb = hugetlb;
 	l->counts[UP_MISSING] = l->npages;
+	pthread_mutex_init(&l->lock, NULL);
 	return l;
 }
 
@@ -67,6 +73,7 @@ void up_ledger_free(up_ledger *l)
 {
 	if (!l)
 		return;
+	pthread_mutex_destroy(&l->lock);
 	munmap(l->states, l->map_len);
 	if (l->zero_src)
 		munmap((void *)(uintptr_t)l->zero_src, l->page_size);
@@ -104,8 +111,8 @@ static int issue(up_ledger *l, int op, uint64_t addr, uint64_t src, uint64_t len
 	}
 }
 
-int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
-		    int flags, up_place_result *res)
+static int place_locked(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
+			int flags, up_place_result *res)
 {
 	memset(res, 0, sizeof(*res));
 	res->stop = -1;
@@ -204,6 +211,47 @@ out:;
 	return rc;
 }
 
+/* A non-strict call over many pages takes the lock one slice at a time (64 KiB, or one huge
+ * page), so a demand placement on another thread waits behind at most one slice of a bulk
+ * run, not the whole run. Each page's check -> ioctl -> record stays under the lock. A strict
+ * call is all-or-nothing over its range, so it holds the lock throughout. */
+#define UP_SLICE_BYTES (64u << 10)
+
+int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
+		    int flags, up_place_result *res)
+{
+	const uint64_t slice = l->page_size < UP_SLICE_BYTES ? UP_SLICE_BYTES / l->page_size : 1;
+	if ((flags & UP_PLACE_STRICT) || count <= slice || first > l->npages ||
+	    count > l->npages - first) {
+		pthread_mutex_lock(&l->lock);
+		int rc = place_locked(l, op, first, count, src, flags, res);
+		pthread_mutex_unlock(&l->lock);
+		return rc;
+	}
+	up_place_result part, sum = {.stop = -1};
+	for (uint64_t done = 0; done < count;) {
+		uint64_t n = count - done < slice ? count - done : slice;
+		uint64_t s = op == UP_OP_COPY ? src + done * l->page_size : src;
+		pthread_mutex_lock(&l->lock);
+		int rc = place_locked(l, op, first + done, n, s, flags, &part);
+		pthread_mutex_unlock(&l->lock);
+		sum.placed += part.placed;
+		sum.already += part.already;
+		sum.refused += part.refused;
+		sum.dropped += part.dropped;
+		sum.raced += part.raced;
+		if (rc) {
+			sum.stop = part.stop;
+			sum.progress = part.progress;
+			*res = sum;
+			return rc;
+		}
+		done += n;
+	}
+	*res = sum;
+	return 0;
+}
+
 int up_ledger_get(const up_ledger *l, uint64_t index)
 {
 	return index < l->npages ? l->states[index] : -EINVAL;
@@ -213,8 +261,22 @@ int up_ledger_set(up_ledger *l, uint64_t index, int state)
 {
 	if (index >= l->npages || state < 0 || state >= UP_NSTATES)
 		return -EINVAL;
+	pthread_mutex_lock(&l->lock);
 	int old = l->states[index];
 	set_state(l, index, state);
+	pthread_mutex_unlock(&l->lock);
+	return old;
+}
+
+int up_ledger_claim(up_ledger *l, uint64_t index)
+{
+	if (index >= l->npages)
+		return -EINVAL;
+	pthread_mutex_lock(&l->lock);
+	int old = l->states[index];
+	if (old == UP_MISSING || old == UP_BACKGROUND)
+		set_state(l, index, UP_REQUESTED);
+	pthread_mutex_unlock(&l->lock);
 	return old;
 }
 
@@ -223,6 +285,7 @@ int64_t up_ledger_mark(up_ledger *l, uint64_t first, uint64_t count, unsigned fr
 	if (first > l->npages || count > l->npages - first || to < 0 || to >= UP_NSTATES)
 		return -EINVAL;
 	int64_t n = 0;
+	pthread_mutex_lock(&l->lock);
 	for (uint64_t i = first; i < first + count; i++) {
 		int s = l->states[i];
 		if (s != to && (from_mask >> s) & 1) {
@@ -230,6 +293,7 @@ int64_t up_ledger_mark(up_ledger *l, uint64_t first, uint64_t count, unsigned fr
 			n++;
 		}
 	}
+	pthread_mutex_unlock(&l->lock);
 	return n;
 }
 

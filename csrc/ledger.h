@@ -1,6 +1,7 @@
 #ifndef UP_LEDGER_H
 #define UP_LEDGER_H
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 
 /* Page states: one byte a page (docs/DESIGN.md, "Page states"). */
@@ -38,6 +39,10 @@ typedef struct up_ledger {
 	uint64_t raced;
 	uint64_t zero_src;    /* hugetlb: page_size bytes of never-written anon memory, or 0 */
 	uint64_t map_len;
+	/* Held by every state-changing op (place, set, mark, claim), so check-state -> ioctl ->
+	 * record is atomic per ledger: the demand engine's thread and Python (bulk push, known
+	 * poison) place through the same ledger at once. Only ever waits on the ioctl. */
+	pthread_mutex_t lock;
 } up_ledger;
 
 typedef struct up_place_result {
@@ -56,6 +61,9 @@ int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64
 		    int flags, up_place_result *res);
 int up_ledger_get(const up_ledger *l, uint64_t index);
 int up_ledger_set(up_ledger *l, uint64_t index, int state);
+/* The demand path's claim: returns the page's state; MISSING or BACKGROUND become REQUESTED
+ * (atomically), so exactly one claimant asks the source for it. -EINVAL out of range. */
+int up_ledger_claim(up_ledger *l, uint64_t index);
 int64_t up_ledger_mark(up_ledger *l, uint64_t first, uint64_t count, unsigned from_mask, int to);
 int64_t up_ledger_find(const up_ledger *l, uint64_t start, unsigned mask);
 int64_t up_ledger_count(const up_ledger *l, uint64_t first, uint64_t count, unsigned mask);

@@ -6,7 +6,7 @@ import select
 import threading
 
 import pytest
-from conftest import wait_events
+from conftest import SIGBUS_CODES, wait_events
 
 from uffdpoison.kernel import (
     HUGE_PAGE_SIZE,
@@ -178,6 +178,21 @@ def test_event_pending_stops_with_nothing_lost() -> None:
         u.unregister(m.addr, m.size)
 
 
+def test_long_non_strict_run_is_placed_in_slices_with_one_result(region) -> None:
+    """A non-strict call over more than one 64 KiB slice (the lock is taken per slice, so a
+    demand placement waits behind one slice of a bulk run): one result over the whole run,
+    poison refused and a raced page reconciled wherever they fall."""
+    uffd, m, ledger = region
+    ledger.poison(40, 1)
+    uffd.zeropage(m.addr + 20 * P, P)  # placed behind the ledger's back, in another slice
+    r = ledger.copy(3, 60, pages(0x77, 60), strict=False)
+    assert r == PlaceResult(placed=58, already=0, refused=1, dropped=0, raced=1)
+    assert ledger.counts[PageState.PRESENT] == 59 and ledger.counts[PageState.POISONED] == 1
+    assert m.read(3 * P, 1) == b"\x77" and m.read(62 * P, 1) == b"\x77"
+    assert m.read(19 * P, 1) == b"\x77" and m.read(21 * P, 1) == b"\x77"
+    assert Toucher([m.addr + 40 * P]).run(5).outcome[0] == OUTCOME_SIGBUS
+
+
 def test_hugetlb_ledger_zero_copy_poison(uffd: Userfaultfd, hugepages) -> None:
     hugepages(3)
     H = HUGE_PAGE_SIZE
@@ -241,3 +256,59 @@ def test_claim_requests_a_page_exactly_once(region) -> None:
     assert ledger.state(2) == PageState.POISONED
     counts = ledger.counts
     assert counts[PageState.REQUESTED] == 2 and counts[PageState.POISONED] == 1
+
+
+def _race(ledger: Ledger, n: int, reverse: bool) -> list[int]:
+    """COPY every page from one thread while another POISONs every page; returns the pages
+    whose POISON call reported it placed the marker."""
+    poisoned: list[int] = []
+    start = threading.Barrier(2)
+    data = pages(0x5A, 1)
+
+    def copier() -> None:
+        start.wait()
+        for i in range(n):
+            ledger.copy(i, 1, data, strict=False)
+
+    def poisoner() -> None:
+        start.wait()
+        for i in range(n - 1, -1, -1) if reverse else range(n):
+            if ledger.poison(i, 1).placed:
+                poisoned.append(i)
+
+    threads = [threading.Thread(target=copier), threading.Thread(target=poisoner)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return poisoned
+
+
+def test_copy_and_poison_racing_on_one_ledger_never_unpoison(uffd: Userfaultfd) -> None:
+    """Two threads place on the same pages of one ledger at once (the demand engine's thread
+    and Python's bulk push do): COPY from one, POISON from the other. The ledger's mutex makes
+    check-state -> ioctl -> record atomic, so a COPY can never land on a marker placed between
+    its check and its ioctl (the kernel would let it). Every page the POISON thread placed
+    ends POISONED in the ledger and SIGBUSes when touched; every other page holds the data."""
+    n = 256
+    for rnd in range(32):
+        with anon(n * P) as m:
+            uffd.register(m.addr, m.size, RegisterMode.MISSING)
+            ledger = Ledger(uffd, m.addr, m.size, P)
+            try:
+                poisoned = _race(ledger, n, reverse=rnd % 2 == 1)
+                states = [ledger.state(i) for i in range(n)]
+                assert all(s in (PageState.PRESENT, PageState.POISONED) for s in states)
+                bad = [i for i in poisoned if states[i] != PageState.POISONED]
+                assert not bad, f"round {rnd}: poisoned pages {bad[:5]} ended {states[bad[0]]}"
+                assert ledger.counts[PageState.POISONED] == len(poisoned)
+                res = Toucher([m.addr + i * P for i in range(n)]).run(10)
+                for i in range(n):
+                    if states[i] == PageState.POISONED:
+                        assert res.outcome[i] == OUTCOME_SIGBUS, f"page {i}: marker overwritten"
+                        assert res.si_code[i] in SIGBUS_CODES
+                    else:
+                        assert res.outcome[i] == OUTCOME_OK and res.value[i] == 0x5A
+            finally:
+                ledger.close()
+                uffd.unregister(m.addr, m.size)

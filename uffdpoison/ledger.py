@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -76,11 +77,6 @@ log = logging.getLogger(__name__)
 _OPNAMES = {_COPY: "copy", _ZERO: "zero", _CONT: "continue", _POISON: "poison"}
 
 
-_MISSING = int(PageState.MISSING)
-_REQUESTED = int(PageState.REQUESTED)
-_BACKGROUND = int(PageState.BACKGROUND)
-
-
 class Ledger:
     """Page states of one registered region [base, base+size) served through ``uffd``.
 
@@ -90,7 +86,7 @@ class Ledger:
     ``.stop_page`` (the page index that stopped the call) attached.
     """
 
-    __slots__ = ("_ps", "_res", "base", "hugetlb", "npages", "page_size", "size", "uffd")
+    __slots__ = ("_owner", "_ps", "_res", "base", "hugetlb", "npages", "page_size", "size", "uffd")
 
     def __init__(
         self,
@@ -115,9 +111,17 @@ class Ledger:
         self._ps = PageStates(uffd.fileno(), base, size, page_size, hugetlb)
         self.npages = self._ps.npages
         self._res = self._ps.result
+        # The preallocated result serves the creating thread; a call from any other thread (the
+        # ledger is thread-safe in C) gets a result of its own.
+        self._owner = threading.get_ident()
 
     def close(self) -> None:
         self._ps.close()
+
+    @property
+    def page_states(self) -> PageStates:
+        """The C array under this ledger (for the demand engine, which places through it)."""
+        return self._ps
 
     def __enter__(self) -> Ledger:
         return self
@@ -147,10 +151,7 @@ class Ledger:
         """The demand-fault fast path: returns the page's state (a plain int, compare with
         ``PageState``); a MISSING or BACKGROUND page becomes REQUESTED, so the caller asks the
         source for it exactly once."""
-        s = self._ps.get(index)
-        if s in (_MISSING, _BACKGROUND):
-            self._ps.set(index, _REQUESTED)
-        return s
+        return self._ps.claim(index)
 
     def mark(self, first: int, count: int, to: PageState, *, only_from: Iterable[PageState]) -> int:
         """Pages of [first, first+count) in a state of ``only_from`` become ``to``; returns how
@@ -189,8 +190,10 @@ class Ledger:
 
     # -- placement (hot path) ---------------------------------------------------------------
 
-    def _outcome(self, rc: int, op: int, first: int, count: int) -> PlaceResult:
-        r = self._res
+    def _result(self) -> Any:
+        return self._res if threading.get_ident() == self._owner else self._ps.new_result()
+
+    def _outcome(self, r: Any, rc: int, op: int, first: int, count: int) -> PlaceResult:
         result = PlaceResult(r.placed, r.already, r.refused, r.dropped, r.raced)
         if rc == 0:
             return result
@@ -219,33 +222,36 @@ class Ledger:
         """UFFDIO_COPY pages [first, first+count) from ``src`` (a buffer of count*page_size
         bytes, or an address)."""
         flags = (_WAKE if wake else 0) | (_STRICT if strict else 0)
+        r = self._result()
         if type(src) is int:
-            rc = self._ps.place(_COPY, first, count, src, flags)
+            rc = self._ps.place(_COPY, first, count, src, flags, r)
         else:
-            rc = self._ps.place_buffer(_COPY, first, count, src, flags)
+            rc = self._ps.place_buffer(_COPY, first, count, src, flags, r)
         if rc == 0:
-            r = self._res
             return PlaceResult(r.placed, r.already, r.refused, r.dropped, r.raced)
-        return self._outcome(rc, _COPY, first, count)
+        return self._outcome(r, rc, _COPY, first, count)
 
     def zero(
         self, first: int, count: int, *, wake: bool = True, strict: bool = True
     ) -> PlaceResult:
         flags = (_WAKE if wake else 0) | (_STRICT if strict else 0)
-        rc = self._ps.place(_ZERO, first, count, 0, flags)
-        return self._outcome(rc, _ZERO, first, count)
+        r = self._result()
+        rc = self._ps.place(_ZERO, first, count, 0, flags, r)
+        return self._outcome(r, rc, _ZERO, first, count)
 
     def continue_(
         self, first: int, count: int, *, wake: bool = True, strict: bool = True
     ) -> PlaceResult:
         flags = (_WAKE if wake else 0) | (_STRICT if strict else 0)
-        rc = self._ps.place(_CONT, first, count, 0, flags)
-        return self._outcome(rc, _CONT, first, count)
+        r = self._result()
+        rc = self._ps.place(_CONT, first, count, 0, flags, r)
+        return self._outcome(r, rc, _CONT, first, count)
 
     def poison(self, first: int, count: int, *, wake: bool = True) -> PlaceResult:
         """Place poison markers; PRESENT pages are skipped (``already``: data was there)."""
-        rc = self._ps.place(_POISON, first, count, 0, _WAKE if wake else 0)
-        result = self._outcome(rc, _POISON, first, count)
+        r = self._result()
+        rc = self._ps.place(_POISON, first, count, 0, _WAKE if wake else 0, r)
+        result = self._outcome(r, rc, _POISON, first, count)
         if result.already or result.raced:
             # not an error, but a guest may have consumed data the source calls poisoned
             log.info(

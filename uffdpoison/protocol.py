@@ -1071,6 +1071,21 @@ class Connection:
         self._fast_in = is_open and not self.their_done and not self._their_abort
         self._fast_out = is_open and not self.our_done and not self._our_abort
 
+    def adopt_outstanding(self, requests: list[tuple[int, int, int]]) -> None:
+        """Take over Requests that another sender on this channel sent (the destination's C
+        demand engine, handing the URGENT channel back): ``(id, next offset expected, end
+        offset)`` each, without digests. Replies to them are then checked as if this
+        Connection had sent the Requests."""
+        if self.side is not Side.DESTINATION or self._state is not State.OPEN:
+            raise ProtocolError("only an open destination connection can adopt requests")
+        ps = self.page_size
+        for rid, nxt, end in requests:
+            if rid in self._out:
+                raise ProtocolError(f"adopted request id {rid} is already outstanding")
+            if not (0 <= nxt < end <= self.memory_size and nxt % ps == 0 and end % ps == 0):
+                raise ProtocolError(f"adopted request id {rid}: bad range {nxt}..{end}")
+            self._out[rid] = _Out(nxt, end, False)
+
 
 def _other(side: Side) -> Side:
     return Side.DESTINATION if side is Side.SOURCE else Side.SOURCE

@@ -1,5 +1,6 @@
 """The destination's two connections to a source: URGENT (demand faults) and BULK (the source's
-background push). One ``SourceClient`` per destination session."""
+background push). One ``SourceClient`` per destination session. While a session's C demand engine
+runs, it uses the URGENT socket itself and continues the request ids from ``next_id``."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class SourceClient:
             welcome.huge_page_size,
             welcome.poisoned_count,
         )
-        self._next_id = 1
+        self.next_id = 1  # the next request id (the demand engine continues from it)
 
     @classmethod
     async def connect(
@@ -123,8 +124,8 @@ class SourceClient:
         self, offset: int, count: int, *, urgent: bool = True, digests: memoryview | None = None
     ) -> int:
         """Post a demand request; returns its id. Never waits (see ``FrameTransport.post``)."""
-        rid = self._next_id
-        self._next_id = rid + 1
+        rid = self.next_id
+        self.next_id = rid + 1
         self.urgent.post(
             protocol.Request(id=rid, offset=offset, count=count, urgent=urgent, digests=digests)
         )

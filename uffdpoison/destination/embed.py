@@ -8,7 +8,8 @@ For a custom VMM written in Python. The same ``Session`` (ledger, fault loop) as
    is Python in the same process, can never run, and the process deadlocks. Touch guest memory
    only from vCPU threads running C (KVM_RUN, or code called through cffi/ctypes, which release
    the GIL), and before Python reads guest memory call ``ensure_present(addr, length)``. Never
-   read a page it reports poisoned: that raises SIGBUS.
+   read a page it reports poisoned: that raises SIGBUS. (Demand faults are served by a C engine that
+   needs no GIL, but the Python fallback path does, and the rule keeps both safe.)
 
 Two shapes::
 
@@ -72,6 +73,7 @@ async def serve_memory(
     background: bool = True,
     status: StatusSink | None = None,
     name: str = "embedded",
+    engine: bool | None = None,
 ) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
@@ -82,6 +84,8 @@ async def serve_memory(
 
     ``background=False`` opens no bulk connection: pages arrive only when touched (or through
     ``ensure_present``), which isolates demand-fault latency for measurements.
+
+    ``engine=False`` serves demand faults with the Python loop instead of the C demand engine.
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
@@ -89,7 +93,9 @@ async def serve_memory(
         for r in rmap:
             uffd.register(r.base, r.size, RegisterMode.MISSING)
         client = await SourceClient.connect(source, page_size=rmap.page_size, bulk=background)
-        session = Session(uffd, rmap, client, hugetlb=hugetlb, name=name, status=status)
+        session = Session(
+            uffd, rmap, client, hugetlb=hugetlb, name=name, status=status, engine=engine
+        )
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)

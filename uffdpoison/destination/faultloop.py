@@ -1,11 +1,19 @@
 """One destination session: a userfaultfd, its regions, their ledgers, one source.
 
-Data flows one way: fault → ledger → request → reply → ledger → ioctl. Three tasks:
+Data flows one way: fault → ledger → request → reply → ledger → ioctl. The demand path (the
+userfaultfd and the URGENT connection) runs in one of two ways:
 
-* the **event reader** drains the userfaultfd in batches and never waits on the source or on a
-  placement (a pending non-cooperative event makes every placement EAGAIN until it is read);
-* the **urgent reader** places demand replies;
-* the **bulk reader** places the source's background push in small chunks.
+* by default in C: the **demand engine** (csrc/demand.c) runs on a worker thread and is the
+  only reader of the userfaultfd and the only user of the URGENT socket while it runs; Python
+  hears from it through an eventfd only when someone waits for progress (``ensure_present``),
+  when the session becomes complete, or when there is something to log. A frame the engine
+  does not take (not the exact fast encoding, an Error, EOF) hands the URGENT channel back to
+  Python, seeded with the engine's outstanding requests, and the Python loop goes on;
+* in Python (``engine=False``, or after such a hand-over): one task drains the userfaultfd and
+  places urgent replies, never waiting on the source or on a placement.
+
+Either way the **bulk reader** places the source's background push in small chunks, through
+the same ledgers (which are thread-safe in C).
 
 Page state lives only in the ledgers (C arrays, one byte a page).
 
@@ -16,10 +24,12 @@ kernel zero-fill every page not yet placed, silently. A failed session leaves it
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
 import select
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +39,14 @@ from uffdpoison import protocol
 from uffdpoison.destination.client import SourceClient
 from uffdpoison.destination.placement import Deferred, Placer, SessionEnded, Stats
 from uffdpoison.destination.regions import RegionMap
-from uffdpoison.kernel import EventBatch, EventKind, Userfaultfd
+from uffdpoison.kernel import (
+    DemandEngine,
+    DemandRegion,
+    EventBatch,
+    EventKind,
+    RunResult,
+    Userfaultfd,
+)
 from uffdpoison.ledger import Ledger, PageState
 from uffdpoison.protocol import PageKind
 from uffdpoison.transport import ConnectionLost, FrameTransport
@@ -49,6 +66,10 @@ _REMOVE = int(EventKind.REMOVE)
 _UNMAP = int(EventKind.UNMAP)
 _FORK = int(EventKind.FORK)
 _REMAP = int(EventKind.REMAP)
+# ensure_present asks for runs of at most this many bytes per Request (one bulk chunk)
+_ENSURE_RUN_BYTES = 64 * 4096
+# The demand engine by default; UFFDPOISON_DEMAND=python selects the Python loop.
+_DEFAULT_ENGINE = os.environ.get("UFFDPOISON_DEMAND", "c") != "python"
 
 
 class SessionFailed(Exception):
@@ -70,7 +91,10 @@ class Session:
         hugetlb: bool = False,
         name: str = "session",
         status: StatusSink | None = None,
+        engine: bool | None = None,
     ) -> None:
+        """``engine``: serve demand faults with the C demand engine (default, unless
+        ``UFFDPOISON_DEMAND=python``) or with the Python loop (False)."""
         client_ps = client.info.page_size
         if client_ps != regions.page_size:
             raise ValueError(
@@ -82,10 +106,15 @@ class Session:
         self.client = client
         self.name = name
         self.page_size = regions.page_size
-        self.stats = Stats()
+        self._py_stats = Stats()  # what Python placed and saw; the engine counts its own
         self.ledgers = [Ledger(uffd, r.base, r.size, r.page_size, hugetlb=hugetlb) for r in regions]
         self._status = status or (lambda _d: None)
-        self.placer = Placer(regions, self.ledgers, self.stats, self._check_complete)
+        self.placer = Placer(regions, self.ledgers, self._py_stats, self._check_complete)
+        self.use_engine = _DEFAULT_ENGINE if engine is None else engine
+        self._engine: DemandEngine | None = None
+        self._engine_live = False  # the engine owns the userfaultfd and the URGENT socket
+        self._logged: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
         self.completed = trio.Event()
         self.failed: str | None = None
         self._progress = trio.lowlevel.ParkingLot()
@@ -107,9 +136,11 @@ class Session:
             poisoned_at_source=self.client.info.poisoned_count,
         )
         try:
+            if self.use_engine:
+                self._start_engine()
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._demand_loop)
+                    nursery.start_soon(self._demand)
                     nursery.start_soon(self._retry_loop)
                     nursery.start_soon(self._source_tasks)
                     task_status.started()
@@ -159,14 +190,36 @@ class Session:
             self._close_client()
 
     def _close_client(self) -> None:
-        if not self._client_closed:
-            self._client_closed = True
+        if self._client_closed:
+            return
+        self._client_closed = True
+        if self._engine_live and self._engine is not None:
+            # The engine is using the URGENT socket: shut it down under it (the source sees
+            # EOF, the engine stops using it); the fd is closed once the engine has returned.
+            self._engine.release_socket()
+            if self.client.bulk is not None:
+                self.client.bulk.close()
+        else:
             self.client.close()
 
     def close(self) -> None:
-        """Free the ledgers. Only once the VMM is gone (see module doc)."""
+        """Free the engine and the ledgers. Only once the VMM is gone (see module doc)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         for led in self.ledgers:
             led.close()
+
+    @property
+    def stats(self) -> Stats:
+        """Python's counters plus the demand engine's (same names)."""
+        if self._engine is None:
+            return self._py_stats
+        merged = Stats(**self._py_stats.as_dict())
+        for name, n in self._engine.stats().items():
+            if hasattr(merged, name):
+                setattr(merged, name, getattr(merged, name) + n)
+        return merged
 
     def _emit(self, event: str, **fields: Any) -> None:
         self._status({"event": event, "session": self.name, **fields})
@@ -190,6 +243,151 @@ class Session:
 
     # -- the userfaultfd side --------------------------------------------------------------
 
+    async def _demand(self) -> None:
+        if self.use_engine:
+            await self._run_engine()
+        await self._demand_loop()
+
+    def _start_engine(self) -> None:
+        """Made before the session reports started, so ``ensure_present`` and every request
+        go through the engine from the first one (its table of outstanding requests must
+        know them all)."""
+        self._engine = DemandEngine(
+            self.uffd.fileno(),
+            self.client.urgent.sock.fileno(),
+            self.page_size,
+            self.client.info.memory_size,
+            self.client.next_id,
+            [
+                DemandRegion(r.base, r.size, r.offset, led.page_states)
+                for r, led in zip(self.regions.regions, self.ledgers, strict=True)
+            ],
+        )
+        self._engine_live = True
+
+    async def _run_engine(self) -> None:
+        """Serve demand faults in C until cancelled; returns only to hand the demand path
+        back to Python (see the module doc)."""
+        eng = self._engine
+        assert eng is not None and self._engine_live
+        # The worker thread serves faults with the affinity of the session's thread (a pinned
+        # handler stays pinned; trio's cached worker threads may have been made elsewhere).
+        affinity = os.sched_getaffinity(0)
+
+        def serve() -> RunResult:
+            before = os.sched_getaffinity(0)
+            if before != affinity:
+                os.sched_setaffinity(0, affinity)
+            try:
+                return eng.run()
+            finally:
+                if before != affinity:
+                    os.sched_setaffinity(0, before)
+
+        async def stopper() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                eng.stop()  # run() returns STOPPED; run_sync (not abandoned) then returns
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stopper)
+                nursery.start_soon(self._engine_progress, eng)
+                # a limiter of its own: the thread is held for the whole session, and the
+                # default limiter (40) would cap how many sessions a daemon can serve
+                result = await trio.to_thread.run_sync(serve, limiter=trio.CapacityLimiter(1))
+                nursery.cancel_scope.cancel()
+        finally:
+            self._engine_live = False
+            self._log_engine()
+            if self._client_closed:
+                self.client.urgent.close()  # deferred by _close_client
+        await self._hand_over(eng, result)
+
+    async def _engine_progress(self, eng: DemandEngine) -> None:
+        fd = eng.progress_fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 8)
+            self._log_engine()
+            self._check_complete()
+
+    def _log_engine(self) -> None:
+        """Log what only the engine saw (it counts; Python logs)."""
+        if self._engine is None:
+            return
+        st = self._engine.stats()
+        seen = self._logged
+        for key, level, what in (
+            ("unknown_address", logging.ERROR, "fault(s) in no region, woken unserved"),
+            ("minor_faults", logging.ERROR, "MINOR fault(s): MINOR-mode sessions are not "
+             "supported; those vCPUs stay blocked (register MISSING only)"),
+            ("forks", logging.WARNING, "VMM fork(s); the child's memory is not served"),
+            ("remaps", logging.ERROR, "VMM mremap(s) of guest memory; not supported, pages "
+             "there will not be served"),
+        ):  # fmt: skip
+            n = st[key]
+            now = time.monotonic()
+            # a fault woken unserved faults again at once: at most one line a second each
+            if n > seen.get(key, 0) and now - self._logged_at.get(key, -2.0) >= 1.0:
+                log.log(level, "%s: %d %s (last at %#x)", self.name, n, what, st["last_fault"])
+                seen[key] = n
+                self._logged_at[key] = now
+
+    async def _hand_over(self, eng: DemandEngine, result: RunResult) -> None:
+        """The engine returned: the URGENT channel comes back to Python's Connection, which
+        learns the engine's outstanding requests and judges the bytes the engine did not
+        take (a valid generic encoding goes on; an Error, EOF or violation fails the session
+        in the Python loop, as it always has)."""
+        if result is RunResult.TARGET_GONE:
+            raise SessionEnded(f"guest memory is gone: {os.strerror(eng.last_errno)}")
+        if result in (RunResult.PLACE_ERROR, RunResult.UFFD_ERROR, RunResult.NOMEM):
+            err = eng.last_errno
+            raise SessionFailed(
+                f"demand engine: {result.name.lower()}: {os.strerror(err) if err else ''}"
+            )
+        if result is RunResult.SOCK_ERROR and not self._client_closed:
+            err = eng.last_errno
+            raise SessionFailed(f"source {self.client.address} lost: {os.strerror(err)}")
+        urgent = self.client.urgent
+        leftover, unsent = eng.leftover(), eng.unsent()
+        out = eng.outstanding()
+        self.client.next_id = eng.next_id
+        if not self._client_closed:
+            try:
+                urgent.conn.adopt_outstanding(out)
+                if leftover:
+                    urgent.conn.receive_data(leftover)
+                if result is RunResult.EOF:
+                    urgent.conn.receive_data(b"")
+            except protocol.ProtocolError as e:
+                raise SessionFailed(f"source {self.client.address}: {e}") from None
+            if unsent:
+                await self._send_raw(unsent)
+        log.info(
+            "%s: demand engine handed over to Python (%s, %d request(s) outstanding, %d byte(s)"
+            " unparsed)",
+            self.name,
+            result.name,
+            len(out),
+            len(leftover),
+        )
+
+    async def _send_raw(self, data: bytes) -> None:
+        """The tail of the engine's requests the kernel had not taken: it goes first."""
+        sock = self.client.urgent.sock
+        view = memoryview(data)
+        while view:
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise SessionFailed(f"source {self.client.address} lost: {e}") from None
+
     async def _demand_loop(self) -> None:
         """The demand path in one task: userfaultfd events and urgent replies.
 
@@ -204,10 +402,14 @@ class Session:
         ufd, sfd = uffd.fileno(), urgent.sock.fileno()
         ep = select.epoll()
         ep.register(ufd, select.EPOLLIN)
-        ep.register(sfd, select.EPOLLIN)
-        watching = True
+        watching = not self._client_closed  # after a hand-over the socket may be gone
         spins = 0
         try:
+            if watching:
+                ep.register(sfd, select.EPOLLIN)
+                # frames already buffered (handed over by the engine) make no fd readable
+                while (reply := self._urgent_nowait(urgent)) is not None:
+                    self._on_reply(reply)
             while True:
                 if watching and self._client_closed:
                     # Completed (or failed): the socket is closed; stop watching it.
@@ -272,7 +474,7 @@ class Session:
             raise SessionFailed(f"unexpected {type(ev).__name__} on the urgent channel")
 
     def _on_fault(self, addr: int, flags: int) -> None:
-        stats = self.stats
+        stats = self._py_stats
         stats.faults += 1
         ps = self.page_size
         page_addr = addr & ~(ps - 1)
@@ -316,10 +518,10 @@ class Session:
         Returns the state it was in."""
         state = led.claim(idx)  # MISSING/BACKGROUND become REQUESTED
         if state in (_MISSING, _BACKGROUND):
-            self.stats.demand_requests += 1
+            self._py_stats.demand_requests += 1
             self.client.request(self.regions.regions[i].offset + idx * self.page_size, 1)
         elif state == _REMOVED:
-            self.stats.zero_after_remove += 1
+            self._py_stats.zero_after_remove += 1
             self._place_local(led, PageKind.ZERO, idx)
         return state
 
@@ -339,7 +541,7 @@ class Session:
     def _on_remove(self, start: int, end: int, *, unmap: bool) -> None:
         """The guest discarded [start, end): it reads as zeros from now on, except poisoned
         pages, which stay poisoned and are re-poisoned on their next fault."""
-        self.stats.removes += 1
+        self._py_stats.removes += 1
         ps = self.page_size
         for i, r in enumerate(self.regions.regions):
             lo = max(start, r.base)
@@ -370,7 +572,7 @@ class Session:
         while True:
             ev = await t.receive()
             if isinstance(ev, protocol.Pages):
-                self.stats.bulk_pages += ev.count
+                self._py_stats.bulk_pages += ev.count
                 await self.placer.place(ev, chunk=chunk)
             elif isinstance(ev, protocol.Done):
                 self._check_complete()
@@ -389,16 +591,41 @@ class Session:
         ps = self.page_size
         end = addr + length
         addr &= ~(ps - 1)
-        pending: list[tuple[int, int, int]] = []
-        for i, r in enumerate(self.regions.regions):
-            lo, hi = max(addr, r.base), min(end, r.end)
-            if lo >= hi:
-                continue
-            first, last = (lo - r.base) // ps, math.ceil((hi - r.base) / ps)
-            led = self.ledgers[i]
-            for idx in range(first, last):
-                self._request_or_zero(i, led, idx)
-            pending.append((i, first, last))
+        eng = self._engine if self._engine_live else None
+        if eng is not None:
+            eng.notify(1)  # before requesting: a placement then always signals progress
+        try:
+            pending: list[tuple[int, int, int]] = []
+            for i, r in enumerate(self.regions.regions):
+                lo, hi = max(addr, r.base), min(end, r.end)
+                if lo >= hi:
+                    continue
+                first, last = (lo - r.base) // ps, math.ceil((hi - r.base) / ps)
+                if eng is not None and self._engine_live:
+                    await self._engine_request(eng, i, first, last - first)
+                else:
+                    led = self.ledgers[i]
+                    for idx in range(first, last):
+                        self._request_or_zero(i, led, idx)
+                pending.append((i, first, last))
+            return await self._wait_placed(pending)
+        finally:
+            if eng is not None:
+                eng.notify(-1)
+
+    async def _engine_request(self, eng: DemandEngine, i: int, first: int, count: int) -> None:
+        run = max(1, _ENSURE_RUN_BYTES // self.page_size)
+        while (rc := eng.request(i, first, count, run)) == -errno.EAGAIN:
+            await trio.sleep(0.0005)  # a pending event: the engine reads it
+        if rc == -errno.ESRCH:
+            raise SessionEnded("guest memory is gone")
+        if rc < 0:
+            # no socket any more (the session failed or completed) or a send failed
+            raise SessionFailed(
+                self.failed or f"source {self.client.address} lost: {os.strerror(-rc)}"
+            )
+
+    async def _wait_placed(self, pending: list[tuple[int, int, int]]) -> list[int]:
         poisoned: list[int] = []
         for i, first, last in pending:
             led = self.ledgers[i]

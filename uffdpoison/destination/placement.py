@@ -1,8 +1,11 @@
 """Turning the source's answers into placements: reply → ledger → ioctl.
 
 Every byte placed in guest memory goes through a ``Ledger``; this module only maps guest offsets
-to (region, page) and decides how to react to what the kernel said. It never decides to place
-data over a poisoned page: the ledger refuses that, and a refusal is counted and logged.
+to (region, page) and decides how to react to what the kernel said. It places the bulk push, the
+handshake's poison list and, on the Python demand path, demand replies; the C demand engine
+(csrc/demand.c) places its replies itself with the same rules, through the same C ledgers.
+Nothing here decides to place data over a poisoned page: the ledger refuses that, and a refusal
+is counted and logged.
 """
 
 from __future__ import annotations

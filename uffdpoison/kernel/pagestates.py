@@ -63,14 +63,24 @@ class PageStates:
     def __del__(self) -> None:
         self.close()
 
-    def place(self, op: int, first: int, count: int, src: int, flags: int) -> int:
-        """Apply the placement table over pages [first, first+count); 0 or -errno."""
+    def new_result(self) -> Any:
+        """A fresh ``up_place_result *`` (one per thread placing concurrently)."""
+        return ffi.new("up_place_result *")
+
+    def place(
+        self, op: int, first: int, count: int, src: int, flags: int, result: Any = None
+    ) -> int:
+        """Apply the placement table over pages [first, first+count); 0 or -errno. The outcome
+        goes to ``result`` (default: ``self.result``)."""
+        res = self.result if result is None else result
         try:
-            return _place(self._l, op, first, count, src, flags, self.result)
+            return _place(self._l, op, first, count, src, flags, res)
         except (OverflowError, TypeError) as e:
             raise ValueError(f"bad placement pages {first!r}+{count!r} src {src!r}: {e}") from e
 
-    def place_buffer(self, op: int, first: int, count: int, buf: Any, flags: int) -> int:
+    def place_buffer(
+        self, op: int, first: int, count: int, buf: Any, flags: int, result: Any = None
+    ) -> int:
         """``place`` with the source a Python buffer of count*page_size bytes."""
         cbuf = ffi.from_buffer(buf)
         if len(cbuf) < count * self.page_size:
@@ -78,8 +88,9 @@ class PageStates:
                 f"source buffer of {len(cbuf)} bytes is short of {count} pages "
                 f"({count * self.page_size} bytes)"
             )
+        res = self.result if result is None else result
         try:
-            return _place(self._l, op, first, count, ffi.cast("uint64_t", cbuf), flags, self.result)
+            return _place(self._l, op, first, count, ffi.cast("uint64_t", cbuf), flags, res)
         except OverflowError as e:
             raise ValueError(f"bad placement pages {first!r}+{count!r}: {e}") from e
 
@@ -94,6 +105,13 @@ class PageStates:
         s = lib.up_ledger_set(self.raw, index, state)
         if s < 0:
             raise IndexError(f"page {index} / state {state} out of range")
+        return s
+
+    def claim(self, index: int) -> int:
+        """Atomically: the page's state; MISSING or BACKGROUND become REQUESTED."""
+        s = lib.up_ledger_claim(self.raw, index)
+        if s < 0:
+            raise IndexError(f"page {index} outside 0..{self.npages - 1}")
         return s
 
     def _range(self, first: int, count: int) -> None:
