@@ -200,6 +200,14 @@ _REQ_C = (b"\x85\xa1t\x03\xa1i\xcf", b"\xa1o\xcf", b"\xa1n\xcf", b"\xa1u")
 _REQ_T = struct.Struct(">7sQ3sQ3sQ2sB")
 _REQ_F = struct.Struct(">2sHI7sQ3sQ3sQ2sB")
 assert _PAGES_T.size == _REQ_T.size == _FAST_HEADER
+# The push (Pages with id nil, on BULK) likewise, in a fixed 32-byte header:
+# {"t":4,"i":nil,"k":K,"o":u64,"n":u64} = 85 a1 74 04 a1 69 c0 a1 6b K a1 6f cf <8> a1 6e cf <8>
+_PUSH_HEADER = 32
+_PUSH_C = (b"\x85\xa1t\x04\xa1i\xc0\xa1k", b"\xa1o\xcf", b"\xa1n\xcf")
+_PUSH_T = struct.Struct(">9sB3sQ3sQ")
+_PUSH_F = struct.Struct(">2sHI9sB3sQ3sQ")
+_PUSH_KINDS = frozenset((PageKind.DATA, PageKind.ZERO, PageKind.POISONED))
+assert _PUSH_T.size == _PUSH_HEADER
 _MSGPACK_TRUE, _MSGPACK_FALSE = 0xC3, 0xC2
 
 
@@ -583,6 +591,8 @@ class Connection:
 
     def _send_pages_fast(self, ev: Pages) -> list[bytes | memoryview] | None:
         rid, kind, off, n, data = ev.id, ev.kind, ev.offset, ev.count, ev.data
+        if rid is None:
+            return self._send_push_fast(kind, off, n, data)
         if (
             self.side is not Side.SOURCE
             or type(rid) is not int
@@ -617,6 +627,42 @@ class Connection:
         if end == out.end:
             del self._out[rid]
             self._maybe_done()
+        return [head] if data is None else [head, data]
+
+    def _send_push_fast(
+        self, kind: PageKind, off: int, n: int, data: memoryview | None
+    ) -> list[bytes | memoryview] | None:
+        ps = self.page_size
+        if (
+            self.side is not Side.SOURCE
+            or self.channel is not Channel.BULK
+            or type(off) is not int
+            or type(n) is not int
+            or type(kind) is not PageKind
+            or kind not in _PUSH_KINDS
+            or off < 0
+            or off % ps
+            or not 0 < n <= MAX_PAGES_PER_FRAME
+            or off + n * ps > self.memory_size
+        ):
+            return None
+        if kind is PageKind.DATA:
+            if (
+                type(data) is not memoryview
+                or data.format != "B"
+                or data.ndim != 1
+                or not data.c_contiguous
+                or data.nbytes != n * ps
+                or data.nbytes > MAX_PAYLOAD
+            ):
+                return None
+            pl = data.nbytes
+        elif data is not None:
+            return None
+        else:
+            pl = 0
+        c1, c2, c3 = _PUSH_C
+        head = _PUSH_F.pack(MAGIC, _PUSH_HEADER, pl, c1, kind, c2, off, c3, n)
         return [head] if data is None else [head, data]
 
     def _send_request_fast(self, ev: Request) -> list[bytes | memoryview] | None:
@@ -655,6 +701,25 @@ class Connection:
         )  # fmt: skip
         self._out[rid] = _Out(off, off + n * ps, dig is not None)
         return [head] if dig is None else [head, dig]
+
+    def _accept_push_fast(self, header: bytes, payload: memoryview | None) -> Event | None:
+        if self.side is not Side.DESTINATION or self.channel is not Channel.BULK:
+            return None
+        c1, k, c2, off, c3, n = _PUSH_T.unpack(header)
+        ps = self.page_size
+        if (
+            (c1, c2, c3) != _PUSH_C
+            or off % ps
+            or not 0 < n <= MAX_PAGES_PER_FRAME
+            or off + n * ps > self.memory_size
+        ):
+            return None
+        if k == PageKind.DATA:
+            if payload is None or payload.nbytes != n * ps:
+                return None
+        elif payload is not None or not (k == PageKind.ZERO or k == PageKind.POISONED):
+            return None
+        return Pages(None, _KINDS[k], off, n, payload)
 
     def _accept_fast(self, header: bytes, payload: memoryview | None) -> Event | None:
         t = header[3]
@@ -843,8 +908,14 @@ class Connection:
             raise
 
     def _accept(self, header: bytes, payload: memoryview | None) -> Event:
-        if self._fast_in and len(header) == _FAST_HEADER:
-            fast = self._accept_fast(header, payload)
+        if self._fast_in:
+            hl = len(header)
+            if hl == _FAST_HEADER:
+                fast = self._accept_fast(header, payload)
+            elif hl == _PUSH_HEADER:
+                fast = self._accept_push_fast(header, payload)
+            else:
+                fast = None
             if fast is not None:
                 self.last_was_fast = True
                 return fast
