@@ -39,6 +39,17 @@ static const uint8_t PAGES_C1[7] = {0x85, 0xa1, 't', 0x04, 0xa1, 'i', 0xcf};
 static const uint8_t PAGES_C2[2] = {0xa1, 'k'};
 static const uint8_t PAGES_C3[3] = {0xa1, 'o', 0xcf};
 static const uint8_t PAGES_C4[3] = {0xa1, 'n', 0xcf};
+/* The push (Pages with id nil) in its fixed 32-byte encoding (protocol.py _PUSH_C): the kind
+ * byte sits between the first two constants. */
+static const uint8_t PUSH_C1[9] = {0x85, 0xa1, 't', 0x04, 0xa1, 'i', 0xc0, 0xa1, 'k'};
+static const uint8_t PUSH_C2[3] = {0xa1, 'o', 0xcf};
+static const uint8_t PUSH_C3[3] = {0xa1, 'n', 0xcf};
+#define PUSH_HEADER 32
+#define PUSH_FRAME (PREFIX + PUSH_HEADER)
+/* A fault waits behind at most one unit of bulk work: one recv of this many bytes, or one
+ * placement of this many bytes (at least one page). */
+#define BULK_PIECE (128u << 10)
+#define BULK_SLICE (64u << 10)
 static const uint8_t REQ_C1[7] = {0x85, 0xa1, 't', 0x03, 0xa1, 'i', 0xcf};
 static const uint8_t REQ_C2[3] = {0xa1, 'o', 0xcf};
 static const uint8_t REQ_C3[3] = {0xa1, 'n', 0xcf};
@@ -81,6 +92,15 @@ struct up_demand {
 	size_t evcap, evhead, evlen;
 	int sock_live;
 	int complete_signalled;
+
+	/* BULK: bulk_fd and bulk_state are set by attach (any thread) before the engine sees
+	 * them (bulk_state is the atomic); the rest is the engine thread's (or detach's, when
+	 * not running). bbuf holds the frame being received or placed, from offset 0. */
+	int bulk_fd, bulk_state, bulk_more, bulk_eof;
+	uint8_t *bbuf;
+	size_t bcap, blen;
+	int bk_active, bk_kind;
+	uint64_t bk_off, bk_n, bk_done, slice_pages;
 
 	int stop, release, running, notify; /* atomics */
 	up_demand_stats st;
@@ -150,6 +170,8 @@ up_demand *up_demand_new(int uffd, int sock, uint64_t page_size, uint64_t memory
 	e->next_id = e->out_base = next_id;
 	e->nregions = nregions;
 	e->wake_fd = e->progress_fd = -1;
+	e->bulk_fd = -1;
+	e->slice_pages = page_size < BULK_SLICE ? BULK_SLICE / page_size : 1;
 	pthread_mutex_init(&e->lock, NULL);
 	e->regions = malloc(sizeof(*regions) * (size_t)nregions);
 	e->out_cap = 64;
@@ -189,6 +211,7 @@ void up_demand_free(up_demand *e)
 	free(e->rbuf);
 	free(e->evq);
 	free(e->obuf);
+	free(e->bbuf);
 	free(e);
 }
 
@@ -205,6 +228,8 @@ void up_demand_release_socket(up_demand *e)
 		e->release = 1;
 		if (e->sock >= 0)
 			shutdown(e->sock, SHUT_RDWR);
+		if (LOAD(&e->bulk_state) == UP_BULK_ENGINE)
+			shutdown(e->bulk_fd, SHUT_RDWR); /* the engine sees EOF and lets go of it */
 	}
 	pthread_mutex_unlock(&e->lock);
 	wake(e->wake_fd);
@@ -663,7 +688,8 @@ static int serve_queue(up_demand *e)
 
 /* ---- replies ----------------------------------------------------------------------------- */
 
-static int place_reply(up_demand *e, int kind, uint64_t off, uint64_t n, uint64_t payload)
+static int place_reply(up_demand *e, int kind, uint64_t off, uint64_t n, uint64_t payload,
+		       int engine)
 {
 	const uint64_t len = n * e->ps, endo = off + len;
 	const int op = kind == KIND_DATA ? UP_OP_COPY : kind == KIND_ZERO ? UP_OP_ZERO : UP_OP_POISON;
@@ -675,8 +701,8 @@ static int place_reply(up_demand *e, int kind, uint64_t off, uint64_t n, uint64_
 		if (lo >= hi)
 			continue; /* a gap no region maps, or another region */
 		uint64_t src = op == UP_OP_COPY ? payload + (lo - off) : 0;
-		int rc = place(e, r->ledger, op, (lo - r->offset) / e->ps, (hi - lo) / e->ps, src, 1,
-			       &placed);
+		int rc = place(e, r->ledger, op, (lo - r->offset) / e->ps, (hi - lo) / e->ps, src,
+			       engine, &placed);
 		if (rc)
 			return rc;
 	}
@@ -740,7 +766,7 @@ static int parse(up_demand *e)
 			return UP_DEMAND_FOREIGN;
 		CNT(e, replies, 1);
 		e->rpos += total;
-		int rc = place_reply(e, kind, off, n, (uint64_t)(uintptr_t)(h + FAST_HEADER));
+		int rc = place_reply(e, kind, off, n, (uint64_t)(uintptr_t)(h + FAST_HEADER), 1);
 		if (rc)
 			return rc;
 	}
@@ -781,6 +807,174 @@ static int on_readable(up_demand *e)
 	}
 }
 
+/* ---- the push on BULK -------------------------------------------------------------------- */
+
+int up_demand_attach_bulk(up_demand *e, int fd)
+{
+	int rc = 0;
+	pthread_mutex_lock(&e->lock);
+	if (LOAD(&e->bulk_state) != UP_BULK_NONE || e->bbuf) {
+		rc = -EBUSY;
+	} else if (e->release) {
+		rc = -ENOTCONN;
+	} else {
+		e->bcap = (1u << 20) + PUSH_FRAME;
+		e->bbuf = malloc(e->bcap);
+		if (!e->bbuf) {
+			rc = -ENOMEM;
+		} else {
+			e->bulk_fd = fd;
+			e->bulk_more = 1; /* frames may already wait in the socket */
+			STORE(&e->bulk_state, UP_BULK_ENGINE);
+		}
+	}
+	pthread_mutex_unlock(&e->lock);
+	if (!rc)
+		wake(e->wake_fd);
+	return rc;
+}
+
+int up_demand_bulk_state(up_demand *e)
+{
+	return LOAD(&e->bulk_state);
+}
+
+size_t up_demand_bulk_leftover(up_demand *e, const uint8_t **out, int *eof)
+{
+	*out = e->bbuf;
+	*eof = e->bulk_eof;
+	return LOAD(&e->bulk_state) == UP_BULK_RETURNED ? e->blen : 0;
+}
+
+/* Stop reading BULK at a frame boundary; Python's bulk reader goes on from bbuf[0, blen). */
+static void bulk_hand_back(up_demand *e, int eof)
+{
+	e->bulk_eof = eof;
+	e->bulk_more = 0;
+	STORE(&e->bulk_state, UP_BULK_RETURNED);
+	signal_progress(e);
+}
+
+/* The frame in bbuf[0, blen): 1 if it is not a push in the fixed encoding that passes
+ * Connection._accept_fast's checks (Python's decoder judges it), else 0; a complete one
+ * becomes the active frame. Never places anything. */
+static int bulk_frame(up_demand *e)
+{
+	const uint8_t *p = e->bbuf;
+	if (e->blen < PREFIX)
+		return 0;
+	uint32_t hl = (uint32_t)p[2] << 8 | p[3];
+	uint32_t pl = (uint32_t)p[4] << 24 | (uint32_t)p[5] << 16 | (uint32_t)p[6] << 8 | p[7];
+	if (p[0] != 'u' || p[1] != 'P' || hl != PUSH_HEADER || pl > MAX_PAYLOAD)
+		return 1;
+	if (e->blen < PUSH_FRAME)
+		return 0;
+	const uint8_t *h = p + PREFIX;
+	if (memcmp(h, PUSH_C1, 9) || memcmp(h + 10, PUSH_C2, 3) || memcmp(h + 21, PUSH_C3, 3))
+		return 1;
+	const int kind = h[9];
+	const uint64_t off = be64(h + 13), n = be64(h + 24), ps = e->ps;
+	/* Connection._validate for id nil on BULK: never CLEAN (nothing was asked) */
+	if (!(kind == KIND_DATA || kind == KIND_ZERO || kind == KIND_POISONED) || off % ps ||
+	    n == 0 || n > MAX_PAGES || off > e->memory_size || n > (e->memory_size - off) / ps ||
+	    (kind == KIND_DATA ? (uint64_t)pl != n * ps : pl != 0))
+		return 1;
+	const size_t total = PUSH_FRAME + (size_t)pl;
+	if (total > e->bcap) { /* only the prefix and header are in: cheap to move */
+		uint8_t *b = realloc(e->bbuf, total);
+		if (!b)
+			return -UP_DEMAND_NOMEM;
+		e->bbuf = b;
+		e->bcap = total;
+	}
+	if (e->blen < total)
+		return 0;
+	e->bk_active = 1;
+	e->bk_kind = kind;
+	e->bk_off = off;
+	e->bk_n = n;
+	e->bk_done = 0;
+	return 0;
+}
+
+/* One slice of the active frame (at most slice_pages pages). */
+static int bulk_slice(up_demand *e, int engine)
+{
+	uint64_t k = e->bk_n - e->bk_done;
+	if (k > e->slice_pages)
+		k = e->slice_pages;
+	const uint64_t at = e->bk_done * e->ps;
+	int rc = place_reply(e, e->bk_kind, e->bk_off + at, k,
+			     (uint64_t)(uintptr_t)(e->bbuf + PUSH_FRAME + at), engine);
+	if (rc)
+		return rc; /* -EAGAIN (engine == 0) retries this slice: placed pages are skipped */
+	e->bk_done += k;
+	CNT(e, bulk_pages, k);
+	if (e->bk_done == e->bk_n) {
+		e->bk_active = 0;
+		e->blen = 0;
+		CNT(e, pushes, 1);
+	}
+	return 0;
+}
+
+/* One unit of bulk work: a slice of the active frame, or one bounded recv (never past the
+ * end of the frame being received, so bbuf holds one frame from offset 0). */
+static int bulk_step(up_demand *e)
+{
+	if (e->bk_active)
+		return bulk_slice(e, 1);
+	size_t want = PUSH_FRAME;
+	if (e->blen >= PREFIX) {
+		const uint8_t *p = e->bbuf;
+		want = PREFIX + ((size_t)p[2] << 8 | p[3]) +
+		       ((size_t)p[4] << 24 | (size_t)p[5] << 16 | (size_t)p[6] << 8 | p[7]);
+	}
+	size_t room = want - e->blen;
+	if (room > BULK_PIECE)
+		room = BULK_PIECE;
+	ssize_t got = recv(e->bulk_fd, e->bbuf + e->blen, room, MSG_DONTWAIT);
+	if (got == 0) {
+		bulk_hand_back(e, 1);
+		return 0;
+	}
+	if (got < 0) {
+		if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+			e->bulk_more = 0;
+			return 0;
+		}
+		bulk_hand_back(e, 0); /* Python's recv meets the error itself */
+		return 0;
+	}
+	e->blen += (size_t)got;
+	e->bulk_more = (size_t)got == room;
+	int f = bulk_frame(e);
+	if (f < 0)
+		return -f;
+	if (f)
+		bulk_hand_back(e, 0);
+	return 0;
+}
+
+int up_demand_bulk_detach(up_demand *e)
+{
+	int st = LOAD(&e->bulk_state);
+	if (st == UP_BULK_RETURNED)
+		return 0;
+	if (st == UP_BULK_ENGINE && LOAD(&e->running))
+		return -EBUSY;
+	/* not running: finish the frame being placed (this thread is not the userfaultfd's
+	 * reader: a pending event makes it -EAGAIN, to be called again) */
+	while (e->bk_active) {
+		int rc = bulk_slice(e, 0);
+		if (rc)
+			return rc;
+	}
+	e->bulk_more = 0;
+	STORE(&e->bulk_state, UP_BULK_RETURNED);
+	return 0;
+}
+
 /* ---- the loop ---------------------------------------------------------------------------- */
 
 int up_demand_run(up_demand *e)
@@ -803,13 +997,18 @@ int up_demand_run(up_demand *e)
 		}
 		if (e->sock_live && LOAD(&e->release))
 			e->sock_live = 0;
-		struct pollfd p[3] = {
+		const int bulk = LOAD(&e->bulk_state) == UP_BULK_ENGINE;
+		/* work that needs no wait: poll only to look at the fds, serve faults first */
+		const int busy = (bulk && (e->bk_active || e->bulk_more)) || e->evhead < e->evlen;
+		struct pollfd p[4] = {
 			{.fd = e->uffd, .events = POLLIN},
 			{.fd = e->wake_fd, .events = POLLIN},
-			{.fd = e->sock, .events = (short)(POLLIN | (want_out ? POLLOUT : 0))},
+			{.fd = e->sock_live ? e->sock : -1,
+			 .events = (short)(POLLIN | (want_out ? POLLOUT : 0))},
+			{.fd = bulk ? e->bulk_fd : -1, .events = POLLIN},
 		};
-		int np = e->sock_live ? 3 : 2;
-		if (poll(p, (nfds_t)np, -1) < 0) {
+		int np = bulk ? 4 : e->sock_live ? 3 : 2;
+		if (poll(p, (nfds_t)np, busy ? 0 : -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			STORE(&e->st.last_errno, errno);
@@ -834,14 +1033,21 @@ int up_demand_run(up_demand *e)
 			}
 			if ((rc = serve_queue(e)))
 				break;
+		} else if (e->evhead < e->evlen && (rc = serve_queue(e))) {
+			break; /* faults a placement read while waiting out an event */
 		}
-		if (np == 3 && (p[2].revents & POLLOUT)) {
+		if (e->sock_live && (p[2].revents & POLLOUT)) {
 			pthread_mutex_lock(&e->lock);
 			flush_locked(e);
 			pthread_mutex_unlock(&e->lock);
 		}
-		if (np == 3 && (p[2].revents & (POLLIN | POLLHUP | POLLERR))) {
+		if (e->sock_live && (p[2].revents & (POLLIN | POLLHUP | POLLERR))) {
 			if ((rc = on_readable(e)))
+				break;
+		}
+		if (bulk && LOAD(&e->bulk_state) == UP_BULK_ENGINE &&
+		    (e->bk_active || e->bulk_more || p[3].revents)) {
+			if ((rc = bulk_step(e)))
 				break;
 		}
 		check_complete(e);

@@ -50,6 +50,8 @@ typedef struct up_demand_stats {
 	uint64_t remaps;     /* REMAP events: not supported, logged by Python */
 	uint64_t replies;    /* fast Pages frames accepted */
 	uint64_t unsent;     /* requests that found no socket (after the source was let go) */
+	uint64_t bulk_pages; /* pages of the pushes the engine took from BULK */
+	uint64_t pushes;     /* push frames (fixed 32-byte encoding) the engine took */
 	uint64_t last_fault; /* address of the last fault counted as unknown or minor */
 	int32_t last_errno;
 } up_demand_stats;
@@ -91,6 +93,22 @@ int64_t up_demand_outstanding(up_demand *e, uint64_t *ids, uint64_t *next, uint6
 size_t up_demand_leftover(up_demand *e, const uint8_t **out);
 /* Bytes queued for the socket but not yet sent (after run() returned). */
 size_t up_demand_unsent(up_demand *e, const uint8_t **out);
+/* The BULK socket (docs/DESIGN.md, "The demand engine"): who owns it. */
+#define UP_BULK_NONE 0     /* never attached: Python's bulk reader owns it */
+#define UP_BULK_ENGINE 1   /* the engine reads it (while running) */
+#define UP_BULK_RETURNED 2 /* the engine let go of it at a frame boundary: Python owns it and
+			    * takes up_demand_bulk_leftover() first */
+/* Thread-safe: the engine reads the push from `fd` (handshaken, at a frame boundary) from
+ * now on, between faults, in slices. 0, or -EBUSY if a BULK socket was attached before. */
+int up_demand_attach_bulk(up_demand *e, int fd);
+int up_demand_bulk_state(up_demand *e);
+/* Take BULK back: when the engine already returned it, or (not running) at once, after
+ * placing the rest of the frame it was placing. 0, -EBUSY (running and still using it), or
+ * a UP_DEMAND_* code (> 0) if that placement failed. State is then UP_BULK_RETURNED. */
+int up_demand_bulk_detach(up_demand *e);
+/* After UP_BULK_RETURNED: bytes received from BULK and not consumed (from the frame the
+ * engine did not take on), and whether it had seen the peer's EOF after them. */
+size_t up_demand_bulk_leftover(up_demand *e, const uint8_t **out, int *eof);
 /* Encode the fast Request frame (48 bytes) the engine sends; for tests. */
 void up_demand_encode_request(uint8_t out[48], uint64_t id, uint64_t offset, uint64_t count);
 #endif

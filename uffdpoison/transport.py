@@ -183,6 +183,30 @@ class FrameTransport:
                 raise ConnectionLost(f"{self.name}: peer closed the connection")
             return ev  # type: ignore[return-value]
 
+    async def receive_to_boundary(self) -> protocol.Event | None:
+        """The next event already begun, reading no byte past the end of its frame; None once
+        the Connection holds nothing (a frame boundary), so another reader of the socket (the
+        C demand engine) can go on from there. Raises as ``receive_nowait``."""
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            if ev is protocol.CLOSED:
+                raise ConnectionLost(f"{self.name}: peer closed the connection")
+            if ev is not protocol.NEED_DATA:
+                return ev  # type: ignore[return-value]
+            if conn.idle:
+                return None
+            want = min(conn.bytes_wanted, RECV_SIZE)
+            try:
+                n = self.sock.recv_into(self._rview[:want])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError as e:
+                raise ConnectionLost(f"{self.name}: receive failed: {e}") from e
+            self.bytes_in += n
+            conn.receive_data(self._rview[:n])
+
     async def receive(self) -> protocol.Event:
         """The next event from the peer, waiting for it (see ``receive_nowait``).
 

@@ -47,6 +47,7 @@ from uffdpoison.kernel import (
     RunResult,
     Userfaultfd,
 )
+from uffdpoison.kernel.demand import BulkState
 from uffdpoison.ledger import Ledger, PageState
 from uffdpoison.protocol import PageKind
 from uffdpoison.transport import ConnectionLost, FrameTransport
@@ -113,6 +114,8 @@ class Session:
         self.use_engine = _DEFAULT_ENGINE if engine is None else engine
         self._engine: DemandEngine | None = None
         self._engine_live = False  # the engine owns the userfaultfd and the URGENT socket
+        self._bulk_in_engine = False  # BULK was attached to the engine and not taken back
+        self._bulk_back = trio.Event()  # the engine let go of BULK (or returned)
         self._logged: dict[str, int] = {}
         self._logged_at: dict[str, float] = {}
         self.completed = trio.Event()
@@ -196,8 +199,8 @@ class Session:
         if self._engine_live and self._engine is not None:
             # The engine is using the URGENT socket: shut it down under it (the source sees
             # EOF, the engine stops using it); the fd is closed once the engine has returned.
-            self._engine.release_socket()
-            if self.client.bulk is not None:
+            self._engine.release_socket()  # shuts BULK down too, if the engine reads it
+            if self.client.bulk is not None and not self._bulk_in_engine:
                 self.client.bulk.close()
         else:
             self.client.close()
@@ -302,7 +305,7 @@ class Session:
             self._engine_live = False
             self._log_engine()
             if self._client_closed:
-                self.client.urgent.close()  # deferred by _close_client
+                self.client.close()  # deferred by _close_client
         await self._hand_over(eng, result)
 
     async def _engine_progress(self, eng: DemandEngine) -> None:
@@ -312,6 +315,10 @@ class Session:
             with contextlib.suppress(BlockingIOError):
                 os.read(fd, 8)
             self._log_engine()
+            if self._bulk_in_engine and eng.bulk_state is BulkState.RETURNED:
+                self._bulk_back.set()
+                if self._client_closed and self.client.bulk is not None:
+                    self.client.bulk.close()  # deferred by _close_client
             self._check_complete()
 
     def _log_engine(self) -> None:
@@ -340,7 +347,9 @@ class Session:
         """The engine returned: the URGENT channel comes back to Python's Connection, which
         learns the engine's outstanding requests and judges the bytes the engine did not
         take (a valid generic encoding goes on; an Error, EOF or violation fails the session
-        in the Python loop, as it always has)."""
+        in the Python loop, as it always has). BULK goes back to the bulk reader too."""
+        if self._bulk_in_engine:
+            self._bulk_back.set()
         if result is RunResult.TARGET_GONE:
             raise SessionEnded(f"guest memory is gone: {os.strerror(eng.last_errno)}")
         if result in (RunResult.PLACE_ERROR, RunResult.UFFD_ERROR, RunResult.NOMEM):
@@ -569,19 +578,68 @@ class Session:
         t = self.client.bulk
         assert t is not None
         chunk = _bulk_chunk(self.page_size)
+        eng = self._engine if self._engine_live else None
+        if eng is not None:
+            # What the handshake's reads already took is placed here, up to a frame boundary;
+            # from there the engine reads the push, between faults, until a frame it does not
+            # take (Done, Error, another encoding) or EOF hands BULK back (docs/DESIGN.md).
+            while (ev := await t.receive_to_boundary()) is not None:
+                if await self._on_bulk(ev, chunk):
+                    return
+            if self._engine_live and not self._client_closed:
+                eng.attach_bulk(t.sock.fileno())
+                self._bulk_in_engine = True
+                await self._bulk_back.wait()
+                await self._take_bulk_back(eng, t)
         while True:
-            ev = await t.receive()
-            if isinstance(ev, protocol.Pages):
-                self._py_stats.bulk_pages += ev.count
-                await self.placer.place(ev, chunk=chunk)
-            elif isinstance(ev, protocol.Done):
-                self._check_complete()
-                if not self.completed.is_set():
-                    counts = self.page_counts()
-                    log.info("%s: source offered every page; waiting on %s", self.name, counts)
+            if await self._on_bulk(await t.receive(), chunk):
                 return
-            elif isinstance(ev, protocol.Error):
-                raise SessionFailed(f"source error on the bulk channel: {ev.code}: {ev.message}")
+
+    async def _on_bulk(self, ev: protocol.Event, chunk: int) -> bool:
+        """One event from BULK; True once the push is over (Done)."""
+        if isinstance(ev, protocol.Pages):
+            self._py_stats.bulk_pages += ev.count
+            await self.placer.place(ev, chunk=chunk)
+        elif isinstance(ev, protocol.Done):
+            self._check_complete()
+            if not self.completed.is_set():
+                counts = self.page_counts()
+                log.info("%s: source offered every page; waiting on %s", self.name, counts)
+            return True
+        elif isinstance(ev, protocol.Error):
+            raise SessionFailed(f"source error on the bulk channel: {ev.code}: {ev.message}")
+        return False
+
+    async def _take_bulk_back(self, eng: DemandEngine, t: FrameTransport) -> None:
+        """The engine let go of BULK (or returned): its Connection goes on from the bytes the
+        engine did not take."""
+        while (rc := eng.detach_bulk()) == -errno.EAGAIN:
+            await trio.sleep(0.0005)  # a pending event: the demand path reads it
+        if rc > 0:
+            if rc == RunResult.TARGET_GONE:
+                raise SessionEnded(f"guest memory is gone: {os.strerror(eng.last_errno)}")
+            raise SessionFailed(
+                f"demand engine: bulk: {RunResult(rc).name.lower()}: {os.strerror(eng.last_errno)}"
+            )
+        if rc < 0:
+            raise SessionFailed(f"demand engine: bulk: {os.strerror(-rc)}")
+        leftover, eof = eng.bulk_leftover()
+        self._bulk_in_engine = False
+        try:
+            if leftover:
+                t.conn.receive_data(leftover)
+            if eof:
+                t.conn.receive_data(b"")
+        except protocol.ProtocolError as e:
+            raise SessionFailed(f"source {self.client.address}: {e}") from None
+        log.info(
+            "%s: BULK handed back to Python (%d push page(s) placed by the engine, %d byte(s)"
+            " unparsed%s)",
+            self.name,
+            eng.stats()["bulk_pages"],
+            len(leftover),
+            ", then EOF" if eof else "",
+        )
 
     # -- for embedders ---------------------------------------------------------------------
 

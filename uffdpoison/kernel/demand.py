@@ -17,7 +17,7 @@ from typing import Any
 from uffdpoison.kernel._ffi import ffi, lib
 from uffdpoison.kernel.pagestates import PageStates
 
-__all__ = ["DemandEngine", "DemandRegion", "RunResult", "encode_request"]
+__all__ = ["BulkState", "DemandEngine", "DemandRegion", "RunResult", "encode_request"]
 
 REQUEST_SIZE = 48
 
@@ -33,6 +33,14 @@ class RunResult(enum.IntEnum):
     PLACE_ERROR = lib.UP_DEMAND_PLACE_ERROR
     UFFD_ERROR = lib.UP_DEMAND_UFFD_ERROR
     NOMEM = lib.UP_DEMAND_NOMEM
+
+
+class BulkState(enum.IntEnum):
+    """Who reads the BULK socket (``DemandEngine.attach_bulk``)."""
+
+    NONE = lib.UP_BULK_NONE  # never attached: Python
+    ENGINE = lib.UP_BULK_ENGINE  # the engine, between faults
+    RETURNED = lib.UP_BULK_RETURNED  # handed back at a frame boundary: Python, leftover first
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +129,34 @@ class DemandEngine:
         (runs of at most ``max_run`` pages; 0 = the protocol's limit); removed pages are
         zeroed. Thread-safe. 0, or -errno (-EAGAIN: retry after a moment)."""
         return int(lib.up_demand_request(self._raw(), region, first, count, max_run))
+
+    def attach_bulk(self, fd: int) -> None:
+        """The engine reads the source's push from ``fd`` (the BULK socket, at a frame
+        boundary) from now on, between faults; keep the fd open until it is handed back or
+        ``run`` returned. It hands BULK back (``bulk_state``, progress_fd) at the first frame
+        that is not a push in the fixed encoding, or at EOF."""
+        rc = lib.up_demand_attach_bulk(self._raw(), fd)
+        if rc < 0:
+            raise OSError(-rc, f"demand engine: attach BULK: {os.strerror(-rc)}")
+
+    @property
+    def bulk_state(self) -> BulkState:
+        return BulkState(lib.up_demand_bulk_state(self._raw()))
+
+    def detach_bulk(self) -> int:
+        """Take BULK back: 0 once it is Python's (the frame being placed is finished first;
+        the engine must have returned unless it handed BULK back itself); -EAGAIN: a pending
+        event met that placement, call again after it was read; > 0: a ``RunResult``
+        failure code of that placement."""
+        return int(lib.up_demand_bulk_detach(self._raw()))
+
+    def bulk_leftover(self) -> tuple[bytes, bool]:
+        """After BULK was handed back: the bytes received and not consumed, and whether the
+        peer's EOF followed them."""
+        p = ffi.new("const uint8_t **")
+        eof = ffi.new("int *")
+        n = lib.up_demand_bulk_leftover(self._raw(), p, eof)
+        return (bytes(ffi.buffer(p[0], n)) if n else b""), bool(eof[0])
 
     @property
     def running(self) -> bool:
