@@ -470,3 +470,252 @@ async def test_reply_for_a_page_discarded_while_in_flight_is_dropped(nursery: tr
             st = srv.session.stats
             assert (st.dropped, st.zero_after_remove, st.copied, st.zeroed) == (1, 1, 0, 1)
             assert srv.session._engine_live
+
+
+# ---- the push on BULK, read by the engine ----------------------------------------------------
+
+Push = Callable[[trio.SocketStream, protocol.Connection], Awaitable[None]]
+
+
+async def _fake_bulk_source(nursery: trio.Nursery, npages: int, push: Push) -> str:
+    """URGENT answers every Request with zero pages; BULK runs ``push`` after the Welcome."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await serve_one(stream)
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        conn: protocol.Connection | None = None
+        buf = bytearray()
+        while conn is None:  # the Hello says which channel this is
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                return
+            buf += data
+            for ch in (Channel.URGENT, Channel.BULK):
+                c = protocol.Connection(Side.SOURCE, ch)
+                c.receive_data(bytes(buf))
+                with contextlib.suppress(protocol.ProtocolError):
+                    if isinstance(c.next_event(), protocol.Hello):
+                        conn = c
+                        break
+        welcome = protocol.Welcome(protocol.PROTOCOL_VERSION, b"fake", PS, npages * PS, 0, 0, None)
+        for b in conn.send(welcome):
+            await stream.send_all(b)
+        if conn.channel is Channel.BULK:
+            await push(stream, conn)
+            await trio.sleep_forever()
+        while True:
+            while (ev := conn.next_event()) is protocol.NEED_DATA:
+                data = await stream.receive_some(1 << 16)
+                conn.receive_data(data)
+            if not isinstance(ev, protocol.Request):
+                return
+            await stream.send_all(_fast_pages(ev.id, PageKind.ZERO, ev.offset, ev.count))
+
+    nursery.start_soon(partial(trio.serve_listeners, handle, listeners))
+    return f"127.0.0.1:{port}"
+
+
+async def _send(stream: trio.SocketStream, conn: protocol.Connection, ev: protocol.Event) -> None:
+    await stream.send_all(b"".join(bytes(b) for b in conn.send(ev)))
+
+
+def _fast_push(kind: int, off: int, n: int, payload: bytes = b"") -> bytes:
+    c1, c2, c3 = protocol._PUSH_C
+    return protocol._PUSH_F.pack(b"uP", 32, len(payload), c1, kind, c2, off, c3, n) + payload
+
+
+def _page(i: int) -> bytes:
+    return bytes([i % 251 + 1]) * PS
+
+
+async def _wait_bulk_attached(session: Session) -> None:
+    with trio.fail_after(5):
+        while not session._bulk_in_engine:
+            await trio.sleep(0.002)
+
+
+async def test_engine_places_the_push_data_zero_and_poison(nursery: trio.Nursery) -> None:
+    """Pushes in the fixed encoding are read and placed by the engine (not Python): data,
+    zero pages and poison markers (touches SIGBUS); the Done hands BULK back and the session
+    completes."""
+    n = 96
+    poison = {7, 40, 41, 95}
+    zero = set(range(60, 70))
+    started = trio.Event()
+
+    async def push(stream: trio.SocketStream, conn: protocol.Connection) -> None:
+        await started.wait()  # the engine has BULK: it must take every push
+        i = 0
+        while i < n:
+            j = i
+            kind = PageKind.POISONED if i in poison else PageKind.ZERO if i in zero else None
+            while j < n and j - i < 20:
+                k = PageKind.POISONED if j in poison else PageKind.ZERO if j in zero else None
+                if k is not kind:
+                    break
+                j += 1
+            if kind is None:
+                data = memoryview(b"".join(_page(p) for p in range(i, j)))
+                await _send(stream, conn, protocol.Pages(None, PageKind.DATA, i * PS, j - i, data))
+            else:
+                await _send(stream, conn, protocol.Pages(None, kind, i * PS, j - i))
+            i = j
+        await _send(stream, conn, protocol.Done())
+
+    source = await _fake_bulk_source(nursery, n, push)
+    with memory.anon(n * PS) as m:
+        async with serve_memory([Region(m.addr, n * PS, 0)], source) as srv:
+            session = srv.session
+            await _wait_bulk_attached(session)
+            started.set()
+            with trio.fail_after(10):
+                await srv.wait_complete()
+            eng = session._engine
+            assert eng is not None and session._engine_live
+            st = eng.stats()
+            assert st["bulk_pages"] == n and st["faults"] == 0
+            assert st["poisoned"] == len(poison) and st["zeroed"] == len(zero)
+            assert st["copied"] == n - len(poison) - len(zero)
+            assert session._py_stats.bulk_pages == 0, "Python placed part of the push"
+            assert session.stats.bulk_pages == n  # merged into placement.Stats
+            with trio.fail_after(5):
+                while session._bulk_in_engine:  # the Done handed BULK back
+                    await trio.sleep(0.002)
+            t = _touch([m.addr + i * PS for i in range(n)])
+            await t.wait()
+            r = t.results
+            for i in range(n):
+                if i in poison:
+                    assert r.outcome[i] == OUTCOME_SIGBUS and r.si_code[i] in SIGBUS_CODES
+                    assert r.si_addr[i] == m.addr + i * PS
+                else:
+                    assert r.outcome[i] == OUTCOME_OK, f"page {i}"
+                    assert r.value[i] == (0 if i in zero else i % 251 + 1), f"page {i}"
+            assert eng.stats()["faults"] == 0
+
+
+@pytest.mark.parametrize("frame", ["generic", "error", "eof"])
+async def test_frames_the_engine_does_not_take_go_to_python(
+    nursery: trio.Nursery, frame: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A push in another encoding, an Error or EOF on BULK hands BULK back to Python's bulk
+    reader, with the bytes after it: a generic push is placed by Python and the session
+    completes; an Error or EOF fails it (as before)."""
+    n = 64
+    started = trio.Event()
+
+    async def push(stream: trio.SocketStream, conn: protocol.Connection) -> None:
+        await started.wait()
+        data = memoryview(b"".join(_page(p) for p in range(32)))
+        await _send(stream, conn, protocol.Pages(None, PageKind.DATA, 0, 32, data))
+        if frame == "generic":
+            rest = b"".join(
+                _generic_pages(None, PageKind.DATA, i * PS, 1, _page(i))  # type: ignore[arg-type]
+                for i in range(32, n)
+            )
+            await stream.send_all(rest + wire_done())
+        elif frame == "error":
+            body = msgpack.packb({"t": 5, "i": None, "c": "read-failed", "m": "disk on fire"})
+            await stream.send_all(struct.pack(">2sHI", b"uP", len(body), 0) + body)
+        else:
+            await stream.aclose()
+
+    def wire_done() -> bytes:
+        body = msgpack.packb({"t": 6})
+        return struct.pack(">2sHI", b"uP", len(body), 0) + body
+
+    caplog.set_level(logging.INFO, logger="uffdpoison.destination.faultloop")
+    source = await _fake_bulk_source(nursery, n, push)
+    with memory.anon(n * PS) as m:
+        ctx = (
+            contextlib.nullcontext()
+            if frame == "generic"
+            else pytest.raises(SessionFailed, match="disk on fire" if frame == "error" else "lost")
+        )
+        with ctx:
+            async with serve_memory([Region(m.addr, n * PS, 0)], source) as srv:
+                session = srv.session
+                await _wait_bulk_attached(session)
+                started.set()
+                with trio.fail_after(10):
+                    await srv.wait_complete()
+                    pytest.fail("the session completed") if frame != "generic" else None
+                eng = session._engine
+                assert eng is not None and session._engine_live
+                assert eng.stats()["bulk_pages"] == 32
+                assert session._py_stats.bulk_pages == n - 32
+                assert m.read(0, n * PS) == b"".join(_page(i) for i in range(n))
+        assert any("BULK handed back to Python" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", ["clean", "misaligned", "past-end", "short-payload", "zero-count"])
+async def test_malformed_push_fails_the_session_and_places_nothing(
+    nursery: trio.Nursery, bad: str
+) -> None:
+    """A push in the fixed encoding that fails a check is not placed by the engine: Python's
+    decoder judges it and fails the session; nothing of it reaches guest memory."""
+    n = 16
+    started = trio.Event()
+
+    async def push(stream: trio.SocketStream, conn: protocol.Connection) -> None:
+        await started.wait()
+        frame = {
+            "clean": _fast_push(4, 0, 1),
+            "misaligned": _fast_push(1, 100, 1, _page(1)),
+            "past-end": _fast_push(1, (n - 1) * PS, 2, _page(1) * 2),
+            "short-payload": _fast_push(1, 0, 2, _page(1)),
+            "zero-count": _fast_push(2, 0, 0),
+        }[bad]
+        await stream.send_all(frame)
+
+    source = await _fake_bulk_source(nursery, n, push)
+    events: list[dict[str, Any]] = []
+    with memory.anon(n * PS) as m:
+        with pytest.raises(SessionFailed):
+            async with serve_memory(
+                [Region(m.addr, n * PS, 0)], source, status=events.append
+            ) as srv:
+                await _wait_bulk_attached(srv.session)
+                started.set()
+                await trio.sleep(10)
+                pytest.fail("the session did not fail")
+        failed = [e for e in events if e["event"] == "session-failed"]
+        assert failed and failed[0]["pages"]["present"] == 0
+        assert failed[0]["placed"]["copied"] == failed[0]["placed"]["bulk_pages"] == 0
+
+
+async def test_faults_are_served_while_the_engine_places_a_large_push(
+    nursery: trio.Nursery,
+) -> None:
+    """A real source pushing 64 MiB uncapped while a vCPU touches pages: every touch gets its
+    page (data digests match, poison SIGBUSes), the engine placed push pages, and the
+    session completes."""
+    n = 16384
+    guest = make_guest(n, poisoned=[i for i in range(n) if i % 997 == 5], zero=[])
+    source = await start_source(nursery, guest.backend())
+    order = [(i * 7919) % n for i in range(2000)]
+    with memory.anon(n * PS) as m:
+        async with serve_memory([Region(m.addr, n * PS, 0)], source) as srv:
+            session = srv.session
+            t = _touch([m.addr + i * PS for i in order], digest=True)
+            with trio.fail_after(30):
+                await t.wait()
+                await srv.wait_complete()
+            eng = session._engine
+            assert eng is not None and session._engine_live
+            st = eng.stats()
+            assert st["bulk_pages"] > n // 2, st
+            assert st["faults"] > 0
+            assert session.stats.bulk_pages == st["bulk_pages"] + session._py_stats.bulk_pages
+            assert srv.page_counts()["poisoned"] == len(guest.poisoned)
+            r = t.results
+    digests = guest.digests()
+    for k, i in enumerate(order):
+        if i in guest.poisoned:
+            assert r.outcome[k] == OUTCOME_SIGBUS and r.si_code[k] in SIGBUS_CODES
+        else:
+            assert r.outcome[k] == OUTCOME_OK and r.digest[k] == digests[i], f"page {i}"

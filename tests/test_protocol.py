@@ -1044,3 +1044,81 @@ def test_frames_before_a_framing_error_are_delivered_first() -> None:
     dst.receive_data(wire(src.send(Pages(1, PageKind.ZERO, PS, 1))))  # dropped: stream is dead
     with pytest.raises(ProtocolError, match="magic"):
         dst.next_event()
+
+
+# ---------------------------------------------------------------------------- the push encoding
+
+
+def fast_push(kind: int, off: int, n: int, payload: bytes = b"") -> bytes:
+    """A push (Pages, id nil) in the fixed 32-byte encoding, bypassing send()."""
+    c1, c2, c3 = proto._PUSH_C
+    return proto._PUSH_F.pack(MAGIC, 32, len(payload), c1, kind, c2, off, c3, n) + payload
+
+
+def test_push_fixed_encoding_bytes_and_round_trip() -> None:
+    src, dst = handshake(BULK)
+    data = memoryview(bytes(range(256)) * (2 * PS // 256))
+    parts = src.send(Pages(None, PageKind.DATA, 3 * PS, 2, data))
+    assert parts[1] is data  # the payload is not copied
+    head = bytes(parts[0])
+    assert head == (
+        b"uP\x00\x20\x00\x00\x20\x00"
+        + bytes.fromhex("85a17404a169c0a16b01a16fcf")
+        + (3 * PS).to_bytes(8, "big")
+        + bytes.fromhex("a16ecf")
+        + (2).to_bytes(8, "big")
+    )
+    # ordinary msgpack: an older receiver decodes it generically
+    assert msgpack.unpackb(head[PREFIX_SIZE:]) == {"t": 4, "i": None, "k": 1, "o": 3 * PS, "n": 2}
+    dst.receive_data(wire(parts))
+    assert drain(dst) == [Pages(None, PageKind.DATA, 3 * PS, 2, data)]
+    assert dst.last_was_fast
+    for kind in (PageKind.ZERO, PageKind.POISONED):
+        parts = src.send(Pages(None, kind, MEM - PS, 1))
+        assert len(parts) == 1 and len(parts[0]) == PREFIX_SIZE + 32
+        dst.receive_data(wire(parts))
+        assert drain(dst) == [Pages(None, kind, MEM - PS, 1)] and dst.last_was_fast
+    # the generic encoding of the same push decodes to the same event, not as fast
+    dst.receive_data(raw_frame(pages_hdr(None, 2, 0, 1)))
+    assert drain(dst) == [Pages(None, PageKind.ZERO, 0, 1)] and not dst.last_was_fast
+    assert dst.outstanding == 0 and src.outstanding == 0
+
+
+def test_unusual_pushes_take_the_generic_path() -> None:
+    """The fast sender declines whatever the generic path must judge: it names the problem."""
+    src, _ = handshake(BULK)
+    assert_send_rejected(src, Pages(None, PageKind.CLEAN, 0, 1), "CLEAN")
+    assert_send_rejected(src, Pages(None, PageKind.ZERO, 100, 1), "not aligned")
+    assert_send_rejected(src, Pages(None, PageKind.ZERO, MEM, 1), "past memory_size")
+    assert_send_rejected(src, Pages(None, PageKind.ZERO, 0, 0), "count 0")
+    assert_send_rejected(
+        src, Pages(None, PageKind.DATA, 0, 1, memoryview(b"x" * 10)), "DATA payload"
+    )
+    assert_send_rejected(src, Pages(None, PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload")
+    usrc, _ = handshake(URGENT)
+    assert_send_rejected(usrc, Pages(None, PageKind.ZERO, 0, 1), "URGENT")
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (fast_push(4, 0, 1), ("CLEAN",)),
+        (fast_push(9, 0, 1), ("unknown kind",)),
+        (fast_push(2, 100, 1), ("not aligned",)),
+        (fast_push(2, MEM, 1), ("past memory_size",)),
+        (fast_push(2, 2**64 - PS, 1), ("past memory_size",)),
+        (fast_push(2, 0, 0), ("count 0",)),
+        (fast_push(2, 0, MAX_PAGES_PER_FRAME + 1), ("count",)),
+        (fast_push(1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
+        (fast_push(1, 0, 1), ("DATA payload is 0 bytes",)),
+        (fast_push(3, 0, 1, b"x" * 8), ("no payload",)),
+    ],
+)
+def test_malformed_push_falls_back_and_is_named(frame: bytes, words: tuple[str]) -> None:
+    _, dst = handshake(BULK)
+    assert_rejected(dst, frame, *words)
+
+
+def test_push_encoding_on_urgent_is_refused() -> None:
+    _, dst = handshake(URGENT)
+    assert_rejected(dst, fast_push(2, 0, 1), "URGENT")
