@@ -12,8 +12,10 @@ userfaultfd and the URGENT connection) runs in one of two ways:
 * in Python (``engine=False``, or after such a hand-over): one task drains the userfaultfd and
   places urgent replies, never waiting on the source or on a placement.
 
-Either way the **bulk reader** places the source's background push in small chunks, through
-the same ledgers (which are thread-safe in C).
+The source's background push (BULK): with the engine, the engine reads and places it between
+faults, in 64 KiB slices, and hands BULK back to Python's **bulk reader** at the first frame
+that is not a push in the fixed encoding (Done, Error, EOF...); without it, the bulk reader
+places it all, in small chunks. Both go through the same ledgers (thread-safe in C).
 
 Page state lives only in the ledgers (C arrays, one byte a page).
 
