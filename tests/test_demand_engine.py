@@ -477,8 +477,11 @@ async def test_reply_for_a_page_discarded_while_in_flight_is_dropped(nursery: tr
 Push = Callable[[trio.SocketStream, protocol.Connection], Awaitable[None]]
 
 
-async def _fake_bulk_source(nursery: trio.Nursery, npages: int, push: Push) -> str:
-    """URGENT answers every Request with zero pages; BULK runs ``push`` after the Welcome."""
+async def _fake_bulk_source(
+    nursery: trio.Nursery, npages: int, push: Push, *, generic_replies: bool = False
+) -> str:
+    """URGENT answers every Request with zero pages (in the generic encoding if asked: the
+    engine hands URGENT back); BULK runs ``push`` after the Welcome."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
 
@@ -513,7 +516,8 @@ async def _fake_bulk_source(nursery: trio.Nursery, npages: int, push: Push) -> s
                 conn.receive_data(data)
             if not isinstance(ev, protocol.Request):
                 return
-            await stream.send_all(_fast_pages(ev.id, PageKind.ZERO, ev.offset, ev.count))
+            encode = _generic_pages if generic_replies else _fast_pages
+            await stream.send_all(encode(ev.id, PageKind.ZERO, ev.offset, ev.count))
 
     nursery.start_soon(partial(trio.serve_listeners, handle, listeners))
     return f"127.0.0.1:{port}"
@@ -719,3 +723,47 @@ async def test_faults_are_served_while_the_engine_places_a_large_push(
             assert r.outcome[k] == OUTCOME_SIGBUS and r.si_code[k] in SIGBUS_CODES
         else:
             assert r.outcome[k] == OUTCOME_OK and r.digest[k] == digests[i], f"page {i}"
+
+
+async def test_urgent_hand_over_takes_bulk_back_too(nursery: trio.Nursery) -> None:
+    """When the engine returns (here: a generic reply on URGENT), BULK goes back to Python
+    with it: the pushes after that are placed by Python's bulk reader, and the session
+    completes."""
+    n = 64
+    started, more = trio.Event(), trio.Event()
+
+    async def push(stream: trio.SocketStream, conn: protocol.Connection) -> None:
+        await started.wait()
+        data = memoryview(b"".join(_page(p) for p in range(32)))
+        await _send(stream, conn, protocol.Pages(None, PageKind.DATA, 0, 32, data))
+        await more.wait()
+        data = memoryview(b"".join(_page(p) for p in range(33, n)))
+        await _send(stream, conn, protocol.Pages(None, PageKind.DATA, 33 * PS, n - 33, data))
+        await _send(stream, conn, protocol.Done())
+
+    source = await _fake_bulk_source(nursery, n, push, generic_replies=True)
+    with memory.anon(n * PS) as m:
+        async with serve_memory([Region(m.addr, n * PS, 0)], source) as srv:
+            session = srv.session
+            await _wait_bulk_attached(session)
+            started.set()
+            eng = session._engine
+            assert eng is not None
+            with trio.fail_after(5):
+                while eng.stats()["bulk_pages"] < 32:
+                    await trio.sleep(0.002)
+            t = _touch([m.addr + 32 * PS])  # requested; the generic reply hands URGENT over
+            await t.wait()
+            assert t.results.value[0] == 0
+            assert not session._engine_live
+            with trio.fail_after(5):
+                while session._bulk_in_engine:
+                    await trio.sleep(0.002)
+            more.set()
+            with trio.fail_after(10):
+                await srv.wait_complete()
+            assert eng.stats()["bulk_pages"] == 32
+            assert session._py_stats.bulk_pages == n - 33
+            want = [_page(i) for i in range(n)]
+            want[32] = bytes(PS)
+            assert m.read(0, n * PS) == b"".join(want)
