@@ -48,7 +48,7 @@ static const uint8_t PUSH_C3[3] = {0xa1, 'n', 0xcf};
 #define PUSH_FRAME (PREFIX + PUSH_HEADER)
 /* A fault waits behind at most one unit of bulk work: one recv of this many bytes, or one
  * placement of this many bytes (at least one page). */
-#define BULK_PIECE (128u << 10)
+#define BULK_PIECE (256u << 10)
 #define BULK_SLICE (64u << 10)
 static const uint8_t REQ_C1[7] = {0x85, 0xa1, 't', 0x03, 0xa1, 'i', 0xcf};
 static const uint8_t REQ_C2[3] = {0xa1, 'o', 0xcf};
