@@ -4,6 +4,7 @@ for: byte-identical replies, hand-over of every frame it does not serve, shutdow
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import threading
@@ -33,6 +34,7 @@ from uffdpoison.protocol import (
     Welcome,
 )
 from uffdpoison.source.backends import Backend, ImageBackend, MemoryBackend
+from uffdpoison.source.server import _PushPriority
 
 PS = 4096
 HUGE = 2 << 20
@@ -393,3 +395,51 @@ def test_binding_stop_and_peer_errors() -> None:
                 assert outcome is Outcome.BROKEN and r.errno == errno.ETIMEDOUT
                 assert time.monotonic() - t0 >= 0.2
                 assert r.take_counters()["bytes_sent"] < 256 * PS
+
+
+def _thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_push_runs_at_lower_priority_and_demand_replies_do_not() -> None:
+    """The bulk push lowers its thread's CPU priority only while it works on a chunk; an
+    urgent responder thread made meanwhile (threads inherit it) resets its own."""
+    if os.geteuid() != 0:
+        pytest.skip("restoring a thread's priority needs CAP_SYS_NICE (not root)")
+    seen: list[int] = []
+    bases: list[int] = []
+
+    def work() -> None:
+        base = _thread_nice()
+        prio = _PushPriority(7)
+        bases.extend((base, prio.base, prio.delta))
+        with prio.lowered():
+            seen.append(_thread_nice())
+            # A thread made here inherits the lowered priority...
+            guest = make_guest(2, zero=set())
+            a, b = socket.socketpair()
+            with a, b:
+                r, _ = _responder(a, ReadLayout(mem=memoryview(guest)), 2, nice=base)
+                with r:
+                    inner: list[int] = []
+
+                    def serve() -> None:
+                        inner.append(_thread_nice())
+                        r.stop()
+                        r.serve()
+                        inner.append(_thread_nice())
+
+                    th = threading.Thread(target=serve)
+                    th.start()
+                    th.join()
+                    seen.extend(inner)
+        seen.append(_thread_nice())
+
+    t = threading.Thread(target=work)  # not the test runner's thread: its priority is left be
+    t.start()
+    t.join()
+    base = bases[0]
+    assert bases == [base, base, 7]
+    # lowered, inherited by the new thread, reset by serve(), restored after the chunk
+    low = min(19, base + 7)
+    assert seen == [low, low, base, base]

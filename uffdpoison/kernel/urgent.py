@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,15 +69,18 @@ class UrgentResponder:
         poison_bits: bytearray,
         offered_bits: bytearray,
         partial_timeout: float = 30.0,
+        nice: int | None = None,
     ) -> None:
         """``partial_timeout``: once part of a reply is on the wire, how long (s) the peer may
-        take to accept the rest before ``serve()`` gives up with BROKEN."""
+        take to accept the rest before ``serve()`` gives up with BROKEN. ``nice``: the CPU
+        priority ``serve()`` sets on the thread it runs in (None: leave it)."""
         if unit % base_page_size or unit & (unit - 1):
             raise ValueError(f"unit {unit} is not a power-of-two multiple of {base_page_size}")
         if len(poison_bits) * 8 < size // base_page_size or len(offered_bits) * 8 < size // unit:
             raise ValueError("bitmap shorter than the guest memory")
         if (layout.mem is None) == (layout.data_fd < 0):
             raise ValueError("a ReadLayout needs exactly one of mem and data_fd")
+        self._nice = nice
         self._stopfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         max_bytes = max(FAST_MAX_BYTES, unit)
         u = ffi.new("up_urgent *")
@@ -118,6 +122,11 @@ class UrgentResponder:
         u = self._u
         if self._stopfd < 0:
             raise ValueError("UrgentResponder is closed")
+        if self._nice is not None:
+            tid = threading.get_native_id()
+            with contextlib.suppress(OSError):  # raising it back needs CAP_SYS_NICE
+                if os.getpriority(os.PRIO_PROCESS, tid) != self._nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, self._nice)
         rc = Outcome(lib.up_urgent_serve(u))
         left = bytes(ffi.buffer(self._in, u.in_len))
         u.in_len = 0

@@ -22,7 +22,7 @@ from uffdpoison.source.backends import (
     ProcessBackend,
     SourceError,
 )
-from uffdpoison.source.server import SourceServer, parse_listen
+from uffdpoison.source.server import PUSH_NICE, SourceServer, parse_listen
 from uffdpoison.units import parse_size
 
 log = logging.getLogger("uffdpoison.source")
@@ -45,6 +45,16 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _nice(text: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= n <= 19:
+        raise argparse.ArgumentTypeError(f"{n} is outside 0-19")
+    return n
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RATE",
         help="cap the background (bulk) push at RATE bytes/s, e.g. 10M or 1G (binary "
         "multiples), summed over all sessions; demand replies are never delayed by it",
+    )
+    parser.add_argument(
+        "--push-nice",
+        type=_nice,
+        default=None,
+        metavar="N",
+        help="run the background push N nice levels below the demand replies, 0-19 (default "
+        "19: the push only takes CPU nothing else wants; 0 = same priority). Needs "
+        "CAP_SYS_NICE; without it the push runs at normal priority",
     )
     parser.add_argument(
         "--insecure",
@@ -156,7 +175,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"uffdpoison source: {e}", file=sys.stderr)
         return 1
     with backend:
-        server = SourceServer(backend, max_bandwidth=args.max_bandwidth, status=_emit)
+        server = SourceServer(
+            backend,
+            max_bandwidth=args.max_bandwidth,
+            status=_emit,
+            push_nice=PUSH_NICE if args.push_nice is None else args.push_nice,
+        )
         try:
             trio.run(_run, server, args.listen)
         except OSError as e:

@@ -17,7 +17,9 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -83,6 +85,11 @@ _IOV_MAX = 1024
 # Threads that run C urgent loops: one per URGENT connection, never queued behind each other
 # (trio's default limiter would make the 41st destination's faults wait).
 _URGENT_THREADS = trio.CapacityLimiter(math.inf)
+# The bulk push runs at this much lower CPU priority (nice) than the rest of the source: it fills
+# idle CPU time, and a demand reply (or anything else) that needs the CPU goes first. Measured
+# (docs/BENCHMARKS.md): demand p99 under a 64 MiB/s push 138-176 µs at nice 0 or 10, 49-127 µs
+# at 19, bulk throughput unchanged (the push only yields CPU someone else wants).
+PUSH_NICE = 19
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -140,6 +147,51 @@ async def _send_all(sock: socket.socket, bufs: list[bytes | memoryview]) -> int:
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("peer stopped reading in the middle of a frame")
     return total
+
+
+class _PushPriority:
+    """Lowers the calling thread's CPU priority around pieces of bulk-push work and restores it.
+
+    Restoring needs CAP_SYS_NICE; whether we have it is probed once on a throwaway thread, and
+    without it the push runs at normal priority (never stuck lowered)."""
+
+    def __init__(self, delta: int) -> None:
+        self.delta = max(0, min(delta, 39))
+        self.base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        if self.delta and not _can_restore_priority(self.base, self.delta):
+            log.info("bulk push at normal priority: restoring a thread's priority needs "
+                     "CAP_SYS_NICE")  # fmt: skip
+            self.delta = 0
+
+    @contextmanager
+    def lowered(self) -> Iterator[None]:
+        if not self.delta:
+            yield
+            return
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, self.base + self.delta))
+        try:
+            yield
+        finally:
+            os.setpriority(os.PRIO_PROCESS, tid, self.base)
+
+
+def _can_restore_priority(base: int, delta: int) -> bool:
+    ok: list[bool] = []
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, base + delta))
+            os.setpriority(os.PRIO_PROCESS, tid, base)
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, name="uffdpoison-nice-probe")
+    t.start()
+    t.join()
+    return ok == [True]
 
 
 class _Channel:
@@ -279,13 +331,17 @@ class SourceServer:
         max_bandwidth: float | None = None,
         status: StatusCallback | None = None,
         fast_urgent: bool = True,
+        push_nice: int = PUSH_NICE,
     ) -> None:
         """``fast_urgent``: answer plain demand Requests in C (``kernel.urgent``) where the
-        backend allows; False keeps every frame on the Python reference path."""
+        backend allows; False keeps every frame on the Python reference path. ``push_nice``:
+        how much lower (nice) the bulk push runs than the serving thread; 0 = the same."""
         if max_bandwidth is not None and max_bandwidth <= 0:
             raise ValueError(f"max_bandwidth must be positive, got {max_bandwidth}")
         self.backend = backend
         self.fast_urgent = fast_urgent
+        self.push_nice = push_nice
+        self._push_priority: _PushPriority | None = None  # made in serve(), in its thread
         self.max_bandwidth = max_bandwidth
         self._status = status
         self.sessions: dict[bytes, Session] = {}
@@ -310,6 +366,7 @@ class SourceServer:
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         host, port = parse_listen(listen)
+        self._push_priority = _PushPriority(self.push_nice)
         infos = await trio.socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
@@ -496,6 +553,9 @@ class SourceServer:
             poison_bits=self.backend.poison_bits,
             offered_bits=session.offered.buffer,
             partial_timeout=PARTIAL_FRAME_TIMEOUT,
+            # Its worker thread may have been made while a push had this thread's priority
+            # lowered (threads inherit it): demand replies run at the server's own priority.
+            nice=self._push_priority.base if self._push_priority is not None else None,
         )
 
     @staticmethod
@@ -752,6 +812,14 @@ class SourceServer:
         if slot > now:
             await trio.sleep_until(slot)
 
+    @contextmanager
+    def _lowered(self) -> Iterator[None]:
+        if self._push_priority is None:  # not started through serve()
+            yield
+        else:
+            with self._push_priority.lowered():
+                yield
+
     async def _push(self, session: Session, ch: _Channel) -> None:
         try:
             with trio.CancelScope() as scope:
@@ -803,11 +871,13 @@ class SourceServer:
             # Read in the loop thread, not a worker: a worker's Python (classifying, building
             # frames) holds the GIL, and an urgent reply then waits out the interpreter's 5 ms
             # switch interval. A 1 MiB pread of page cache or /proc/PID/mem is ~0.1-0.3 ms.
-            events = self._reply_events(None, i * unit, view, unit, None, 0)
-            session.count_events(events)
+            with self._lowered():
+                events = self._reply_events(None, i * unit, view, unit, None, 0)
+                session.count_events(events)
             if self.max_bandwidth is not None:
                 await self._pace(events)
-            await ch.send(events)
+            with self._lowered():
+                await ch.send(events)
             cursor = j
             # Let demand replies (other tasks) go out between bulk frames.
             await trio.lowlevel.checkpoint()
@@ -838,11 +908,16 @@ async def serve(
     max_bandwidth: float | None = None,
     status: StatusCallback | None = None,
     fast_urgent: bool = True,
+    push_nice: int = PUSH_NICE,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `backend` on `listen` ('HOST:PORT', '[IPv6]:PORT'; port 0 = a free port) until
     cancelled. Calls task_status.started((host, port)) once bound."""
     server = SourceServer(
-        backend, max_bandwidth=max_bandwidth, status=status, fast_urgent=fast_urgent
+        backend,
+        max_bandwidth=max_bandwidth,
+        status=status,
+        fast_urgent=fast_urgent,
+        push_nice=push_nice,
     )
     await server.serve(listen, task_status=task_status)
