@@ -35,7 +35,7 @@ def expand(runs: list[Run], unit: int = PS) -> list[RunKind]:
     """Per-unit kinds from runs (small test sizes only)."""
     out: list[RunKind] = []
     for r in runs:
-        out.extend([r.kind] * r.count)
+        out.extend([r.kind] * r.units)
     return out
 
 
@@ -121,7 +121,7 @@ def test_image_classifies_and_reads(tmp_path: Path) -> None:
         pos = 0
         for r in runs:
             assert r.offset == pos
-            pos += r.count * PS
+            pos += r.units * PS
         assert pos == n * PS
         # A read in the middle.
         small = bytearray(2 * PS)

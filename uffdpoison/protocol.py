@@ -15,7 +15,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeGuard
 
 import msgpack
 
@@ -212,6 +212,17 @@ _MSGPACK_TRUE, _MSGPACK_FALSE = 0xC3, 0xC2
 
 
 # ---------------------------------------------------------------- field checks (send and receive)
+
+
+def _flat_bytes(v: object, nbytes: int) -> TypeGuard[memoryview]:
+    """A fast path's payload: exactly a flat, contiguous byte memoryview of ``nbytes``."""
+    return (
+        type(v) is memoryview
+        and v.format == "B"
+        and v.ndim == 1
+        and v.c_contiguous
+        and v.nbytes == nbytes
+    )
 
 
 def _is_int(v: object) -> bool:
@@ -608,13 +619,7 @@ class Connection:
         if end > out.end:
             return None
         if kind is PageKind.DATA:
-            if (
-                type(data) is not memoryview
-                or data.format != "B"
-                or data.ndim != 1
-                or not data.c_contiguous
-                or data.nbytes != end - off
-            ):
+            if not _flat_bytes(data, end - off):
                 return None
             pl = data.nbytes
         elif data is not None or (kind is PageKind.CLEAN and not out.has_digests):
@@ -647,14 +652,7 @@ class Connection:
         ):
             return None
         if kind is PageKind.DATA:
-            if (
-                type(data) is not memoryview
-                or data.format != "B"
-                or data.ndim != 1
-                or not data.c_contiguous
-                or data.nbytes != n * ps
-                or data.nbytes > MAX_PAYLOAD
-            ):
+            if not _flat_bytes(data, n * ps) or n * ps > MAX_PAYLOAD:
                 return None
             pl = data.nbytes
         elif data is not None:
@@ -684,13 +682,7 @@ class Connection:
             return None
         if dig is None:
             pl = 0
-        elif (
-            type(dig) is not memoryview
-            or dig.format != "B"
-            or dig.ndim != 1
-            or not dig.c_contiguous
-            or dig.nbytes != 8 * n
-        ):
+        elif not _flat_bytes(dig, 8 * n):
             return None
         else:
             pl = dig.nbytes

@@ -66,11 +66,11 @@ class RunKind(enum.IntEnum):
 
 
 class Run(NamedTuple):
-    """`count` units of one kind starting at byte `offset` of the guest memory space."""
+    """`units` pages (of the unit read) of one kind from byte `offset` of guest memory."""
 
     kind: RunKind
     offset: int
-    count: int
+    units: int
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,9 +385,9 @@ class Backend:
         poisoned_here = self._poison.any_set(first, first + length // ps)
 
         def add(kind: RunKind, off: int, n: int) -> None:
-            if runs and runs[-1].kind == kind and runs[-1].offset + runs[-1].count * unit == off:
+            if runs and runs[-1].kind == kind and runs[-1].offset + runs[-1].units * unit == off:
                 prev = runs[-1]
-                runs[-1] = Run(kind, prev.offset, prev.count + n)
+                runs[-1] = Run(kind, prev.offset, prev.units + n)
             else:
                 runs.append(Run(kind, off, n))
 

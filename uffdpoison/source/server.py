@@ -686,14 +686,14 @@ class SourceServer:
                 rel = (run.offset - offset) // unit
                 ours: Sequence[int]
                 if kind is PageKind.DATA:
-                    ours = page_digests(mv[rel * unit : (rel + run.count) * unit], unit)
+                    ours = page_digests(mv[rel * unit : (rel + run.units) * unit], unit)
                 else:
-                    ours = [self._zero_digest(unit)] * run.count
+                    ours = [self._zero_digest(unit)] * run.units
                 k = 0
-                while k < run.count:
+                while k < run.units:
                     clean = ours[k] == digests[dbase + rel + k]
                     j = k + 1
-                    while j < run.count and (ours[j] == digests[dbase + rel + j]) == clean:
+                    while j < run.units and (ours[j] == digests[dbase + rel + j]) == clean:
                         j += 1
                     self._add_run(
                         events,
@@ -707,7 +707,7 @@ class SourceServer:
                     )
                     k = j
             else:
-                self._add_run(events, rid, kind, run.offset, run.count, mv, offset, unit)
+                self._add_run(events, rid, kind, run.offset, run.units, mv, offset, unit)
         return events
 
     def _zero_digest(self, unit: int) -> int:
