@@ -35,7 +35,7 @@ import struct
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from uffdpoison.kernel._ffi import ffi, lib
 
@@ -149,25 +149,43 @@ def _check_geometry(base: int, size: int, page_size: int) -> None:
         )
 
 
-class _Handler:
-    _h: Any = None
-    _final: CrefStats
+S = TypeVar("S")
 
-    def stats(self) -> CrefStats:
-        if self._h is None:
-            raise RuntimeError("handler not running")
-        st = ffi.new("up_cref_stats *")
-        lib.up_cref_handler_stats(self._h, st)
-        return CrefStats._from_c(st)
 
-    def stop(self) -> CrefStats:
-        """Stop and join the thread; returns the final counters. Idempotent."""
-        if self._h is None:
+class _CThread(Generic[S]):
+    """A C thread owned through an opaque handle: counters while it runs, ``stop()`` (join,
+    final counters; idempotent), context manager, and a stop without counters if collected."""
+
+    _STATS_CTYPE: str
+    _STATS_FN: str
+    _STOP_FN: str
+    _WHAT: str
+    _c: Any = None
+    _final: S | None = None
+
+    def _from_c(self, st: Any) -> S:
+        raise NotImplementedError
+
+    def _started(self, handle: Any) -> None:
+        self._c = handle
+
+    def stats(self) -> S:
+        if self._c is None:
+            if self._final is None:
+                raise RuntimeError(f"{self._WHAT} not running")
             return self._final
-        st = ffi.new("up_cref_stats *")
-        h, self._h = self._h, None
-        _check(lib.up_cref_handler_stop(h, st), "stopping handler")
-        self._final = CrefStats._from_c(st)
+        st = ffi.new(self._STATS_CTYPE)
+        getattr(lib, self._STATS_FN)(self._c, st)
+        return self._from_c(st)
+
+    def stop(self) -> S:
+        """Stop and join the thread; returns the final counters. Idempotent."""
+        if self._c is not None:
+            st = ffi.new(self._STATS_CTYPE)
+            c, self._c = self._c, None
+            _check(getattr(lib, self._STOP_FN)(c, st), f"stopping {self._WHAT}")
+            self._final = self._from_c(st)
+        assert self._final is not None
         return self._final
 
     def __enter__(self) -> Self:
@@ -177,9 +195,19 @@ class _Handler:
         self.stop()
 
     def __del__(self) -> None:
-        if self._h is not None:
-            lib.up_cref_handler_stop(self._h, ffi.NULL)
-            self._h = None
+        if getattr(self, "_c", None) is not None:
+            getattr(lib, self._STOP_FN)(self._c, ffi.NULL)
+            self._c = None
+
+
+class _Handler(_CThread[CrefStats]):
+    _STATS_CTYPE = "up_cref_stats *"
+    _STATS_FN = "up_cref_handler_stats"
+    _STOP_FN = "up_cref_handler_stop"
+    _WHAT = "handler"
+
+    def _from_c(self, st: Any) -> CrefStats:
+        return CrefStats._from_c(st)
 
 
 class LocalHandler(_Handler):
@@ -213,7 +241,7 @@ class LocalHandler(_Handler):
             ),
             "starting C local handler",
         )
-        self._h = out[0]
+        self._started(out[0])
 
 
 class RemoteHandler(_Handler):
@@ -244,10 +272,10 @@ class RemoteHandler(_Handler):
             ),
             "starting C remote handler",
         )
-        self._h = out[0]
+        self._started(out[0])
 
 
-class PageSource:
+class PageSource(_CThread[CrefStats]):
     """(b) Serve ``buf`` (address with ``size``, or a buffer object) over TCP; pages whose bit
     is set in ``poison`` are answered POISONED. ``listen``: a listening socket to accept on
     (not closed here); default binds 127.0.0.1:0 (see :attr:`port`). Starts at once.
@@ -256,6 +284,14 @@ class PageSource:
     request on one connection never waits behind a reply on another (demand behind bulk);
     default: one thread serving every connection in turn.
     """
+
+    _STATS_CTYPE = "up_cref_stats *"
+    _STATS_FN = "up_cref_source_stats"
+    _STOP_FN = "up_cref_source_stop"  # closes the connections it accepted
+    _WHAT = "page source"
+
+    def _from_c(self, st: Any) -> CrefStats:
+        return CrefStats._from_c(st)
 
     def __init__(
         self,
@@ -295,45 +331,14 @@ class PageSource:
             ),
             "starting C page source",
         )
-        self._s: Any = out[0]
-        self.port: int = int(lib.up_cref_source_port(self._s))
-        self._final: CrefStats | None = None
+        self._started(out[0])
+        self.port: int = int(lib.up_cref_source_port(self._c))
 
     def connect(self) -> socket.socket:
         """A new blocking TCP connection to this source (caller closes it)."""
         s = socket.create_connection(("127.0.0.1", self.port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
-
-    def stats(self) -> CrefStats:
-        if self._s is None:
-            if self._final is None:
-                raise RuntimeError("source not running")
-            return self._final
-        st = ffi.new("up_cref_stats *")
-        lib.up_cref_source_stats(self._s, st)
-        return CrefStats._from_c(st)
-
-    def stop(self) -> CrefStats:
-        """Stop the thread (closing the connections it accepted); final counters. Idempotent."""
-        if self._s is not None:
-            st = ffi.new("up_cref_stats *")
-            s, self._s = self._s, None
-            _check(lib.up_cref_source_stop(s, st), "stopping page source")
-            self._final = CrefStats._from_c(st)
-        assert self._final is not None
-        return self._final
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def __del__(self) -> None:
-        if getattr(self, "_s", None) is not None:
-            lib.up_cref_source_stop(self._s, ffi.NULL)
-            self._s = None
 
 
 def pingpong(sock: socket.socket | int, request: bytes, reply_len: int, n: int) -> array:
@@ -371,11 +376,19 @@ class BulkStats:
         return cls(**fields)
 
 
-class BulkPuller:
+class BulkPuller(_CThread[BulkStats]):
     """(e) Pull ``[base, base+size)`` from a :class:`PageSource` over ``sock`` (a connection
     dedicated to it; shut down by :meth:`stop`, not closed) in ``chunk_pages`` requests and
     place every page; ``rate`` caps page data at bytes/s (None: uncapped). Starts at once.
     """
+
+    _STATS_CTYPE = "up_cref_bulk_stats *"
+    _STATS_FN = "up_cref_bulk_stats_get"
+    _STOP_FN = "up_cref_bulk_stop"
+    _WHAT = "bulk puller"
+
+    def _from_c(self, st: Any) -> BulkStats:
+        return BulkStats._from_c(st)
 
     def __init__(
         self,
@@ -413,41 +426,11 @@ class BulkPuller:
             ),
             "starting C bulk puller",
         )
-        self._b: Any = out[0]
-        self._final: BulkStats | None = None
-
-    def stats(self) -> BulkStats:
-        if self._b is None:
-            assert self._final is not None
-            return self._final
-        st = ffi.new("up_cref_bulk_stats *")
-        lib.up_cref_bulk_stats_get(self._b, st)
-        return BulkStats._from_c(st)
+        self._started(out[0])
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait (GIL released) up to ``timeout`` s for the whole region; True when done."""
-        if self._b is None:
+        if self._c is None:
             return bool(self._final and self._final.done)
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
-        return bool(lib.up_cref_bulk_wait(self._b, ms))
-
-    def stop(self) -> BulkStats:
-        """Stop and join the thread; final counters. Idempotent."""
-        if self._b is not None:
-            st = ffi.new("up_cref_bulk_stats *")
-            b, self._b = self._b, None
-            _check(lib.up_cref_bulk_stop(b, st), "stopping bulk puller")
-            self._final = BulkStats._from_c(st)
-        assert self._final is not None
-        return self._final
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def __del__(self) -> None:
-        if getattr(self, "_b", None) is not None:
-            lib.up_cref_bulk_stop(self._b, ffi.NULL)
-            self._b = None
+        return bool(lib.up_cref_bulk_wait(self._c, ms))
