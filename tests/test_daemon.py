@@ -3,6 +3,7 @@ processes handing over their userfaultfd in Firecracker's format."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -187,6 +188,56 @@ async def test_two_vmms_and_malformed_handoffs(nursery: trio.Nursery, tmp_path: 
     finally:
         await good.close()
         await second.close()
+
+
+def _our_userfaultfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+    return n
+
+
+async def test_rejected_handoff_keeps_the_userfaultfd_until_the_vmm_exits(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A handoff refused after its fd was adopted (bad regions) still must not zero-fill the
+    VMM's memory: the daemon closes the connection (the VMM's signal) but holds the
+    userfaultfd until the VMM process is gone."""
+    guest = make_guest(4)
+    source = await start_source(nursery, guest.backend())
+    d = await start_daemon(nursery, tmp_path, source)
+    before = _our_userfaultfds()
+    region = {"base_host_virt_addr": (1 << 30) + 1, "size": 4096, "offset": 0}
+    code = (
+        "import socket, sys\n"
+        "from uffdpoison.kernel import Feature, Userfaultfd\n"
+        "u = Userfaultfd.create(Feature.EVENT_REMOVE)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "socket.send_fds(s, [sys.argv[2].encode()], [u.fileno()])\n"
+        "s.recv(1); print('closed', flush=True)\n"
+        "sys.stdin.read()\n"  # alive until the test closes our stdin
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, d.path, json.dumps([region])],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = await trio.to_thread.run_sync(child.stdout.readline)
+        assert line.strip() == "closed"
+        rejected = await d.wait_for("handoff-rejected", 1)
+        assert "not aligned" in rejected[-1]["reason"]
+        assert _our_userfaultfds() == before + 1  # the VMM lives: its fd is held
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        await trio.to_thread.run_sync(child.wait)
+    with trio.fail_after(5):
+        while _our_userfaultfds() != before:  # the VMM is gone: now it is closed
+            await trio.sleep(0.01)
 
 
 def _handoff_from_child(path: str, body: str) -> None:

@@ -237,6 +237,7 @@ class HandoffDaemon:
 
     async def _serve_vmm(self, conn: socket.socket, name: str) -> None:
         uffd: Userfaultfd | None = None
+        peer: Peer | None = None
         fd = -1
         try:
             peer = peer_credentials(conn)
@@ -275,9 +276,16 @@ class HandoffDaemon:
         finally:
             if fd >= 0:
                 os.close(fd)
-            if uffd is not None:
-                uffd.close()
-            conn.close()
+            conn.close()  # the VMM's signal that this handoff is over
+            try:
+                if uffd is not None and peer is not None:
+                    # Whatever ended it (the VMM gone, bad regions, no source, a bug of ours),
+                    # the userfaultfd stays open while the VMM lives: closing it would let the
+                    # kernel zero-fill every page not placed. Returns at once if it is gone.
+                    await _wait_process_gone(peer.pid)
+            finally:
+                if uffd is not None:
+                    uffd.close()
 
     async def _run_session(
         self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap
