@@ -14,7 +14,7 @@
 
 #define PREFIX 8
 #define FRAME 48          /* prefix + the fixed 40-byte header */
-#define MAX_UNITS 256     /* units per request served here: bounds the iovec (2 per run) */
+#define MAX_UNITS UP_URG_MAX_UNITS
 
 enum { K_DATA = 1, K_ZERO = 2, K_POISONED = 3 };
 enum { PARSED, NEED_MORE, NOT_OURS };

@@ -19,6 +19,9 @@
 #define UP_URG_ERROR 3    /* socket error before any byte of a reply (err = errno) */
 #define UP_URG_BROKEN 4   /* a reply was cut short (err = errno, or ETIMEDOUT) */
 
+/* Units per request served here (bigger ones go to Python): bounds the iovec, 2 per run. */
+#define UP_URG_MAX_UNITS 256
+
 typedef struct up_urgent {
 	/* Set by Python before serving; read-only here. */
 	int sock;                /* the connection (non-blocking; trio's) */

@@ -28,9 +28,9 @@ from uffdpoison.kernel._ffi import ffi, lib
 __all__ = ["FAST_MAX_BYTES", "FAST_MAX_UNITS", "Outcome", "ReadLayout", "UrgentResponder"]
 
 # The largest request answered in C, in bytes (or one unit, if bigger) and units: bigger ones
-# are rare and go to Python, which sends them in pieces. FAST_MAX_UNITS is MAX_UNITS in C.
+# are rare and go to Python, which sends them in pieces.
 FAST_MAX_BYTES = 1 << 20
-FAST_MAX_UNITS = 256
+FAST_MAX_UNITS: int = lib.UP_URG_MAX_UNITS
 _IN_CAP = 1 << 16
 _COUNTERS = ("requests", "pages", "data_pages", "zero_pages", "poisoned_pages", "bytes_sent")
 
