@@ -104,7 +104,17 @@ class FrameTransport:
         """Encode ``event`` and send it now if the kernel takes it; otherwise queue the rest."""
         if self._closed:
             raise ConnectionLost(f"{self.name}: connection closed")
-        bufs = self.conn.send(event)
+        self._post_bufs(self.conn.send(event))
+
+    def post_encoded(self, data: bytes) -> None:
+        """Send bytes another writer of this stream encoded and handed over (the demand
+        engine's unsent tail), ahead of anything posted after them."""
+        if self._closed:
+            raise ConnectionLost(f"{self.name}: connection closed")
+        if data:
+            self._post_bufs([data])
+
+    def _post_bufs(self, bufs: list[bytes | memoryview]) -> None:
         if self._outbox:
             self._outbox.extend(memoryview(b).cast("B") for b in bufs)
             return

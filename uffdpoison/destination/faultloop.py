@@ -32,6 +32,7 @@ import math
 import os
 import select
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -119,11 +120,12 @@ class Session:
         self._bulk_in_engine = False  # BULK was attached to the engine and not taken back
         self._bulk_back = trio.Event()  # the engine let go of BULK (or returned)
         self._logged: dict[str, int] = {}
+        self._last_fault = 0  # address of the latest fault the Python loop only counted
         self._logged_at: dict[str, float] = {}
         self.completed = trio.Event()
         self.failed: str | None = None
         self._progress = trio.lowlevel.ParkingLot()
-        self._retry: list[Deferred] = []
+        self._retry: deque[Deferred] = deque()
         self._retry_wakeup = trio.Event()
         self._client_closed = False
 
@@ -158,6 +160,7 @@ class Session:
             self._emit("session-ended", reason=str(e), placed=self.stats.as_dict())
         except SessionFailed as e:
             self.failed = str(e)
+            self._progress.unpark_all()  # ensure_present waiters raise it
             log.error("%s: FAILED: %s (vCPUs stay blocked; no page is guessed)", self.name, e)
             self._emit(
                 "session-failed",
@@ -221,9 +224,7 @@ class Session:
         if self._engine is None:
             return self._py_stats
         merged = Stats(**self._py_stats.as_dict())
-        for name, n in self._engine.stats().items():
-            if hasattr(merged, name):
-                setattr(merged, name, getattr(merged, name) + n)
+        merged.add(self._engine.stats())
         return merged
 
     def _emit(self, event: str, **fields: Any) -> None:
@@ -305,7 +306,7 @@ class Session:
                 nursery.cancel_scope.cancel()
         finally:
             self._engine_live = False
-            self._log_engine()
+            self._log_counters()
             if self._client_closed:
                 self.client.close()  # deferred by _close_client
         await self._hand_over(eng, result)
@@ -316,18 +317,19 @@ class Session:
             await trio.lowlevel.wait_readable(fd)
             with contextlib.suppress(BlockingIOError):
                 os.read(fd, 8)
-            self._log_engine()
+            self._log_counters()
             if self._bulk_in_engine and eng.bulk_state is BulkState.RETURNED:
                 self._bulk_back.set()
                 if self._client_closed and self.client.bulk is not None:
                     self.client.bulk.close()  # deferred by _close_client
             self._check_complete()
 
-    def _log_engine(self) -> None:
-        """Log what only the engine saw (it counts; Python logs)."""
-        if self._engine is None:
-            return
-        st = self._engine.stats()
+    def _log_counters(self) -> None:
+        """Log faults and events served only by counting them (either demand path counts;
+        this logs): at most one line a second each, since a fault woken unserved faults
+        again at once."""
+        st = self.stats.as_dict()
+        last = self._last_fault or (self._engine.last_fault if self._engine is not None else 0)
         seen = self._logged
         for key, level, what in (
             ("unknown_address", logging.ERROR, "fault(s) in no region, woken unserved"),
@@ -339,9 +341,8 @@ class Session:
         ):  # fmt: skip
             n = st[key]
             now = time.monotonic()
-            # a fault woken unserved faults again at once: at most one line a second each
             if n > seen.get(key, 0) and now - self._logged_at.get(key, -2.0) >= 1.0:
-                log.log(level, "%s: %d %s (last at %#x)", self.name, n, what, st["last_fault"])
+                log.log(level, "%s: %d %s (last at %#x)", self.name, n, what, last)
                 seen[key] = n
                 self._logged_at[key] = now
 
@@ -375,8 +376,12 @@ class Session:
                     urgent.conn.receive_data(b"")
             except protocol.ProtocolError as e:
                 raise SessionFailed(f"source {self.client.address}: {e}") from None
-            if unsent:
-                await self._send_raw(unsent)
+            try:
+                # Queued, not awaited: a request posted after this (ensure_present, on the
+                # Python path from now on) must follow it, never cut into it.
+                urgent.post_encoded(unsent)
+            except ConnectionLost as e:
+                raise SessionFailed(f"source {self.client.address} lost: {e}") from None
         log.info(
             "%s: demand engine handed over to Python (%s, %d request(s) outstanding, %d byte(s)"
             " unparsed)",
@@ -385,19 +390,6 @@ class Session:
             len(out),
             len(leftover),
         )
-
-    async def _send_raw(self, data: bytes) -> None:
-        """The tail of the engine's requests the kernel had not taken: it goes first."""
-        sock = self.client.urgent.sock
-        view = memoryview(data)
-        while view:
-            await trio.lowlevel.wait_writable(sock)
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                continue
-            except OSError as e:
-                raise SessionFailed(f"source {self.client.address} lost: {e}") from None
 
     async def _demand_loop(self) -> None:
         """The demand path in one task: userfaultfd events and urgent replies.
@@ -444,16 +436,12 @@ class Session:
                             elif kind in (_REMOVE, _UNMAP):
                                 self._on_remove(ev.start, ev.end, unmap=kind == _UNMAP)
                             elif kind == _FORK:
-                                log.warning(
-                                    "%s: VMM forked; the child's memory is not served", self.name
-                                )
+                                self._py_stats.forks += 1  # the child's memory is not served
                                 os.close(ev.fork_fd)
                             elif kind == _REMAP:
-                                log.error(
-                                    "%s: VMM moved guest memory (mremap); not supported, "
-                                    "pages there will not be served",
-                                    self.name,
-                                )
+                                self._py_stats.remaps += 1
+                        if n:
+                            self._log_counters()
                     elif watching and not self._client_closed:
                         while (reply := self._urgent_nowait(urgent)) is not None:
                             self._on_reply(reply)
@@ -491,8 +479,8 @@ class Session:
         page_addr = addr & ~(ps - 1)
         i = self.regions.by_address(addr)
         if i < 0:
-            stats.unknown_address += 1
-            log.error("%s: fault at %#x is in no region; waking it unserved", self.name, addr)
+            stats.unknown_address += 1  # logged by _log_counters, at most once a second
+            self._last_fault = addr
             self.uffd.wake(page_addr, ps)
             return
         led = self.ledgers[i]
@@ -503,13 +491,7 @@ class Session:
             # session does not speak yet. COPY cannot resolve a MINOR fault and CONTINUE would
             # map a copy nobody checked: leave the vCPU blocked rather than guess.
             stats.minor_faults += 1
-            if stats.minor_faults == 1:
-                log.error(
-                    "%s: MINOR fault at %#x: MINOR-mode sessions are not supported; the "
-                    "vCPU stays blocked (register MISSING only)",
-                    self.name,
-                    addr,
-                )
+            self._last_fault = addr
             return
         state = self._request_or_zero(i, led, idx)
         if state == _REQUESTED:
@@ -547,7 +529,7 @@ class Session:
             await self._retry_wakeup.wait()
             self._retry_wakeup = trio.Event()
             while self._retry:
-                await self.placer.place_deferred(self._retry.pop(0))
+                await self.placer.place_deferred(self._retry.popleft())
 
     def _on_remove(self, start: int, end: int, *, unmap: bool) -> None:
         """The guest discarded [start, end): it reads as zeros from now on, except poisoned
@@ -661,29 +643,34 @@ class Session:
                 if lo >= hi:
                     continue
                 first, last = (lo - r.base) // ps, math.ceil((hi - r.base) / ps)
-                if eng is not None and self._engine_live:
-                    await self._engine_request(eng, i, first, last - first)
-                else:
-                    led = self.ledgers[i]
-                    for idx in range(first, last):
-                        self._request_or_zero(i, led, idx)
+                await self._request_range(i, first, last - first)
                 pending.append((i, first, last))
             return await self._wait_placed(pending)
         finally:
             if eng is not None:
                 eng.notify(-1)
 
-    async def _engine_request(self, eng: DemandEngine, i: int, first: int, count: int) -> None:
+    async def _request_range(self, i: int, first: int, count: int) -> None:
+        """Ask for pages [first, first+count) of region i: through the engine while it owns
+        the URGENT socket (its table must know every request), else on the Python path. The
+        engine may hand the socket back while this waits out a pending event."""
         run = max(1, _ENSURE_RUN_BYTES // self.page_size)
-        while (rc := eng.request(i, first, count, run)) == -errno.EAGAIN:
-            await trio.sleep(0.0005)  # a pending event: the engine reads it
-        if rc == -errno.ESRCH:
-            raise SessionEnded("guest memory is gone")
-        if rc < 0:
-            # no socket any more (the session failed or completed) or a send failed
-            raise SessionFailed(
-                self.failed or f"source {self.client.address} lost: {os.strerror(-rc)}"
-            )
+        while (eng := self._engine if self._engine_live else None) is not None:
+            rc = eng.request(i, first, count, run)
+            if rc == -errno.EAGAIN:
+                await trio.sleep(0.0005)  # a pending event: the engine reads it
+                continue
+            if rc == -errno.ESRCH:
+                raise SessionEnded("guest memory is gone")
+            if rc < 0:
+                # no socket any more (the session failed or completed) or a send failed
+                raise SessionFailed(
+                    self.failed or f"source {self.client.address} lost: {os.strerror(-rc)}"
+                )
+            return
+        led = self.ledgers[i]
+        for idx in range(first, first + count):
+            self._request_or_zero(i, led, idx)
 
     async def _wait_placed(self, pending: list[tuple[int, int, int]]) -> list[int]:
         poisoned: list[int] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import trio
@@ -63,9 +63,20 @@ class Stats:
     already: int = 0
     retries: int = 0
     range_gone: int = 0
+    forks: int = 0
+    remaps: int = 0
+    replies: int = 0  # demand reply frames placed by the demand engine
+    unsent: int = 0  # pages the engine could not ask for (socket already released)
+    pushes: int = 0  # bulk push frames placed by the demand engine
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def add(self, counts: Mapping[str, int]) -> None:
+        """Add a counter set of the same names (the demand engine's); an unknown name is an
+        error, never dropped."""
+        for name, n in counts.items():
+            setattr(self, name, getattr(self, name) + n)
 
 
 class Placer:

@@ -54,7 +54,9 @@ class DemandRegion:
 
 
 _STAT_FIELDS = tuple(
-    name for name, _ in ffi.typeof("up_demand_stats").fields if name != "last_errno"
+    name
+    for name, _ in ffi.typeof("up_demand_stats").fields
+    if name not in ("last_errno", "last_fault")
 )
 
 
@@ -172,11 +174,17 @@ class DemandEngine:
         return int(self._stats.last_errno)
 
     def stats(self) -> dict[str, int]:
-        """Counters, named as ``placement.Stats`` (plus forks, remaps, replies, unsent,
-        last_fault)."""
+        """Counters, named as ``placement.Stats``."""
         s = self._stats
         lib.up_demand_get_stats(self._raw(), s)
         return {name: getattr(s, name) for name in _STAT_FIELDS}
+
+    @property
+    def last_fault(self) -> int:
+        """Address of the latest fault it only counted (no region, MINOR)."""
+        s = self._stats
+        lib.up_demand_get_stats(self._raw(), s)
+        return int(s.last_fault)
 
     def outstanding(self) -> list[tuple[int, int, int]]:
         """(id, next offset expected, end offset) of every request not fully answered."""
