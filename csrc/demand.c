@@ -531,6 +531,14 @@ static int pump(up_demand *e)
 	}
 }
 
+/* A claimed page whose request could not be sent is MISSING again: left REQUESTED, every
+ * later fault on it would count as coalesced and wait for a reply that never comes. */
+static void unclaim(up_demand *e, const up_demand_region *r, uint64_t first, uint64_t n)
+{
+	up_ledger_mark(r->ledger, first, n, 1u << UP_REQUESTED, UP_MISSING);
+	CNT(e, unsent, n);
+}
+
 static void account(up_demand *e, int op, const up_place_result *r)
 {
 	if (r->placed) {
@@ -648,8 +656,10 @@ static int serve_fault(up_demand *e, uint64_t addr, uint32_t flags)
 		pthread_mutex_lock(&e->lock);
 		int rc = request_locked(e, r->offset + idx * ps, 1);
 		pthread_mutex_unlock(&e->lock);
+		if (rc)
+			unclaim(e, r, idx, 1);
 		if (rc == -ENOTCONN)
-			CNT(e, unsent, 1);
+			return 0;
 		else if (rc == -ENOMEM)
 			return UP_DEMAND_NOMEM;
 		else if (rc < 0)
@@ -1070,8 +1080,8 @@ static int send_run(up_demand *e, const up_demand_region *r, uint64_t first, uin
 	pthread_mutex_unlock(&e->lock);
 	if (queued || rc)
 		wake(e->wake_fd); /* the engine polls POLLOUT, or sees the socket error */
-	if (rc == -ENOTCONN)
-		CNT(e, unsent, n);
+	if (rc)
+		unclaim(e, r, first, n);
 	return rc;
 }
 
@@ -1097,6 +1107,10 @@ int up_demand_request(up_demand *e, int region, uint64_t first, uint64_t count,
 			}
 			if (run_len)
 				rc = send_run(e, r, run, run_len);
+			if (rc) {
+				unclaim(e, r, i, 1);
+				break;
+			}
 			run = i;
 			run_len = 1;
 			continue;

@@ -257,17 +257,6 @@ int up_ledger_get(const up_ledger *l, uint64_t index)
 	return index < l->npages ? l->states[index] : -EINVAL;
 }
 
-int up_ledger_set(up_ledger *l, uint64_t index, int state)
-{
-	if (index >= l->npages || state < 0 || state >= UP_NSTATES)
-		return -EINVAL;
-	pthread_mutex_lock(&l->lock);
-	int old = l->states[index];
-	set_state(l, index, state);
-	pthread_mutex_unlock(&l->lock);
-	return old;
-}
-
 int up_ledger_claim(up_ledger *l, uint64_t index)
 {
 	if (index >= l->npages)
@@ -284,6 +273,9 @@ int64_t up_ledger_mark(up_ledger *l, uint64_t first, uint64_t count, unsigned fr
 {
 	if (first > l->npages || count > l->npages - first || to < 0 || to >= UP_NSTATES)
 		return -EINVAL;
+	/* POISONED is terminal: no caller can mark a page out of it (the next COPY would then
+	 * erase the marker; the kernel lets it). Only POISON itself re-places one. */
+	from_mask &= ~(1u << UP_POISONED);
 	int64_t n = 0;
 	pthread_mutex_lock(&l->lock);
 	for (uint64_t i = first; i < first + count; i++) {

@@ -60,7 +60,6 @@ void up_ledger_free(up_ledger *l);
 int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
 		    int flags, up_place_result *res);
 int up_ledger_get(const up_ledger *l, uint64_t index);
-int up_ledger_set(up_ledger *l, uint64_t index, int state);
 /* The demand path's claim: returns the page's state; MISSING or BACKGROUND become REQUESTED
  * (atomically), so exactly one claimant asks the source for it. -EINVAL out of range. */
 int up_ledger_claim(up_ledger *l, uint64_t index);

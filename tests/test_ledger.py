@@ -312,3 +312,12 @@ def test_copy_and_poison_racing_on_one_ledger_never_unpoison(uffd: Userfaultfd) 
             finally:
                 ledger.close()
                 uffd.unregister(m.addr, m.size)
+
+
+def test_mark_never_moves_a_poisoned_page(region) -> None:
+    """POISONED is terminal: a mark from every state leaves it (a COPY could follow)."""
+    _uffd, _m, ledger = region
+    ledger.poison(3, 1)
+    assert ledger.mark(0, 8, PageState.REMOVED, only_from=ALL) == 7
+    assert ledger.state(3) is PageState.POISONED
+    assert ledger.copy(3, 1, pages(0, 1), strict=False).refused == 1

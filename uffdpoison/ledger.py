@@ -155,7 +155,7 @@ class Ledger:
 
     def mark(self, first: int, count: int, to: PageState, *, only_from: Iterable[PageState]) -> int:
         """Pages of [first, first+count) in a state of ``only_from`` become ``to``; returns how
-        many changed. (A marker is only gone after a discard: mark POISONED away only then.)"""
+        many changed. A POISONED page never changes (POISONED is terminal; the C enforces it)."""
         return self._ps.mark(first, count, _mask(only_from), int(to))
 
     def find(self, start: int, states: Iterable[PageState]) -> int:

@@ -66,7 +66,7 @@ class Stats:
     forks: int = 0
     remaps: int = 0
     replies: int = 0  # demand reply frames placed by the demand engine
-    unsent: int = 0  # pages the engine could not ask for (socket already released)
+    unsent: int = 0  # pages the engine could not ask for (socket released or failed)
     pushes: int = 0  # bulk push frames placed by the demand engine
 
     def as_dict(self) -> dict[str, int]:

@@ -100,13 +100,6 @@ class PageStates:
             raise IndexError(f"page {index} outside 0..{self.npages - 1}")
         return s
 
-    def set(self, index: int, state: int) -> int:
-        """Set one page's state; returns the previous state."""
-        s = lib.up_ledger_set(self.raw, index, state)
-        if s < 0:
-            raise IndexError(f"page {index} / state {state} out of range")
-        return s
-
     def claim(self, index: int) -> int:
         """Atomically: the page's state; MISSING or BACKGROUND become REQUESTED."""
         s = lib.up_ledger_claim(self.raw, index)
