@@ -9,6 +9,7 @@
  * back to Python with the unconsumed bytes: Python's generic decoder decides.
  */
 #include "demand.h"
+#include "wire.h"
 #include "uffd.h"
 
 #include <errno.h>
@@ -22,39 +23,21 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PREFIX 8
-#define FAST_HEADER 40
+#define PREFIX UP_WIRE_PREFIX
+#define FAST_HEADER UP_WIRE_FAST_HEADER
 #define FAST_FRAME (PREFIX + FAST_HEADER)
-#define MAX_HEADER 4096
-#define MAX_PAYLOAD (64u << 20)
-#define MAX_PAGES (MAX_PAYLOAD / 4096) /* protocol.MAX_PAGES_PER_FRAME */
-#define KIND_DATA 1
-#define KIND_ZERO 2
-#define KIND_POISONED 3
-#define FLAG_MINOR 4 /* UFFD_PAGEFAULT_FLAG_MINOR */
+#define MAX_PAYLOAD UP_WIRE_MAX_PAYLOAD
+#define MAX_PAGES UP_WIRE_MAX_PAGES
+#define KIND_DATA UP_KIND_DATA
+#define KIND_ZERO UP_KIND_ZERO
+#define KIND_POISONED UP_KIND_POISONED
 #define EVENT_BATCH 64
-
-/* protocol.py _PAGES_C and _REQ_C: the fixed msgpack bytes around the u64 fields. */
-static const uint8_t PAGES_C1[7] = {0x85, 0xa1, 't', 0x04, 0xa1, 'i', 0xcf};
-static const uint8_t PAGES_C2[2] = {0xa1, 'k'};
-static const uint8_t PAGES_C3[3] = {0xa1, 'o', 0xcf};
-static const uint8_t PAGES_C4[3] = {0xa1, 'n', 0xcf};
-/* The push (Pages with id nil) in its fixed 32-byte encoding (protocol.py _PUSH_C): the kind
- * byte sits between the first two constants. */
-static const uint8_t PUSH_C1[9] = {0x85, 0xa1, 't', 0x04, 0xa1, 'i', 0xc0, 0xa1, 'k'};
-static const uint8_t PUSH_C2[3] = {0xa1, 'o', 0xcf};
-static const uint8_t PUSH_C3[3] = {0xa1, 'n', 0xcf};
-#define PUSH_HEADER 32
+#define PUSH_HEADER UP_WIRE_PUSH_HEADER
 #define PUSH_FRAME (PREFIX + PUSH_HEADER)
 /* A fault waits behind at most one unit of bulk work: one recv of this many bytes, or one
  * placement of this many bytes (at least one page). */
 #define BULK_PIECE (256u << 10)
 #define BULK_SLICE (64u << 10)
-static const uint8_t REQ_C1[7] = {0x85, 0xa1, 't', 0x03, 0xa1, 'i', 0xcf};
-static const uint8_t REQ_C2[3] = {0xa1, 'o', 0xcf};
-static const uint8_t REQ_C3[3] = {0xa1, 'n', 0xcf};
-static const uint8_t REQ_C4[2] = {0xa1, 'u'};
-#define MSGPACK_TRUE 0xc3
 
 #if defined(__x86_64__) || defined(__i386__)
 #define cpu_relax() __builtin_ia32_pause()
@@ -106,36 +89,9 @@ struct up_demand {
 	up_demand_stats st;
 };
 
-static inline uint64_t be64(const uint8_t *p)
-{
-	uint64_t v = 0;
-	for (int i = 0; i < 8; i++)
-		v = v << 8 | p[i];
-	return v;
-}
-
-static inline void put_be64(uint8_t *p, uint64_t v)
-{
-	for (int i = 7; i >= 0; i--, v >>= 8)
-		p[i] = (uint8_t)v;
-}
-
 void up_demand_encode_request(uint8_t o[48], uint64_t id, uint64_t offset, uint64_t count)
 {
-	o[0] = 'u';
-	o[1] = 'P';
-	o[2] = 0;
-	o[3] = FAST_HEADER;
-	memset(o + 4, 0, 4); /* no payload */
-	uint8_t *h = o + PREFIX;
-	memcpy(h, REQ_C1, 7);
-	put_be64(h + 7, id);
-	memcpy(h + 15, REQ_C2, 3);
-	put_be64(h + 18, offset);
-	memcpy(h + 26, REQ_C3, 3);
-	put_be64(h + 29, count);
-	memcpy(h + 37, REQ_C4, 2);
-	h[39] = MSGPACK_TRUE; /* urgent */
+	up_wire_put_request(o, id, offset, count);
 }
 
 static void wake(int fd)
@@ -640,7 +596,7 @@ static int serve_fault(up_demand *e, uint64_t addr, uint32_t flags)
 		up_uffd_wake(e->uffd, page, ps); /* woken unserved: it faults again, logged */
 		return 0;
 	}
-	if (flags & FLAG_MINOR) {
+	if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
 		/* MINOR mode needs the digest/CLEAN/CONTINUE exchange: leave the vCPU blocked */
 		CNT(e, minor_faults, 1);
 		STORE(&e->st.last_fault, addr);
@@ -730,9 +686,8 @@ static int parse(up_demand *e)
 		if (avail < PREFIX)
 			break;
 		const uint8_t *p = e->rbuf + e->rpos;
-		uint32_t hl = (uint32_t)p[2] << 8 | p[3];
-		uint32_t pl = (uint32_t)p[4] << 24 | (uint32_t)p[5] << 16 | (uint32_t)p[6] << 8 | p[7];
-		if (p[0] != 'u' || p[1] != 'P' || hl != FAST_HEADER || pl > MAX_PAYLOAD)
+		uint32_t hl, pl;
+		if (!up_wire_get_prefix(p, &hl, &pl) || hl != FAST_HEADER || pl > MAX_PAYLOAD)
 			return UP_DEMAND_FOREIGN;
 		size_t total = FAST_FRAME + (size_t)pl;
 		if (avail < total) {
@@ -754,11 +709,10 @@ static int parse(up_demand *e)
 			break;
 		}
 		const uint8_t *h = p + PREFIX;
-		if (memcmp(h, PAGES_C1, 7) || memcmp(h + 15, PAGES_C2, 2) ||
-		    memcmp(h + 18, PAGES_C3, 3) || memcmp(h + 29, PAGES_C4, 3))
+		uint64_t rid, off, n;
+		int kind;
+		if (!up_wire_get_pages(h, &rid, &kind, &off, &n))
 			return UP_DEMAND_FOREIGN;
-		const uint64_t rid = be64(h + 7), off = be64(h + 21), n = be64(h + 32);
-		const int kind = h[17];
 		pthread_mutex_lock(&e->lock);
 		struct out_entry *o = lookup_locked(e, rid);
 		int ok = o && off == o->next && n > 0 && n <= MAX_PAGES &&
@@ -873,17 +827,16 @@ static int bulk_frame(up_demand *e)
 	const uint8_t *p = e->bbuf;
 	if (e->blen < PREFIX)
 		return 0;
-	uint32_t hl = (uint32_t)p[2] << 8 | p[3];
-	uint32_t pl = (uint32_t)p[4] << 24 | (uint32_t)p[5] << 16 | (uint32_t)p[6] << 8 | p[7];
-	if (p[0] != 'u' || p[1] != 'P' || hl != PUSH_HEADER || pl > MAX_PAYLOAD)
+	uint32_t hl, pl;
+	if (!up_wire_get_prefix(p, &hl, &pl) || hl != PUSH_HEADER || pl > MAX_PAYLOAD)
 		return 1;
 	if (e->blen < PUSH_FRAME)
 		return 0;
-	const uint8_t *h = p + PREFIX;
-	if (memcmp(h, PUSH_C1, 9) || memcmp(h + 10, PUSH_C2, 3) || memcmp(h + 21, PUSH_C3, 3))
+	int kind;
+	uint64_t off, n;
+	if (!up_wire_get_push(p + PREFIX, &kind, &off, &n))
 		return 1;
-	const int kind = h[9];
-	const uint64_t off = be64(h + 13), n = be64(h + 24), ps = e->ps;
+	const uint64_t ps = e->ps;
 	/* Connection._validate for id nil on BULK: never CLEAN (nothing was asked) */
 	if (!(kind == KIND_DATA || kind == KIND_ZERO || kind == KIND_POISONED) || off % ps ||
 	    n == 0 || n > MAX_PAGES || off > e->memory_size || n > (e->memory_size - off) / ps ||
@@ -936,9 +889,9 @@ static int bulk_step(up_demand *e)
 		return bulk_slice(e, 1);
 	size_t want = PUSH_FRAME;
 	if (e->blen >= PREFIX) {
-		const uint8_t *p = e->bbuf;
-		want = PREFIX + ((size_t)p[2] << 8 | p[3]) +
-		       ((size_t)p[4] << 24 | (size_t)p[5] << 16 | (size_t)p[6] << 8 | p[7]);
+		uint32_t hl, pl;
+		up_wire_get_prefix(e->bbuf, &hl, &pl); /* bulk_frame checked it */
+		want = PREFIX + (size_t)hl + pl;
 	}
 	size_t room = want - e->blen;
 	if (room > BULK_PIECE)

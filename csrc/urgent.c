@@ -3,6 +3,8 @@
  * headers (_REQ_F / _PAGES_F); tests/test_source_urgent.py checks both against protocol.py.
  */
 #include "urgent.h"
+#include "digest.h"
+#include "wire.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -12,52 +14,25 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PREFIX 8
-#define FRAME 48          /* prefix + the fixed 40-byte header */
+#define FRAME (UP_WIRE_PREFIX + UP_WIRE_FAST_HEADER)
 #define MAX_UNITS UP_URG_MAX_UNITS
 
-enum { K_DATA = 1, K_ZERO = 2, K_POISONED = 3 };
 enum { PARSED, NEED_MORE, NOT_OURS };
-
-/* msgpack constants around the fields: {"t": 3, "i": u64, "o": u64, "n": u64, "u": true} */
-static const uint8_t REQ_T[7] = {0x85, 0xa1, 't', 0x03, 0xa1, 'i', 0xcf};
-static const uint8_t REQ_O[3] = {0xa1, 'o', 0xcf};
-static const uint8_t REQ_N[3] = {0xa1, 'n', 0xcf};
-static const uint8_t REQ_U[3] = {0xa1, 'u', 0xc3};
-/* {"t": 4, "i": u64, "k": fixint, "o": u64, "n": u64} */
-static const uint8_t PAGES_T[7] = {0x85, 0xa1, 't', 0x04, 0xa1, 'i', 0xcf};
-static const uint8_t PAGES_K[2] = {0xa1, 'k'};
-
-static inline uint64_t get64(const uint8_t *p)
-{
-	uint64_t v;
-	memcpy(&v, p, 8);
-	return __builtin_bswap64(v);
-}
-
-static inline void put64(uint8_t *p, uint64_t v)
-{
-	v = __builtin_bswap64(v);
-	memcpy(p, &v, 8);
-}
 
 /* Is the frame at p (len bytes buffered) a fast urgent Request this loop may serve? */
 static int parse_request(const up_urgent *u, const uint8_t *p, uint64_t len, uint64_t *id,
 			 uint64_t *off, uint64_t *n)
 {
-	if (len < PREFIX)
+	uint32_t hl, pl;
+	if (len < UP_WIRE_PREFIX)
 		return NEED_MORE;
-	/* Magic "uP", header length 40, no payload (digests): else not ours. */
-	if (p[0] != 'u' || p[1] != 'P' || p[2] != 0 || p[3] != 40 || p[4] | p[5] | p[6] | p[7])
+	/* Header length 40, no payload (digests): else not ours. */
+	if (!up_wire_get_prefix(p, &hl, &pl) || hl != UP_WIRE_FAST_HEADER || pl)
 		return NOT_OURS;
 	if (len < FRAME)
 		return NEED_MORE;
-	if (memcmp(p + 8, REQ_T, 7) || memcmp(p + 23, REQ_O, 3) || memcmp(p + 34, REQ_N, 3) ||
-	    memcmp(p + 45, REQ_U, 3))
+	if (!up_wire_get_request(p + UP_WIRE_PREFIX, id, off, n))
 		return NOT_OURS;
-	*id = get64(p + 15);
-	*off = get64(p + 26);
-	*n = get64(p + 37);
 	uint64_t unit = u->unit;
 	/* Out of range is Python's to name (ProtocolError); too big is Python's to serve. */
 	if (*off % unit || *n == 0 || *n > MAX_UNITS || *n > u->max_bytes / unit ||
@@ -78,11 +53,6 @@ static int unit_poisoned(const up_urgent *u, uint64_t off)
 		if (bit(u->poison, i))
 			return 1;
 	return 0;
-}
-
-static inline int all_zero(const uint8_t *p, uint64_t len)
-{
-	return p[0] == 0 && memcmp(p, p + 1, len - 1) == 0;
 }
 
 /* Read guest [off, off+len) into dst through the range table; 0, or -1 on any failure (an
@@ -174,15 +144,15 @@ static int serve_request(up_urgent *u, uint64_t id, uint64_t off, uint64_t n)
 	const uint8_t *src[MAX_UNITS];
 
 	for (uint64_t k = 0; k < n; k++)
-		kind[k] = unit_poisoned(u, off + k * unit) ? K_POISONED : K_DATA;
+		kind[k] = unit_poisoned(u, off + k * unit) ? UP_KIND_POISONED : UP_KIND_DATA;
 	/* Read every readable segment; a poisoned page is never read (EIO on /proc/PID/mem). */
 	for (uint64_t k = 0; k < n;) {
-		if (kind[k] == K_POISONED) {
+		if (kind[k] == UP_KIND_POISONED) {
 			k++;
 			continue;
 		}
 		uint64_t j = k + 1;
-		while (j < n && kind[j] != K_POISONED)
+		while (j < n && kind[j] != UP_KIND_POISONED)
 			j++;
 		if (u->mem) {
 			for (uint64_t q = k; q < j; q++)
@@ -194,8 +164,8 @@ static int serve_request(up_urgent *u, uint64_t id, uint64_t off, uint64_t n)
 				src[q] = u->buf + q * unit;
 		}
 		for (uint64_t q = k; q < j; q++)
-			if (all_zero(src[q], unit))
-				kind[q] = K_ZERO;
+			if (up_page_is_zero(src[q], unit))
+				kind[q] = UP_KIND_ZERO;
 		k = j;
 	}
 
@@ -206,32 +176,17 @@ static int serve_request(up_urgent *u, uint64_t id, uint64_t off, uint64_t n)
 	for (uint64_t k = 0; k < n;) {
 		uint64_t j = k + 1;
 		while (j < n && kind[j] == kind[k] &&
-		       (kind[k] != K_DATA || src[j] == src[j - 1] + unit))
+		       (kind[k] != UP_KIND_DATA || src[j] == src[j - 1] + unit))
 			j++;
 		uint8_t *h = hdr[runs++];
-		uint64_t pl = kind[k] == K_DATA ? (j - k) * unit : 0;
-		h[0] = 'u';
-		h[1] = 'P';
-		h[2] = 0;
-		h[3] = 40;
-		h[4] = (uint8_t)(pl >> 24);
-		h[5] = (uint8_t)(pl >> 16);
-		h[6] = (uint8_t)(pl >> 8);
-		h[7] = (uint8_t)pl;
-		memcpy(h + 8, PAGES_T, 7);
-		put64(h + 15, id);
-		memcpy(h + 23, PAGES_K, 2);
-		h[25] = kind[k];
-		memcpy(h + 26, REQ_O, 3);
-		put64(h + 29, off + k * unit);
-		memcpy(h + 37, REQ_N, 3);
-		put64(h + 40, j - k);
+		uint64_t pl = kind[k] == UP_KIND_DATA ? (j - k) * unit : 0;
+		up_wire_put_pages(h, id, kind[k], off + k * unit, j - k, (uint32_t)pl);
 		iov[cnt++] = (struct iovec){h, FRAME};
 		if (pl)
 			iov[cnt++] = (struct iovec){(void *)src[k], pl};
-		if (kind[k] == K_DATA)
+		if (kind[k] == UP_KIND_DATA)
 			u->data_pages += j - k;
-		else if (kind[k] == K_ZERO)
+		else if (kind[k] == UP_KIND_ZERO)
 			u->zero_pages += j - k;
 		else
 			u->poisoned_pages += j - k;
