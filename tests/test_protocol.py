@@ -1122,3 +1122,15 @@ def test_malformed_push_falls_back_and_is_named(frame: bytes, words: tuple[str])
 def test_push_encoding_on_urgent_is_refused() -> None:
     _, dst = handshake(URGENT)
     assert_rejected(dst, fast_push(2, 0, 1), "URGENT")
+
+
+def test_a_payload_over_max_payload_is_refused_on_send() -> None:
+    """The receiver refuses such a frame at its prefix: the sender must not write it."""
+    src, dst = handshake(URGENT, page_size=2 << 20, memory=1 << 30)
+    n = proto.MAX_PAYLOAD // (2 << 20) + 1
+    deliver(dst, src, Request(1, 0, n, True))
+    before = snapshot(src)
+    assert_send_rejected(
+        src, Pages(1, PageKind.DATA, 0, n, memoryview(bytes(n << 21))), "MAX_PAYLOAD"
+    )
+    assert snapshot(src) == before

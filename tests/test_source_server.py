@@ -613,6 +613,7 @@ def test_cli_listening_line_first_and_sigterm_exits_zero(tmp_path: Path) -> None
         (["--listen", "127.0.0.1:0", "--pid", "1", "--range", "zz:1"], "START:LENGTH"),
         (["--listen", "127.0.0.1:0", "--image", "{img}", "--max-bandwidth", "x"], "size"),
         (["--listen", "127.0.0.1:0", "--image", "{img}", "--push-nice", "20"], "0-19"),
+        (["--listen", "127.0.0.1:0", "--image", "{img}", "--max-bandwidth", "0"], "positive rate"),
         (
             ["--listen", "127.0.0.1:0", "--pid", "999999999", "--range", "0x1000:0x1000"],
             "process 999999999 does not exist",

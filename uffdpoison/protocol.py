@@ -477,6 +477,8 @@ def _encode(
     if payload is not None and not len(payload):
         payload = None  # an empty payload is no payload on the wire
     n = 0 if payload is None else payload.nbytes
+    if n > MAX_PAYLOAD:  # the receiver would refuse the frame at its prefix
+        raise ProtocolError(f"{type(ev).__name__} payload is {n} bytes > MAX_PAYLOAD")
     return _PREFIX.pack(MAGIC, len(header), n) + header, payload
 
 
@@ -619,7 +621,7 @@ class Connection:
         if end > out.end:
             return None
         if kind is PageKind.DATA:
-            if not _flat_bytes(data, end - off):
+            if not _flat_bytes(data, end - off) or end - off > MAX_PAYLOAD:
                 return None
             pl = data.nbytes
         elif data is not None or (kind is PageKind.CLEAN and not out.has_digests):

@@ -23,7 +23,7 @@ from uffdpoison.source.backends import (
     SourceError,
 )
 from uffdpoison.source.server import PUSH_NICE, SourceServer, parse_listen
-from uffdpoison.units import parse_size
+from uffdpoison.units import size_arg
 
 log = logging.getLogger("uffdpoison.source")
 
@@ -40,11 +40,11 @@ def _range(text: str) -> tuple[int, int]:
         ) from None
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _rate(text: str) -> int:
+    n = size_arg(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive rate")
+    return n
 
 
 def _nice(text: str) -> int:
@@ -85,14 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--page-size",
-        type=_size,
+        type=size_arg,
         default=4096,
         metavar="BYTES",
         help="the source's base page size (default 4096)",
     )
     parser.add_argument(
         "--max-bandwidth",
-        type=_size,
+        type=_rate,
         default=None,
         metavar="RATE",
         help="cap the background (bulk) push at RATE bytes/s, e.g. 10M or 1G (binary "

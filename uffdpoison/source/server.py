@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import trio
@@ -112,12 +112,17 @@ def _advance(views: list[memoryview], i: int, n: int) -> int:
     return i
 
 
-async def _sendmsg(sock: socket.socket, views: list[memoryview]) -> int:
+# Wraps each sendmsg() of a frame (never a wait): the bulk push runs it at lower priority.
+Around = Callable[[], AbstractContextManager[None]]
+
+
+async def _sendmsg(sock: socket.socket, views: list[memoryview], around: Around) -> int:
     """One sendmsg on a non-blocking socket; trio is asked to wait only on EAGAIN (no
     scheduler hop when the kernel takes the bytes at once)."""
     while True:
         try:
-            return sock.sendmsg(views)
+            with around():
+                return sock.sendmsg(views)
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
 
@@ -130,7 +135,9 @@ async def _recv(sock: socket.socket, size: int) -> bytes:
             await trio.lowlevel.wait_readable(sock)
 
 
-async def _send_all(sock: socket.socket, bufs: list[bytes | memoryview]) -> int:
+async def _send_all(
+    sock: socket.socket, bufs: list[bytes | memoryview], around: Around = nullcontext
+) -> int:
     """Write buffers in order with as few syscalls as the kernel allows; returns bytes sent.
 
     Cancellation is honoured only before the first byte goes out: once part of a frame is on
@@ -138,19 +145,20 @@ async def _send_all(sock: socket.socket, bufs: list[bytes | memoryview]) -> int:
     push never leaves half a frame in front of the Error or Done that follows it."""
     views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
     total = sum(v.nbytes for v in views)
-    i = _advance(views, 0, await _sendmsg(sock, views[:_IOV_MAX]))
+    i = _advance(views, 0, await _sendmsg(sock, views[:_IOV_MAX], around))
     if i < len(views):
         deadline = trio.current_time() + PARTIAL_FRAME_TIMEOUT
         with trio.CancelScope(shield=True, deadline=deadline) as scope:
             while i < len(views):
-                i = _advance(views, i, await _sendmsg(sock, views[i : i + _IOV_MAX]))
+                i = _advance(views, i, await _sendmsg(sock, views[i : i + _IOV_MAX], around))
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("peer stopped reading in the middle of a frame")
     return total
 
 
 class _PushPriority:
-    """Lowers the calling thread's CPU priority around pieces of bulk-push work and restores it.
+    """Lowers the calling thread's CPU priority around pieces of bulk-push work (a read, a
+    sendmsg: never a wait, when the thread's other tasks run) and restores it.
 
     Restoring needs CAP_SYS_NICE; whether we have it is probed once on a throwaway thread, and
     without it the push runs at normal priority (never stuck lowered)."""
@@ -205,7 +213,7 @@ class _Channel:
         self.bytes_sent = 0
         self._unyielded = 0  # events handled back to back without waiting on the socket
 
-    async def send(self, events: list[Event]) -> int:
+    async def send(self, events: list[Event], around: Around = nullcontext) -> int:
         # Uncontended (always, on URGENT): take the lock without a scheduler hop.
         if self.lock.locked():
             await self.lock.acquire()
@@ -217,7 +225,7 @@ class _Channel:
             bufs: list[bytes | memoryview] = []
             for ev in events:
                 bufs.extend(self.conn.send(ev))
-            n = await _send_all(self.sock, bufs)
+            n = await _send_all(self.sock, bufs, around)
         finally:
             self.lock.release()
         self.bytes_sent += n
@@ -588,15 +596,15 @@ class SourceServer:
                 session.counts["demand_pages"] += counts.pop("pages")
                 for k, v in counts.items():
                     session.counts[k] += v
+            # serve() has returned: the stop the stopper wrote on its way out is stale.
+            fast.clear_stop()
             if left:
                 ch.conn.receive_data(left)
             if outcome is Outcome.HANDOFF:
                 session.counts["fast_handoffs"] += 1
             if outcome is not Outcome.STOPPED:
                 break
-            # Stopped: by our cancellation (raised here), or a stale stop from the last run.
-            await trio.lowlevel.checkpoint()
-            fast.clear_stop()
+            await trio.lowlevel.checkpoint()  # stopped by our cancellation: raised here
         if outcome is Outcome.EOF:
             ch.conn.receive_data(b"")
         elif outcome is Outcome.ERROR:
@@ -757,6 +765,8 @@ class SourceServer:
             await ch.send([self._welcome(session, hello)])
             with session.scope():
                 async with trio.open_nursery() as nursery:
+                    # Made before the push task runs: a Done read at once cancels it then.
+                    session.push_scope = trio.CancelScope()
                     nursery.start_soon(self._push, session, ch)
                     try:
                         reason = await self._bulk_reader(session, ch)
@@ -822,8 +832,8 @@ class SourceServer:
 
     async def _push(self, session: Session, ch: _Channel) -> None:
         try:
-            with trio.CancelScope() as scope:
-                session.push_scope = scope
+            assert session.push_scope is not None
+            with session.push_scope:
                 await self._push_pages(session, ch)
         except SourceGone as e:
             self._source_gone(str(e))
@@ -842,8 +852,6 @@ class SourceServer:
 
     async def _push_pages(self, session: Session, ch: _Channel) -> None:
         """Offer every page not yet offered, near the latest demand first, then Done."""
-        if session.bulk_done:
-            return
         unit = session.unit
         chunk_bytes = BULK_CHUNK_BYTES
         if self.max_bandwidth is not None:
@@ -876,8 +884,7 @@ class SourceServer:
                 session.count_events(events)
             if self.max_bandwidth is not None:
                 await self._pace(events)
-            with self._lowered():
-                await ch.send(events)
+            await ch.send(events, around=self._lowered)
             cursor = j
             # Let demand replies (other tasks) go out between bulk frames.
             await trio.lowlevel.checkpoint()

@@ -6,8 +6,15 @@ import contextlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
+
+
+def _drain(stream: IO[str]) -> None:
+    for _ in stream:
+        pass
 
 
 class SourceStartError(RuntimeError):
@@ -54,6 +61,11 @@ def source_process(
             raise SourceStartError(f"source process exited ({proc.wait()}) before listening")
         status = json.loads(line)
         host = status["host"]
+        # The rest of the status stream is read and dropped: a pipe nobody reads fills after
+        # some hundred sessions and the source would block writing to it.
+        threading.Thread(
+            target=_drain, args=(proc.stdout,), name="uffdpoison-source-stdout", daemon=True
+        ).start()
         yield f"[{host}]:{status['port']}" if ":" in host else f"{host}:{status['port']}"
     finally:
         proc.terminate()
