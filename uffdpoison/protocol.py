@@ -183,7 +183,6 @@ class Done:
 Event = Hello | Welcome | Request | Pages | Error | Done
 
 _T_HELLO, _T_WELCOME, _T_REQUEST, _T_PAGES, _T_ERROR, _T_DONE = 1, 2, 3, 4, 5, 6
-_TYPE_NAMES = {1: "Hello", 2: "Welcome", 3: "Request", 4: "Pages", 5: "Error", 6: "Done"}
 _KINDS = {k.value: k for k in PageKind}
 _CHANNELS = {c.value: c for c in Channel}
 _NOT_TYPE = "field {!r} of {} must be {}, got {}"

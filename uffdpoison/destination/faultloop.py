@@ -40,7 +40,7 @@ import trio
 
 from uffdpoison import protocol
 from uffdpoison.destination.client import SourceClient
-from uffdpoison.destination.placement import Deferred, Placer, SessionEnded, Stats
+from uffdpoison.destination.placement import Deferred, Placer, SessionEnded, Stats, chunk_pages
 from uffdpoison.destination.regions import RegionMap
 from uffdpoison.kernel import (
     DemandEngine,
@@ -70,8 +70,6 @@ _REMOVE = int(EventKind.REMOVE)
 _UNMAP = int(EventKind.UNMAP)
 _FORK = int(EventKind.FORK)
 _REMAP = int(EventKind.REMAP)
-# ensure_present asks for runs of at most this many bytes per Request (one bulk chunk)
-_ENSURE_RUN_BYTES = 64 * 4096
 # The demand engine by default; UFFDPOISON_DEMAND=python selects the Python loop.
 _DEFAULT_ENGINE = os.environ.get("UFFDPOISON_DEMAND", "c") != "python"
 
@@ -561,7 +559,7 @@ class Session:
     async def _bulk_reader(self) -> None:
         t = self.client.bulk
         assert t is not None
-        chunk = _bulk_chunk(self.page_size)
+        chunk = chunk_pages(self.page_size)
         eng = self._engine if self._engine_live else None
         if eng is not None:
             # What the handshake's reads already took is placed here, up to a frame boundary;
@@ -654,7 +652,7 @@ class Session:
         """Ask for pages [first, first+count) of region i: through the engine while it owns
         the URGENT socket (its table must know every request), else on the Python path. The
         engine may hand the socket back while this waits out a pending event."""
-        run = max(1, _ENSURE_RUN_BYTES // self.page_size)
+        run = chunk_pages(self.page_size)  # ensure_present asks in runs of one bulk chunk
         while (eng := self._engine if self._engine_live else None) is not None:
             rc = eng.request(i, first, count, run)
             if rc == -errno.EAGAIN:
@@ -695,7 +693,3 @@ class Session:
                 led.address(idx) for idx in range(first, last) if led.state(idx) == _POISONED
             )
         return poisoned
-
-
-def _bulk_chunk(page_size: int) -> int:
-    return max(1, (64 * 4096) // page_size) if page_size <= 4096 else 1

@@ -27,7 +27,14 @@ log = logging.getLogger(__name__)
 
 # A bulk frame is placed in chunks this size so that a demand reply waits behind at most one
 # chunk (64 x 4 KiB COPY is ~55 µs here; KERNEL-FACTS).
-BULK_CHUNK_PAGES = 64
+BULK_CHUNK_BYTES = 64 * 4096
+
+
+def chunk_pages(page_size: int) -> int:
+    """Pages in one placement chunk: BULK_CHUNK_BYTES, or one huge page."""
+    return max(1, BULK_CHUNK_BYTES // page_size)
+
+
 # How long a placement waits for the event reader to drain a pending non-cooperative event.
 _EVENT_PENDING_BACKOFF = (0.0, 0.0, 0.0001, 0.0005, 0.002)
 

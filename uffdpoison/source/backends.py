@@ -271,7 +271,6 @@ class Backend:
         self._poison = PageBitmap(self.npages)
         # Reads may run in a worker thread while another reader marks poison in the same byte.
         self._poison_lock = threading.Lock()
-        self._zero = bytes(page_size)
 
     @property
     def huge_page_size(self) -> int:

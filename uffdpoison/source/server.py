@@ -354,7 +354,6 @@ class SourceServer:
         self._status = status
         self.sessions: dict[bytes, Session] = {}
         self.gone: str | None = None  # set once the backend reported SourceGone
-        self.sessions_started = 0
         self._zero_digests: dict[int, int] = {}
         self._bulk_clock = 0.0  # trio time when the bulk link is free again (max_bandwidth)
 
@@ -497,7 +496,6 @@ class SourceServer:
         session = Session(self, token, unit, ch.peer)
         session.urgent = ch
         self.sessions[token] = session
-        self.sessions_started += 1
         reason = "closed"
         try:
             await ch.send([self._welcome(session, hello)])
