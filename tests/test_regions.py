@@ -119,3 +119,10 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
 def test_parse_address_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_address(text)
+
+
+def test_split_pages_covers_every_page_a_range_touches() -> None:
+    m = RegionMap([Region(0x10000, 0x4000, 0), Region(0x20000, 0x2000, 0x4000)])
+    assert list(m.split_pages(0x10001, 0x20001)) == [(0, 0, 4), (1, 0, 1)]
+    assert list(m.split_pages(0x13FFF, 0x14001)) == [(0, 3, 4)]
+    assert list(m.split_pages(0x14000, 0x20000)) == []  # the gap between them

@@ -161,6 +161,19 @@ class Ledger:
     def find(self, start: int, states: Iterable[PageState]) -> int:
         return self._ps.find(start, _mask(states))
 
+    def poisoned_in(self, first: int, last: int) -> list[int]:
+        """Indices of the POISONED pages in [first, last) (counted first, so the search never
+        runs past the last of them into the rest of a large region)."""
+        mask = _mask((PageState.POISONED,))
+        n = self._ps.count(first, last - first, mask)
+        out: list[int] = []
+        idx = first
+        while len(out) < n:
+            idx = self._ps.find(idx, mask)
+            out.append(idx)
+            idx += 1
+        return out
+
     @property
     def counts(self) -> dict[PageState, int]:
         c = self._ps.raw.counts

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import os
 import select
 import time
@@ -533,14 +532,7 @@ class Session:
         """The guest discarded [start, end): it reads as zeros from now on, except poisoned
         pages, which stay poisoned and are re-poisoned on their next fault."""
         self._py_stats.removes += 1
-        ps = self.page_size
-        for i, r in enumerate(self.regions.regions):
-            lo = max(start, r.base)
-            hi = min(end, r.end)
-            if lo >= hi:
-                continue
-            first = (lo - r.base) // ps
-            last = math.ceil((hi - r.base) / ps)
+        for i, first, last in self.regions.split_pages(start, end):
             self.ledgers[i].mark(
                 first,
                 last - first,
@@ -628,21 +620,13 @@ class Session:
     async def ensure_present(self, addr: int, length: int) -> list[int]:
         """Fault in [addr, addr+length) on the VMM's behalf; returns poisoned page addresses
         (never read those). Safe to call from Python: nothing here touches guest memory."""
-        ps = self.page_size
-        end = addr + length
-        addr &= ~(ps - 1)
         eng = self._engine if self._engine_live else None
         if eng is not None:
             eng.notify(1)  # before requesting: a placement then always signals progress
         try:
-            pending: list[tuple[int, int, int]] = []
-            for i, r in enumerate(self.regions.regions):
-                lo, hi = max(addr, r.base), min(end, r.end)
-                if lo >= hi:
-                    continue
-                first, last = (lo - r.base) // ps, math.ceil((hi - r.base) / ps)
+            pending = list(self.regions.split_pages(addr, addr + length))
+            for i, first, last in pending:
                 await self._request_range(i, first, last - first)
-                pending.append((i, first, last))
             return await self._wait_placed(pending)
         finally:
             if eng is not None:
@@ -671,25 +655,17 @@ class Session:
             self._request_or_zero(i, led, idx)
 
     async def _wait_placed(self, pending: list[tuple[int, int, int]]) -> list[int]:
+        unplaced = (PageState.MISSING, PageState.REQUESTED, PageState.BACKGROUND, PageState.REMOVED)
         poisoned: list[int] = []
         for i, first, last in pending:
             led = self.ledgers[i]
+            idx = first
             while True:
                 if self.failed:
                     raise SessionFailed(self.failed)
-                idx = led.find(
-                    first,
-                    (
-                        PageState.MISSING,
-                        PageState.REQUESTED,
-                        PageState.BACKGROUND,
-                        PageState.REMOVED,
-                    ),
-                )
+                idx = led.find(idx, unplaced)  # pages before idx were placed already
                 if idx < 0 or idx >= last:
                     break
                 await self._progress.park()
-            poisoned.extend(
-                led.address(idx) for idx in range(first, last) if led.state(idx) == _POISONED
-            )
+            poisoned.extend(led.address(k) for k in led.poisoned_in(first, last))
         return poisoned

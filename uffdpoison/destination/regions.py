@@ -129,6 +129,18 @@ class RegionMap:
                 return i
         return -1
 
+    def split_pages(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(region index, first page, end page)`` for every region a host address
+        range [start, end) touches: the pages that hold any byte of it, in address order."""
+        ps = self.page_size
+        for i in range(max(bisect.bisect_right(self._bases, start) - 1, 0), len(self.regions)):
+            r = self.regions[i]
+            if r.base >= end:
+                break
+            lo, hi = max(start, r.base), min(end, r.end)
+            if lo < hi:
+                yield i, (lo - r.base) // ps, -(-(hi - r.base) // ps)
+
     def split_offsets(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """Yield ``(region index, byte distance into region, bytes)`` for the parts of a guest
         range that some region maps, in offset order; gaps no region maps are skipped (a source
