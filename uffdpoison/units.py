@@ -1,4 +1,4 @@
-"""Parsing of sizes and rates given on the command line."""
+"""Parsing of numbers, sizes and rates given on the command line and in input files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import re
 
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?(?:/s)?\s*$")
+
+
+def parse_int(text: str) -> int:
+    """A whole number in decimal or 0x-hex (``4096``, ``0x1000``; ``010`` is ten, not eight)."""
+    text = text.strip()
+    return int(text, 16 if text[:2].lower() == "0x" else 10)
 
 
 def parse_size(text: str) -> int:

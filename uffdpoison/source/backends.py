@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from uffdpoison.kernel.digest import zero_runs
 from uffdpoison.kernel.urgent import ReadLayout
+from uffdpoison.units import parse_int
 
 __all__ = [
     "Backend",
@@ -191,7 +192,7 @@ def _zero_split(mv: memoryview, start: int, stop: int, unit: int) -> list[tuple[
     if start >= stop:
         return []
     if stop - start == unit:  # one page (a demand fault): skip the run machinery
-        return [(mv[start:stop] == _zero_unit(unit), 1)]
+        return [(mv[start:stop].tobytes() == _zero_unit(unit), 1)]  # 0.1 µs; == on views: 4 µs
     return zero_runs(mv[start:stop], unit)
 
 
@@ -202,12 +203,6 @@ def _zero_unit(unit: int) -> bytes:
 
 # ----------------------------------------------------------------------------------------------
 # Input parsing
-
-
-def _parse_int(text: str) -> int:
-    text = text.strip()
-    base = 16 if text.lower().startswith("0x") else 10
-    return int(text, base)
 
 
 def parse_poison_list(path: str | os.PathLike[str], *, page_size: int, size: int) -> list[int]:
@@ -228,7 +223,7 @@ def parse_poison_list(path: str | os.PathLike[str], *, page_size: int, size: int
             continue
         where = f"{os.fspath(path)}:{lineno}"
         try:
-            off = _parse_int(text)
+            off = parse_int(text)
         except ValueError:
             raise SourceError(f"{where}: not an offset: {text!r}") from None
         if off < 0:
@@ -600,32 +595,26 @@ class ProcessBackend(Backend):
         """Mark pages whose pagemap entry is a uffd poison marker. Returns how many."""
         found = 0
         sys_ps = os.sysconf("SC_PAGE_SIZE")
-        try:
-            fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise SourceError(f"process {self.pid} does not exist") from None
-        except OSError as e:
-            raise SourceError(f"cannot open /proc/{self.pid}/pagemap: {e.strerror}") from e
-        try:
-            chunk_pages = 1 << 16
-            for goff, addr, length in self._ranges:
-                vpn0 = addr // sys_ps
-                npages = length // sys_ps
-                done = 0
-                while done < npages:
-                    n = min(chunk_pages, npages - done)
-                    data = os.pread(fd, n * 8, (vpn0 + done) * 8)
-                    if not data:
-                        raise SourceGone(f"process {self.pid} exited")
-                    for m in _PAGEMAP_POISON_RE.finditer(data):
-                        if m.start() % 8:
-                            continue
-                        page = done + m.start() // 8
-                        if self.mark_poisoned(goff + page * sys_ps):
-                            found += 1
-                    done += len(data) // 8
-        finally:
-            os.close(fd)
+        fd = self._pagemap_fd
+        if fd < 0:
+            return 0  # no pagemap to read: unreadable pages are found by EIO instead
+        chunk_pages = 1 << 16
+        for goff, addr, length in self._ranges:
+            vpn0 = addr // sys_ps
+            npages = length // sys_ps
+            done = 0
+            while done < npages:
+                n = min(chunk_pages, npages - done)
+                data = os.pread(fd, n * 8, (vpn0 + done) * 8)
+                if not data:
+                    raise SourceGone(f"process {self.pid} exited")
+                for m in _PAGEMAP_POISON_RE.finditer(data):
+                    if m.start() % 8:
+                        continue
+                    page = done + m.start() // 8
+                    if self.mark_poisoned(goff + page * sys_ps):
+                        found += 1
+                done += len(data) // 8
         return found
 
     def _locate(self, offset: int) -> tuple[int, int, int]:

@@ -23,7 +23,7 @@ from uffdpoison.source.backends import (
     SourceError,
 )
 from uffdpoison.source.server import PUSH_NICE, SourceServer, parse_listen
-from uffdpoison.units import size_arg
+from uffdpoison.units import parse_int, size_arg
 
 log = logging.getLogger("uffdpoison.source")
 
@@ -33,7 +33,7 @@ def _range(text: str) -> tuple[int, int]:
     if not sep:
         raise argparse.ArgumentTypeError(f"range {text!r} is not START:LENGTH")
     try:
-        return int(start, 0), int(length, 0)
+        return parse_int(start), parse_int(length)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"range {text!r}: START and LENGTH must be decimal or 0x-hex integers"
