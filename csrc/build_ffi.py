@@ -7,7 +7,9 @@ pyca/cryptography's ``_cffi_src``:
 * ``NAME.c``    the implementation,
 * ``NAME.cdef`` what Python may see, in cffi's cdef dialect.
 
-Components are picked up by globbing, so adding one needs no edit here.
+Components are picked up by globbing, so adding one needs no edit here. The glob is not
+recursive: ``csrc/harness/`` is the benchmark/test harness, built separately as
+``uffdpoison._harness`` by ``csrc/harness/build_ffi.py``.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ from array import array
 
 from uffdpoison.destination.embed import ThreadedPageServer
 from uffdpoison.destination.regions import Region
+from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import digest
-from uffdpoison.kernel.toucher import Toucher
 from uffdpoison.units import size_arg
 
 PAGE = 4096

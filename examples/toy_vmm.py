@@ -24,8 +24,8 @@ import sys
 from array import array
 
 from uffdpoison.destination.regions import Region, regions_to_json
+from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd, memory
-from uffdpoison.kernel.toucher import Toucher
 
 HUGE = 2 << 20
 

@@ -17,16 +17,16 @@ import pytest
 
 from uffdpoison.bench import command, netns
 from uffdpoison.bench.scenarios import RATIO_KEYS, SCENARIOS, BenchError, Config, Runner
-from uffdpoison.kernel import RegisterMode, Userfaultfd, anon
-from uffdpoison.kernel.cref import (
+from uffdpoison.harness.bulkpull import BulkPuller
+from uffdpoison.harness.cref import (
     REPLY,
-    BulkPuller,
     PageSource,
     pingpong,
     poison_bitmap,
     request_bytes,
 )
-from uffdpoison.kernel.toucher import Toucher
+from uffdpoison.harness.toucher import Toucher
+from uffdpoison.kernel import RegisterMode, Userfaultfd, anon
 
 IS_ROOT = os.geteuid() == 0
 LAT_KEYS = ("p50", "p90", "p99", "p999", "max", "mean")

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from uffdpoison.kernel._ffi import ffi, lib
-from uffdpoison.kernel.cref import (
+from uffdpoison.harness._ffi import ffi, lib
+from uffdpoison.harness.cref import (
     FLAG_ZERO_DETECT,
     KIND_DATA,
     KIND_ERROR,
@@ -27,7 +27,7 @@ from uffdpoison.kernel.cref import (
     uffd_open,
     uffd_register,
 )
-from uffdpoison.kernel.toucher import BUS_ADRERR, BUS_MCEERR_AR, OUTCOME_SIGBUS, Toucher
+from uffdpoison.harness.toucher import BUS_ADRERR, BUS_MCEERR_AR, OUTCOME_SIGBUS, Toucher
 
 PAGE = mmap.PAGESIZE
 PAGES = 32

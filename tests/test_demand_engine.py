@@ -30,10 +30,10 @@ from uffdpoison.destination.client import SourceClient
 from uffdpoison.destination.embed import FEATURES, serve_memory
 from uffdpoison.destination.faultloop import Session, SessionFailed
 from uffdpoison.destination.regions import Region, RegionMap
+from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import RegisterMode, RunResult, Userfaultfd, memory
 from uffdpoison.kernel.demand import encode_request
 from uffdpoison.kernel.digest import page_digests
-from uffdpoison.kernel.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 from uffdpoison.ledger import PageState
 from uffdpoison.protocol import Channel, PageKind, Side
 

@@ -14,9 +14,9 @@ from destination_helpers import make_guest, start_source
 from uffdpoison.destination.embed import ThreadedPageServer, serve_memory
 from uffdpoison.destination.faultloop import SessionFailed
 from uffdpoison.destination.regions import Region
+from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
-from uffdpoison.kernel.toucher import Toucher
 from uffdpoison.ledger import PageState
 from uffdpoison.source.spawn import source_process
 

@@ -8,6 +8,7 @@ import threading
 import pytest
 from conftest import SIGBUS_CODES, wait_events
 
+from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
@@ -21,7 +22,6 @@ from uffdpoison.kernel import (
     hugetlb,
     shmem,
 )
-from uffdpoison.kernel.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 from uffdpoison.ledger import Ledger, LedgerError, PageState, PlaceResult, PoisonOverwriteRefused
 
 P = PAGE_SIZE

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from uffdpoison.harness._ffi import ffi, lib
 from uffdpoison.kernel import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
@@ -17,7 +18,6 @@ from uffdpoison.kernel import (
     shmem,
     zero_runs,
 )
-from uffdpoison.kernel._ffi import ffi, lib
 
 P = PAGE_SIZE
 

@@ -14,11 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from uffdpoison.kernel import RegisterMode, Userfaultfd
-from uffdpoison.kernel import anon as anon_mapping
-from uffdpoison.kernel._ffi import ffi, lib
-from uffdpoison.kernel.cref import LocalHandler
-from uffdpoison.kernel.toucher import (
+from uffdpoison.harness._ffi import ffi, lib
+from uffdpoison.harness.cref import LocalHandler
+from uffdpoison.harness.toucher import (
     BUS_ADRERR,
     BUS_MCEERR_AR,
     OUTCOME_NOT_RUN,
@@ -26,6 +24,8 @@ from uffdpoison.kernel.toucher import (
     OUTCOME_SIGBUS,
     Toucher,
 )
+from uffdpoison.kernel import RegisterMode, Userfaultfd
+from uffdpoison.kernel import anon as anon_mapping
 
 PAGE = mmap.PAGESIZE
 
@@ -293,7 +293,7 @@ if sys.argv[1] == "faulthandler":
     faulthandler.enable()
 from uffdpoison.kernel import RegisterMode, Userfaultfd
 from uffdpoison.kernel import anon as anon_mapping
-from uffdpoison.kernel.toucher import Toucher
+from uffdpoison.harness.toucher import Toucher
 mem = anon_mapping(mmap.PAGESIZE)
 uffd = Userfaultfd.create()
 uffd.register(mem.addr, mem.size, RegisterMode.MISSING)
@@ -333,7 +333,7 @@ def test_sigbus_on_another_thread_goes_to_the_previous_handler(previous: str) ->
 def test_dropped_blocked_toucher_is_parked_then_reaped(registered) -> None:
     import gc
 
-    from uffdpoison.kernel import toucher as toucher_mod
+    from uffdpoison.harness import toucher as toucher_mod
 
     uffd, base = registered
     t = Toucher([base + 2 * PAGE])

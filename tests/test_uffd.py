@@ -11,6 +11,7 @@ import pytest
 import trio
 from conftest import SIGBUS_CODES, wait_events
 
+from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
@@ -29,7 +30,6 @@ from uffdpoison.kernel import (
     shmem,
 )
 from uffdpoison.kernel._ffi import ffi, lib
-from uffdpoison.kernel.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 
 P = PAGE_SIZE
 

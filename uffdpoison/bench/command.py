@@ -1,6 +1,6 @@
 """``uffdpoison bench``: demand-fault latency and bulk throughput, uffdpoison vs a C reference.
 
-Every scenario runs uffdpoison and the C reference (``uffdpoison.kernel.cref``: a C handler
+Every scenario runs uffdpoison and the C reference (``uffdpoison.harness.cref``: a C handler
 asking a C source over the same transport, placing pages with the same ioctls) on the same work,
 rounds interleaved, in one invocation, and prints both and their ratios. Latency is measured in
 the faulting thread (C toucher, CLOCK_MONOTONIC). Missed goals are reported, not failures.

@@ -4,7 +4,7 @@
         [--page-size N] [--cpu N] [--threaded]
 
 Prints one JSON line ``{"event": "listening", "host", "port"}`` when ready, serves
-(``uffdpoison.kernel.cref.PageSource``, one C thread) until stdin closes or SIGTERM, then prints
+(``uffdpoison.harness.cref.PageSource``, one C thread) until stdin closes or SIGTERM, then prints
 ``{"event": "stopped", ...counters}``.
 """
 
@@ -18,7 +18,7 @@ import sys
 import threading
 from dataclasses import asdict
 
-from uffdpoison.kernel.cref import PageSource, poison_bitmap
+from uffdpoison.harness.cref import PageSource, poison_bitmap
 
 
 def read_poison_list(path: str, page_size: int) -> list[int]:

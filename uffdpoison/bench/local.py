@@ -6,7 +6,7 @@ private anonymous region, in order; every touch is a MISSING fault. Each fault i
 * ``python``: a minimal trio handler on the real ledger path:
   ``trio.lowlevel.wait_readable(uffd)`` → batched ``Userfaultfd.read_events`` → ``Ledger.copy``
   of that one page;
-* ``c``: the C reference handler (``uffdpoison.kernel.cref.LocalHandler``): poll, read, COPY.
+* ``c``: the C reference handler (``uffdpoison.harness.cref.LocalHandler``): poll, read, COPY.
 
 Rounds of the two alternate (which one goes first alternates too), with the same CPU placement,
 on a new region each round. Reported: per-touch latency p50/p99/mean over all rounds, the ratio
@@ -32,10 +32,10 @@ from typing import Any
 
 import trio
 
+from uffdpoison.harness.cref import LocalHandler
+from uffdpoison.harness.toucher import Toucher, current_cpu
 from uffdpoison.kernel import EventBatch, RegisterMode, Userfaultfd, anon
 from uffdpoison.kernel._ffi import ffi
-from uffdpoison.kernel.cref import LocalHandler
-from uffdpoison.kernel.toucher import Toucher, current_cpu
 from uffdpoison.ledger import Ledger
 from uffdpoison.stats import percentile
 

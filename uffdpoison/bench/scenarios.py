@@ -33,10 +33,11 @@ from uffdpoison.bench import local as local_bench
 from uffdpoison.bench.netns import NetnsPair, NetnsUnavailable
 from uffdpoison.destination.embed import serve_memory
 from uffdpoison.destination.regions import Region
+from uffdpoison.harness.bulkpull import BulkPuller
+from uffdpoison.harness.cref import RemoteHandler
+from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, current_cpu
 from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
 from uffdpoison.kernel._ffi import ffi
-from uffdpoison.kernel.cref import BulkPuller, RemoteHandler
-from uffdpoison.kernel.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, current_cpu
 from uffdpoison.stats import percentile
 
 HUGE = 2 << 20

@@ -31,7 +31,7 @@ import trio
 
 from uffdpoison import protocol
 from uffdpoison.destination.client import SourceClient
-from uffdpoison.kernel.cref import REPLY, PageSource, pingpong, request_bytes
+from uffdpoison.harness.cref import REPLY, PageSource, pingpong, request_bytes
 from uffdpoison.source.spawn import source_process
 from uffdpoison.stats import percentile
 from uffdpoison.units import size_arg

@@ -32,9 +32,9 @@ import trio
 from uffdpoison import __version__
 from uffdpoison.destination.embed import serve_memory
 from uffdpoison.destination.regions import Region
+from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
-from uffdpoison.kernel.toucher import Toucher
 from uffdpoison.source.spawn import SourceStartError, source_process
 from uffdpoison.stats import percentile
 from uffdpoison.units import size_arg

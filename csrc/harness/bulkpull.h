@@ -1,5 +1,5 @@
-#ifndef UP_CREF2_H
-#define UP_CREF2_H
+#ifndef UP_BULKPULL_H
+#define UP_BULKPULL_H
 /* The C reference's background stream: a thread that pulls the whole region from a reference
  * page source (cref.c wire format) in chunks over its own connection and places each run with
  * one range ioctl, optionally capped at a byte rate. Runs beside a cref RemoteHandler on the

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from uffdpoison.kernel._ffi import ffi, lib
+from uffdpoison.harness._ffi import ffi, lib
 from uffdpoison.stats import percentile
 
 __all__ = [

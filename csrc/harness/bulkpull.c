@@ -1,7 +1,7 @@
-/* The C reference's background stream (see cref2.h). Same wire format as cref.c's source:
+/* The C reference's background stream (see bulkpull.h). Same wire format as cref.c's source:
  *   request 16 bytes {u64 offset, u32 count, u32 flags}; reply runs of 16 bytes
  *   {u64 offset, u32 count, u32 kind} + count * page_size bytes when kind is DATA. */
-#include "cref2.h"
+#include "bulkpull.h"
 
 #include <errno.h>
 #include <linux/userfaultfd.h>
@@ -21,7 +21,7 @@
 #include "uffd.h"
 
 
-struct up_cref2_msg {
+struct up_bulkpull_msg {
     uint64_t offset;
     uint32_t count;
     uint32_t word; /* request: flags; reply: kind */
@@ -119,7 +119,7 @@ static void *bulk_thread(void *arg)
             break;
         uint64_t left = (b->size - off) / ps;
         uint32_t count = left < b->chunk ? (uint32_t)left : b->chunk;
-        struct up_cref2_msg req = {.offset = off, .count = count,
+        struct up_bulkpull_msg req = {.offset = off, .count = count,
                                    .word = UP_CREF_FLAG_ZERO_DETECT};
         if (send(b->sock, &req, sizeof req, MSG_NOSIGNAL) != (ssize_t)sizeof req) {
             fail(b, errno);
@@ -129,7 +129,7 @@ static void *bulk_thread(void *arg)
         uint32_t got = 0;
         int rc = 0;
         while (got < count && !rc) {
-            struct up_cref2_msg rep;
+            struct up_bulkpull_msg rep;
             rc = up_cref_read_all(b->sock, &rep, sizeof rep);
             if (rc)
                 break;

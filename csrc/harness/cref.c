@@ -134,7 +134,7 @@ static int write_all(int fd, const struct iovec *iov_in, int iovcnt)
     return 0;
 }
 
-/* Read exactly len bytes; -EPIPE on EOF. Shared with cref2.c. */
+/* Read exactly len bytes; -EPIPE on EOF. Shared with bulkpull.c. */
 int up_cref_read_all(int fd, void *buf, size_t len)
 {
     char *p = buf;

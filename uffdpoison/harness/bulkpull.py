@@ -1,0 +1,98 @@
+"""The C reference's background stream (e): :class:`BulkPuller` (``csrc/harness/bulkpull.c``)
+pulls a whole region from a :class:`~uffdpoison.harness.cref.PageSource` in chunks over its own
+connection and places each run with one range ioctl (resuming after partial progress, stepping
+over pages placed first by the demand handler), optionally capped at a byte rate.
+
+Same wire format, ownership rules and C-thread handle as :mod:`uffdpoison.harness.cref`.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from uffdpoison.harness._ffi import ffi, lib
+from uffdpoison.harness.cref import _check, _check_geometry, _CThread
+
+__all__ = ["BulkPuller", "BulkStats"]
+
+
+@dataclass(frozen=True)
+class BulkStats:
+    requests: int
+    bytes: int  # page data received
+    placed: int  # pages placed by the puller
+    skipped: int  # pages the demand handler had placed first
+    errors: int
+    last_errno: int
+    cpu: int
+    done: bool
+    elapsed_ns: int  # start to done (to now while running)
+
+    @classmethod
+    def _from_c(cls, st: Any) -> BulkStats:
+        fields: dict[str, Any] = {
+            f: (bool if f == "done" else int)(getattr(st, f)) for f in cls.__dataclass_fields__
+        }
+        return cls(**fields)
+
+
+class BulkPuller(_CThread[BulkStats]):
+    """(e) Pull ``[base, base+size)`` from a :class:`PageSource` over ``sock`` (a connection
+    dedicated to it; shut down by :meth:`stop`, not closed) in ``chunk_pages`` requests and
+    place every page; ``rate`` caps page data at bytes/s (None: uncapped). Starts at once.
+    """
+
+    _STATS_CTYPE = "up_cref_bulk_stats *"
+    _STATS_FN = "up_cref_bulk_stats_get"
+    _STOP_FN = "up_cref_bulk_stop"
+    _WHAT = "bulk puller"
+
+    def _from_c(self, st: Any) -> BulkStats:
+        return BulkStats._from_c(st)
+
+    def __init__(
+        self,
+        uffd: int,
+        base: int,
+        size: int,
+        *,
+        sock: socket.socket | int,
+        page_size: int = 4096,
+        chunk_pages: int = 16,
+        rate: int | None = None,
+        cpu: int | None = None,
+    ) -> None:
+        _check_geometry(base, size, page_size)
+        if chunk_pages < 1 or chunk_pages * page_size > 1 << 30:
+            raise ValueError(f"chunk_pages must be within 1..{(1 << 30) // page_size}")
+        if rate is not None and rate <= 0:
+            raise ValueError(f"rate must be positive bytes/s or None, got {rate}")
+        self._sock = sock
+        fd = sock if isinstance(sock, int) else sock.fileno()
+        if isinstance(sock, socket.socket):
+            sock.setblocking(True)
+        out = ffi.new("up_cref_bulk **")
+        _check(
+            lib.up_cref_bulk_start(
+                out,
+                uffd,
+                base,
+                size,
+                page_size,
+                fd,
+                chunk_pages,
+                rate or 0,
+                -1 if cpu is None else cpu,
+            ),
+            "starting C bulk puller",
+        )
+        self._started(out[0])
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait (GIL released) up to ``timeout`` s for the whole region; True when done."""
+        if self._c is None:
+            return bool(self._final and self._final.done)
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        return bool(lib.up_cref_bulk_wait(self._c, ms))
