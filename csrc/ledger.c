@@ -10,7 +10,7 @@
  * count, the counters) take no lock: they see each byte either before or after a change.
  */
 #include "ledger.h"
-#include "uffd.h"
+#include "uffd_place.h"
 
 #include <stdlib.h>
 #include <string.h>

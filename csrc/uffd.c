@@ -16,9 +16,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* Marks "kernel did not write the progress field". */
-#define UP_UNTOUCHED INT64_MIN
-
 int up_uffd_open_syscall(int user_mode_only)
 {
 	int flags = O_CLOEXEC | O_NONBLOCK | (user_mode_only ? UFFD_USER_MODE_ONLY : 0);
@@ -85,52 +82,6 @@ int up_uffd_wake(int fd, uint64_t start, uint64_t len)
 {
 	struct uffdio_range r = {.start = start, .len = len};
 	return ioctl(fd, UFFDIO_WAKE, &r) < 0 ? -errno : 0;
-}
-
-static inline int finish(int rc, int64_t field, int64_t *progress)
-{
-	if (rc == 0) {
-		*progress = field;
-		return 0;
-	}
-	int err = errno;
-	*progress = field == UP_UNTOUCHED ? -err : field;
-	return -err;
-}
-
-int up_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *progress)
-{
-	struct uffdio_copy a = {.dst = dst, .src = src, .len = len, .mode = mode, .copy = UP_UNTOUCHED};
-	int rc = ioctl(fd, UFFDIO_COPY, &a);
-	return finish(rc, a.copy, progress);
-}
-
-int up_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress)
-{
-	struct uffdio_zeropage a = {.range = {start, len}, .mode = mode, .zeropage = UP_UNTOUCHED};
-	int rc = ioctl(fd, UFFDIO_ZEROPAGE, &a);
-	return finish(rc, a.zeropage, progress);
-}
-
-int up_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress)
-{
-	struct uffdio_continue a = {.range = {start, len}, .mode = mode, .mapped = UP_UNTOUCHED};
-	int rc = ioctl(fd, UFFDIO_CONTINUE, &a);
-	return finish(rc, a.mapped, progress);
-}
-
-int up_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress)
-{
-	struct uffdio_poison a = {.range = {start, len}, .mode = mode, .updated = UP_UNTOUCHED};
-	int rc = ioctl(fd, UFFDIO_POISON, &a);
-	return finish(rc, a.updated, progress);
-}
-
-int up_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *progress)
-{
-	struct uffdio_move a = {.dst = dst, .src = src, .len = len, .mode = mode, .move = UP_UNTOUCHED};
-	int rc = ioctl(fd, UFFDIO_MOVE, &a);
-	return finish(rc, a.move, progress);
 }
 
 static void decode(const struct uffd_msg *m, up_event *e)

@@ -28,11 +28,6 @@ int up_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioc
 int up_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
 int up_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int up_uffd_wake(int fd, uint64_t start, uint64_t len);
-int up_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *progress);
-int up_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress);
-int up_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress);
-int up_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress);
-int up_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *progress);
 int up_uffd_read_events(int fd, up_event *out, int cap);
 int up_fd_set_nonblock(int fd);
 #endif

@@ -61,7 +61,7 @@ def make_guest(
 
 POISONED_PROCESS = """
 import sys
-from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
+from uffdpoison.kernel import RegisterMode, Userfaultfd, _raw, memory
 n, ps = int(sys.argv[1]), 4096
 poison = [int(x) for x in sys.argv[2].split(",") if x]
 m = memory.anon(n * ps)
@@ -71,7 +71,7 @@ for i in range(n):
 u = Userfaultfd.create()
 u.register(m.addr, m.size, RegisterMode.MISSING)
 for i in poison:
-    u.poison(m.addr + i * ps, ps)
+    _raw.poison(u, m.addr + i * ps, ps)
 u.close()  # markers survive; the source reads this memory through /proc/PID/mem
 print(m.addr, flush=True)
 sys.stdin.read()

@@ -133,8 +133,8 @@ async def test_remove_keeps_poison_and_zeroes_data(nursery: trio.Nursery, tmp_pa
         zero_digest = make_guest(1, zero=[0], poisoned=[]).digests()[0]
         assert again["outcome"][1] == 0 and again["digest"][1] == zero_digest
         assert again["digest"][2] == guest.digests()[6]
-        assert d.daemon.sessions["vmm-1"].stats.repoisoned == 1
-        assert d.daemon.sessions["vmm-1"].stats.zero_after_remove == 1
+        assert d.daemon.sessions["vmm-1"].stats["repoisoned"] == 1
+        assert d.daemon.sessions["vmm-1"].stats["zero_after_remove"] == 1
     finally:
         await vmm.close()
 

@@ -12,8 +12,8 @@ import trio
 from destination_helpers import make_guest, start_source
 
 from uffdpoison.destination.embed import ThreadedPageServer, serve_memory
-from uffdpoison.destination.faultloop import SessionFailed
 from uffdpoison.destination.regions import Region
+from uffdpoison.destination.session import SessionFailed
 from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests

@@ -18,6 +18,7 @@ from uffdpoison.kernel import (
     Feature,
     RegisterMode,
     Userfaultfd,
+    _raw,
     anon,
     hugetlb,
     shmem,
@@ -54,7 +55,7 @@ def test_strict_copy_over_poison_is_refused_before_any_ioctl(region) -> None:
     assert ledger.refused_total == 1
     assert ledger.counts[PageState.PRESENT] == 0
     # nothing was placed: the kernel still sees page 0 as empty, and page 5 still SIGBUSes
-    assert uffd.zeropage(m.addr, P) == P
+    assert _raw.zeropage(uffd, m.addr, P) == P
     assert Toucher([m.addr + 5 * P]).run(5).outcome[0] == OUTCOME_SIGBUS
 
 
@@ -102,7 +103,7 @@ def test_poison_again_and_poison_over_data(region) -> None:
 
 def test_partial_progress_resumes_and_reconciles(region) -> None:
     uffd, m, ledger = region
-    uffd.zeropage(m.addr + 30 * P, P)  # placed behind the ledger's back
+    _raw.zeropage(uffd, m.addr + 30 * P, P)  # placed behind the ledger's back
     r = ledger.copy(0, 64, pages(0x5E, 64))
     assert r == PlaceResult(placed=63, already=0, refused=0, dropped=0, raced=1)
     assert ledger.counts[PageState.PRESENT] == 64 and ledger.raced_total == 1
@@ -118,7 +119,7 @@ def test_raced_page_is_woken(region) -> None:
     assert wait_events(uffd, batch) == 1
     # someone places the page without waking the vCPU
     with anon(P) as src:
-        assert uffd.copy(m.addr + 3 * P, src.addr, P, wake=False) == P
+        assert _raw.copy(uffd, m.addr + 3 * P, src.addr, P, wake=False) == P
     assert not t.join(0.2)
     r = ledger.copy(0, 8, pages(1, 8))
     assert r.raced == 1 and r.placed == 7
@@ -184,7 +185,7 @@ def test_long_non_strict_run_is_placed_in_slices_with_one_result(region) -> None
     poison refused and a raced page reconciled wherever they fall."""
     uffd, m, ledger = region
     ledger.poison(40, 1)
-    uffd.zeropage(m.addr + 20 * P, P)  # placed behind the ledger's back, in another slice
+    _raw.zeropage(uffd, m.addr + 20 * P, P)  # placed behind the ledger's back, in another slice
     r = ledger.copy(3, 60, pages(0x77, 60), strict=False)
     assert r == PlaceResult(placed=58, already=0, refused=1, dropped=0, raced=1)
     assert ledger.counts[PageState.PRESENT] == 59 and ledger.counts[PageState.POISONED] == 1
@@ -236,7 +237,7 @@ def test_bad_input_is_named(region) -> None:
     with pytest.raises(ValueError, match="placement pages -1"):
         ledger.zero(-1, 1)
     with pytest.raises(ValueError, match="unsigned 64-bit"):
-        uffd.copy(m.addr, -5, P)
+        _raw.copy(uffd, m.addr, -5, P)
     with pytest.raises(LedgerError, match="not aligned"):
         Ledger(uffd, m.addr + 1, P, P)
 

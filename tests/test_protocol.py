@@ -11,16 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import uffdpoison.protocol as proto
 from uffdpoison.protocol import (
     CLOSED,
     MAGIC,
     MAX_HEADER,
-    MAX_PAGES_PER_FRAME,
+    MAX_PAGES,
     MAX_PAYLOAD,
     NEED_DATA,
     PREFIX_SIZE,
     PROTOCOL_VERSION,
+    PUSH_ID,
     Channel,
     Connection,
     Done,
@@ -34,7 +34,8 @@ from uffdpoison.protocol import (
     Side,
     State,
     Welcome,
-    bench_codec,
+    codec,
+    layout,
     open_pair,
 )
 
@@ -138,11 +139,23 @@ def assert_send_rejected(conn: Connection, event: Any, *words: str) -> None:
 
 
 def pages_hdr(id: Any, kind: Any, off: Any, n: Any, **extra: Any) -> dict[str, Any]:
+    """A Pages header as a msgpack map: not the fixed encoding, so never valid."""
     return {"t": 4, "i": id, "k": kind, "o": off, "n": n, **extra}
 
 
-def req_hdr(id: Any, off: Any, n: Any, urgent: Any) -> dict[str, Any]:
-    return {"t": 3, "i": id, "o": off, "n": n, "u": urgent}
+def pages_frame(rid: int, kind: int, off: int, n: int, payload: bytes = b"") -> bytes:
+    """A Pages frame in its fixed encoding (layout.PAGES), bypassing send()'s checks."""
+    p1, p2, p3, p4 = (c for c, _ in layout.PAGES.parts())
+    head = codec._PAGES.pack(MAGIC, layout.PAGES.size, len(payload), p1, rid, p2, kind, p3, off,
+                             p4, n)  # fmt: skip
+    return head + payload
+
+
+def req_frame(rid: int, off: int, n: int, payload: bytes = b"") -> bytes:
+    """A Request frame in its fixed encoding (layout.REQUEST), bypassing send()'s checks."""
+    r1, r2, r3 = (c for c, _ in layout.REQUEST.parts())
+    head = codec._REQ.pack(MAGIC, layout.REQUEST.size, len(payload), r1, rid, r2, off, r3, n)
+    return head + payload
 
 
 # ---------------------------------------------------------------------------- round trips
@@ -160,7 +173,7 @@ def test_round_trip_every_kind() -> None:
     src, dst = handshake(URGENT)
     data = memoryview(bytes(range(256)) * (2 * PS // 256))
     digests = u64s(1, 2, 3, 4, 5)
-    req = Request(7, 0, 5, True, digests)
+    req = Request(7, 0, 5, digests)
     got = deliver(dst, src, req)
     assert got == req and bytes(got.digests) == bytes(digests)  # type: ignore[union-attr]
     assert src.outstanding == dst.outstanding == 1
@@ -173,7 +186,7 @@ def test_round_trip_every_kind() -> None:
     for r in replies:
         assert deliver(src, dst, r) == r
     assert src.outstanding == dst.outstanding == 0
-    req2 = Request(8, 8 * PS, 3, True)
+    req2 = Request(8, 8 * PS, 3)
     deliver(dst, src, req2)
     err = Error(8, "read-failed", "pread: EIO not poison")
     assert deliver(src, dst, err) == err
@@ -182,19 +195,16 @@ def test_round_trip_every_kind() -> None:
 
 def test_bulk_push_done_and_close() -> None:
     src, dst = handshake(BULK)
-    push = Pages(None, PageKind.DATA, 4 * PS, 1, memoryview(b"x" * PS))
+    push = Pages(PUSH_ID, PageKind.DATA, 4 * PS, 1, memoryview(b"x" * PS))
     assert deliver(src, dst, push) == push
-    assert deliver(src, dst, Pages(None, PageKind.POISONED, 0, 1)).kind is PageKind.POISONED
-    bg = Request(1, 8 * PS, 2, False)
-    assert deliver(dst, src, bg) == bg
+    assert deliver(src, dst, Pages(PUSH_ID, PageKind.POISONED, 0, 1)).kind is PageKind.POISONED
     assert deliver(src, dst, Done()) == Done()
     assert src.our_done and dst.their_done and src.state is State.OPEN
-    # After its Done the source still answers outstanding requests, but pushes nothing.
-    assert_send_rejected(src, Pages(None, PageKind.ZERO, 0, 1), "after its Done")
-    deliver(src, dst, Pages(1, PageKind.ZERO, 8 * PS, 2))
+    # After its Done the source pushes nothing more.
+    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, 0, 1), "after its Done")
     assert deliver(dst, src, Done()) == Done()
     assert src.state is State.DONE and dst.state is State.DONE
-    assert_send_rejected(dst, Request(2, 0, 1, False), "after its Done")
+    assert_send_rejected(dst, Done(), "after its Done")
     src.receive_data(b"")
     assert src.next_event() is CLOSED
     assert src.state is State.CLOSED
@@ -218,8 +228,8 @@ def test_hugetlb_page_size() -> None:
     deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None, page_size=huge))
     deliver(src, dst, Welcome(PROTOCOL_VERSION, SESSION, huge, 8 * huge, huge, 0, None))
     assert dst.page_size == huge and dst.max_data_pages == MAX_PAYLOAD // huge
-    deliver(dst, src, Request(1, huge, 2, True))
-    assert_send_rejected(dst, Request(2, PS, 1, True), "not aligned")
+    deliver(dst, src, Request(1, huge, 2))
+    assert_send_rejected(dst, Request(2, PS, 1), "not aligned")
     assert_send_rejected(src, Pages(1, PageKind.DATA, huge, 1, memoryview(b"x" * PS)), "DATA")
 
 
@@ -228,7 +238,9 @@ def test_welcome_must_honour_requested_page_size() -> None:
     deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None, page_size=2 << 20))
     bad = Welcome(PROTOCOL_VERSION, SESSION, PS, MEM, 0, 0, None)
     assert_send_rejected(src, bad, "page_size")
-    frame = raw_frame({"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False})
+    frame = raw_frame(
+        {"t": 2, "v": PROTOCOL_VERSION, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    )
     assert_rejected(dst, frame, "page_size")
 
 
@@ -245,10 +257,10 @@ def test_source_may_refuse_hello_with_error() -> None:
 def test_send_keeps_payload_apart_and_uncopied() -> None:
     _, dst = handshake(URGENT)
     buf = bytearray(4 * PS)
-    parts = dst.send(Request(1, 0, 4, True, memoryview(bytearray(32))))
+    parts = dst.send(Request(1, 0, 4, memoryview(bytearray(32))))
     assert len(parts) == 2 and isinstance(parts[0], bytes) and len(parts[1]) == 32
     src2, dst2 = handshake(URGENT)
-    deliver(dst2, src2, Request(1, 0, 4, True))
+    deliver(dst2, src2, Request(1, 0, 4))
     parts = src2.send(Pages(1, PageKind.DATA, 0, 4, memoryview(buf)))
     assert len(parts) == 2
     assert isinstance(parts[1], memoryview) and parts[1].obj is buf  # no copy
@@ -257,16 +269,16 @@ def test_send_keeps_payload_apart_and_uncopied() -> None:
 
 def test_received_payload_is_one_buffer() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2, True))
-    deliver(dst, src, Request(2, 2 * PS, 1, True))
+    deliver(dst, src, Request(1, 0, 2))
+    deliver(dst, src, Request(2, 2 * PS, 1))
     data = bytes(range(256)) * (2 * PS // 256)
     stream = wire(src.send(Pages(1, PageKind.DATA, 0, 2, memoryview(data))))
     stream += wire(src.send(Pages(2, PageKind.DATA, 2 * PS, 1, memoryview(data[:PS]))))
     # Both frames in one chunk, then each split in the middle of its payload.
     for chunks in ([stream], [stream[:100], stream[100:5000], stream[5000:]]):
         _, d = handshake(URGENT)
-        d.send(Request(1, 0, 2, True))
-        d.send(Request(2, 2 * PS, 1, True))
+        d.send(Request(1, 0, 2))
+        d.send(Request(2, 2 * PS, 1))
         for c in chunks:
             d.receive_data(c)
         got = drain(d)
@@ -277,7 +289,7 @@ def test_received_payload_is_one_buffer() -> None:
 
 def test_bytes_wanted_hint() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1, True))
+    deliver(dst, src, Request(1, 0, 1))
     frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
     assert dst.bytes_wanted == PREFIX_SIZE
     dst.receive_data(frame[:3])
@@ -290,33 +302,38 @@ def test_bytes_wanted_hint() -> None:
     assert isinstance(dst.next_event(), Pages)
 
 
-def test_idle_and_last_was_fast() -> None:
-    """What a second reader of the stream (the source's C urgent path) relies on."""
+def test_idle_at_frame_boundaries() -> None:
+    """What a socket handed to a data plane relies on: nothing half-read is left behind."""
     src, dst = handshake(URGENT)
     assert src.idle
-    frame = wire(dst.send(Request(1, 0, 1, True)))
+    frame = wire(dst.send(Request(1, 0, 1)))
     src.receive_data(frame[:10])
     assert not src.idle and src.next_event() is NEED_DATA
     src.receive_data(frame[10:])
     assert not src.idle  # a whole frame not yet returned
-    assert isinstance(src.next_event(), Request) and src.last_was_fast and src.idle
-    src.send(Pages(1, PageKind.ZERO, 0, 1))
-    src.receive_data(raw_frame(req_hdr(2, 0, 1, True)))  # the same map, minimal encoding
-    assert isinstance(src.next_event(), Request) and not src.last_was_fast
+    assert isinstance(src.next_event(), Request) and src.idle
     src.receive_data(b"")
     assert not src.idle  # EOF is news for next_event
 
 
-def test_unknown_map_keys_are_ignored() -> None:
+def test_unknown_map_keys_of_control_frames_are_ignored() -> None:
+    _, dst = handshake(BULK)
+    dst.receive_data(raw_frame({"t": 6, "future": "x", "z": [1, 2]}))
+    assert drain(dst) == [Done()]
+
+
+def test_delegated_connection_judges_control_frames_only() -> None:
+    """After the handshake a data plane carries the data frames: the Connection refuses them
+    and checks Error ids against nothing it could see."""
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(3, PS, 1, True))
-    dst.receive_data(raw_frame(pages_hdr(3, int(PageKind.ZERO), PS, 1, future="x", z=[1, 2])))
-    assert drain(dst) == [Pages(3, PageKind.ZERO, PS, 1)]
-
-
-def test_bench_codec_runs() -> None:
-    r = bench_codec(200)
-    assert r["frames"] == 200 and r["push_GB_per_s"] > 0 and r["demand_GB_per_s"] > 0
+    src.delegate_data()
+    dst.delegate_data()
+    assert_send_rejected(dst, Request(1, 0, 1), "data plane")
+    assert_send_rejected(src, Pages(1, PageKind.ZERO, 0, 1), "data plane")
+    assert deliver(src, dst, Error(7, "read-failed", "x")) == Error(7, "read-failed", "x")
+    assert_rejected(dst, req_frame(1, 0, 1), "data plane")
+    with pytest.raises(ProtocolError, match="open"):
+        Connection(Side.DESTINATION, URGENT).delegate_data()
 
 
 def test_open_pair_helper() -> None:
@@ -329,19 +346,19 @@ def test_open_pair_helper() -> None:
 
 def test_eof_at_boundary_is_closed_mid_frame_is_error() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1, True))
+    deliver(dst, src, Request(1, 0, 1))
     frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"z" * PS))))
     header_end = len(frame) - PS
     for cut, word in ((3, "prefix"), (PREFIX_SIZE + 2, "header"), (header_end + 10, "payload")):
         _, d = handshake(URGENT)
-        d.send(Request(1, 0, 1, True))
+        d.send(Request(1, 0, 1))
         assert_rejected(d, frame[:cut], "truncated", word, eof=True)
         assert d.outstanding == 1
 
 
 def test_truncated_payload_after_partial_fill() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2, True))
+    deliver(dst, src, Request(1, 0, 2))
     frame = wire(src.send(Pages(1, PageKind.DATA, 0, 2, memoryview(b"z" * 2 * PS))))
     dst.receive_data(frame[:100])
     assert dst.next_event() is NEED_DATA
@@ -404,35 +421,44 @@ def test_unknown_frame_type() -> None:
     _, dst = handshake(URGENT)
     assert_rejected(dst, raw_frame({"t": "pages"}), "frame type must be an int")
     _, dst = handshake(URGENT)
-    assert_rejected(dst, raw_frame({"x": 1}), "lacks field 'type'")
+    assert_rejected(dst, raw_frame({"x": 1}), "lacks its type")
 
 
 def _dst_with_request(id: int = 1, off: int = 0, n: int = 2, digests: bool = False) -> Connection:
     src, dst = handshake(URGENT)
     d = u64s(*range(n)) if digests else None
-    deliver(dst, src, Request(id, off, n, True, d))
+    deliver(dst, src, Request(id, off, n, d))
     return dst
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pages_hdr(1, 2, 0, 1),  # the same map, minimally encoded
+        pages_hdr(True, 2, 0, 1),
+        pages_hdr(1, 2, 0.0, 1),
+        {"t": 4, "i": 1, "k": 2, "o": 0},
+        {"t": 3, "i": 1, "o": 0, "n": 1},
+        {"t": 3, "i": 1, "o": 0, "n": 1, "u": True},  # version 1's Request
+    ],
+)
+def test_data_frames_have_one_encoding(header: dict[str, Any]) -> None:
+    """Request and Pages are the fixed layouts only: any other msgpack encoding of them is a
+    protocol error naming it (protocol version 2)."""
+    dst = _dst_with_request()
+    assert_rejected(dst, raw_frame(header), "fixed encoding")
+    assert dst.outstanding == 1
 
 
 @pytest.mark.parametrize(
     ("header", "words"),
     [
-        (pages_hdr(True, 2, 0, 1), ("'id'", "int", "bool")),
-        (pages_hdr(1, 2, 0, True), ("'count'", "int", "bool")),
-        (pages_hdr(1, 2, 0.0, 1), ("'offset'", "float")),
-        (pages_hdr(1, 2, "0", 1), ("'offset'", "str")),
-        (pages_hdr(1, 2, -PS, 1), ("'offset'", "u64")),
-        (pages_hdr(1, True, 0, 1), ("unknown kind",)),
-        (pages_hdr(1, 9, 0, 1), ("unknown kind",)),
-        (pages_hdr(b"\x01", 2, 0, 1), ("'id'", "bytes")),
-        ({"t": 4, "i": 1, "k": 2, "o": 0}, ("lacks field 'count'",)),
-        ({"t": 4, "i": 1, "k": 2, "n": 1}, ("lacks field 'offset'",)),
-        ({"t": 4, "k": 2, "o": 0, "n": 1}, ("lacks field 'id'",)),
-        ({"t": 4, "i": 1, "o": 0, "n": 1}, ("lacks field 'kind'",)),
         ({"t": 5, "i": 1, "c": b"busy", "m": "x"}, ("'code'", "str", "bytes")),
         ({"t": 5, "i": 1, "c": "busy", "m": None}, ("'message'", "str")),
         ({"t": 5, "i": 1, "c": "", "m": ""}, ("'code'", "1..")),
-        ({"t": 5, "i": 1, "c": "x"}, ("lacks field 'message'",)),
+        ({"t": 5, "i": 1, "c": "x"}, ("lacks field 'm'",)),
+        ({"t": 5, "i": True, "c": "x", "m": ""}, ("'id'", "bool")),
+        ({"t": 5, "i": -1, "c": "x", "m": ""}, ("'id'", "u64")),
     ],
 )
 def test_wrong_field_types_and_missing_fields(header: dict[str, Any], words: tuple[str]) -> None:
@@ -444,15 +470,14 @@ def test_wrong_field_types_and_missing_fields(header: dict[str, Any], words: tup
 def test_misaligned_zero_count_and_out_of_range() -> None:
     src, dst = handshake(URGENT)
     for req, word in (
-        (Request(1, 100, 1, True), "not aligned"),
-        (Request(1, 0, 0, True), "count 0"),
-        (Request(1, 0, MAX_PAGES_PER_FRAME + 1, True), "count"),
-        (Request(1, MEM - PS, 2, True), "past memory_size"),
-        (Request(1, MEM, 1, True), "past memory_size"),
+        (Request(1, 100, 1), "not aligned"),
+        (Request(1, 0, 0), "count 0"),
+        (Request(1, 0, MAX_PAGES + 1), "count"),
+        (Request(1, MEM - PS, 2), "past memory_size"),
+        (Request(1, MEM, 1), "past memory_size"),
     ):
         assert_send_rejected(dst, req, word)
-        frame = raw_frame(req_hdr(req.id, req.offset, req.count, True))
-        assert_rejected(_fresh_src(), frame, word)
+        assert_rejected(_fresh_src(), req_frame(req.id, req.offset, req.count), word)
     assert src.outstanding == dst.outstanding == 0
 
 
@@ -463,11 +488,11 @@ def _fresh_src(channel: Channel = URGENT) -> Connection:
 
 def test_data_length_mismatch() -> None:
     dst = _dst_with_request(n=2)
-    assert_rejected(dst, raw_frame(pages_hdr(1, 1, 0, 2), b"x" * (2 * PS - 1)), "DATA payload")
+    assert_rejected(dst, pages_frame(1, 1, 0, 2, b"x" * (2 * PS - 1)), "DATA payload")
     dst = _dst_with_request(n=2)
-    assert_rejected(dst, raw_frame(pages_hdr(1, 1, 0, 1)), "DATA payload is 0 bytes")
+    assert_rejected(dst, pages_frame(1, 1, 0, 1), "DATA payload is 0 bytes")
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2, True))
+    deliver(dst, src, Request(1, 0, 2))
     assert_send_rejected(src, Pages(1, PageKind.DATA, 0, 2, memoryview(b"x" * PS)), "DATA")
     assert_send_rejected(src, Pages(1, PageKind.DATA, 0, 2), "DATA payload is 0 bytes")
 
@@ -475,9 +500,9 @@ def test_data_length_mismatch() -> None:
 def test_payload_on_non_data_kinds() -> None:
     for kind in (PageKind.ZERO, PageKind.POISONED, PageKind.CLEAN):
         dst = _dst_with_request(digests=True)
-        assert_rejected(dst, raw_frame(pages_hdr(1, int(kind), 0, 1), b"x" * PS), "no payload")
+        assert_rejected(dst, pages_frame(1, int(kind), 0, 1, b"x" * PS), "no payload")
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1, True))
+    deliver(dst, src, Request(1, 0, 1))
     assert_send_rejected(src, Pages(1, PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload")
     for header in ({"t": 6}, {"t": 5, "i": None, "c": "x", "m": ""}):
         _, d = handshake(BULK)
@@ -486,20 +511,20 @@ def test_payload_on_non_data_kinds() -> None:
 
 def test_digest_length_mismatch() -> None:
     src = _fresh_src()
-    assert_rejected(src, raw_frame(req_hdr(1, 0, 2, True), b"d" * 8), "digests", "8 * count")
+    assert_rejected(src, req_frame(1, 0, 2, b"d" * 8), "digests", "8 * count")
     _, dst = handshake(URGENT)
-    assert_send_rejected(dst, Request(1, 0, 2, True, memoryview(b"d" * 24)), "digests")
-    assert_send_rejected(dst, Request(1, 0, 2, True, memoryview(b"")), "digests")
+    assert_send_rejected(dst, Request(1, 0, 2, memoryview(b"d" * 24)), "digests")
+    assert_send_rejected(dst, Request(1, 0, 2, memoryview(b"")), "digests")
 
 
 def test_clean_needs_digests() -> None:
     dst = _dst_with_request(digests=False)
-    assert_rejected(dst, raw_frame(pages_hdr(1, int(PageKind.CLEAN), 0, 1)), "CLEAN", "digests")
+    assert_rejected(dst, pages_frame(1, int(PageKind.CLEAN), 0, 1), "CLEAN", "digests")
 
 
 def test_unknown_request_id() -> None:
     dst = _dst_with_request(id=1)
-    assert_rejected(dst, raw_frame(pages_hdr(2, 2, 0, 1)), "unknown request id 2")
+    assert_rejected(dst, pages_frame(2, 2, 0, 1), "unknown request id 2")
     dst = _dst_with_request(id=1)
     assert_rejected(dst, raw_frame({"t": 5, "i": 2, "c": "x", "m": "y"}), "unknown request id 2")
     src, _ = handshake(URGENT)
@@ -508,17 +533,17 @@ def test_unknown_request_id() -> None:
 
 def test_overlapping_out_of_order_and_overlong_replies() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 4 * PS, 4, True))
+    deliver(dst, src, Request(1, 4 * PS, 4))
     deliver(src, dst, Pages(1, PageKind.ZERO, 4 * PS, 2))
     assert dst.outstanding == 1
-    for hdr, word in (
-        (pages_hdr(1, 2, 5 * PS, 1), "overlaps"),
-        (pages_hdr(1, 2, 4 * PS, 1), "overlaps"),
-        (pages_hdr(1, 2, 7 * PS, 1), "skips"),
-        (pages_hdr(1, 2, 6 * PS, 3), "past the end"),
+    for frame, word in (
+        (pages_frame(1, 2, 5 * PS, 1), "overlaps"),
+        (pages_frame(1, 2, 4 * PS, 1), "overlaps"),
+        (pages_frame(1, 2, 7 * PS, 1), "skips"),
+        (pages_frame(1, 2, 6 * PS, 3), "past the end"),
     ):
         d2 = _clone_dst_state(dst)
-        assert_rejected(d2, raw_frame(hdr), word)
+        assert_rejected(d2, frame, word)
         assert d2.outstanding == 1 and d2._out[1].next == 6 * PS
     assert_send_rejected(src, Pages(1, PageKind.ZERO, 5 * PS, 1), "overlaps")
     assert_send_rejected(src, Pages(1, PageKind.ZERO, 6 * PS, 3), "past the end")
@@ -529,50 +554,50 @@ def _clone_dst_state(dst: Connection) -> Connection:
     failed, so each malformed case needs its own)."""
     src, d = handshake(URGENT)
     for id, out in dst._out.items():
-        deliver(d, src, Request(id, out.next, (out.end - out.next) // PS, True))
+        deliver(d, src, Request(id, out.next, (out.end - out.next) // PS))
     return d
 
 
 def test_duplicate_request_id() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1, True))
-    assert_send_rejected(dst, Request(1, PS, 1, True), "duplicate request id 1")
-    assert_rejected(src, raw_frame(req_hdr(1, PS, 1, True)), "duplicate request id 1")
+    deliver(dst, src, Request(1, 0, 1))
+    assert_send_rejected(dst, Request(1, PS, 1), "duplicate request id 1")
+    assert_rejected(src, req_frame(1, PS, 1), "duplicate request id 1")
     assert src.outstanding == dst.outstanding == 1
 
 
 def test_frames_before_handshake() -> None:
     src = Connection(Side.SOURCE, URGENT)
-    assert_rejected(src, raw_frame(req_hdr(1, 0, 1, True)), "before the handshake", "Hello")
+    assert_rejected(src, req_frame(1, 0, 1), "before the handshake", "Hello")
     dst = Connection(Side.DESTINATION, URGENT)
-    assert_send_rejected(dst, Request(1, 0, 1, True), "before the handshake")
+    assert_send_rejected(dst, Request(1, 0, 1), "before the handshake")
     src = Connection(Side.SOURCE, URGENT)
     assert_send_rejected(
         src, Welcome(PROTOCOL_VERSION, SESSION, PS, MEM, 0, 0, None), "before the Hello"
     )
     # Welcome arrives but the Hello was never sent.
     dst = Connection(Side.DESTINATION, URGENT)
-    w = {"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    w = {"t": 2, "v": PROTOCOL_VERSION, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
     assert_rejected(dst, raw_frame(w), "Welcome before the Hello")
     # Destination got its Hello out, then receives Pages instead of a Welcome.
     src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
     deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None))
-    assert_rejected(dst, raw_frame(pages_hdr(1, 2, 0, 1)), "before the handshake", "Welcome")
+    assert_rejected(dst, pages_frame(1, 2, 0, 1), "before the handshake", "Welcome")
     assert dst.state is State.HANDSHAKE
 
 
 def test_duplicate_hello_and_welcome() -> None:
     src, dst = handshake(URGENT)
-    hello = {"t": 1, "v": 1, "c": 1, "s": None, "p": 0, "w": True, "a": None}
+    hello = {"t": 1, "v": PROTOCOL_VERSION, "c": 1, "s": None, "p": 0, "w": True, "a": None}
     assert_rejected(src, raw_frame(hello), "duplicate Hello")
     assert_send_rejected(dst, Hello(PROTOCOL_VERSION, URGENT, None), "duplicate Hello")
-    w = {"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    w = {"t": 2, "v": PROTOCOL_VERSION, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
     assert_rejected(dst, raw_frame(w), "duplicate Welcome")
 
 
 def test_hello_from_wrong_side_and_wrong_channel() -> None:
     dst = Connection(Side.DESTINATION, URGENT)
-    hello = {"t": 1, "v": 1, "c": 1, "s": None, "p": 0, "w": True, "a": None}
+    hello = {"t": 1, "v": PROTOCOL_VERSION, "c": 1, "s": None, "p": 0, "w": True, "a": None}
     assert_rejected(dst, raw_frame(hello), "Hello sent by the source")
     src = Connection(Side.SOURCE, BULK)
     assert_rejected(src, raw_frame({**hello, "s": SESSION}), "URGENT channel on the BULK")
@@ -604,13 +629,22 @@ def test_version_mismatch() -> None:
     assert_send_rejected(dst, Hello(PROTOCOL_VERSION + 1, URGENT, None), "version mismatch")
     src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
     deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None))
-    w = {"t": 2, "v": 2, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    w = {"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
     assert_rejected(dst, raw_frame(w), "version mismatch")
     assert dst.page_size == 0
 
 
 def test_bad_welcome_fields() -> None:
-    base = {"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    base = {
+        "t": 2,
+        "v": PROTOCOL_VERSION,
+        "s": SESSION,
+        "p": PS,
+        "m": MEM,
+        "h": 0,
+        "n": 0,
+        "l": False,
+    }
     cases: list[tuple[dict[str, Any], bytes, str]] = [
         ({"m": MEM + 1}, b"", "multiple of"),
         ({"m": 0}, b"", "multiple of"),
@@ -648,51 +682,52 @@ def test_bulk_session_must_match() -> None:
 
 
 def test_channel_rules() -> None:
-    # urgent request on BULK, background request on URGENT
+    # requests and replies only on URGENT
     src_b, dst_b = handshake(BULK)
-    assert_send_rejected(dst_b, Request(1, 0, 1, True), "urgent Request on the BULK")
-    assert_rejected(src_b, raw_frame(req_hdr(1, 0, 1, True)), "urgent Request on the BULK")
+    assert_send_rejected(dst_b, Request(1, 0, 1), "Request on the BULK")
+    assert_rejected(src_b, req_frame(1, 0, 1), "Request on the BULK")
+    src_b, dst_b = handshake(BULK)
+    assert_rejected(dst_b, pages_frame(1, 2, 0, 1), "reply (id 1) on the BULK")
+    # the push and Done only on BULK
     src_u, dst_u = handshake(URGENT)
-    assert_send_rejected(dst_u, Request(1, 0, 1, False), "URGENT channel")
-    assert_rejected(src_u, raw_frame(req_hdr(1, 0, 1, False)), "URGENT channel")
-    # unsolicited Pages and Done only on BULK
-    src_u, dst_u = handshake(URGENT)
-    assert_send_rejected(src_u, Pages(None, PageKind.ZERO, 0, 1), "unsolicited", "URGENT")
-    assert_rejected(dst_u, raw_frame(pages_hdr(None, 2, 0, 1)), "unsolicited", "URGENT")
+    assert_send_rejected(src_u, Pages(PUSH_ID, PageKind.ZERO, 0, 1), "push", "URGENT")
+    assert_rejected(dst_u, pages_frame(PUSH_ID, 2, 0, 1), "push", "URGENT")
     src_u, dst_u = handshake(URGENT)
     assert_send_rejected(src_u, Done(), "Done on the URGENT")
     assert_rejected(dst_u, raw_frame({"t": 6}), "Done on the URGENT")
-    # unsolicited CLEAN makes no sense
+    # a CLEAN push makes no sense (nothing was asked); request id 0 is the push's
     src_b, dst_b = handshake(BULK)
-    assert_rejected(dst_b, raw_frame(pages_hdr(None, 4, 0, 1)), "cannot be CLEAN")
+    assert_rejected(dst_b, pages_frame(PUSH_ID, 4, 0, 1), "cannot be CLEAN")
+    src_u, dst_u = handshake(URGENT)
+    assert_send_rejected(dst_u, Request(PUSH_ID, 0, 1), "reserved for the push")
+    assert_rejected(src_u, req_frame(PUSH_ID, 0, 1), "reserved for the push")
 
 
 def test_wrong_direction() -> None:
     src, dst = handshake(BULK)
-    assert_send_rejected(src, Request(1, 0, 1, False), "sent by the source")
-    assert_send_rejected(dst, Pages(None, PageKind.ZERO, 0, 1), "sent by the destination")
+    assert_send_rejected(src, Request(1, 0, 1), "sent by the source")
+    assert_send_rejected(dst, Pages(PUSH_ID, PageKind.ZERO, 0, 1), "sent by the destination")
     assert_send_rejected(dst, Error(1, "x", ""), "sent by the destination")
-    assert_rejected(src, raw_frame(pages_hdr(None, 2, 0, 1)), "sent by the destination")
+    assert_rejected(src, pages_frame(PUSH_ID, 2, 0, 1), "sent by the destination")
 
 
 def test_frames_after_done() -> None:
     src, dst = handshake(BULK)
-    deliver(dst, src, Request(1, 0, 1, False))
     deliver(src, dst, Done())
-    assert_rejected(dst, raw_frame(pages_hdr(None, 2, 0, 1)), "after its Done")
+    assert_rejected(dst, pages_frame(PUSH_ID, 2, 0, 1), "after its Done")
     src, dst = handshake(BULK)
     deliver(dst, src, Done())
-    assert_rejected(src, raw_frame(req_hdr(1, 0, 1, False)), "after its Done")
+    assert_rejected(src, raw_frame({"t": 6}), "after its Done")
 
 
 def test_send_type_checks() -> None:
     src, dst = handshake(URGENT)
-    assert_send_rejected(dst, Request(True, 0, 1, True), "'id'", "bool")  # type: ignore[arg-type]
-    assert_send_rejected(dst, Request(1, 0, 1, 1), "'urgent'", "bool")  # type: ignore[arg-type]
-    assert_send_rejected(dst, Request(1, 0.0, 1, True), "'offset'")  # type: ignore[arg-type]
-    assert_send_rejected(dst, Request(1, 0, 1, True, "digests"), "buffer")  # type: ignore[arg-type]
+    assert_send_rejected(dst, Request(True, 0, 1), "'id'", "bool")  # type: ignore[arg-type]
+    assert_send_rejected(dst, Request(1, 0, 1, 1), "buffer")  # type: ignore[arg-type]
+    assert_send_rejected(dst, Request(1, 0.0, 1), "'offset'")  # type: ignore[arg-type]
+    assert_send_rejected(dst, Request(1, 0, 1, "digests"), "buffer")  # type: ignore[arg-type]
     assert_send_rejected(dst, "Request", "not a protocol event")
-    deliver(dst, src, Request(1, 0, 1, True))
+    deliver(dst, src, Request(1, 0, 1))
     assert_send_rejected(src, Pages(1, 2, 0, 1), "PageKind")  # type: ignore[arg-type]
     assert_send_rejected(src, Error(1, "x", "m" * 5000), "'message'")
     assert_send_rejected(src, Error(1, "x" * 100, ""), "'code'")
@@ -733,11 +768,11 @@ def scenarios(draw: Callable[..., Any]) -> tuple[Channel, int, list[tuple[Side, 
                       len(plist), poison)  # fmt: skip
     evs: list[tuple[Side, Event]] = [(Side.DESTINATION, hello), (Side.SOURCE, welcome)]
     out: dict[int, list[Any]] = {}  # id -> [next, end, has_digests]
-    next_id = draw(st.integers(0, 2**64 - 100))
+    next_id = draw(st.integers(1, 2**64 - 100))
     src_done = dst_done = False
     for _ in range(draw(st.integers(0, 12))):
         choices = []
-        if not dst_done:
+        if channel is URGENT:
             choices.append("request")
         if out:
             choices += ["reply", "reply", "error"]
@@ -756,7 +791,7 @@ def scenarios(draw: Callable[..., Any]) -> tuple[Channel, int, list[tuple[Side, 
                 if draw(st.booleans())
                 else None
             )
-            evs.append((Side.DESTINATION, Request(next_id, off * ps, n, channel is URGENT, dig)))
+            evs.append((Side.DESTINATION, Request(next_id, off * ps, n, dig)))
             out[next_id] = [off * ps, (off + n) * ps, dig is not None]
             next_id += 1
         elif what == "reply":
@@ -783,7 +818,7 @@ def scenarios(draw: Callable[..., Any]) -> tuple[Channel, int, list[tuple[Side, 
             n = draw(st.integers(1, npages - off))
             kind = draw(st.sampled_from([PageKind.DATA, PageKind.ZERO, PageKind.POISONED]))
             data = memoryview(bytes([off % 256]) * (n * ps)) if kind is PageKind.DATA else None
-            evs.append((Side.SOURCE, Pages(None, kind, off * ps, n, data)))
+            evs.append((Side.SOURCE, Pages(PUSH_ID, kind, off * ps, n, data)))
         elif what == "src_done":
             evs.append((Side.SOURCE, Done()))
             src_done = True
@@ -870,7 +905,7 @@ def test_arbitrary_bytes_decode_or_protocol_error(
     if shake:
         src, dst = handshake(channel)
         if channel is URGENT:
-            deliver(dst, src, Request(1, 0, 2, True, u64s(1, 2)))
+            deliver(dst, src, Request(1, 0, 2, u64s(1, 2)))
         conn = src if side is Side.SOURCE else dst
     else:
         conn = Connection(side, channel)
@@ -886,18 +921,26 @@ def test_arbitrary_bytes_decode_or_protocol_error(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.data())
-def test_mutated_valid_stream_decodes_or_protocol_error(data: st.DataObject) -> None:
-    src, dst = handshake(BULK)
-    deliver(dst, src, Request(1, 0, 3, False, u64s(1, 2, 3)))
+@given(st.sampled_from([URGENT, BULK]), st.data())
+def test_mutated_valid_stream_decodes_or_protocol_error(
+    channel: Channel, data: st.DataObject
+) -> None:
+    src, dst = handshake(channel)
+    if channel is URGENT:
+        deliver(dst, src, Request(1, 0, 3, u64s(1, 2, 3)))
+        events: tuple[Event, ...] = (
+            Pages(1, PageKind.DATA, 0, 1, memoryview(b"d" * PS)),
+            Pages(1, PageKind.CLEAN, PS, 1),
+            Error(1, "read-failed", "x"),
+        )
+    else:
+        events = (
+            Pages(PUSH_ID, PageKind.DATA, 2 * PS, 1, memoryview(b"d" * PS)),
+            Pages(PUSH_ID, PageKind.POISONED, 5 * PS, 2),
+            Done(),
+        )
     stream = bytearray()
-    for ev in (
-        Pages(1, PageKind.DATA, 0, 1, memoryview(b"d" * PS)),
-        Pages(1, PageKind.CLEAN, PS, 1),
-        Pages(None, PageKind.POISONED, 5 * PS, 2),
-        Error(1, "read-failed", "x"),
-        Done(),
-    ):
+    for ev in events:
         stream += wire(src.send(ev))
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(stream) - 1))
@@ -912,93 +955,72 @@ def test_mutated_valid_stream_decodes_or_protocol_error(data: st.DataObject) -> 
         pass
 
 
-# ---------------------------------------------------------------------------- fixed-width headers
+# ---------------------------------------------------------------------------- fixed layouts
 
 
-def fast_pages(rid: int, kind: int, off: int, n: int, payload: bytes = b"") -> bytes:
-    """A Pages frame in the sender's fixed-width (uint64) encoding, bypassing send()."""
-    c1, c2, c3, c4 = proto._PAGES_C
-    head = proto._PAGES_F.pack(MAGIC, 40, len(payload), c1, rid, c2, kind, c3, off, c4, n)
-    return head + payload
-
-
-def test_fixed_width_header_is_plain_msgpack() -> None:
+def test_fixed_layouts_are_plain_msgpack() -> None:
+    """Any msgpack reader decodes the fixed layouts; the bytes are layout.py's table."""
     src, dst = handshake(URGENT)
-    parts = dst.send(Request(5, 3 * PS, 2, True, u64s(9, 8)))
-    header = bytes(parts[0])[PREFIX_SIZE:]
-    assert msgpack.unpackb(header) == {"t": 3, "i": 5, "o": 3 * PS, "n": 2, "u": True}
+    parts = dst.send(Request(5, 3 * PS, 2, u64s(9, 8)))
+    head = bytes(parts[0])
+    assert head == req_frame(5, 3 * PS, 2, bytes(16))[: len(head)]
+    assert len(head) == PREFIX_SIZE + layout.REQUEST.size == PREFIX_SIZE + 37
+    assert msgpack.unpackb(head[PREFIX_SIZE:]) == {"t": 3, "i": 5, "o": 3 * PS, "n": 2}
     src.receive_data(wire(parts))
-    assert drain(src) == [Request(5, 3 * PS, 2, True, u64s(9, 8))]
+    assert drain(src) == [Request(5, 3 * PS, 2, u64s(9, 8))]
     parts = src.send(Pages(5, PageKind.ZERO, 3 * PS, 1))
-    header = bytes(parts[0])[PREFIX_SIZE:]
-    assert msgpack.unpackb(header) == {"t": 4, "i": 5, "k": 2, "o": 3 * PS, "n": 1}
-    # Both encodings of the same frame decode to the same event.
-    dst.receive_data(raw_frame(pages_hdr(5, 2, 3 * PS, 1)))
-    dst.receive_data(fast_pages(5, 2, 4 * PS, 1))
-    assert drain(dst) == [Pages(5, PageKind.ZERO, 3 * PS, 1), Pages(5, PageKind.ZERO, 4 * PS, 1)]
-    assert dst.outstanding == 0
+    head = bytes(parts[0])
+    assert len(head) == PREFIX_SIZE + layout.PAGES.size == PREFIX_SIZE + 40
+    assert msgpack.unpackb(head[PREFIX_SIZE:]) == {"t": 4, "i": 5, "k": 2, "o": 3 * PS, "n": 1}
+    assert head[PREFIX_SIZE:] == bytes.fromhex("85a17404a169cf") + (5).to_bytes(8, "big") + (
+        bytes.fromhex("a16b02a16fcf") + (3 * PS).to_bytes(8, "big") + bytes.fromhex("a16ecf")
+    ) + (1).to_bytes(8, "big")
 
 
 @pytest.mark.parametrize(
     ("frame", "words"),
     [
-        (fast_pages(2, 2, 0, 1), ("unknown request id 2",)),
-        (fast_pages(1, 2, PS, 1), ("skips",)),
-        (fast_pages(1, 2, 0, 3), ("past the end",)),
-        (fast_pages(1, 2, 0, 0), ("count 0",)),
-        (fast_pages(1, 9, 0, 1), ("unknown kind",)),
-        (fast_pages(1, 4, 0, 1), ("CLEAN", "digests")),
-        (fast_pages(1, 1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
-        (fast_pages(1, 1, 0, 1), ("DATA payload is 0 bytes",)),
-        (fast_pages(1, 2, 0, 1, b"x" * 8), ("no payload",)),
-        (fast_pages(1, 2, 100, 1), ("not aligned",)),
-        (fast_pages(1, 2, 2**64 - PS, 1), ("past memory_size",)),
-        (fast_pages(1, 0xC3, 0, 1), ("unknown kind True",)),  # 0xc3 is msgpack true
+        (pages_frame(2, 2, 0, 1), ("unknown request id 2",)),
+        (pages_frame(1, 2, PS, 1), ("skips",)),
+        (pages_frame(1, 2, 0, 3), ("past the end",)),
+        (pages_frame(1, 2, 0, 0), ("count 0",)),
+        (pages_frame(1, 9, 0, 1), ("unknown kind",)),
+        (pages_frame(1, 4, 0, 1), ("CLEAN", "digests")),
+        (pages_frame(1, 1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
+        (pages_frame(1, 1, 0, 1), ("DATA payload is 0 bytes",)),
+        (pages_frame(1, 2, 0, 1, b"x" * 8), ("no payload",)),
+        (pages_frame(1, 2, 100, 1), ("not aligned",)),
+        (pages_frame(1, 2, 2**64 - PS, 1), ("past memory_size",)),
+        (pages_frame(1, 0xC3, 0, 1), ("fixed encoding",)),  # not a positive fixint
     ],
 )
-def test_fixed_width_malformed_falls_back_and_is_named(frame: bytes, words: tuple[str]) -> None:
+def test_malformed_reply_is_named(frame: bytes, words: tuple[str]) -> None:
     dst = _dst_with_request(id=1, off=0, n=2)
     assert_rejected(dst, frame, *words)
     assert dst.outstanding == 1 and dst._out[1].next == 0
 
 
-def fast_request(rid: int, off: int, n: int, urgent: int = 0xC3, payload: bytes = b"") -> bytes:
-    """A Request frame in the sender's fixed-width encoding, bypassing send()."""
-    c1, c2, c3, c4 = proto._REQ_C
-    head = proto._REQ_F.pack(MAGIC, 40, len(payload), c1, rid, c2, off, c3, n, c4, urgent)
-    return head + payload
-
-
 @pytest.mark.parametrize(
     ("frame", "words"),
     [
-        (fast_request(1, PS, 1), ("duplicate request id 1",)),
-        (fast_request(2, PS, 1, urgent=0xC2), ("URGENT channel",)),
-        (fast_request(2, PS, 1, urgent=0x01), ("'urgent'", "bool", "int")),
-        (fast_request(2, PS, 2, payload=b"d" * 8), ("digests", "8 * count")),
-        (fast_request(2, PS + 1, 1), ("not aligned",)),
-        (fast_request(2, MEM, 1), ("past memory_size",)),
-        (fast_request(2, 0, 0), ("count 0",)),
-        (fast_request(2, 0, MAX_PAGES_PER_FRAME + 1), ("count",)),
+        (req_frame(1, PS, 1), ("duplicate request id 1",)),
+        (req_frame(2, PS, 2, b"d" * 8), ("digests", "8 * count")),
+        (req_frame(2, PS + 1, 1), ("not aligned",)),
+        (req_frame(2, MEM, 1), ("past memory_size",)),
+        (req_frame(2, 0, 0), ("count 0",)),
+        (req_frame(2, 0, MAX_PAGES + 1), ("count",)),
     ],
 )
-def test_fixed_width_bad_request_falls_back_and_is_named(frame: bytes, words: tuple[str]) -> None:
+def test_malformed_request_is_named(frame: bytes, words: tuple[str]) -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1, True))
+    deliver(dst, src, Request(1, 0, 1))
     assert_rejected(src, frame, *words)
-    assert src.outstanding == 1
-
-
-def test_fixed_width_request_accepted() -> None:
-    src, _ = handshake(URGENT)
-    src.receive_data(fast_request(3, PS, 2, payload=bytes(u64s(1, 2))))
-    assert drain(src) == [Request(3, PS, 2, True, u64s(1, 2))]
     assert src.outstanding == 1
 
 
 def test_receive_data_accepts_any_buffer_shape() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2, True))
+    deliver(dst, src, Request(1, 0, 2))
     frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS))))
     frame += wire(src.send(Pages(1, PageKind.ZERO, PS, 1)))
     # The stream's tail, spanning the payload's end, as a u64-formatted view: the receiver
@@ -1017,7 +1039,7 @@ def test_receive_data_accepts_any_buffer_shape() -> None:
 def test_received_data_is_not_kept_by_reference() -> None:
     """A transport may reuse its receive buffer (recv_into) right after receive_data."""
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 3, True))
+    deliver(dst, src, Request(1, 0, 3))
     stream = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
     stream += wire(src.send(Pages(1, PageKind.DATA, PS, 2, memoryview(b"b" * 2 * PS))))
     rx = bytearray(5000)
@@ -1033,7 +1055,7 @@ def test_received_data_is_not_kept_by_reference() -> None:
 
 def test_frames_before_a_framing_error_are_delivered_first() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2, True))
+    deliver(dst, src, Request(1, 0, 2))
     good = wire(src.send(Pages(1, PageKind.ZERO, 0, 1)))
     dst.receive_data(good + b"GET / HTTP/1.1\r\n\r\n")
     assert dst.next_event() == Pages(1, PageKind.ZERO, 0, 1)
@@ -1046,89 +1068,62 @@ def test_frames_before_a_framing_error_are_delivered_first() -> None:
         dst.next_event()
 
 
-# ---------------------------------------------------------------------------- the push encoding
+# ---------------------------------------------------------------------------- the push
 
 
-def fast_push(kind: int, off: int, n: int, payload: bytes = b"") -> bytes:
-    """A push (Pages, id nil) in the fixed 32-byte encoding, bypassing send()."""
-    c1, c2, c3 = proto._PUSH_C
-    return proto._PUSH_F.pack(MAGIC, 32, len(payload), c1, kind, c2, off, c3, n) + payload
-
-
-def test_push_fixed_encoding_bytes_and_round_trip() -> None:
+def test_push_round_trip() -> None:
     src, dst = handshake(BULK)
     data = memoryview(bytes(range(256)) * (2 * PS // 256))
-    parts = src.send(Pages(None, PageKind.DATA, 3 * PS, 2, data))
+    parts = src.send(Pages(PUSH_ID, PageKind.DATA, 3 * PS, 2, data))
     assert parts[1] is data  # the payload is not copied
-    head = bytes(parts[0])
-    assert head == (
-        b"uP\x00\x20\x00\x00\x20\x00"
-        + bytes.fromhex("85a17404a169c0a16b01a16fcf")
-        + (3 * PS).to_bytes(8, "big")
-        + bytes.fromhex("a16ecf")
-        + (2).to_bytes(8, "big")
-    )
-    # ordinary msgpack: an older receiver decodes it generically
-    assert msgpack.unpackb(head[PREFIX_SIZE:]) == {"t": 4, "i": None, "k": 1, "o": 3 * PS, "n": 2}
+    assert bytes(parts[0]) == pages_frame(PUSH_ID, 1, 3 * PS, 2, bytes(2 * PS))[:48]
     dst.receive_data(wire(parts))
-    assert drain(dst) == [Pages(None, PageKind.DATA, 3 * PS, 2, data)]
-    assert dst.last_was_fast
+    assert drain(dst) == [Pages(PUSH_ID, PageKind.DATA, 3 * PS, 2, data)]
     for kind in (PageKind.ZERO, PageKind.POISONED):
-        parts = src.send(Pages(None, kind, MEM - PS, 1))
-        assert len(parts) == 1 and len(parts[0]) == PREFIX_SIZE + 32
+        parts = src.send(Pages(PUSH_ID, kind, MEM - PS, 1))
+        assert len(parts) == 1 and len(parts[0]) == PREFIX_SIZE + 40
         dst.receive_data(wire(parts))
-        assert drain(dst) == [Pages(None, kind, MEM - PS, 1)] and dst.last_was_fast
-    # the generic encoding of the same push decodes to the same event, not as fast
-    dst.receive_data(raw_frame(pages_hdr(None, 2, 0, 1)))
-    assert drain(dst) == [Pages(None, PageKind.ZERO, 0, 1)] and not dst.last_was_fast
+        assert drain(dst) == [Pages(PUSH_ID, kind, MEM - PS, 1)]
     assert dst.outstanding == 0 and src.outstanding == 0
 
 
-def test_unusual_pushes_take_the_generic_path() -> None:
-    """The fast sender declines whatever the generic path must judge: it names the problem."""
+def test_bad_pushes_are_refused_on_send() -> None:
     src, _ = handshake(BULK)
-    assert_send_rejected(src, Pages(None, PageKind.CLEAN, 0, 1), "CLEAN")
-    assert_send_rejected(src, Pages(None, PageKind.ZERO, 100, 1), "not aligned")
-    assert_send_rejected(src, Pages(None, PageKind.ZERO, MEM, 1), "past memory_size")
-    assert_send_rejected(src, Pages(None, PageKind.ZERO, 0, 0), "count 0")
+    assert_send_rejected(src, Pages(PUSH_ID, PageKind.CLEAN, 0, 1), "CLEAN")
+    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, 100, 1), "not aligned")
+    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, MEM, 1), "past memory_size")
+    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, 0, 0), "count 0")
     assert_send_rejected(
-        src, Pages(None, PageKind.DATA, 0, 1, memoryview(b"x" * 10)), "DATA payload"
+        src, Pages(PUSH_ID, PageKind.DATA, 0, 1, memoryview(b"x" * 10)), "DATA payload"
     )
-    assert_send_rejected(src, Pages(None, PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload")
-    usrc, _ = handshake(URGENT)
-    assert_send_rejected(usrc, Pages(None, PageKind.ZERO, 0, 1), "URGENT")
+    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload")
 
 
 @pytest.mark.parametrize(
     ("frame", "words"),
     [
-        (fast_push(4, 0, 1), ("CLEAN",)),
-        (fast_push(9, 0, 1), ("unknown kind",)),
-        (fast_push(2, 100, 1), ("not aligned",)),
-        (fast_push(2, MEM, 1), ("past memory_size",)),
-        (fast_push(2, 2**64 - PS, 1), ("past memory_size",)),
-        (fast_push(2, 0, 0), ("count 0",)),
-        (fast_push(2, 0, MAX_PAGES_PER_FRAME + 1), ("count",)),
-        (fast_push(1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
-        (fast_push(1, 0, 1), ("DATA payload is 0 bytes",)),
-        (fast_push(3, 0, 1, b"x" * 8), ("no payload",)),
+        (pages_frame(PUSH_ID, 4, 0, 1), ("CLEAN",)),
+        (pages_frame(PUSH_ID, 9, 0, 1), ("unknown kind",)),
+        (pages_frame(PUSH_ID, 2, 100, 1), ("not aligned",)),
+        (pages_frame(PUSH_ID, 2, MEM, 1), ("past memory_size",)),
+        (pages_frame(PUSH_ID, 2, 2**64 - PS, 1), ("past memory_size",)),
+        (pages_frame(PUSH_ID, 2, 0, 0), ("count 0",)),
+        (pages_frame(PUSH_ID, 2, 0, MAX_PAGES + 1), ("count",)),
+        (pages_frame(PUSH_ID, 1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
+        (pages_frame(PUSH_ID, 1, 0, 1), ("DATA payload is 0 bytes",)),
+        (pages_frame(PUSH_ID, 3, 0, 1, b"x" * 8), ("no payload",)),
     ],
 )
-def test_malformed_push_falls_back_and_is_named(frame: bytes, words: tuple[str]) -> None:
+def test_malformed_push_is_named(frame: bytes, words: tuple[str]) -> None:
     _, dst = handshake(BULK)
     assert_rejected(dst, frame, *words)
-
-
-def test_push_encoding_on_urgent_is_refused() -> None:
-    _, dst = handshake(URGENT)
-    assert_rejected(dst, fast_push(2, 0, 1), "URGENT")
 
 
 def test_a_payload_over_max_payload_is_refused_on_send() -> None:
     """The receiver refuses such a frame at its prefix: the sender must not write it."""
     src, dst = handshake(URGENT, page_size=2 << 20, memory=1 << 30)
-    n = proto.MAX_PAYLOAD // (2 << 20) + 1
-    deliver(dst, src, Request(1, 0, n, True))
+    n = MAX_PAYLOAD // (2 << 20) + 1
+    deliver(dst, src, Request(1, 0, n))
     before = snapshot(src)
     assert_send_rejected(
         src, Pages(1, PageKind.DATA, 0, n, memoryview(bytes(n << 21))), "MAX_PAYLOAD"

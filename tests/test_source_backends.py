@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from uffdpoison.protocol import PageKind
 from uffdpoison.source.backends import (
     ImageBackend,
     MemoryBackend,
     PageBitmap,
     ProcessBackend,
-    Run,
-    RunKind,
     SourceError,
     SourceGone,
     parse_poison_list,
@@ -31,12 +30,7 @@ def pattern(i: int) -> bytes:
     return struct.pack("<Q", i + 1) * (PS // 8)
 
 
-def expand(runs: list[Run], unit: int = PS) -> list[RunKind]:
-    """Per-unit kinds from runs (small test sizes only)."""
-    out: list[RunKind] = []
-    for r in runs:
-        out.extend([r.kind] * r.units)
-    return out
+K = PageKind
 
 
 # -- poison list ------------------------------------------------------------------------------
@@ -74,15 +68,14 @@ def test_poison_list_missing_file(tmp_path: Path) -> None:
 
 def test_bitmap_search() -> None:
     b = PageBitmap(1000)
-    b.set_range(5, 900)
-    assert b.count == 895
-    assert (b.find_set(0), b.find_clear(5), b.find_clear(0)) == (5, 900, 0)
-    assert b.find_set(900) == -1
-    assert b.set(999) and not b.set(999)
-    assert b.count == 896
-    b.set_range(0, 1000)
-    assert b.count == 1000 and b.find_clear(0) == -1
-    assert b.count_range(3, 17) == 14
+    for i in (5, 6, 200, 999):
+        assert b.set(i)
+    assert not b.set(999)
+    assert b.count == 4
+    assert (b.find_set(0), b.find_set(7), b.find_set(201), b.find_set(0, 5)) == (5, 200, 999, -1)
+    assert list(b.iter_set()) == [5, 6, 200, 999]
+    b.buffer[10] |= 1  # a bit C set (atomic OR on the shared buffer) counts too
+    assert b.count == 5 and b.get(80)
 
 
 def test_image_size_errors(tmp_path: Path) -> None:
@@ -107,29 +100,18 @@ def test_image_classifies_and_reads(tmp_path: Path) -> None:
     plist.write_text("0x3000\n0xa000\n")
     with ImageBackend(img, poison_list=plist) as be:
         assert be.size == n * PS and be.poisoned_count() == 2
-        buf = bytearray(n * PS)
-        runs = be.read_into(0, buf)
-        kinds = expand(runs)
+        kinds, buf = be.read(0, n)
         for i in range(n):
-            want = (
-                RunKind.POISONED if i in (3, 10) else RunKind.ZERO if i % 4 == 1 else RunKind.DATA
-            )
+            want = K.POISONED if i in (3, 10) else K.ZERO if i % 4 == 1 else K.DATA
             assert kinds[i] == want, i
-            if want is RunKind.DATA:
+            if want is K.DATA:
                 assert buf[i * PS : (i + 1) * PS] == pages[i]
-        # Runs are contiguous and cover the buffer.
-        pos = 0
-        for r in runs:
-            assert r.offset == pos
-            pos += r.units * PS
-        assert pos == n * PS
         # A read in the middle.
-        small = bytearray(2 * PS)
-        assert expand(be.read_into(9 * PS, small)) == [RunKind.ZERO, RunKind.POISONED]
+        assert be.read(9 * PS, 2)[0] == [K.ZERO, K.POISONED]
         with pytest.raises(SourceError, match="outside memory"):
-            be.read_into(15 * PS, bytearray(2 * PS))
+            be.read(15 * PS, 2)
         with pytest.raises(SourceError, match="not aligned"):
-            be.read_into(100, bytearray(PS))
+            be.read(100, 1)
 
 
 def test_image_truncated_under_us(tmp_path: Path) -> None:
@@ -138,7 +120,7 @@ def test_image_truncated_under_us(tmp_path: Path) -> None:
     with ImageBackend(img) as be:
         os.truncate(img, 2 * PS)
         with pytest.raises(SourceError, match="truncated"):
-            be.read_into(4 * PS, bytearray(PS))
+            be.read(4 * PS, 1)
 
 
 def test_huge_unit_poisoned_if_any_base_page_is() -> None:
@@ -150,14 +132,9 @@ def test_huge_unit_poisoned_if_any_base_page_is() -> None:
     assert be.poisoned_count() == 1
     assert list(be.poisoned_offsets(huge)) == [2 * huge]
     assert be.poisoned_count(huge) == 1
-    runs = be.read_into(0, bytearray(3 * huge), huge)
-    assert runs == [
-        Run(RunKind.ZERO, 0, 1),
-        Run(RunKind.DATA, huge, 1),
-        Run(RunKind.POISONED, 2 * huge, 1),
-    ]
+    assert be.read(0, 3, huge)[0] == [K.ZERO, K.DATA, K.POISONED]
     with pytest.raises(SourceError, match="not a power-of-two multiple"):
-        be.read_into(0, bytearray(3 * huge), 3 * PS)
+        be.read(0, 3, 3 * PS)
     with pytest.raises(SourceError, match="not a multiple of page size"):
         MemoryBackend(bytearray(3 * PS)).check_unit(2 * PS)
 
@@ -229,20 +206,19 @@ def child() -> Iterator[tuple[subprocess.Popen[str], int]]:
         proc.wait()
 
 
-def _expected_kind(i: int) -> RunKind:
+def _expected_kind(i: int) -> PageKind:
     if i in POISON:
-        return RunKind.POISONED
+        return K.POISONED
     if i in ZERO or i in UNTOUCHED:
-        return RunKind.ZERO
-    return RunKind.DATA
+        return K.ZERO
+    return K.DATA
 
 
 def _check_served(be: ProcessBackend, base: int = 0, pages: range = range(N)) -> None:
-    buf = bytearray(len(pages) * PS)
-    kinds = expand(be.read_into(base, buf))
+    kinds, buf = be.read(base, len(pages))
     for k, i in enumerate(pages):
         assert kinds[k] == _expected_kind(i), i
-        if kinds[k] is RunKind.DATA:
+        if kinds[k] is K.DATA:
             assert buf[k * PS : (k + 1) * PS] == pattern(i), i
 
 
@@ -272,12 +248,11 @@ def test_process_backend_concatenates_ranges(child: tuple[subprocess.Popen[str],
     # Second half first: guest offset 0 is page N/2 of the child's mapping.
     with ProcessBackend(proc.pid, [(addr + half, half), (addr, half)], scan_pagemap=False) as be:
         assert be.size == N * PS
-        buf = bytearray(N * PS)
-        kinds = expand(be.read_into(0, buf))
+        kinds, buf = be.read(0, N)
         order = list(range(N // 2, N)) + list(range(N // 2))
         for k, i in enumerate(order):
             assert kinds[k] == _expected_kind(i), (k, i)
-            if kinds[k] is RunKind.DATA:
+            if kinds[k] is K.DATA:
                 assert buf[k * PS : (k + 1) * PS] == pattern(i)
 
 
@@ -289,7 +264,7 @@ def test_process_backend_poison_list_adds(
     plist.write_text("0x9000\n")  # page 9 holds data, but the operator says it is poisoned
     with ProcessBackend(proc.pid, [(addr, N * PS)], poison_list=plist) as be:
         assert list(be.poisoned_offsets()) == sorted(i * PS for i in (*POISON, 9))
-        assert expand(be.read_into(9 * PS, bytearray(PS))) == [RunKind.POISONED]
+        assert be.read(9 * PS, 1)[0] == [K.POISONED]
 
 
 def test_process_backend_source_gone(child: tuple[subprocess.Popen[str], int]) -> None:
@@ -299,9 +274,9 @@ def test_process_backend_source_gone(child: tuple[subprocess.Popen[str], int]) -
         proc.kill()
         proc.wait()
         with pytest.raises(SourceGone):
-            be.read_into(8 * PS, bytearray(4 * PS))
+            be.read(8 * PS, 4)
         with pytest.raises(SourceGone):
-            be.read_into(0, bytearray(N * PS))
+            be.read(0, N)
 
 
 def test_process_backend_bad_ranges(child: tuple[subprocess.Popen[str], int]) -> None:
@@ -321,22 +296,6 @@ def test_process_backend_gone_pid() -> None:
         ProcessBackend(p.pid, [(0x1000, PS)])
 
 
-def test_single_page_zero_check_agrees_with_the_run_scan() -> None:
-    """A demand request (one page) skips the C run scan; both must classify alike."""
-    from uffdpoison.kernel.digest import zero_runs
-    from uffdpoison.source import backends
-
-    rnd = __import__("random").Random(7)
-    buf = bytearray(64 * PS)
-    for i in range(64):
-        if rnd.random() < 0.5:
-            buf[i * PS + rnd.randrange(PS)] = rnd.randrange(1, 256)
-    mv = memoryview(buf)
-    for i in range(64):
-        fast = backends._zero_split(mv, i * PS, (i + 1) * PS, PS)
-        assert [(bool(z), n) for z, n in fast] == zero_runs(mv[i * PS : (i + 1) * PS], PS)
-
-
 def test_process_backend_unpopulated_uffd_page_is_an_error_not_poison() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, "16", "3", "", "7", "keep"],
@@ -349,15 +308,11 @@ def test_process_backend_unpopulated_uffd_page_is_an_error_not_poison() -> None:
         addr = int(proc.stdout.readline())
         with ProcessBackend(proc.pid, [(addr, 16 * PS)], scan_pagemap=False) as be:
             with pytest.raises(SourceError, match="not poisoned: nothing is mapped") as e:
-                be.read_into(0, bytearray(16 * PS))
+                be.read(0, 16)
             assert not isinstance(e.value, SourceGone)
             # Page 3 (a marker, found by EIO on the way) is poisoned; page 7 (a hole) is not.
             assert list(be.poisoned_offsets()) == [3 * PS]
-            assert expand(be.read_into(0, bytearray(7 * PS))) == [
-                *[RunKind.DATA] * 3,
-                RunKind.POISONED,
-                *[RunKind.DATA] * 3,
-            ]
+            assert be.read(0, 7)[0] == [*[K.DATA] * 3, K.POISONED, *[K.DATA] * 3]
         assert proc.poll() is None
     finally:
         proc.kill()

@@ -16,12 +16,14 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from test_protocol import req_frame
 
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.protocol import (
     CLOSED,
     NEED_DATA,
     PROTOCOL_VERSION,
+    PUSH_ID,
     Channel,
     Connection,
     Done,
@@ -79,22 +81,9 @@ class Client:
         await self.stream.aclose()
 
 
-# Every server test runs on both urgent paths: the C one (the default) and the Python
-# reference path it hands unusual frames to.
-_FAST_URGENT = [True]
-
-
-@pytest.fixture(autouse=True, params=["c-urgent", "python-urgent"])
-def urgent_path(request: pytest.FixtureRequest) -> Any:
-    _FAST_URGENT[0] = request.param == "c-urgent"
-    yield request.param
-    _FAST_URGENT[0] = True
-
-
 @asynccontextmanager
 async def running(backend: MemoryBackend | ProcessBackend, **kw: Any) -> AsyncIterator[Any]:
     statuses: list[dict[str, Any]] = []
-    kw.setdefault("fast_urgent", _FAST_URGENT[0])
     server = SourceServer(backend, status=statuses.append, **kw)
     async with trio.open_nursery() as nursery:
         addr = await nursery.start(server.serve, "127.0.0.1:0")
@@ -112,7 +101,7 @@ async def session(addr: tuple[str, int], page_size: int = 0) -> tuple[Client, We
 
 
 async def ask(c: Client, rid: int, offset: int, count: int, digests: Any = None) -> list[Pages]:
-    await c.send(Request(rid, offset, count, True, digests))
+    await c.send(Request(rid, offset, count, digests))
     got: list[Pages] = []
     total = 0
     while total < count:
@@ -130,7 +119,7 @@ async def drain_bulk(bulk: Client, unit: int = PS) -> list[Pages]:
         ev = await bulk.next()
         if isinstance(ev, Done):
             return frames
-        assert isinstance(ev, Pages) and ev.id is None, ev
+        assert isinstance(ev, Pages) and ev.id == PUSH_ID, ev
         frames.append(ev)
 
 
@@ -348,7 +337,7 @@ async def test_destination_done_stops_push_and_session_outlives_urgent() -> None
         # URGENT closes first: the session lives on while BULK is open.
         await urgent.aclose()
         ev = await bulk.next()
-        assert isinstance(ev, Pages) and ev.id is None
+        assert isinstance(ev, Pages) and ev.id == PUSH_ID
         # The destination says it has all it needs: the push stops with the source's Done.
         await bulk.send(Done())
         pushed = ev.count
@@ -405,7 +394,7 @@ async def test_image_truncated_while_serving_is_a_read_error(tmp_path: Path) -> 
             os.truncate(img, 16 * PS)
             frames = await ask(urgent, 1, 0, 2)
             assert [f.kind for f in frames] == [PageKind.DATA]
-            await urgent.send(Request(2, 32 * PS, 2, True))
+            await urgent.send(Request(2, 32 * PS, 2))
             ev = await urgent.next()
             assert isinstance(ev, Error) and ev.id == 2 and ev.code == "read-failed"
             assert "truncated" in ev.message
@@ -490,20 +479,26 @@ async def test_two_destinations_and_a_malformed_one() -> None:
         # A request past the end (hand-encoded per docs/PROTOCOL.md: our Connection refuses to
         # send it) is an Error.
         c, _ = await session(srv.addr)
-        header = msgpack.packb({"t": 3, "i": 1, "o": n * PS, "n": 1, "u": True})
-        await c.stream.send_all(struct.pack(">2sHI", b"uP", len(header), 0) + header)
+        await c.stream.send_all(req_frame(1, n * PS, 1))
         ev = await c.next()
-        assert isinstance(ev, Error) and "memory_size" in ev.message
+        assert isinstance(ev, Error) and ev.id is None and "memory_size" in ev.message
+        assert await c.next() is CLOSED
+        # A Request in another msgpack encoding than the fixed one is refused by name.
+        d, _ = await session(srv.addr)
+        header = msgpack.packb({"t": 3, "i": 1, "o": 0, "n": 1})
+        await d.stream.send_all(struct.pack(">2sHI", b"uP", len(header), 0) + header)
+        ev = await d.next()
+        assert isinstance(ev, Error) and "fixed encoding" in ev.message
         frames = await ask(b, 4, 0, 1)
         assert frames[0].kind is PageKind.DATA
         # A bulk Hello with an unknown session token is refused.
         stranger = await Client.open(srv.addr, Channel.BULK)
         ev = await stranger.hello(session=b"no-such-session")
         assert isinstance(ev, Error) and ev.code == "unknown-session"
-        for x in (a, b, ba, bb, c, stranger):
+        for x in (a, b, ba, bb, c, d, stranger):
             await x.aclose()
         with trio.fail_after(5):
-            while sum(s["event"] == "session-ended" for s in srv.statuses) < 3:
+            while sum(s["event"] == "session-ended" for s in srv.statuses) < 4:
                 await trio.sleep(0.01)
         ended = [s for s in srv.statuses if s["event"] == "session-ended"]
         assert all(s["bytes_sent"] > 0 for s in ended)
@@ -544,7 +539,7 @@ async def test_process_exit_mid_serve_is_an_error_never_zeros() -> None:
                     assert bytes(f.data[k * PS : (k + 1) * PS]) == want
             proc.kill()
             proc.wait()
-            await urgent.send(Request(2, 10 * PS, 4, True))
+            await urgent.send(Request(2, 10 * PS, 4))
             ev = await urgent.next()
             assert isinstance(ev, Error) and ev.code == "read-failed", ev
             assert await urgent.next() is CLOSED

@@ -25,6 +25,7 @@ from uffdpoison.kernel import (
     RegisterMode,
     TargetGone,
     Userfaultfd,
+    _raw,
     anon,
     hugetlb,
     shmem,
@@ -106,7 +107,7 @@ def test_fault_carries_thread_id_and_copy_resolves(uffd: Userfaultfd) -> None:
         assert ev.tid != 0 and ev.tid != os.getpid()
         assert os.path.exists(f"/proc/self/task/{ev.tid}")
         assert batch.raw[0].tid == ev.tid
-        assert uffd.copy(m.addr + P, src.addr, P) == P
+        assert _raw.copy(uffd, m.addr + P, src.addr, P) == P
         assert t.join(5)
         assert t.results.outcome[0] == OUTCOME_OK and t.results.value[0] == 0xA5
         uffd.unregister(m.addr, m.size)
@@ -120,7 +121,7 @@ def test_write_fault_flag_and_zeropage_resolves(uffd: Userfaultfd) -> None:
         t.start()
         assert wait_events(uffd, batch) == 1
         assert batch[0].write
-        assert uffd.zeropage(m.addr, P) == P
+        assert _raw.zeropage(uffd, m.addr, P) == P
         assert t.join(5) and t.results.outcome[0] == OUTCOME_OK
         uffd.unregister(m.addr, m.size)
         assert m.read(0, 1) == b"\x07"
@@ -140,7 +141,7 @@ def test_wake_without_resolving_refaults(uffd: Userfaultfd) -> None:
         uffd.wake(m.addr, P)
         assert wait_events(uffd, batch) == 1  # an identical second message
         assert batch[0].address == m.addr
-        uffd.zeropage(m.addr, P)
+        _raw.zeropage(uffd, m.addr, P)
         assert t.join(5)
         uffd.unregister(m.addr, m.size)
 
@@ -148,7 +149,7 @@ def test_wake_without_resolving_refaults(uffd: Userfaultfd) -> None:
 def test_poison_sigbuses_every_touch_without_messages(uffd: Userfaultfd) -> None:
     with anon(4 * P) as m:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
-        assert uffd.poison(m.addr + 2 * P, P) == P
+        assert _raw.poison(uffd, m.addr + 2 * P, P) == P
         addr = m.addr + 2 * P + 123
         res = Toucher([addr, addr], threads=1).run(5)
         assert list(res.outcome) == [OUTCOME_SIGBUS, OUTCOME_SIGBUS]
@@ -156,7 +157,7 @@ def test_poison_sigbuses_every_touch_without_messages(uffd: Userfaultfd) -> None
         assert list(res.si_addr) == [addr, addr]  # the exact byte
         assert uffd.read_events(EventBatch(4)) == 0  # no fault message for a poisoned page
         with pytest.raises(AlreadyPopulated) as ei:
-            uffd.poison(m.addr + 2 * P, P)
+            _raw.poison(uffd, m.addr + 2 * P, P)
         assert ei.value.errno == errno.EEXIST and ei.value.done == 0
         assert "UFFDIO_POISON" in str(ei.value) and hex(m.addr + 2 * P) in str(ei.value)
         uffd.unregister(m.addr, m.size)
@@ -167,8 +168,8 @@ def test_kernel_lets_copy_overwrite_a_marker(uffd: Userfaultfd) -> None:
     with anon(P) as m, anon(P) as src:
         src.write(0, pattern(0x3C))
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
-        uffd.poison(m.addr, P)
-        assert uffd.copy(m.addr, src.addr, P) == P
+        _raw.poison(uffd, m.addr, P)
+        assert _raw.copy(uffd, m.addr, src.addr, P) == P
         res = Toucher([m.addr]).run(5)
         assert res.outcome[0] == OUTCOME_OK and res.value[0] == 0x3C
         uffd.unregister(m.addr, m.size)
@@ -177,22 +178,22 @@ def test_kernel_lets_copy_overwrite_a_marker(uffd: Userfaultfd) -> None:
 def test_poison_over_present_page_is_eexist(uffd: Userfaultfd) -> None:
     with anon(P) as m:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
-        uffd.zeropage(m.addr, P)
+        _raw.zeropage(uffd, m.addr, P)
         with pytest.raises(AlreadyPopulated):
-            uffd.poison(m.addr, P)
+            _raw.poison(uffd, m.addr, P)
         uffd.unregister(m.addr, m.size)
 
 
 def test_partial_copy_reports_exact_bytes_done(uffd: Userfaultfd) -> None:
     with anon(64 * P) as m, anon(64 * P) as src:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
-        uffd.zeropage(m.addr + 22 * P, P)
+        _raw.zeropage(uffd, m.addr + 22 * P, P)
         # EAGAIN with 22 pages done: the count, not a cast -EAGAIN (userfaultfd-rs #91)
-        assert uffd.copy(m.addr, src.addr, 64 * P) == 22 * P
+        assert _raw.copy(uffd, m.addr, src.addr, 64 * P) == 22 * P
         with pytest.raises(AlreadyPopulated) as ei:
-            uffd.copy(m.addr + 22 * P, src.addr, 42 * P)
+            _raw.copy(uffd, m.addr + 22 * P, src.addr, 42 * P)
         assert ei.value.done == 0
-        assert uffd.copy(m.addr + 23 * P, src.addr, 41 * P) == 41 * P
+        assert _raw.copy(uffd, m.addr + 23 * P, src.addr, 41 * P) == 41 * P
         uffd.unregister(m.addr, m.size)
 
 
@@ -200,7 +201,7 @@ def test_marker_survives_unregister_and_close() -> None:
     with anon(2 * P) as m:
         u = Userfaultfd.create()
         u.register(m.addr, m.size, RegisterMode.MISSING)
-        u.poison(m.addr, P)
+        _raw.poison(u, m.addr, P)
         u.unregister(m.addr, m.size)
         assert Toucher([m.addr]).run(5).outcome[0] == OUTCOME_SIGBUS
         u.close()
@@ -220,7 +221,7 @@ def test_shmem_minor_flow(uffd: Userfaultfd) -> None:
         t.start()
         assert wait_events(uffd, batch) == 1
         assert batch[0].minor and batch[0].address == m.addr
-        assert uffd.continue_(m.addr, P) == P
+        assert _raw.continue_(uffd, m.addr, P) == P
         assert t.join(5) and t.results.value[0] == 0x5A
         # a page absent from the page cache arrives as a MISSING fault
         src.write(0, pattern(0x11))
@@ -228,7 +229,7 @@ def test_shmem_minor_flow(uffd: Userfaultfd) -> None:
         t.start()
         assert wait_events(uffd, batch) == 1
         assert not batch[0].minor and batch[0].address == m.addr + P
-        assert uffd.copy(m.addr + P, src.addr, P) == P
+        assert _raw.copy(uffd, m.addr + P, src.addr, P) == P
         assert t.join(5) and t.results.value[0] == 0x11
         uffd.unregister(m.addr, m.size)
 
@@ -237,12 +238,12 @@ def test_shmem_poison_in_minor_mode(uffd: Userfaultfd) -> None:
     with shmem(2 * P) as m:
         uffd.register(m.addr, m.size, RegisterMode.MISSING | RegisterMode.MINOR)
         m.write(0, pattern(0x77), alias=True)
-        assert uffd.poison(m.addr, P) == P
+        assert _raw.poison(uffd, m.addr, P) == P
         assert Toucher([m.addr]).run(5).outcome[0] == OUTCOME_SIGBUS
         # the marker belongs to the registered mapping; the alias still reads the data
         assert m.read(0, 4, alias=True) == b"\x77" * 4
         # and CONTINUE would silently replace the marker (the Ledger refuses it)
-        assert uffd.continue_(m.addr, P) == P
+        assert _raw.continue_(uffd, m.addr, P) == P
         assert Toucher([m.addr]).run(5).value[0] == 0x77
         uffd.unregister(m.addr, m.size)
 
@@ -256,10 +257,10 @@ def test_hugetlb_copy_and_poison(uffd: Userfaultfd, hugepages) -> None:
         )
         assert Ioctl.ZEROPAGE not in got
         src.write(HUGE_PAGE_SIZE - P, pattern(0x42))
-        assert uffd.copy(m.addr, src.addr, HUGE_PAGE_SIZE) == HUGE_PAGE_SIZE
+        assert _raw.copy(uffd, m.addr, src.addr, HUGE_PAGE_SIZE) == HUGE_PAGE_SIZE
         with pytest.raises(InvalidArgument):
-            uffd.poison(m.addr + HUGE_PAGE_SIZE, P)  # must cover the whole huge page
-        assert uffd.poison(m.addr + HUGE_PAGE_SIZE, HUGE_PAGE_SIZE) == HUGE_PAGE_SIZE
+            _raw.poison(uffd, m.addr + HUGE_PAGE_SIZE, P)  # must cover the whole huge page
+        assert _raw.poison(uffd, m.addr + HUGE_PAGE_SIZE, HUGE_PAGE_SIZE) == HUGE_PAGE_SIZE
         res = Toucher([m.addr + HUGE_PAGE_SIZE - 1, m.addr + HUGE_PAGE_SIZE + 4321]).run(5)
         assert list(res.outcome) == [OUTCOME_OK, OUTCOME_SIGBUS]
         assert res.value[0] == 0x42 and res.si_addr[1] == m.addr + HUGE_PAGE_SIZE + 4321
@@ -270,7 +271,7 @@ def test_remove_event_is_decoded() -> None:
     batch = EventBatch(8)
     with Userfaultfd.create(Feature.EVENT_REMOVE) as u, anon(4 * P) as m:
         u.register(m.addr, m.size, RegisterMode.MISSING)
-        u.zeropage(m.addr, m.size)
+        _raw.zeropage(u, m.addr, m.size)
         # madvise(DONTNEED) blocks until the REMOVE event is read: do it from a thread
         th = threading.Thread(target=m.discard, args=(P, 2 * P))
         th.start()
@@ -324,7 +325,7 @@ def test_adopt_handed_off_fd_reports_its_features() -> None:
         assert lib.up_uffd_api(fd, 0, feats, ioctls) == -errno.EINVAL
         # the fd serves the child's mm, which has exited
         with pytest.raises(TargetGone):
-            u.zeropage(0x10000000, P)
+            _raw.zeropage(u, 0x10000000, P)
     finally:
         u.close()
 
@@ -345,7 +346,7 @@ def test_move_moves_a_page(uffd: Userfaultfd) -> None:
     with anon(4 * P) as m:
         uffd.register(m.addr, 2 * P, RegisterMode.MISSING)
         m.write(3 * P, pattern(0x99))  # source: unregistered part of the same mm
-        assert uffd.move(m.addr, m.addr + 3 * P, P) == P
+        assert _raw.move(uffd, m.addr, m.addr + 3 * P, P) == P
         assert Toucher([m.addr]).run(5).value[0] == 0x99
         uffd.unregister(m.addr, 2 * P)
 
@@ -354,7 +355,7 @@ def test_user_mode_only_fd_serves_user_touches() -> None:
     with Userfaultfd.create(user_mode_only=True) as u, anon(2 * P) as m:
         assert "user-mode only" in u.created_via
         u.register(m.addr, m.size, RegisterMode.MISSING)
-        u.poison(m.addr, P)
+        _raw.poison(u, m.addr, P)
         assert Toucher([m.addr]).run(5).outcome[0] == OUTCOME_SIGBUS
         u.unregister(m.addr, m.size)
 
@@ -375,7 +376,7 @@ def test_one_read_decodes_a_burst_of_faults(uffd: Userfaultfd) -> None:
                 assert e.kind == EventKind.PAGEFAULT
                 seen[e.address] = e.tid
         assert sorted(seen) == addrs and len(set(seen.values())) == 4  # four vCPU threads
-        uffd.zeropage(m.addr, m.size)
+        _raw.zeropage(uffd, m.addr, m.size)
         assert t.join(5) and t.results.ok == 4
         uffd.unregister(m.addr, m.size)
     with pytest.raises(ValueError, match="capacity"):
@@ -393,7 +394,7 @@ def test_poison_resolves_a_blocked_touch_with_sigbus(uffd: Userfaultfd) -> None:
         t = Toucher([m.addr + P + 9])
         t.start()
         assert wait_events(uffd, batch) == 1 and batch[0].address == m.addr + P
-        assert uffd.poison(m.addr + P, P, wake=False) == P
+        assert _raw.poison(uffd, m.addr + P, P, wake=False) == P
         assert not t.join(0.2)
         uffd.wake(m.addr, m.size)
         assert t.join(5)
@@ -412,7 +413,7 @@ async def test_trio_wait_readable_on_the_fd(uffd: Userfaultfd) -> None:
         with trio.fail_after(5):
             await trio.lowlevel.wait_readable(uffd.fileno())
         assert uffd.read_events(batch) == 1
-        uffd.zeropage(m.addr, P)
+        _raw.zeropage(uffd, m.addr, P)
         with trio.fail_after(5):
             await t.wait()
         assert t.results.ok == 1

@@ -17,7 +17,6 @@ from typing import Any
 from uffdpoison.kernel import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
-    AlreadyPopulated,
     Feature,
     HugePagesUnavailable,
     Ioctl,
@@ -32,6 +31,7 @@ from uffdpoison.kernel import (
     reserve_hugepages,
     shmem,
 )
+from uffdpoison.ledger import Ledger
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,15 +66,15 @@ def _hugetlb(mode: RegisterMode) -> dict[str, Any]:
 
 
 def _poison() -> dict[str, Any]:
-    """Place a marker; a second POISON must say EEXIST (the marker is really there)."""
+    """Place a marker through the ledger, then again: the kernel must say EEXIST the second
+    time (the ledger counts it ``already``), so the marker is really there."""
     try:
         with Userfaultfd.create() as u, anon(PAGE_SIZE) as m:
             u.register(m.addr, m.size, RegisterMode.MISSING)
             try:
-                u.poison(m.addr, PAGE_SIZE)
-                try:
-                    u.poison(m.addr, PAGE_SIZE)
-                except AlreadyPopulated:
+                with Ledger(u, m.addr, m.size, PAGE_SIZE) as led:
+                    first, second = led.poison(0, 1), led.poison(0, 1)
+                if first.placed == 1 and second.already == 1:
                     return {"ok": True, "detail": "marker placed; a second POISON is EEXIST"}
                 return {"ok": False, "detail": "a second POISON succeeded: no marker was kept"}
             finally:

@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 #include "cref.h"
-#include "uffd.h"
+#include "uffd_place.h"
 
 
 struct up_bulkpull_msg {

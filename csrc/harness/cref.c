@@ -8,7 +8,7 @@
  *   kind ERROR (count 0) answers a request outside the served buffer.
  */
 #include "cref.h"
-#include "uffd.h" /* the kernel boundary's ioctl wrappers and newer-uapi definitions */
+#include "uffd_place.h" /* the kernel boundary's ioctl wrappers and newer-uapi definitions */
 
 #include <errno.h>
 #include <fcntl.h>

@@ -1,16 +1,15 @@
 """Wire benchmark: the uffdpoison source over loopback against C of the same sizes, in one run.
 
-* **bulk**: the source's background push of a whole guest (a separate ``uffdpoison source``
-  process serving an image), drained by the destination's own receive path
-  (``FrameTransport`` + the sans-IO ``Connection``, no placement) — GB/s. The C figure is the
-  reference page source streaming 64-page replies back to back to a C client.
-* **demand round trip**, one page, three ways, rounds rotating their order:
+* **bulk**: the source's push of a whole guest (a separate ``uffdpoison source`` process
+  serving an image), drained by a plain reader (``FrameStream`` + the sans-IO ``Connection``,
+  no placement) — GB/s. The C figure is the reference page source streaming 64-page replies
+  back to back to a C client.
+* **demand round trip**, one page, two ways, rounds alternating their order:
 
-  - the C reference: C ping-pong client and C page source (48-byte request, 16 + 4096 reply);
+  - the C reference: C ping-pong client and C page source (request padded to 45 bytes, 16 +
+    4096 reply);
   - the uffdpoison source driven by that same C client loop, sending the protocol's Request
-    frames (48 bytes) and reading each 48 + 4096-byte DATA reply: the source alone;
-  - the uffdpoison source through the destination's Python client (trio, non-blocking socket,
-    protocol encode/decode): what a Python caller of ``SourceClient`` sees.
+    frames (45 bytes) and reading each 48 + 4096-byte DATA reply: the source alone.
 
     python -m uffdpoison.bench.wire [--size 256M] [--requests 3000] [--rounds 3] [--json]
 """
@@ -30,7 +29,7 @@ from typing import Any
 import trio
 
 from uffdpoison import protocol
-from uffdpoison.destination.client import SourceClient
+from uffdpoison.destination.link import SourceLink
 from uffdpoison.harness.cref import REPLY, PageSource, pingpong, request_bytes
 from uffdpoison.source.spawn import source_process
 from uffdpoison.stats import percentile
@@ -38,13 +37,12 @@ from uffdpoison.units import size_arg
 
 PS = 4096
 BULK_PAGES = 64
-_RTT_KEYS = ["c", "source", "source_py_client"]
+_RTT_KEYS = ["c", "source"]
 _RTT_LABELS = {
     "c": "C ping-pong (C client, C source)",
     "source": "uffdpoison source, C client",
-    "source_py_client": "uffdpoison source, Python client",
 }
-_FRAME = 48  # prefix + fixed header of a Request or a Pages reply (docs/PROTOCOL.md)
+_REPLY = protocol.PREFIX_SIZE + protocol.layout.PAGES.size  # before a reply's page data
 
 
 def _pct(values: list[int], p: float) -> float:
@@ -57,38 +55,21 @@ def _image(size: int, seed: int = 1) -> bytes:
 
 
 async def _drain_bulk(address: str) -> tuple[int, float]:
-    """Open a session, then time the bulk push until Done (bytes, seconds)."""
-    client = await SourceClient.connect(address, want_poison_list=False)
+    """Open a session, then time the push until Done (bytes, seconds)."""
+    link = await SourceLink.connect(address, want_poison_list=False)
+    assert link.bulk is not None
     try:
         t0 = time.perf_counter()
         nbytes = 0
         while True:
-            ev = await client.bulk.receive()
+            ev = await link.bulk.receive()
             if isinstance(ev, protocol.Done):
                 break
             if isinstance(ev, protocol.Pages):
-                nbytes += ev.count * client.info.page_size
+                nbytes += ev.count * link.info.page_size
         return nbytes, time.perf_counter() - t0
     finally:
-        client.close()
-
-
-async def _demand_rtts(address: str, n: int, npages: int, seed: int) -> array:
-    client = await SourceClient.connect(address, want_poison_list=False, bulk=False)
-    rng = random.Random(seed)
-    lat = array("Q")
-    try:
-        t = client.urgent
-        for _ in range(n):
-            off = rng.randrange(npages) * PS
-            t0 = time.perf_counter_ns()
-            client.request(off, 1)
-            ev = await t.receive()
-            lat.append(time.perf_counter_ns() - t0)
-            assert isinstance(ev, protocol.Pages) and ev.offset == off
-        return lat
-    finally:
-        client.close()
+        link.close()
 
 
 async def _c_client_rtts(address: str, n: int, npages: int, seed: int) -> array:
@@ -96,18 +77,18 @@ async def _c_client_rtts(address: str, n: int, npages: int, seed: int) -> array:
     sending the protocol's Request frames (encoded by the sans-IO Connection) and reading each
     48 + 4096-byte DATA reply. Measures the source alone. (Blocks the trio loop on purpose:
     nothing else runs in it.)"""
-    client = await SourceClient.connect(address, want_poison_list=False, bulk=False)
+    link = await SourceLink.connect(address, want_poison_list=False, bulk=False)
     rng = random.Random(seed)
     lat = array("Q")
     try:
-        sock, conn = client.urgent.sock, client.urgent.conn
+        sock, conn = link.urgent.sock, link.urgent.conn
         sock.setblocking(True)
         for rid in range(1, n + 1):
-            req = b"".join(conn.send(protocol.Request(rid, rng.randrange(npages) * PS, 1, True)))
-            lat.extend(pingpong(sock, req, _FRAME + PS, 1))
+            req = b"".join(conn.send(protocol.Request(rid, rng.randrange(npages) * PS, 1)))
+            lat.extend(pingpong(sock, req, _REPLY + PS, 1))
         return lat
     finally:
-        client.close()
+        link.close()
 
 
 def _c_bulk(src: PageSource, size: int) -> float:
@@ -146,18 +127,16 @@ def run(
                     nbytes, secs = trio.run(_drain_bulk, address)
                     py_bulk.append(nbytes / secs / 1e9)
                     c_bulk.append(size / _c_bulk(src, size) / 1e9)
-                    # Rotate the order so drift on a shared machine hits each figure alike.
-                    for k in _RTT_KEYS[r % 3 :] + _RTT_KEYS[: r % 3]:
+                    # Alternate the order so drift on a shared machine hits each figure alike.
+                    for k in _RTT_KEYS[r % 2 :] + _RTT_KEYS[: r % 2]:
                         if k == "source":
                             rtt[k].extend(trio.run(_c_client_rtts, address, requests, npages, r))
-                        elif k == "source_py_client":
-                            rtt[k].extend(trio.run(_demand_rtts, address, requests, npages, r))
                         else:
                             with src.connect() as s:
                                 rng = random.Random(r)
                                 for _ in range(requests):
                                     # Padded to the size of our Request frame.
-                                    req = request_bytes(rng.randrange(npages) * PS, 1, pad=32)
+                                    req = request_bytes(rng.randrange(npages) * PS, 1, pad=29)
                                     rtt[k].extend(pingpong(s, req, REPLY.size + PS, 1))
     res: dict[str, Any] = {
         "size": size,
@@ -177,8 +156,7 @@ def run(
     }
     c = res["rtt_us"]["c"]
     res["rtt_ratio"] = {
-        k: {p: round(res["rtt_us"][k][p] / c[p], 2) for p in ("p50", "p99")}
-        for k in ("source", "source_py_client")
+        k: {p: round(res["rtt_us"][k][p] / c[p], 2) for p in ("p50", "p99")} for k in ("source",)
     }
     return res
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import trio
 
-from uffdpoison.destination.client import SourceUnavailable
 from uffdpoison.destination.handoff import HandoffDaemon
+from uffdpoison.destination.link import SourceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ For a custom VMM written in Python. The same ``Session`` (ledger, fault loop) as
    is Python in the same process, can never run, and the process deadlocks. Touch guest memory
    only from vCPU threads running C (KVM_RUN, or code called through cffi/ctypes, which release
    the GIL), and before Python reads guest memory call ``ensure_present(addr, length)``. Never
-   read a page it reports poisoned: that raises SIGBUS. (Demand faults are served by a C engine that
-   needs no GIL, but the Python fallback path does, and the rule keeps both safe.)
+   read a page it reports poisoned: that raises SIGBUS. (The C data plane serves a fault without
+   the GIL while the source answers; recovering from a lost source needs Python, so the rule
+   stands.)
 
 Two shapes::
 
@@ -29,11 +30,11 @@ from typing import Any
 
 import trio
 
-from uffdpoison.destination.client import SourceClient
-from uffdpoison.destination.faultloop import Session, SessionFailed, StatusSink
+from uffdpoison.destination.link import SourceLink
 from uffdpoison.destination.regions import Region, RegionMap
+from uffdpoison.destination.session import Session, SessionFailed, StatusSink
+from uffdpoison.exgroups import leaf_of
 from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd
-from uffdpoison.trioutil import leaf_of
 
 FEATURES = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.THREAD_ID
 
@@ -50,7 +51,7 @@ class PageServer:
 
     @property
     def stats(self) -> dict[str, int]:
-        return self.session.stats.as_dict()
+        return self.session.stats
 
     def page_counts(self) -> dict[str, int]:
         return self.session.page_counts()
@@ -73,7 +74,7 @@ async def serve_memory(
     background: bool = True,
     status: StatusSink | None = None,
     name: str = "embedded",
-    engine: bool | None = None,
+    request_timeout: float = 0.0,
 ) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
@@ -85,17 +86,28 @@ async def serve_memory(
     ``background=False`` opens no bulk connection: pages arrive only when touched (or through
     ``ensure_present``), which isolates demand-fault latency for measurements.
 
-    ``engine=False`` serves demand faults with the Python loop instead of the C demand engine.
+    ``request_timeout``: seconds a demand request may go unanswered before the session fails
+    naming it (0: wait for ever; a silent source then leaves the vCPU blocked).
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
     try:
         for r in rmap:
             uffd.register(r.base, r.size, RegisterMode.MISSING)
-        client = await SourceClient.connect(source, page_size=rmap.page_size, bulk=background)
-        session = Session(
-            uffd, rmap, client, hugetlb=hugetlb, name=name, status=status, engine=engine
-        )
+        link = await SourceLink.connect(source, page_size=rmap.page_size, bulk=background)
+        try:
+            session = Session(
+                uffd,
+                rmap,
+                link,
+                hugetlb=hugetlb,
+                name=name,
+                status=status,
+                request_timeout=request_timeout,
+            )
+        except BaseException:
+            link.close()
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)

@@ -27,14 +27,14 @@ from typing import Any
 
 import trio
 
-from uffdpoison.destination.client import SourceClient, SourceInfo, probe
-from uffdpoison.destination.faultloop import Session, SessionFailed, StatusSink
+from uffdpoison.destination.link import SourceInfo, SourceLink, probe
 from uffdpoison.destination.regions import (
     MAX_HANDOFF_BYTES,
     RegionError,
     RegionMap,
     parse_firecracker_regions,
 )
+from uffdpoison.destination.session import Session, SessionFailed, StatusSink
 from uffdpoison.kernel import Userfaultfd
 from uffdpoison.kernel import errors as kerrors
 
@@ -290,15 +290,19 @@ class HandoffDaemon:
     async def _run_session(
         self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap
     ) -> None:
-        client = await SourceClient.connect(self.source, page_size=regions.page_size)
-        session = Session(
-            uffd,
-            regions,
-            client,
-            hugetlb=regions.page_size > 4096,
-            name=name,
-            status=lambda d: self._status({**d, "pid": peer.pid}),
-        )
+        link = await SourceLink.connect(self.source, page_size=regions.page_size)
+        try:
+            session = Session(
+                uffd,
+                regions,
+                link,
+                hugetlb=regions.page_size > 4096,
+                name=name,
+                status=lambda d: self._status({**d, "pid": peer.pid}),
+            )
+        except BaseException:
+            link.close()
+            raise
         self.sessions[name] = session
         try:
             async with trio.open_nursery() as nursery:
@@ -322,7 +326,7 @@ class HandoffDaemon:
                     pid=peer.pid,
                     reason="VMM exited",
                     pages=session.page_counts(),
-                    placed=session.stats.as_dict(),
+                    placed=session.stats,
                 )
         finally:
             del self.sessions[name]

@@ -1,6 +1,5 @@
 """The typed kernel boundary; the only package that imports ``uffdpoison._native``."""
 
-from uffdpoison.kernel.demand import DemandEngine, DemandRegion, RunResult
 from uffdpoison.kernel.digest import digest, page_digests, zero_runs
 from uffdpoison.kernel.errors import (
     AlreadyPopulated,
@@ -42,8 +41,6 @@ __all__ = [
     "NONCOOPERATIVE",
     "PAGE_SIZE",
     "AlreadyPopulated",
-    "DemandEngine",
-    "DemandRegion",
     "Event",
     "EventBatch",
     "EventKind",
@@ -59,7 +56,6 @@ __all__ = [
     "PartialProgress",
     "RangeGone",
     "RegisterMode",
-    "RunResult",
     "TargetGone",
     "UffdError",
     "Userfaultfd",

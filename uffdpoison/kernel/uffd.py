@@ -1,8 +1,7 @@
-"""Typed userfaultfd: creation or adoption, UFFDIO_API, registration and range ops.
+"""Typed userfaultfd: creation or adoption, UFFDIO_API, registration, wake and events.
 
-Range ops return the bytes done: the full length on success, fewer on partial progress
-(EAGAIN with bytes done; the caller resumes after them). Any other failure raises the
-matching ``UffdError`` subclass carrying the bytes done (never a negative errno as a count).
+It cannot place a page: placement belongs to the page ledger alone (``uffdpoison.ledger``),
+which keeps poison markers from being overwritten.
 """
 
 from __future__ import annotations
@@ -88,11 +87,6 @@ _GAPS: list[tuple[Feature, str]] = [
     (Feature.POISON, "POISON not negotiated"),
 ]
 
-_copy = lib.up_uffd_copy
-_zeropage = lib.up_uffd_zeropage
-_continue = lib.up_uffd_continue
-_poison = lib.up_uffd_poison
-_move = lib.up_uffd_move
 _read_events = lib.up_uffd_read_events
 
 
@@ -129,17 +123,12 @@ def open_paths() -> dict[str, str]:
     return out
 
 
-def _bad_args(e: OverflowError) -> ValueError:
-    return ValueError(f"addresses and lengths must be unsigned 64-bit integers: {e}")
-
-
 class Userfaultfd:
     """An owned userfaultfd (O_NONBLOCK, O_CLOEXEC). Close exactly once."""
 
     __slots__ = (
         "_fd",
         "_ioctls_out",
-        "_prog",
         "api_ioctls",
         "available",
         "created_via",
@@ -159,8 +148,6 @@ class Userfaultfd:
         self.api_ioctls = api_ioctls
         self.created_via = created_via
         self.available = available
-        # preallocated out-params: no allocation per ioctl on the fault path
-        self._prog = ffi.new("int64_t *")
         self._ioctls_out = ffi.new("uint64_t *")
 
     # -- creation ---------------------------------------------------------------------------
@@ -277,67 +264,14 @@ class Userfaultfd:
         if rc < 0:
             raise error_for(-rc, "UFFDIO_UNREGISTER", start, length, rc)
 
-    # -- range ops (hot path) ---------------------------------------------------------------
-
-    def _short_or_raise(self, op: str, rc: int, start: int, length: int) -> int:
-        prog = self._prog[0]
-        if rc == -errno.EAGAIN and prog > 0:
-            return prog
-        raise error_for(-rc, op, start, length, prog)
-
-    def copy(self, dst: int, src: int, length: int, *, wake: bool = True) -> int:
-        """UFFDIO_COPY from address ``src``; returns bytes done."""
-        try:
-            rc = _copy(self._fd, dst, src, length, 0 if wake else 1, self._prog)
-        except OverflowError as e:
-            raise _bad_args(e) from e
-        if rc == 0:
-            return length
-        return self._short_or_raise("UFFDIO_COPY", rc, dst, length)
-
-    def zeropage(self, start: int, length: int, *, wake: bool = True) -> int:
-        try:
-            rc = _zeropage(self._fd, start, length, 0 if wake else 1, self._prog)
-        except OverflowError as e:
-            raise _bad_args(e) from e
-        if rc == 0:
-            return length
-        return self._short_or_raise("UFFDIO_ZEROPAGE", rc, start, length)
-
-    def continue_(self, start: int, length: int, *, wake: bool = True) -> int:
-        try:
-            rc = _continue(self._fd, start, length, 0 if wake else 1, self._prog)
-        except OverflowError as e:
-            raise _bad_args(e) from e
-        if rc == 0:
-            return length
-        return self._short_or_raise("UFFDIO_CONTINUE", rc, start, length)
-
-    def poison(self, start: int, length: int, *, wake: bool = True) -> int:
-        try:
-            rc = _poison(self._fd, start, length, 0 if wake else 1, self._prog)
-        except OverflowError as e:
-            raise _bad_args(e) from e
-        if rc == 0:
-            return length
-        return self._short_or_raise("UFFDIO_POISON", rc, start, length)
+    # -- events ---------------------------------------------------------------------------
+    # Placement (COPY, ZEROPAGE, CONTINUE, POISON, MOVE) is not here: only the page ledger
+    # places pages (uffdpoison.ledger). Tests reach the raw ioctls through kernel._raw.
 
     def wake(self, start: int, length: int) -> None:
         rc = lib.up_uffd_wake(self._fd, start, length)
         if rc < 0:
             raise error_for(-rc, "UFFDIO_WAKE", start, length, rc)
-
-    def move(
-        self, dst: int, src: int, length: int, *, wake: bool = True, allow_src_holes: bool = False
-    ) -> int:
-        mode = (0 if wake else 1) | (2 if allow_src_holes else 0)
-        try:
-            rc = _move(self._fd, dst, src, length, mode, self._prog)
-        except OverflowError as e:
-            raise _bad_args(e) from e
-        if rc == 0:
-            return length
-        return self._short_or_raise("UFFDIO_MOVE", rc, dst, length)
 
     def read_events(self, batch: EventBatch) -> int:
         """Read every pending message that fits into ``batch``; 0 when nothing is pending."""

@@ -1,4 +1,4 @@
-"""Small helpers for trio's structured concurrency."""
+"""Trio wraps a task's exception in an ExceptionGroup: where a known failure is caught, unwrap."""
 
 from __future__ import annotations
 

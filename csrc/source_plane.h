@@ -1,0 +1,61 @@
+#ifndef UP_SOURCE_PLANE_H
+#define UP_SOURCE_PLANE_H
+/*
+ * The source's data plane for one session (docs/DESIGN.md): a loop per channel, each in a
+ * thread of its own, each the only user of its socket for the whole session. URGENT answers
+ * demand Requests (digests: CLEAN where they match); BULK pushes every unit the destination
+ * has not been offered, nearest the latest demand first, at a lower CPU priority and under
+ * the server's bandwidth cap. Control frames go to the control plane (notes); what it sends
+ * back (Error, Done) is queued on the channel.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include "chan.h"
+#include "guest.h"
+#include "notes.h"
+
+/* The server-wide cap on pushed bytes per second (all sessions share one link). */
+typedef struct up_pacer {
+	pthread_mutex_t lock;
+	double ns_per_byte;
+	uint64_t clock_ns; /* when the link is free again */
+} up_pacer;
+
+typedef struct up_src_stats {
+	uint64_t requests;
+	uint64_t request_pages;
+	uint64_t data_pages; /* DATA units sent, both channels */
+	uint64_t zero_pages;
+	uint64_t poisoned_pages;
+	uint64_t clean_pages;
+	uint64_t push_pages; /* units offered by the push */
+	uint64_t pushes;     /* push frames */
+	uint64_t read_failures;
+	uint64_t bytes_urgent;
+	uint64_t bytes_bulk;
+} up_src_stats;
+
+typedef struct up_src up_src;
+
+up_pacer *up_pacer_new(double bytes_per_s);
+void up_pacer_free(up_pacer *p);
+
+/* A session serving `g` in units of `unit` bytes; `pacer` may be NULL. NULL + errno. */
+up_src *up_src_new(const up_guest *g, up_pacer *pacer, uint64_t unit, int partial_timeout_ms);
+void up_src_free(up_src *s);
+up_notes *up_src_notes(up_src *s);
+/* The channel's socket (handshaken, non-blocking), before its loop runs. */
+int up_src_attach(up_src *s, int channel, int fd);
+/* Serve `channel` until stopped, closed or the peer is gone (a note says which). Blocks: run it
+ * in a thread of its own. `nice`: BULK lowers its thread to it and restores `base_nice` before
+ * returning; URGENT sets `base_nice` (a pooled thread may have been lowered). INT32_MIN: leave. */
+int up_src_run(up_src *s, int channel, int nice, int base_nice);
+/* Thread-safe instructions. */
+int up_src_send(up_src *s, int channel, const uint8_t *bytes, size_t len);
+void up_src_release(up_src *s, int channel);
+void up_src_close(up_src *s, int channel);
+void up_src_stop(up_src *s, int channel);
+size_t up_src_held(up_src *s, int channel, const uint8_t **out);
+void up_src_get_stats(up_src *s, up_src_stats *out);
+uint64_t up_src_offered(up_src *s);
+#endif

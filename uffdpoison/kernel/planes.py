@@ -1,0 +1,337 @@
+"""Typed bindings of the C data planes (csrc/dest_plane.c, csrc/source_plane.c).
+
+A data plane owns a session's userfaultfd (destination) and data sockets for the whole
+session; Python is its control plane. The two talk through *notes* (C → Python: an event with
+its reason, read from an eventfd) and *instructions* (Python → C: thread-safe calls: send a
+control frame, release a held frame, close a channel, stop). Nothing else crosses: no fd, no
+buffered byte, no request table changes owner (docs/DESIGN.md, "The data planes").
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from uffdpoison.kernel._ffi import ffi, lib
+from uffdpoison.kernel.pagestates import PageStates
+
+__all__ = [
+    "DestPlane",
+    "DestRegion",
+    "Flag",
+    "Guest",
+    "Note",
+    "NoteKind",
+    "Pacer",
+    "SourcePlane",
+]
+
+_NO_NICE = -(2**31)  # INT32_MIN: leave the thread's priority as it is
+
+
+class NoteKind(enum.IntEnum):
+    CONTROL = lib.UP_NOTE_CONTROL  # a frame on `channel` awaits a verdict: held(channel)
+    BAD_FRAME = lib.UP_NOTE_BAD_FRAME  # the peer broke the protocol; text says how
+    EOF = lib.UP_NOTE_EOF
+    SOCK_ERROR = lib.UP_NOTE_SOCK_ERROR
+    READ_FAILED = lib.UP_NOTE_READ_FAILED  # source: request a at offset b is unreadable
+    GONE = lib.UP_NOTE_GONE  # source: the served process exited
+    PUSH_DONE = lib.UP_NOTE_PUSH_DONE
+    FATAL = lib.UP_NOTE_FATAL  # a local failure: err, text
+    TARGET_GONE = lib.UP_NOTE_TARGET_GONE  # destination: the VMM's memory is gone
+
+
+class Flag(enum.IntFlag):
+    PROGRESS = lib.UP_FLAG_PROGRESS
+    LOG = lib.UP_FLAG_LOG
+    COMPLETE = lib.UP_FLAG_COMPLETE
+
+
+class Note(NamedTuple):
+    kind: NoteKind
+    channel: int
+    err: int
+    a: int
+    b: int
+    text: str
+
+    def describe(self) -> str:
+        """One line: the reason, with the errno's text where there is one."""
+        if self.err:
+            return f"{self.text}: {os.strerror(self.err)}" if self.text else os.strerror(self.err)
+        return self.text or self.kind.name.lower().replace("_", " ")
+
+
+class _Plane:
+    """What both planes share: notes and the per-channel instructions. ``_fn(name)`` is the
+    plane's C function of that name."""
+
+    _prefix: str
+    _ptr: Any
+
+    def __init__(self, ptr: Any) -> None:
+        if ptr == ffi.NULL:
+            err = ffi.errno
+            raise OSError(err, f"{type(self).__name__}: {os.strerror(err)}")
+        self._ptr = ptr
+        self._notes = getattr(lib, f"{self._prefix}_notes")(ptr)
+        self._buf = ffi.new("up_note[]", 64)
+        self._flags = ffi.new("uint32_t *")
+        self.notes_fd: int = lib.up_notes_fd(self._notes)
+
+    def _fn(self, name: str) -> Any:
+        return getattr(lib, f"{self._prefix}_{name}")
+
+    def _raw(self) -> Any:
+        if self._ptr is None:
+            raise ValueError(f"{type(self).__name__} is closed")
+        return self._ptr
+
+    def take_notes(self) -> tuple[Flag, list[Note]]:
+        """The flags raised and the notes left since the last call (oldest first)."""
+        notes: list[Note] = []
+        flags = Flag(0)
+        while True:
+            n = lib.up_notes_take(self._notes, self._buf, 64, self._flags)
+            flags |= Flag(self._flags[0])
+            for k in range(n):
+                r = self._buf[k]
+                text = ffi.string(r.text).decode("utf-8", "replace")
+                notes.append(Note(NoteKind(r.what), r.channel, r.err, r.a, r.b, text))
+            if n < 64:
+                return flags, notes
+
+    def send(self, channel: int, data: bytes) -> None:
+        """Queue a control frame (encoded by the protocol) on ``channel``."""
+        rc = self._fn("send")(self._raw(), channel, data, len(data))
+        if rc < 0:
+            raise OSError(-rc, f"queueing a control frame: {os.strerror(-rc)}")
+
+    def release(self, channel: int) -> None:
+        """The held frame on ``channel`` is judged: consume it and read on."""
+        self._fn("release")(self._raw(), channel)
+
+    def close_channel(self, channel: int) -> None:
+        """Send what is queued on ``channel``, then let go of it (the peer sees EOF)."""
+        self._fn("close")(self._raw(), channel)
+
+    def held(self, channel: int) -> bytes:
+        """The frame held on ``channel`` (prefix, header, payload), b"" if none."""
+        p = ffi.new("const uint8_t **")
+        n = self._fn("held")(self._raw(), channel, p)
+        return bytes(ffi.buffer(p[0], n)) if n else b""
+
+    def _stats(self, ctype: str) -> dict[str, int]:
+        s = ffi.new(f"{ctype} *")
+        self._fn("get_stats")(self._raw(), s)
+        return {name: getattr(s, name) for name, _ in ffi.typeof(ctype).fields}
+
+    def close(self) -> None:
+        """Free the plane; no loop of it may be running."""
+        if self._ptr is not None:
+            self._fn("free")(self._ptr)
+            self._ptr = None
+
+
+# ------------------------------------------------------------------ destination
+
+
+@dataclass(frozen=True, slots=True)
+class DestRegion:
+    """One registered region: host ``base``, ``size``, guest ``offset``, its page states."""
+
+    base: int
+    size: int
+    offset: int
+    states: PageStates
+
+
+class DestPlane(_Plane):
+    """Owns one ``up_dest``; borrows the userfaultfd and the page states (keep them open
+    while it lives) and, once attached, the sockets (close them after ``run`` returned)."""
+
+    _prefix = "up_dest"
+
+    def __init__(
+        self,
+        uffd: int,
+        page_size: int,
+        memory_size: int,
+        regions: Sequence[DestRegion],
+        poison: Sequence[int] | memoryview = (),
+        *,
+        request_timeout: float = 0.0,
+    ) -> None:
+        """``poison``: the handshake's poison list (guest offsets), POISONED in the ledgers
+        before this returns. ``request_timeout``: seconds before an unanswered request is
+        noted (SOCK_ERROR, ETIMEDOUT); 0 never."""
+        if [r.base for r in regions] != sorted(r.base for r in regions):
+            raise ValueError("regions must be sorted by base address")
+        self._states = [r.states for r in regions]  # keep the ledgers alive
+        arr = ffi.new("up_dest_region[]", len(regions))
+        for k, r in enumerate(regions):
+            arr[k].base, arr[k].size, arr[k].offset = r.base, r.size, r.offset
+            arr[k].ledger = r.states.raw
+        plist = ffi.from_buffer("uint64_t[]", poison) if len(poison) else ffi.NULL
+        super().__init__(
+            lib.up_dest_new(
+                uffd,
+                page_size,
+                memory_size,
+                arr,
+                len(regions),
+                plist,
+                len(poison),
+                round(request_timeout * 1000),
+            )
+        )
+
+    def attach(self, channel: int, fd: int) -> None:
+        if lib.up_dest_attach(self._raw(), channel, fd) < 0:
+            raise ValueError(f"cannot attach channel {channel} now")
+
+    def run(self) -> None:
+        """Serve until ``stop()``. Blocks in C without the GIL: run it in a thread."""
+        rc = lib.up_dest_run(self._raw())
+        if rc < 0:
+            raise OSError(-rc, f"destination data plane: {os.strerror(-rc)}")
+
+    def stop(self) -> None:
+        if self._ptr is not None:
+            lib.up_dest_stop(self._ptr)
+
+    def notify(self, delta: int) -> None:
+        """+1 while a waiter wants Flag.PROGRESS on every placement, -1 after."""
+        lib.up_dest_notify(self._raw(), delta)
+
+    def request(self, region: int, first: int, count: int, max_run: int = 0) -> int:
+        """Claim pages [first, first+count) of region ``region`` and ask for what is missing
+        (runs of at most ``max_run`` pages). 0, or -errno (-EAGAIN: call again soon)."""
+        return int(lib.up_dest_request(self._raw(), region, first, count, max_run))
+
+    def stats(self) -> dict[str, int]:
+        return self._stats("up_dest_stats")
+
+    @property
+    def outstanding(self) -> int:
+        return int(lib.up_dest_outstanding(self._raw()))
+
+
+# ------------------------------------------------------------------ source
+
+
+class Guest:
+    """What the source serves: ``up_guest``. Borrows the fds and buffers it is given: they
+    must outlive it (the backend owns them)."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        base_page_size: int,
+        poison_bits: bytearray,
+        data_fd: int = -1,
+        ranges: Sequence[tuple[int, int, int]] = (),
+        mem: memoryview | None = None,
+        pagemap_fd: int = -1,
+        is_process: bool = False,
+    ) -> None:
+        if (mem is None) == (data_fd < 0):
+            raise ValueError("a Guest reads from exactly one of mem and data_fd")
+        if len(poison_bits) * 8 < size // base_page_size:
+            raise ValueError("poison bitmap shorter than the guest memory")
+        g = ffi.new("up_guest *")
+        self._keep: list[Any] = []  # buffers borrowed from Python objects, released in close()
+        g.data_fd, g.pagemap_fd, g.is_process = data_fd, pagemap_fd, int(is_process)
+        g.mem = self._borrow(mem) if mem is not None else ffi.NULL
+        g.size, g.base_ps, g.sys_ps = size, base_page_size, os.sysconf("SC_PAGE_SIZE")
+        g.poison = self._borrow(poison_bits)
+        self._ranges = ffi.new("up_guest_range[]", max(1, len(ranges)))
+        for k, (goff, foff, length) in enumerate(ranges):
+            self._ranges[k].goff, self._ranges[k].foff, self._ranges[k].len = goff, foff, length
+        g.nranges, g.ranges = len(ranges), self._ranges
+        self.raw: Any = g
+        self.size = size
+
+    def _borrow(self, obj: Any) -> Any:
+        p = ffi.from_buffer(obj)
+        self._keep.append(p)
+        return p
+
+    def read(self, offset: int, count: int, unit: int) -> tuple[list[int], bytes]:
+        """Read and classify ``count`` units at ``offset`` (what the planes send): the kinds
+        (protocol PageKind values) and the bytes read. Raises OSError naming a failure."""
+        buf = ffi.new("uint8_t[]", count * unit)
+        data = ffi.new("const uint8_t **")
+        kinds = ffi.new("uint8_t[]", count)
+        why = ffi.new("char[]", 160)
+        rc = lib.up_guest_read(self.raw, offset, count, unit, buf, data, kinds, why)
+        if rc == lib.UP_GUEST_GONE:
+            raise ProcessLookupError("the served process exited")
+        if rc:
+            raise OSError(ffi.string(why).decode())
+        return list(kinds), bytes(ffi.buffer(data[0], count * unit))
+
+    def close(self) -> None:
+        self.raw.mem = self.raw.poison = ffi.NULL
+        for p in self._keep:
+            ffi.release(p)
+        self._keep.clear()
+
+
+class Pacer:
+    """A bandwidth cap shared by every session's push (one link)."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        ptr = lib.up_pacer_new(bytes_per_s)
+        if ptr == ffi.NULL:
+            raise ValueError(f"bandwidth must be positive, got {bytes_per_s}")
+        self.raw: Any = ptr
+
+    def close(self) -> None:
+        if self.raw is not None:
+            lib.up_pacer_free(self.raw)
+            self.raw = None
+
+
+class SourcePlane(_Plane):
+    """Owns one ``up_src``: a session's URGENT responder and BULK push."""
+
+    _prefix = "up_src"
+
+    def __init__(
+        self, guest: Guest, unit: int, *, pacer: Pacer | None = None, partial_timeout: float = 30.0
+    ) -> None:
+        self._guest, self._pacer = guest, pacer  # outlive the plane
+        super().__init__(
+            lib.up_src_new(
+                guest.raw,
+                pacer.raw if pacer is not None else ffi.NULL,
+                unit,
+                max(1, round(partial_timeout * 1000)),
+            )
+        )
+
+    def attach(self, channel: int, fd: int) -> None:
+        if lib.up_src_attach(self._raw(), channel, fd) < 0:
+            raise ValueError(f"no channel {channel}")
+
+    def run(self, channel: int, *, nice: int | None = None, base_nice: int | None = None) -> None:
+        """Serve ``channel`` until stopped, closed or the peer is gone. Blocks in C without
+        the GIL: run it in a thread. BULK runs at ``nice`` and restores ``base_nice``."""
+        lib.up_src_run(
+            self._raw(),
+            channel,
+            _NO_NICE if nice is None else nice,
+            _NO_NICE if base_nice is None else base_nice,
+        )
+
+    def stop(self, channel: int) -> None:
+        if self._ptr is not None:
+            lib.up_src_stop(self._ptr, channel)
+
+    def stats(self) -> dict[str, int]:
+        return self._stats("up_src_stats")
