@@ -408,11 +408,12 @@ async def test_unanswered_request_fails_the_session_at_its_deadline(nursery: tri
 
     source = await _fake_source(nursery, 8, reply)
     with memory.anon(8 * PS) as m:
-        t = _touch([m.addr + 3 * PS])
+        t = Toucher(array("Q", [m.addr + 3 * PS]))
         with pytest.raises(SessionFailed, match=r"request 1 .*unanswered for \d+ ms"):
             async with serve_memory(
                 [Region(m.addr, 8 * PS, 0)], source, background=False, request_timeout=0.3
             ):
+                t.start()  # registered by now: the touch faults
                 with trio.fail_after(5):
                     await trio.sleep_forever()
         assert t.join(5)
