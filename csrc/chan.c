@@ -226,12 +226,11 @@ void up_wake(int fd)
 	(void)r; /* EAGAIN: the counter is already non-zero, which is all it needs to be */
 }
 
-/* Wait for POLLOUT. While *watch, a wake-up is looked at: 1 if *stop is set, else it is
- * remembered (*watch = 0, re-signalled once the send is over, for the loop to look at). */
-static int wait_out(up_chan *c, int wake_fd, const int *stop, int *watch, int timeout_ms)
+/* Wait for POLLOUT, or a wake-up: 1 if it means stop; otherwise it is drained and remembered
+ * (*woke), to be signalled again once the send is over, for the loop to look at. */
+static int wait_out(up_chan *c, int wake_fd, const int *stop, int *woke, int timeout_ms)
 {
-	struct pollfd p[2] = {{.fd = c->fd, .events = POLLOUT},
-			      {.fd = *watch ? wake_fd : -1, .events = POLLIN}};
+	struct pollfd p[2] = {{.fd = c->fd, .events = POLLOUT}, {.fd = wake_fd, .events = POLLIN}};
 	int r = poll(p, 2, timeout_ms);
 	if (r == 0)
 		return -ETIMEDOUT;
@@ -239,13 +238,16 @@ static int wait_out(up_chan *c, int wake_fd, const int *stop, int *watch, int ti
 		up_drain(wake_fd);
 		if (__atomic_load_n(stop, __ATOMIC_ACQUIRE))
 			return 1;
-		*watch = 0;
+		*woke = 1;
 	}
 	return 0;
 }
 
+/* A stop ends the send at once, even mid-frame: the loop returns and the socket is closed, so
+ * nothing can follow a torn frame. (A close finishes the frame first: the control plane's
+ * Error or Done goes after it.) */
 static int sendv(up_chan *c, struct iovec *iov, int cnt, int wake_fd, const int *stop,
-		 int timeout_ms, int *watch)
+		 int timeout_ms, int *woke)
 {
 	int started = 0;
 	int64_t deadline = 0;
@@ -256,7 +258,7 @@ static int sendv(up_chan *c, struct iovec *iov, int cnt, int wake_fd, const int 
 				return f;
 			break;
 		}
-		int r = wait_out(c, wake_fd, stop, watch, -1);
+		int r = wait_out(c, wake_fd, stop, woke, -1);
 		if (r)
 			return r;
 	}
@@ -269,16 +271,15 @@ static int sendv(up_chan *c, struct iovec *iov, int cnt, int wake_fd, const int 
 				continue;
 			if (errno != EAGAIN && errno != EWOULDBLOCK)
 				return -errno;
-			if (!started) {
-				int r = wait_out(c, wake_fd, stop, watch, -1);
-				if (r)
-					return r;
-				continue;
+			int left = -1; /* a started frame must go on within the timeout */
+			if (started) {
+				if (!deadline)
+					deadline = now_ms() + timeout_ms;
+				left = (int)(deadline - now_ms());
+				if (left <= 0)
+					return -ETIMEDOUT;
 			}
-			if (!deadline)
-				deadline = now_ms() + timeout_ms;
-			int left = (int)(deadline - now_ms()), none = 0;
-			int r = left > 0 ? wait_out(c, wake_fd, stop, &none, left) : -ETIMEDOUT;
+			int r = wait_out(c, wake_fd, stop, woke, left);
 			if (r)
 				return r;
 			continue;
@@ -303,9 +304,9 @@ static int sendv(up_chan *c, struct iovec *iov, int cnt, int wake_fd, const int 
 int up_chan_sendv(up_chan *c, struct iovec *iov, int cnt, int wake_fd, const int *stop,
 		  int timeout_ms)
 {
-	int watch = 1;
-	int rc = sendv(c, iov, cnt, wake_fd, stop, timeout_ms, &watch);
-	if (!watch)
+	int woke = 0;
+	int rc = sendv(c, iov, cnt, wake_fd, stop, timeout_ms, &woke);
+	if (woke)
 		up_wake(wake_fd);
 	return rc;
 }

@@ -52,9 +52,9 @@ int up_chan_queue(up_chan *c, const void *p, size_t n);
 /* Write what is queued without waiting: 0 all sent, 1 some left (wait for POLLOUT), -errno. */
 int up_chan_flush(up_chan *c);
 int up_chan_queued(up_chan *c);
-/* Send an iovec whole (after what is queued), waiting for POLLOUT. Before its first byte left,
- * a write to `wake_fd` with *stop set gives up: 1. 0 sent; -errno (-ETIMEDOUT: the peer took
- * no byte of a started frame for timeout_ms). */
+/* Send an iovec whole (after what is queued), waiting for POLLOUT. A write to `wake_fd` with
+ * *stop set gives up at once: 1. 0 sent; -errno (-ETIMEDOUT: the peer took no byte of a
+ * started frame for timeout_ms). */
 int up_chan_sendv(up_chan *c, struct iovec *iov, int cnt, int wake_fd, const int *stop,
 		  int timeout_ms);
 /* Drain an eventfd (a wake-up has been seen). */

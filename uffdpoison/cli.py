@@ -11,7 +11,7 @@ from collections.abc import Sequence
 # subcommand → (module, one-line help). Each module has add_arguments(parser) and main(args).
 COMMANDS = {
     "demo": (
-        "uffdpoison.destination.demo",
+        "uffdpoison.demo",
         "migrate a synthetic guest with poisoned pages end to end and verify every byte",
     ),
     "source": ("uffdpoison.source.command", "serve guest memory (an image or a live process)"),

@@ -77,6 +77,7 @@ class _Plane:
             err = ffi.errno
             raise OSError(err, f"{type(self).__name__}: {os.strerror(err)}")
         self._ptr = ptr
+        self._running = 0  # loops in C now (changed with the GIL held)
         self._notes = getattr(lib, f"{self._prefix}_notes")(ptr)
         self._buf = ffi.new("up_note[]", 64)
         self._flags = ffi.new("uint32_t *")
@@ -129,8 +130,18 @@ class _Plane:
         self._fn("get_stats")(self._raw(), s)
         return {name: getattr(s, name) for name, _ in ffi.typeof(ctype).fields}
 
+    def _loop(self, *args: int) -> int:
+        ptr = self._raw()
+        self._running += 1
+        try:
+            return int(self._fn("run")(ptr, *args))
+        finally:
+            self._running -= 1
+
     def close(self) -> None:
-        """Free the plane; no loop of it may be running."""
+        """Free the plane; no loop of it may be running (stop it and wait first)."""
+        if self._running:
+            raise RuntimeError(f"{type(self).__name__}: a loop is still running")
         if self._ptr is not None:
             self._fn("free")(self._ptr)
             self._ptr = None
@@ -195,7 +206,7 @@ class DestPlane(_Plane):
 
     def run(self) -> None:
         """Serve until ``stop()``. Blocks in C without the GIL: run it in a thread."""
-        rc = lib.up_dest_run(self._raw())
+        rc = self._loop()
         if rc < 0:
             raise OSError(-rc, f"destination data plane: {os.strerror(-rc)}")
 
@@ -322,8 +333,7 @@ class SourcePlane(_Plane):
     def run(self, channel: int, *, nice: int | None = None, base_nice: int | None = None) -> None:
         """Serve ``channel`` until stopped, closed or the peer is gone. Blocks in C without
         the GIL: run it in a thread. BULK runs at ``nice`` and restores ``base_nice``."""
-        lib.up_src_run(
-            self._raw(),
+        self._loop(
             channel,
             _NO_NICE if nice is None else nice,
             _NO_NICE if base_nice is None else base_nice,

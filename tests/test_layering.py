@@ -1,7 +1,10 @@
-"""The benchmark/test harness (toucher, C reference, bulk puller) is not in the product.
+"""The rooms of docs/DESIGN.md import downward only, checked by construction (an ``ast`` walk).
 
+The benchmark/test harness (toucher, C reference, bulk puller) is not in the product:
 ``uffdpoison._harness`` (``csrc/harness/``) holds it; the product extension ``uffdpoison._native``
-must not, and only the harness's own package, the benchmarks and the demo may import it.
+must not, and only the harness's own package, the benchmarks and the demo may import it. The
+destination does not import the source, the protocol imports nothing of ours, and only the
+kernel package imports the product extension.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ HARNESS_SYMBOLS = (
 HARNESS_PREFIXES = ("up_toucher_", "up_cref_", "UP_CREF_", "UP_TOUCH_", "up_bulkpull")
 
 # Modules allowed to import the harness (paths relative to uffdpoison/).
-ALLOWED = ("harness/", "bench/", "destination/demo.py")
+ALLOWED = ("harness/", "bench/", "demo.py")
 HARNESS_MODULES = ("uffdpoison.harness", "uffdpoison._harness")
 
 
@@ -137,5 +140,32 @@ def test_harness_binds_only_its_own_extension() -> None:
 
 def test_the_walk_sees_imports() -> None:
     # The checker itself: demo.py imports the toucher, the harness imports its _ffi.
-    assert any(_is_harness(m) for _, m in _imports(PKG / "destination" / "demo.py"))
+    assert any(_is_harness(m) for _, m in _imports(PKG / "demo.py"))
     assert (3, "uffdpoison._harness") in set(_imports(PKG / "harness" / "_ffi.py"))
+
+
+def _under(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_rooms_import_downward() -> None:
+    rules = {
+        # room: modules it must not import
+        "destination/": ("uffdpoison.source", "uffdpoison.bench", "uffdpoison.demo"),
+        "source/": ("uffdpoison.destination", "uffdpoison.bench", "uffdpoison.demo"),
+        "protocol/": ("uffdpoison.kernel", "uffdpoison.source", "uffdpoison.destination",
+                      "uffdpoison.transport", "uffdpoison.control", "uffdpoison.ledger"),
+    }  # fmt: skip
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        for room, banned in rules.items():
+            if rel.startswith(room):
+                offenders += [f"{rel}:{n}: {m}" for n, m in _imports(path) if _under(m, *banned)]
+        if not rel.startswith(("kernel/", "bench/")):
+            offenders += [
+                f"{rel}:{n}: {m}"
+                for n, m in _imports(path)
+                if _under(m, "uffdpoison._native", "uffdpoison.kernel._ffi")
+            ]
+    assert not offenders, offenders
