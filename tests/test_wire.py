@@ -45,7 +45,7 @@ def test_protocol_document_carries_the_table() -> None:
     end = doc.index("<!-- END GENERATED -->")
     generated = doc[start:end].split("\n", 1)[1].strip()
     assert generated == layout.doc_tables().strip(), (
-        "docs/PROTOCOL.md is stale: paste `python -m uffdpoison.protocol.layout` between its "
+        "docs/PROTOCOL.md is stale: paste `python csrc/gen_wire.py --doc` between its "
         "GENERATED markers"
     )
 

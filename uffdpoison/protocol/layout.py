@@ -2,9 +2,9 @@
 
 Everything else derives from this table: the Python codec builds its structs from it,
 ``csrc/wire.h`` is generated from it at build time (``csrc/gen_wire.py``), and the layout
-tables of docs/PROTOCOL.md are generated from it (``python -m uffdpoison.protocol.layout``
-prints them; a test checks the document). Standard library only: the C build loads this file
-by path, before the package (or msgpack) can be imported.
+tables of docs/PROTOCOL.md are generated from it (``python csrc/gen_wire.py --doc`` prints
+them; tests/test_wire.py checks the document). Standard library only: the C build loads this
+file by path, before the package (or msgpack) can be imported.
 """
 
 from __future__ import annotations
@@ -209,6 +209,3 @@ def doc_tables() -> str:
         out.append(f"| `{k}` | {LIMITS[k]} |")
     return "\n".join(out)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(doc_tables())
