@@ -155,6 +155,19 @@ def _mapping(kind: str, size: int) -> memory.Mapping:
         raise SetupError(f"cannot map {size} bytes of {kind} memory: {e}") from e
 
 
+async def _bulk_only(source: str, kind: str, size: int, page_size: int, timeout: float) -> float:
+    """Seconds from connecting to every page resident, with no vCPU touching anything."""
+    with _mapping(kind, size) as m:
+        region = Region(base=m.addr, size=size, offset=0, page_size=page_size)
+        t0 = time.monotonic()
+        async with serve_memory([region], source, hugetlb=kind == "hugetlb") as server:
+            with trio.move_on_after(timeout) as scope:
+                await server.wait_complete()
+            if scope.cancelled_caught:
+                raise SetupError(f"the stream alone did not complete within {timeout} s")
+            return time.monotonic() - t0
+
+
 async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
     page_size = HUGE if args.memory == "hugetlb" else 4096
     size = args.size
@@ -194,11 +207,15 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 raise SetupError(f"cannot reserve {size // HUGE} huge pages: {e}") from e
         source = stack.enter_context(_source_process(guest, workdir, args.max_bandwidth))
         del guest.image  # the source process has it; keep only digests here
+        # The same migration with nobody faulting: what the stream alone moves, for the
+        # residency rate under faulting to be compared with (the same source, this run).
+        bulk_only_s = await _bulk_only(source, args.memory, size, page_size, args.timeout)
         mapping = stack.enter_context(_mapping(args.memory, size))
         region = Region(base=mapping.addr, size=size, offset=0, page_size=page_size)
         order = list(range(size // page_size))
         random.Random(args.seed + 1).shuffle(order)
         addrs = array("Q", (mapping.addr + i * page_size for i in order))
+        t_session = time.monotonic()
         async with serve_memory([region], source, hugetlb=args.memory == "hugetlb") as server:
             t_touch = time.monotonic()
             toucher = Toucher(addrs, threads=args.threads, page_size=page_size, digest=True)
@@ -221,6 +238,7 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                     f"migration did not complete within {args.timeout} s: {server.page_counts()}"
                 )
             total_s = time.monotonic() - t_touch
+            resident_s = time.monotonic() - t_session
             # After the background stream: every poisoned page must still SIGBUS, data stays.
             poisoned_addrs = array("Q", (mapping.addr + i * page_size for i in guest.poisoned))
             again = Toucher(poisoned_addrs, threads=1, page_size=page_size).run(timeout=60)
@@ -308,6 +326,11 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 "to_completion": round(total_s, 3),
             },
             "throughput_mb_s": round(size / total_s / 1e6, 1) if total_s else None,
+            "residency": {
+                "under_faulting_gb_s": round(size / resident_s / 1e9, 3),
+                "bulk_only_gb_s": round(size / bulk_only_s / 1e9, 3),
+                "ratio": round(bulk_only_s / resident_s, 2),
+            },
             "mismatches": mismatches[:50],
             "mismatch_count": len(mismatches),
             "environment": {
@@ -387,6 +410,11 @@ def _print_summary(out: dict[str, Any]) -> None:
     print(
         f"time        setup {sec['setup']} s, all pages touched {sec['touch_all']} s, "
         f"complete {sec['to_completion']} s ({out['throughput_mb_s']} MB/s)"
+    )
+    res = out["residency"]
+    print(
+        f"residency   {res['under_faulting_gb_s']} GB/s while the guest faults, "
+        f"{res['bulk_only_gb_s']} GB/s for the stream alone ({res['ratio']}x)"
     )
     if out["ok"]:
         print("result      OK: every byte matched and every poisoned page raised SIGBUS")
