@@ -137,6 +137,18 @@ void up_chan_consume(up_chan *c, const up_frame *f)
 	c->rpos += UP_WIRE_PREFIX_SIZE + (size_t)f->hl + f->pl;
 }
 
+int up_chan_released(up_chan *c)
+{
+	if (!__atomic_exchange_n(&c->release, 0, __ATOMIC_ACQ_REL) || c->held != UP_HELD_FRAME)
+		return 0;
+	up_frame f;
+	char why[UP_WHY];
+	up_chan_frame(c, &f, why); /* the held frame, whole: it was judged */
+	up_chan_consume(c, &f);
+	c->held = UP_HELD_NONE;
+	return 1;
+}
+
 size_t up_chan_held(up_chan *c, const uint8_t **out)
 {
 	*out = c->rx + c->rpos;
@@ -153,9 +165,11 @@ int up_chan_queue(up_chan *c, const void *p, size_t n)
 		rc = -ENOSPC;
 	} else {
 		if (c->tpos && c->tlen + n > c->tcap) {
-			memmove(c->tx, c->tx + c->tpos, c->tlen - c->tpos);
-			c->tlen -= c->tpos;
-			c->tpos = 0;
+			const size_t left = c->tlen - c->tpos;
+			memmove(c->tx, c->tx + c->tpos, left);
+			/* tpos first: an unlocked look (up_chan_flush) never sees this as empty */
+			__atomic_store_n(&c->tpos, 0, __ATOMIC_RELEASE);
+			__atomic_store_n(&c->tlen, left, __ATOMIC_RELEASE);
 		}
 		if (c->tlen + n > c->tcap) {
 			size_t cap = c->tcap;
@@ -170,7 +184,7 @@ int up_chan_queue(up_chan *c, const void *p, size_t n)
 			c->tcap = cap;
 		}
 		memcpy(c->tx + c->tlen, p, n);
-		c->tlen += n;
+		__atomic_store_n(&c->tlen, c->tlen + n, __ATOMIC_RELEASE);
 	}
 	pthread_mutex_unlock(&c->lock);
 	return rc;
@@ -187,6 +201,10 @@ int up_chan_queued(up_chan *c)
 int up_chan_flush(up_chan *c)
 {
 	int rc = 0;
+	/* Unlocked first look: nothing queued is the common case on the fault path. A racing
+	 * queue wakes the loop, which looks again. */
+	if (__atomic_load_n(&c->tlen, __ATOMIC_ACQUIRE) == __atomic_load_n(&c->tpos, __ATOMIC_ACQUIRE))
+		return 0;
 	pthread_mutex_lock(&c->lock);
 	while (c->tpos < c->tlen) {
 		ssize_t w = send(c->fd, c->tx + c->tpos, c->tlen - c->tpos, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -196,11 +214,13 @@ int up_chan_flush(up_chan *c)
 			rc = (errno == EAGAIN || errno == EWOULDBLOCK) ? 1 : -errno;
 			break;
 		}
-		c->tpos += (size_t)w;
+		__atomic_store_n(&c->tpos, c->tpos + (size_t)w, __ATOMIC_RELEASE);
 		c->bytes_out += (uint64_t)w;
 	}
-	if (c->tpos == c->tlen)
-		c->tpos = c->tlen = 0;
+	if (c->tpos == c->tlen) {
+		__atomic_store_n(&c->tpos, 0, __ATOMIC_RELEASE);
+		__atomic_store_n(&c->tlen, 0, __ATOMIC_RELEASE);
+	}
 	pthread_mutex_unlock(&c->lock);
 	return rc;
 }

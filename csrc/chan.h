@@ -45,6 +45,8 @@ int up_chan_frame(up_chan *c, up_frame *f, char *why);
 const uint8_t *up_chan_header(const up_chan *c);
 const uint8_t *up_chan_payload(const up_chan *c);
 void up_chan_consume(up_chan *c, const up_frame *f);
+/* The control plane has judged the held frame (c->release): consume it; 1 if so. Loop only. */
+int up_chan_released(up_chan *c);
 /* The held frame's bytes (prefix, header, payload): for the control plane. */
 size_t up_chan_held(up_chan *c, const uint8_t **out);
 /* Queue bytes to send, in order with everything queued before (thread-safe). 0 or -ENOSPC. */

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -46,7 +47,7 @@ struct out_entry {
 };
 
 struct up_dest {
-	int uffd, wake_fd;
+	int uffd, wake_fd, epfd; /* epoll: registered once, not re-armed on every wait */
 	uint64_t ps, memory_size, timeout_ns;
 	int nregions;
 	up_dest_region *regions;
@@ -68,6 +69,7 @@ struct up_dest {
 	uint64_t bk_done; /* pages of it placed */
 	up_frame bk;
 	int complete, noted_stall, failed;
+	uint32_t watched[3]; /* each channel's events in epfd (0: not in it) */
 
 	int stop, notify, running; /* atomics */
 	up_dest_stats st;
@@ -105,6 +107,7 @@ up_dest *up_dest_new(int uffd, uint64_t page_size, uint64_t memory_size,
 	if (!d)
 		return NULL;
 	d->uffd = uffd;
+	d->wake_fd = d->epfd = -1;
 	d->ps = page_size;
 	d->memory_size = memory_size;
 	d->timeout_ns = request_timeout_ms * 1000000u;
@@ -118,9 +121,15 @@ up_dest *up_dest_new(int uffd, uint64_t page_size, uint64_t memory_size,
 	d->evq = malloc(sizeof(*d->evq) * d->evcap);
 	d->poison = malloc(sizeof(*poison) * (npoison ? npoison : 1));
 	d->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	d->epfd = epoll_create1(EPOLL_CLOEXEC);
 	int rc = (!d->regions || !d->out || !d->evq || !d->poison) ? -ENOMEM
-		 : d->wake_fd < 0				   ? -errno
+		 : d->wake_fd < 0 || d->epfd < 0		   ? -errno
 								   : up_notes_init(&d->notes, NOTES);
+	for (int i = 0; !rc && i < 2; i++) { /* the userfaultfd (data 0) and the wake fd (data 1) */
+		struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+		if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, i ? d->wake_fd : uffd, &ev))
+			rc = -errno;
+	}
 	for (int ch = URGENT; !rc && ch <= BULK; ch++)
 		rc = up_chan_init(&d->ch[ch], ch, (1u << 20) + UP_FRAME_PAGES, MAX_IN,
 				  (size_t)MAX_OUTSTANDING * UP_FRAME_REQUEST);
@@ -151,8 +160,10 @@ void up_dest_free(up_dest *d)
 {
 	if (!d)
 		return;
-	if (d->wake_fd > 0)
+	if (d->wake_fd >= 0)
 		close(d->wake_fd);
+	if (d->epfd >= 0)
+		close(d->epfd);
 	up_chan_free(&d->ch[URGENT]);
 	up_chan_free(&d->ch[BULK]);
 	up_notes_free(&d->notes);
@@ -572,6 +583,8 @@ static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags)
 		pthread_mutex_lock(&d->lock);
 		int rc = request_locked(d, r->offset + idx * ps, 1);
 		pthread_mutex_unlock(&d->lock);
+		if (!rc && d->evhead == d->evlen)
+			up_chan_flush(&d->ch[URGENT]); /* the last fault of a batch: on the wire now */
 		if (rc)
 			unclaim(r, idx, 1); /* no source now: the vCPU stays blocked, nothing guessed */
 		if (rc && rc != -ENOTCONN)
@@ -767,6 +780,18 @@ static void place_known_poison(up_dest *d)
 	d->npoison = 0;
 }
 
+/* The events `ch`'s socket is watched for: epoll_ctl only when they change (rarely: a held
+ * frame, a full socket, a close). */
+static void watch(up_dest *d, int ch, uint32_t events)
+{
+	if (events == d->watched[ch])
+		return;
+	struct epoll_event ev = {.events = events, .data.u32 = (uint32_t)ch + 1};
+	int op = !events ? EPOLL_CTL_DEL : d->watched[ch] ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+	if (epoll_ctl(d->epfd, op, d->ch[ch].fd, &ev) == 0 || !events)
+		d->watched[ch] = events;
+}
+
 /* Channel housekeeping each turn: a released verdict, a close once what was queued is out.
  * Returns the poll events wanted. */
 static short tend(up_dest *d, int ch)
@@ -774,21 +799,15 @@ static short tend(up_dest *d, int ch)
 	up_chan *c = &d->ch[ch];
 	if (c->fd < 0)
 		return 0;
-	if (__atomic_exchange_n(&c->release, 0, __ATOMIC_ACQ_REL) && c->held == UP_HELD_FRAME) {
-		up_frame f;
-		char why[UP_WHY];
-		up_chan_frame(c, &f, why);
-		up_chan_consume(c, &f);
-		c->held = UP_HELD_NONE;
-		if (ch == BULK)
-			d->bulk_more = 1; /* frames may already wait in the buffer */
-	}
+	if (up_chan_released(c) && ch == BULK)
+		d->bulk_more = 1; /* frames may already wait in the buffer */
 	int q = up_chan_flush(c);
 	if (q < 0 && c->held != UP_HELD_STOPPED) {
 		c->held = UP_HELD_STOPPED;
 		note(d, UP_NOTE_SOCK_ERROR, ch, -q, 0, 0, "send");
 	}
 	if (q <= 0 && LOAD(&c->closing)) {
+		watch(d, ch, 0);
 		shutdown(c->fd, SHUT_RDWR); /* the source sees EOF; the fd is the control plane's */
 		c->fd = -1;
 		return 0;
@@ -804,32 +823,29 @@ int up_dest_run(up_dest *d)
 	place_known_poison(d);
 	while (!LOAD(&d->stop)) {
 		const short ue = tend(d, URGENT), be = tend(d, BULK);
+		watch(d, URGENT, (uint32_t)ue);
+		watch(d, BULK, (uint32_t)be);
 		const int bulk_busy = d->ch[BULK].fd >= 0 && (d->bk_active || d->bulk_more) &&
 				      d->ch[BULK].held == UP_HELD_NONE;
 		const int busy = bulk_busy || d->evhead < d->evlen;
 		const int stall_ms = check_stall(d);
-		struct pollfd p[4] = {
-			{.fd = d->uffd, .events = POLLIN},
-			{.fd = d->wake_fd, .events = POLLIN},
-			{.fd = ue ? d->ch[URGENT].fd : -1, .events = ue},
-			{.fd = (be & POLLOUT) || (be && !bulk_busy) ? d->ch[BULK].fd : -1, .events = be},
-		};
-		if (poll(p, 4, busy ? 0 : stall_ms) < 0) {
+		struct epoll_event evs[4];
+		uint32_t ready[4] = {0, 0, 0, 0}; /* by data: uffd, wake, URGENT, BULK */
+		int n = epoll_wait(d->epfd, evs, 4, busy ? 0 : stall_ms);
+		if (n < 0) {
 			if (errno == EINTR)
 				continue;
-			fail(d, UP_NOTE_FATAL, 0, errno, "poll");
+			fail(d, UP_NOTE_FATAL, 0, errno, "epoll_wait");
 			break;
 		}
-		if (p[1].revents)
+		for (int k = 0; k < n; k++)
+			ready[evs[k].data.u32] = evs[k].events;
+		if (ready[1])
 			up_drain(d->wake_fd); /* instructions: looked at by tend() */
-		if (p[0].revents & POLLNVAL) {
-			fail(d, UP_NOTE_FATAL, 0, EBADF, "the userfaultfd is closed");
-			break;
-		}
-		if (p[0].revents) {
+		if (ready[0]) {
 			int pr = pump(d);
-			if (pr == 0 && (p[0].revents & (POLLERR | POLLHUP)))
-				pr = -EIO; /* e.g. a blocking fd: poll says POLLERR for ever */
+			if (pr == 0 && (ready[0] & (EPOLLERR | EPOLLHUP)))
+				pr = -EIO; /* e.g. a blocking fd: it says EPOLLERR for ever */
 			if (pr < 0) {
 				fail(d, UP_NOTE_FATAL, 0, -pr, "reading the userfaultfd");
 				break;
@@ -837,7 +853,7 @@ int up_dest_run(up_dest *d)
 		}
 		if (d->evhead < d->evlen && serve_queue(d))
 			continue; /* a failure was noted; faults on placed pages are still served */
-		if (p[2].revents & (POLLIN | POLLHUP | POLLERR)) {
+		if (ready[2] & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
 			up_chan *c = &d->ch[URGENT];
 			if (up_chan_recv(c, c->rcap, 0) < 0) {
 				c->held = UP_HELD_STOPPED;
@@ -847,7 +863,7 @@ int up_dest_run(up_dest *d)
 		}
 		if (take_replies(d)) /* also what waited behind a control frame just judged */
 			continue;
-		if (p[3].revents)
+		if (ready[3])
 			d->bulk_more = 1;
 		if (d->ch[BULK].fd >= 0 && d->ch[BULK].held == UP_HELD_NONE &&
 		    (d->bk_active || d->bulk_more))

@@ -480,13 +480,7 @@ int up_src_run(up_src *s, int channel, int nice, int base_nice)
 	for (;;) {
 		if (LOAD(&L->stop))
 			break;
-		if (__atomic_exchange_n(&c->release, 0, __ATOMIC_ACQ_REL) && c->held == UP_HELD_FRAME) {
-			up_frame f;
-			char why[UP_WHY];
-			up_chan_frame(c, &f, why);
-			up_chan_consume(c, &f);
-			c->held = UP_HELD_NONE;
-		}
+		up_chan_released(c);
 		int q = up_chan_flush(c);
 		if (q < 0) {
 			note(s, L, UP_NOTE_SOCK_ERROR, -q, 0, 0, "send");
