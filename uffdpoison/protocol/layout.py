@@ -208,4 +208,3 @@ def doc_tables() -> str:
     for k in ("IOV_MAX", "PLACE_SLICE", "RECV_PIECE", "PUSH_CHUNK", "DEMAND_PIECE"):
         out.append(f"| `{k}` | {LIMITS[k]} |")
     return "\n".join(out)
-
