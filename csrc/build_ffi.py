@@ -1,16 +1,19 @@
 """Out-of-line CFFI build of ``uffdpoison._native``, the product's C, from csrc/.
 
-Each component is files side by side, in the manner of pyca/cryptography's ``_cffi_src``:
-``NAME.h`` (C declarations), ``NAME.c`` (the implementation) and, if Python may call it,
-``NAME.cdef`` (what Python sees, in cffi's cdef dialect). ``COMPONENTS`` lists them in
-dependency order: cdefs are concatenated and headers included in that order. ``wire.h`` is
-generated from ``uffdpoison/protocol/layout.py`` first (``gen_wire.py``). The benchmark/test
-harness (``csrc/harness/``) is another extension, built by ``csrc/harness/build_ffi.py``.
+Each component is two files side by side, in the manner of pyca/cryptography's ``_cffi_src``:
+``NAME.h`` (its declarations) and ``NAME.c``. What Python may see is declared once, in the
+header, between its ``--- cffi`` markers: that part of each header, in the order of
+``COMPONENTS`` (dependencies first), is the cdef, with two translations cffi needs (a value
+that is not an integer literal becomes ``...``, computed by the compiler, and so does an
+array length that names a constant). ``wire.h`` is generated from
+``uffdpoison/protocol/layout.py`` first (``gen_wire.py``). The benchmark/test harness
+(``csrc/harness/``) is another extension, built by ``csrc/harness/build_ffi.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,14 +38,26 @@ COMPONENTS = [
 COMPILE_ARGS = ["-O2", "-g", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_GNU_SOURCE"]
 
 
+_SEEN = re.compile(r"/\* --- cffi: .*?\*/\n(.*?)/\* --- end cffi --- \*/", re.DOTALL)
+_NOT_LITERAL = re.compile(r"^(#define\s+\w+)\s+(?!-?\d+\s*(?:/\*.*)?$)\S.*$", re.MULTILINE)
+_NAMED_LENGTH = re.compile(r"\[[A-Z_][A-Z0-9_]*\]")
+# Types from system headers that the declarations use as opaque members.
+_PRELUDE = "typedef struct { ...; } pthread_mutex_t;\n"
+
+
+def cdef_of(header: Path) -> str:
+    """The part of ``header`` Python sees, in cffi's cdef dialect."""
+    text = "\n".join(_SEEN.findall(header.read_text()))
+    return _NAMED_LENGTH.sub("[...]", _NOT_LITERAL.sub(r"\1 ...", text))
+
+
 def extension(
     module: str, folder: Path, components: Sequence[str], *, extra: Sequence[Path] = ()
 ) -> FFI:
     """An FFI for ``module`` from ``components`` of ``folder`` (plus C-only sources
     ``extra``); headers are searched in ``folder`` and in csrc/."""
     ffi = FFI()
-    cdefs = [folder / f"{n}.cdef" for n in components]
-    ffi.cdef("\n".join(p.read_text() for p in cdefs if p.exists()))
+    ffi.cdef(_PRELUDE + "\n".join(cdef_of(folder / f"{n}.h") for n in components))
     sources = [folder / f"{n}.c" for n in components] + list(extra)
     ffi.set_source(
         module,

@@ -14,6 +14,7 @@
 #include "ledger.h"
 #include "notes.h"
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 typedef struct up_dest_region {
 	uint64_t base;   /* host address */
 	uint64_t size;
@@ -83,4 +84,5 @@ void up_dest_notify(up_dest *d, int delta);
 int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint64_t max_run);
 void up_dest_get_stats(up_dest *d, up_dest_stats *out);
 int64_t up_dest_outstanding(up_dest *d);
+/* --- end cffi --- */
 #endif

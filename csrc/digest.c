@@ -95,18 +95,3 @@ int up_page_is_zero(const void *page, size_t page_size)
 			return 0;
 	return 1;
 }
-
-size_t up_zero_runs(const void *buf, size_t len, size_t page_size, uint64_t *runs)
-{
-	const uint8_t *p = buf;
-	size_t n = len / page_size, nruns = 0;
-	for (size_t i = 0; i < n;) {
-		int z = up_page_is_zero(p + i * page_size, page_size);
-		size_t j = i + 1;
-		while (j < n && up_page_is_zero(p + j * page_size, page_size) == z)
-			j++;
-		runs[nruns++] = ((uint64_t)(j - i) << 1) | (uint64_t)z;
-		i = j;
-	}
-	return nruns;
-}

@@ -14,6 +14,7 @@
 #define UP_FRAME_PAGES (UP_WIRE_PREFIX_SIZE + UP_WIRE_PAGES_HEADER)     /* bytes before data */
 #define UP_WHY 160 /* room for a reason: one line naming what was wrong */
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 typedef struct up_frame {
 	uint32_t hl, pl; /* header and payload lengths, from the prefix */
 	int type;        /* UP_WIRE_T_REQUEST, UP_WIRE_T_PAGES, or 0: a control frame */
@@ -33,4 +34,5 @@ int up_frame_check(const up_frame *f, uint64_t page_size, uint64_t memory_size, 
 void up_frame_put_request(uint8_t *out, uint64_t id, uint64_t off, uint64_t n, uint32_t pl);
 void up_frame_put_pages(uint8_t *out, uint64_t id, int kind, uint64_t off, uint64_t n,
 			uint32_t pl);
+/* --- end cffi --- */
 #endif

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include "frame.h"
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 #define UP_GUEST_OK 0
 #define UP_GUEST_FAILED (-1) /* a page cannot be read and is not poison: why says which */
 #define UP_GUEST_GONE (-2)   /* the served process exited */
@@ -39,4 +40,5 @@ typedef struct up_guest {
 int up_guest_read(const up_guest *g, uint64_t off, uint64_t n, uint64_t unit, uint8_t *buf,
 		  const uint8_t **data, uint8_t *kinds, char *why);
 int up_guest_unit_poisoned(const up_guest *g, uint64_t off, uint64_t unit);
+/* --- end cffi --- */
 #endif

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdint.h>
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 /* Page states: one byte a page (docs/DESIGN.md, "Page states"). */
 #define UP_MISSING 0
 #define UP_REQUESTED 1
@@ -39,9 +40,9 @@ typedef struct up_ledger {
 	uint64_t raced;
 	uint64_t zero_src;    /* hugetlb: page_size bytes of never-written anon memory, or 0 */
 	uint64_t map_len;
-	/* Held by every state-changing op (place, set, mark, claim), so check-state -> ioctl ->
-	 * record is atomic per ledger: the demand engine's thread and Python (bulk push, known
-	 * poison) place through the same ledger at once. Only ever waits on the ioctl. */
+	/* Held by every state-changing op (place, mark, claim), so check-state -> ioctl -> record
+	 * is atomic per ledger: the data plane's thread and another (ensure_present's, a test's)
+	 * place through the same ledger at once. Only ever waits on the ioctl. */
 	pthread_mutex_t lock;
 } up_ledger;
 
@@ -66,4 +67,5 @@ int up_ledger_claim(up_ledger *l, uint64_t index);
 int64_t up_ledger_mark(up_ledger *l, uint64_t first, uint64_t count, unsigned from_mask, int to);
 int64_t up_ledger_find(const up_ledger *l, uint64_t start, unsigned mask);
 int64_t up_ledger_count(const up_ledger *l, uint64_t first, uint64_t count, unsigned mask);
+/* --- end cffi --- */
 #endif

@@ -11,6 +11,7 @@
 #define MFD_HUGE_2MB (21U << 26)
 #endif
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 /* Mappings return the address, or -errno (user addresses are below 2^63). */
 int64_t up_map_anon(uint64_t size, int noreserve);
 int64_t up_map_memfd(uint64_t size, int hugetlb, int *fd_out, uint64_t *alias_out);
@@ -18,4 +19,5 @@ int up_unmap(uint64_t addr, uint64_t size);
 int up_madvise(uint64_t addr, uint64_t len, int advice);
 /* memcpy from C, so the GIL is released while a touch of registered memory may block. */
 void up_memcpy(uint64_t dst, uint64_t src, uint64_t len);
+/* --- end cffi --- */
 #endif

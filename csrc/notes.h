@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include "frame.h"
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 /* Notes. */
 #define UP_NOTE_CONTROL 1     /* a frame on `channel` awaits the control plane's verdict */
 #define UP_NOTE_BAD_FRAME 2   /* the peer broke the protocol on `channel`: text says how */
@@ -52,4 +53,5 @@ void up_notes_flag(up_notes *q, uint32_t flags);
 int up_notes_fd(const up_notes *q);
 /* Take up to cap notes (oldest first) and every flag raised since the last call. */
 uint32_t up_notes_take(up_notes *q, up_note *out, uint32_t cap, uint32_t *flags);
+/* --- end cffi --- */
 #endif

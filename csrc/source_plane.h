@@ -14,6 +14,7 @@
 #include "guest.h"
 #include "notes.h"
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 /* The server-wide cap on pushed bytes per second (all sessions share one link). */
 typedef struct up_pacer {
 	pthread_mutex_t lock;
@@ -58,4 +59,5 @@ void up_src_stop(up_src *s, int channel);
 size_t up_src_held(up_src *s, int channel, const uint8_t **out);
 void up_src_get_stats(up_src *s, up_src_stats *out);
 uint64_t up_src_offered(up_src *s);
+/* --- end cffi --- */
 #endif

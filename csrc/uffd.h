@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include "uffd_uapi.h"
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 /* How up_uffd_open() got its fd. */
 #define UP_VIA_SYSCALL 1
 #define UP_VIA_DEVICE 2
@@ -30,4 +31,5 @@ int up_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int up_uffd_wake(int fd, uint64_t start, uint64_t len);
 int up_uffd_read_events(int fd, up_event *out, int cap);
 int up_fd_set_nonblock(int fd);
+/* --- end cffi --- */
 #endif

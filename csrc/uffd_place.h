@@ -10,9 +10,11 @@
 #include <stdint.h>
 #include "uffd.h"
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 int up_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *progress);
 int up_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress);
 int up_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress);
 int up_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *progress);
 int up_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *progress);
+/* --- end cffi --- */
 #endif

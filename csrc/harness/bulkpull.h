@@ -6,6 +6,7 @@
  * same userfaultfd, as uffdpoison's bulk stream runs beside its demand path. */
 #include <stdint.h>
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 typedef struct up_cref_bulk_stats {
     uint64_t requests;    /* chunk requests sent */
     uint64_t bytes;       /* page data bytes received */
@@ -32,4 +33,5 @@ int up_cref_bulk_wait(up_cref_bulk *b, int timeout_ms);
 /* Stops the thread (shuts the socket down to end a blocked read: the connection is
  * dedicated to it), joins it, stores its final counters (final_out may be NULL), frees it. */
 int up_cref_bulk_stop(up_cref_bulk *b, up_cref_bulk_stats *final_out);
+/* --- end cffi --- */
 #endif

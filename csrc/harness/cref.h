@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 /* Reply kinds of the reference source. */
 #define UP_CREF_KIND_DATA 0
 #define UP_CREF_KIND_ZERO 1
@@ -71,5 +72,6 @@ int up_cref_pingpong(int fd, const void *req, size_t req_len, size_t reply_len, 
                      uint64_t *ns_out);
 /* Read exactly len bytes from a socket; -EPIPE on EOF (internal, shared by the refs). */
 int up_cref_read_all(int fd, void *buf, size_t len);
+/* --- end cffi --- */
 
 #endif

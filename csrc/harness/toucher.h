@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 #define UP_TOUCH_OK 0
 #define UP_TOUCH_SIGBUS 1
 #define UP_TOUCH_NOT_RUN 2
@@ -36,4 +37,5 @@ int up_toucher_sigbus_refs(void);
 int up_toucher_current_cpu(void);
 
 uint64_t up_xxh64_buffer(const void *p, size_t n, uint64_t seed);
+/* --- end cffi --- */
 #endif

@@ -1,6 +1,6 @@
 """The typed kernel boundary; the only package that imports ``uffdpoison._native``."""
 
-from uffdpoison.kernel.digest import digest, page_digests, zero_runs
+from uffdpoison.kernel.digest import digest, page_digests
 from uffdpoison.kernel.errors import (
     AlreadyPopulated,
     EventPending,
@@ -67,5 +67,4 @@ __all__ = [
     "probe_features",
     "reserve_hugepages",
     "shmem",
-    "zero_runs",
 ]

@@ -1,4 +1,4 @@
-"""Page digests and zero-page detection, in C.
+"""Page digests, in C.
 
 The digest is XXH64 with seed 0 (implemented in csrc/digest.c, no library); the wire
 protocol uses it in MINOR mode to ask "is my page-cache copy current?".
@@ -34,13 +34,3 @@ def page_digests(data: Buffer, page_size: int) -> array.array:
             ffi.from_buffer(data), n * page_size, page_size, ffi.from_buffer("uint64_t[]", out)
         )
     return out
-
-
-def zero_runs(data: Buffer, page_size: int) -> list[tuple[bool, int]]:
-    """(is_zero, npages) runs covering the buffer in order."""
-    n = _pages(data, page_size)
-    if not n:
-        return []
-    runs = ffi.new("uint64_t[]", n)
-    k = lib.up_zero_runs(ffi.from_buffer(data), n * page_size, page_size, runs)
-    return [(bool(runs[i] & 1), runs[i] >> 1) for i in range(k)]

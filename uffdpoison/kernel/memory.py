@@ -98,7 +98,7 @@ class Mapping:
         """Drop the pages (and any poison markers): MADV_DONTNEED for anon, MADV_REMOVE
         (punch the file) for shmem and hugetlb."""
         start = self._base(offset, length, False)
-        advice = lib.MADV_DONTNEED if self.kind == "anon" else lib.MADV_REMOVE
+        advice = mmap.MADV_DONTNEED if self.kind == "anon" else mmap.MADV_REMOVE
         rc = lib.up_madvise(start, length, advice)
         if rc < 0:
             raise OSError(
