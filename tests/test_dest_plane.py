@@ -33,7 +33,7 @@ from uffdpoison.destination.session import Session, SessionFailed
 from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
 from uffdpoison.kernel.digest import page_digests
-from uffdpoison.ledger import PageState
+from uffdpoison.kernel.ledger import PageState
 from uffdpoison.protocol import PUSH_ID, Channel, PageKind, Side
 
 PS = 4096

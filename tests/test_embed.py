@@ -17,7 +17,7 @@ from uffdpoison.destination.session import SessionFailed
 from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
-from uffdpoison.ledger import PageState
+from uffdpoison.kernel.ledger import PageState
 from uffdpoison.source.spawn import source_process
 
 PS = 4096

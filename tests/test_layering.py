@@ -154,7 +154,7 @@ def test_rooms_import_downward() -> None:
         "destination/": ("uffdpoison.source", "uffdpoison.bench", "uffdpoison.demo"),
         "source/": ("uffdpoison.destination", "uffdpoison.bench", "uffdpoison.demo"),
         "protocol/": ("uffdpoison.kernel", "uffdpoison.source", "uffdpoison.destination",
-                      "uffdpoison.transport", "uffdpoison.control", "uffdpoison.ledger"),
+                      "uffdpoison.transport", "uffdpoison.control", "uffdpoison.kernel.ledger"),
     }  # fmt: skip
     offenders = []
     for path in sorted(PKG.rglob("*.py")):

@@ -23,7 +23,13 @@ from uffdpoison.kernel import (
     hugetlb,
     shmem,
 )
-from uffdpoison.ledger import Ledger, LedgerError, PageState, PlaceResult, PoisonOverwriteRefused
+from uffdpoison.kernel.ledger import (
+    Ledger,
+    LedgerError,
+    PageState,
+    PlaceResult,
+    PoisonOverwriteRefused,
+)
 
 P = PAGE_SIZE
 ALL = list(PageState)

@@ -31,7 +31,7 @@ from uffdpoison.kernel import (
     reserve_hugepages,
     shmem,
 )
-from uffdpoison.ledger import Ledger
+from uffdpoison.kernel.ledger import Ledger
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

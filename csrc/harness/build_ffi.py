@@ -1,7 +1,7 @@
 """Out-of-line CFFI build of ``uffdpoison._harness``: the benchmark/test harness, not product.
 
-Built like the product (``csrc/build_ffi.py``'s ``extension``: each header's cffi part is the cdef), from these components in this
-order:
+Built like the product (``csrc/build_ffi.py``'s ``extension``: each header's cffi part is the
+cdef), from these components in this order:
 
 1. ``toucher``  the C "vCPU" stand-in: threads that touch guest memory and survive SIGBUS;
 2. ``cref``     the C reference ("the floor"): local/remote fault handlers, a minimal TCP page

@@ -36,7 +36,7 @@ from uffdpoison.harness.cref import LocalHandler
 from uffdpoison.harness.toucher import Toucher, current_cpu
 from uffdpoison.kernel import EventBatch, RegisterMode, Userfaultfd, anon
 from uffdpoison.kernel._ffi import ffi
-from uffdpoison.ledger import Ledger
+from uffdpoison.kernel.ledger import Ledger
 from uffdpoison.stats import percentile
 
 PLACEMENTS = ("same", "cross", "free")

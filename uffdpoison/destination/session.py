@@ -28,8 +28,8 @@ from uffdpoison.destination.link import SourceLink
 from uffdpoison.destination.regions import RegionMap
 from uffdpoison.exgroups import leaf_of
 from uffdpoison.kernel import Userfaultfd
+from uffdpoison.kernel.ledger import Ledger, PageState
 from uffdpoison.kernel.planes import DestPlane, DestRegion, Flag, Note, NoteKind
-from uffdpoison.ledger import Ledger, PageState
 from uffdpoison.protocol import Channel
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Session:
             self.page_size,
             link.info.memory_size,
             [
-                DestRegion(r.base, r.size, r.offset, led.page_states)
+                DestRegion(r.base, r.size, r.offset, led)
                 for r, led in zip(regions.regions, self.ledgers, strict=True)
             ],
             link.poison_offsets,

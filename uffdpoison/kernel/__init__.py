@@ -13,6 +13,7 @@ from uffdpoison.kernel.errors import (
     UffdError,
 )
 from uffdpoison.kernel.events import Event, EventBatch, EventKind
+from uffdpoison.kernel.ledger import Ledger, LedgerError, PageState, PlaceResult
 from uffdpoison.kernel.memory import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
@@ -23,7 +24,6 @@ from uffdpoison.kernel.memory import (
     reserve_hugepages,
     shmem,
 )
-from uffdpoison.kernel.pagestates import PageStates
 from uffdpoison.kernel.uffd import (
     DEFAULT_FEATURES,
     NONCOOPERATIVE,
@@ -50,10 +50,13 @@ __all__ = [
     "HugePagesUnavailable",
     "InvalidArgument",
     "Ioctl",
+    "Ledger",
+    "LedgerError",
     "Mapping",
     "NotAUserfaultfd",
-    "PageStates",
+    "PageState",
     "PartialProgress",
+    "PlaceResult",
     "RangeGone",
     "RegisterMode",
     "TargetGone",

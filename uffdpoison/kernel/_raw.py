@@ -1,6 +1,6 @@
 """The raw placement ioctls, for tests that pin down what the kernel does (KERNEL-FACTS).
 
-Private on purpose: in the product only the page ledger places pages (``uffdpoison.ledger``),
+Private on purpose: in the product only the page ledger places pages (``uffdpoison.kernel.ledger``),
 because the kernel lets COPY, CONTINUE and shmem ZEROPAGE erase a poison marker. Each returns
 the bytes done: the whole length, or fewer on partial progress (EAGAIN with bytes done); any
 other failure raises the matching ``UffdError`` carrying the bytes done.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from uffdpoison.kernel._ffi import ffi, lib
-from uffdpoison.kernel.pagestates import PageStates
+from uffdpoison.kernel.ledger import Ledger
 
 __all__ = [
     "DestPlane",
@@ -152,17 +152,17 @@ class _Plane:
 
 @dataclass(frozen=True, slots=True)
 class DestRegion:
-    """One registered region: host ``base``, ``size``, guest ``offset``, its page states."""
+    """One registered region: host ``base``, ``size``, guest ``offset``, its ledger."""
 
     base: int
     size: int
     offset: int
-    states: PageStates
+    ledger: Ledger
 
 
 class DestPlane(_Plane):
-    """Owns one ``up_dest``; borrows the userfaultfd and the page states (keep them open
-    while it lives) and, once attached, the sockets (close them after ``run`` returned)."""
+    """Owns one ``up_dest``; borrows the userfaultfd and the ledgers (keep them open while it
+    lives) and, once attached, the sockets (close them after ``run`` returned)."""
 
     _prefix = "up_dest"
 
@@ -181,11 +181,11 @@ class DestPlane(_Plane):
         noted (SOCK_ERROR, ETIMEDOUT); 0 never."""
         if [r.base for r in regions] != sorted(r.base for r in regions):
             raise ValueError("regions must be sorted by base address")
-        self._states = [r.states for r in regions]  # keep the ledgers alive
+        self._ledgers = [r.ledger for r in regions]  # keep them alive
         arr = ffi.new("up_dest_region[]", len(regions))
         for k, r in enumerate(regions):
             arr[k].base, arr[k].size, arr[k].offset = r.base, r.size, r.offset
-            arr[k].ledger = r.states.raw
+            arr[k].ledger = r.ledger.raw
         plist = ffi.from_buffer("uint64_t[]", poison) if len(poison) else ffi.NULL
         super().__init__(
             lib.up_dest_new(

@@ -1,6 +1,6 @@
 """Typed userfaultfd: creation or adoption, UFFDIO_API, registration, wake and events.
 
-It cannot place a page: placement belongs to the page ledger alone (``uffdpoison.ledger``),
+It cannot place a page: placement belongs to the page ledger alone (``uffdpoison.kernel.ledger``),
 which keeps poison markers from being overwritten.
 """
 
@@ -266,7 +266,7 @@ class Userfaultfd:
 
     # -- events ---------------------------------------------------------------------------
     # Placement (COPY, ZEROPAGE, CONTINUE, POISON, MOVE) is not here: only the page ledger
-    # places pages (uffdpoison.ledger). Tests reach the raw ioctls through kernel._raw.
+    # places pages (uffdpoison.kernel.ledger). Tests reach the raw ioctls through kernel._raw.
 
     def wake(self, start: int, length: int) -> None:
         rc = lib.up_uffd_wake(self._fd, start, length)
