@@ -29,7 +29,7 @@ COMPONENTS = [
     "memory",  # anonymous, shmem and hugetlb mappings
     "ledger",  # page states and every placement: the never-un-poison invariant
     "frame",  # frames on the wire: fixed layouts (wire.h) and the one C check
-    "chan",  # one channel's socket and buffers (C only)
+    "chan",  # one channel's socket and buffers; the control plane's instructions
     "notes",  # what a data plane tells its control plane
     "guest",  # the source's guest memory reader
     "source_plane",  # the source's data plane

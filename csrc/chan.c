@@ -10,11 +10,12 @@
 #include <time.h>
 #include <unistd.h>
 
-int up_chan_init(up_chan *c, int channel, size_t rcap, size_t rmax, size_t tmax)
+int up_chan_init(up_chan *c, int channel, int wake_fd, size_t rcap, size_t rmax, size_t tmax)
 {
 	memset(c, 0, sizeof(*c));
 	c->fd = -1;
 	c->channel = channel;
+	c->wake_fd = wake_fd;
 	c->rcap = rcap;
 	c->rmax = rmax;
 	c->tmax = tmax;
@@ -188,6 +189,25 @@ int up_chan_queue(up_chan *c, const void *p, size_t n)
 	}
 	pthread_mutex_unlock(&c->lock);
 	return rc;
+}
+
+int up_chan_send(up_chan *c, const uint8_t *bytes, size_t len)
+{
+	int rc = up_chan_queue(c, bytes, len);
+	up_wake(c->wake_fd);
+	return rc;
+}
+
+void up_chan_release(up_chan *c)
+{
+	__atomic_store_n(&c->release, 1, __ATOMIC_RELEASE);
+	up_wake(c->wake_fd);
+}
+
+void up_chan_close(up_chan *c)
+{
+	__atomic_store_n(&c->closing, 1, __ATOMIC_RELEASE);
+	up_wake(c->wake_fd);
 }
 
 int up_chan_queued(up_chan *c)

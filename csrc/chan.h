@@ -19,6 +19,7 @@
 typedef struct up_chan {
 	int fd;       /* -1: not attached */
 	int channel;  /* UP_WIRE_CHANNEL_URGENT or _BULK */
+	int wake_fd;  /* eventfd that wakes the loop owning the channel */
 	/* receive side: the loop's own */
 	uint8_t *rx;
 	size_t rcap, rlen, rpos;
@@ -34,7 +35,7 @@ typedef struct up_chan {
 	uint64_t bytes_in, bytes_out;
 } up_chan;
 
-int up_chan_init(up_chan *c, int channel, size_t rcap, size_t rmax, size_t tmax);
+int up_chan_init(up_chan *c, int channel, int wake_fd, size_t rcap, size_t rmax, size_t tmax);
 void up_chan_free(up_chan *c);
 /* recv at most `piece` bytes, never past the end of the frame being received when `exact`.
  * 1: got bytes; 0: nothing to read (EAGAIN); -1: EOF (errno 0) or an error (errno). */
@@ -47,10 +48,21 @@ const uint8_t *up_chan_payload(const up_chan *c);
 void up_chan_consume(up_chan *c, const up_frame *f);
 /* The control plane has judged the held frame (c->release): consume it; 1 if so. Loop only. */
 int up_chan_released(up_chan *c);
-/* The held frame's bytes (prefix, header, payload): for the control plane. */
-size_t up_chan_held(up_chan *c, const uint8_t **out);
 /* Queue bytes to send, in order with everything queued before (thread-safe). 0 or -ENOSPC. */
 int up_chan_queue(up_chan *c, const void *p, size_t n);
+
+/* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
+/* The control plane's instructions for a channel, from any thread; each wakes its loop. */
+typedef struct up_chan up_chan;
+/* Queue a control frame (bytes the protocol encoded) after what is queued. 0 or -ENOSPC. */
+int up_chan_send(up_chan *c, const uint8_t *bytes, size_t len);
+/* The held frame is judged: consume it and read on. */
+void up_chan_release(up_chan *c);
+/* Send what is queued, then let go of the channel (the peer sees EOF). */
+void up_chan_close(up_chan *c);
+/* The held frame's bytes (prefix, header, payload), or 0 bytes if none. */
+size_t up_chan_held(up_chan *c, const uint8_t **out);
+/* --- end cffi --- */
 /* Write what is queued without waiting: 0 all sent, 1 some left (wait for POLLOUT), -errno. */
 int up_chan_flush(up_chan *c);
 int up_chan_queued(up_chan *c);

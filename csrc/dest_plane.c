@@ -131,7 +131,7 @@ up_dest *up_dest_new(int uffd, uint64_t page_size, uint64_t memory_size,
 			rc = -errno;
 	}
 	for (int ch = URGENT; !rc && ch <= BULK; ch++)
-		rc = up_chan_init(&d->ch[ch], ch, (1u << 20) + UP_FRAME_PAGES, MAX_IN,
+		rc = up_chan_init(&d->ch[ch], ch, d->wake_fd, (1u << 20) + UP_FRAME_PAGES, MAX_IN,
 				  (size_t)MAX_OUTSTANDING * UP_FRAME_REQUEST);
 	if (rc) {
 		up_dest_free(d);
@@ -194,28 +194,9 @@ void up_dest_stop(up_dest *d)
 	up_wake(d->wake_fd);
 }
 
-int up_dest_send(up_dest *d, int channel, const uint8_t *bytes, size_t len)
+up_chan *up_dest_chan(up_dest *d, int channel)
 {
-	int rc = up_chan_queue(&d->ch[channel], bytes, len);
-	up_wake(d->wake_fd);
-	return rc;
-}
-
-void up_dest_release(up_dest *d, int channel)
-{
-	STORE(&d->ch[channel].release, 1);
-	up_wake(d->wake_fd);
-}
-
-void up_dest_close(up_dest *d, int channel)
-{
-	STORE(&d->ch[channel].closing, 1);
-	up_wake(d->wake_fd);
-}
-
-size_t up_dest_held(up_dest *d, int channel, const uint8_t **out)
-{
-	return up_chan_held(&d->ch[channel], out);
+	return channel == URGENT || channel == BULK ? &d->ch[channel] : NULL;
 }
 
 void up_dest_notify(up_dest *d, int delta)

@@ -71,10 +71,8 @@ int up_dest_attach(up_dest *d, int channel, int fd);
 int up_dest_run(up_dest *d);
 /* Thread-safe instructions. */
 void up_dest_stop(up_dest *d);
-int up_dest_send(up_dest *d, int channel, const uint8_t *bytes, size_t len);
-void up_dest_release(up_dest *d, int channel);
-void up_dest_close(up_dest *d, int channel);
-size_t up_dest_held(up_dest *d, int channel, const uint8_t **out);
+/* A channel, for the instructions of chan.h (send, release, close, held). */
+up_chan *up_dest_chan(up_dest *d, int channel);
 /* +1 while a waiter wants UP_FLAG_PROGRESS on every placement, -1 after. */
 void up_dest_notify(up_dest *d, int delta);
 /* For ensure_present: claim pages [first, first + count) of region `region`; request the

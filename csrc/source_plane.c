@@ -175,7 +175,8 @@ up_src *up_src_new(const up_guest *g, up_pacer *pacer, uint64_t unit, int partia
 	for (int ch = URGENT; !rc && ch <= BULK; ch++) {
 		struct loop *L = &s->ch[ch];
 		L->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-		rc = L->wake_fd < 0 ? -errno : up_chan_init(&L->c, ch, 64 << 10, MAX_IN, 1 << 20);
+		rc = L->wake_fd < 0 ? -errno
+				    : up_chan_init(&L->c, ch, L->wake_fd, 64 << 10, MAX_IN, 1 << 20);
 		if (!rc)
 			rc = work_init(&L->w, ch == URGENT ? UP_WIRE_DEMAND_PIECE : UP_WIRE_PUSH_CHUNK,
 				       unit, g->mem == NULL);
@@ -217,34 +218,15 @@ int up_src_attach(up_src *s, int channel, int fd)
 	return 0;
 }
 
-int up_src_send(up_src *s, int channel, const uint8_t *bytes, size_t len)
+up_chan *up_src_chan(up_src *s, int channel)
 {
-	int rc = up_chan_queue(&s->ch[channel].c, bytes, len);
-	up_wake(s->ch[channel].wake_fd);
-	return rc;
-}
-
-void up_src_release(up_src *s, int channel)
-{
-	STORE(&s->ch[channel].c.release, 1);
-	up_wake(s->ch[channel].wake_fd);
-}
-
-void up_src_close(up_src *s, int channel)
-{
-	STORE(&s->ch[channel].c.closing, 1);
-	up_wake(s->ch[channel].wake_fd);
+	return channel == URGENT || channel == BULK ? &s->ch[channel].c : NULL;
 }
 
 void up_src_stop(up_src *s, int channel)
 {
 	STORE(&s->ch[channel].stop, 1);
 	up_wake(s->ch[channel].wake_fd);
-}
-
-size_t up_src_held(up_src *s, int channel, const uint8_t **out)
-{
-	return up_chan_held(&s->ch[channel].c, out);
 }
 
 void up_src_get_stats(up_src *s, up_src_stats *out)

@@ -52,11 +52,9 @@ int up_src_attach(up_src *s, int channel, int fd);
  * returning; URGENT sets `base_nice` (a pooled thread may have been lowered). INT32_MIN: leave. */
 int up_src_run(up_src *s, int channel, int nice, int base_nice);
 /* Thread-safe instructions. */
-int up_src_send(up_src *s, int channel, const uint8_t *bytes, size_t len);
-void up_src_release(up_src *s, int channel);
-void up_src_close(up_src *s, int channel);
 void up_src_stop(up_src *s, int channel);
-size_t up_src_held(up_src *s, int channel, const uint8_t **out);
+/* A channel, for the instructions of chan.h (send, release, close, held). */
+up_chan *up_src_chan(up_src *s, int channel);
 void up_src_get_stats(up_src *s, up_src_stats *out);
 uint64_t up_src_offered(up_src *s);
 /* --- end cffi --- */

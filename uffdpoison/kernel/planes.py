@@ -105,24 +105,30 @@ class _Plane:
             if n < 64:
                 return flags, notes
 
+    def _chan(self, channel: int) -> Any:
+        c = self._fn("chan")(self._raw(), channel)
+        if c == ffi.NULL:
+            raise ValueError(f"no channel {channel}")
+        return c
+
     def send(self, channel: int, data: bytes) -> None:
         """Queue a control frame (encoded by the protocol) on ``channel``."""
-        rc = self._fn("send")(self._raw(), channel, data, len(data))
+        rc = lib.up_chan_send(self._chan(channel), data, len(data))
         if rc < 0:
             raise OSError(-rc, f"queueing a control frame: {os.strerror(-rc)}")
 
     def release(self, channel: int) -> None:
         """The held frame on ``channel`` is judged: consume it and read on."""
-        self._fn("release")(self._raw(), channel)
+        lib.up_chan_release(self._chan(channel))
 
     def close_channel(self, channel: int) -> None:
         """Send what is queued on ``channel``, then let go of it (the peer sees EOF)."""
-        self._fn("close")(self._raw(), channel)
+        lib.up_chan_close(self._chan(channel))
 
     def held(self, channel: int) -> bytes:
         """The frame held on ``channel`` (prefix, header, payload), b"" if none."""
         p = ffi.new("const uint8_t **")
-        n = self._fn("held")(self._raw(), channel, p)
+        n = lib.up_chan_held(self._chan(channel), p)
         return bytes(ffi.buffer(p[0], n)) if n else b""
 
     def _stats(self, ctype: str) -> dict[str, int]:
