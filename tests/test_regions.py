@@ -44,7 +44,8 @@ def test_page_size_sources(entry: dict, page_size: int) -> None:
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        (b"{not json", "not valid JSON"),
+        (b"{not json", "not a JSON array"),
+        (b"[{not json]", "not valid JSON"),
         (b'{"a": 1}', "JSON array"),
         (b"[]", "no regions"),
         (b"[1]", "region 0 must be a JSON object"),

@@ -16,7 +16,6 @@ from uffdpoison.protocol import PageKind
 from uffdpoison.source.backends import (
     ImageBackend,
     MemoryBackend,
-    PageBitmap,
     ProcessBackend,
     SourceError,
     SourceGone,
@@ -66,16 +65,15 @@ def test_poison_list_missing_file(tmp_path: Path) -> None:
         parse_poison_list(tmp_path / "nope.txt", page_size=PS, size=PS)
 
 
-def test_bitmap_search() -> None:
-    b = PageBitmap(1000)
-    for i in (5, 6, 200, 999):
-        assert b.set(i)
-    assert not b.set(999)
-    assert b.count == 4
-    assert (b.find_set(0), b.find_set(7), b.find_set(201), b.find_set(0, 5)) == (5, 200, 999, -1)
-    assert list(b.iter_set()) == [5, 6, 200, 999]
-    b.buffer[10] |= 1  # a bit C set (atomic OR on the shared buffer) counts too
-    assert b.count == 5 and b.get(80)
+def test_poison_bitmap_is_shared_and_counted() -> None:
+    be = MemoryBackend(bytearray(2000 * PS))
+    for i in (5, 6, 200, 999, 1999):
+        assert be.mark_poisoned(i * PS)
+    assert not be.mark_poisoned(999 * PS)
+    be.poison_bits[10] |= 1  # a bit C set (atomic OR on the shared buffer) counts too
+    assert be.poisoned_count() == 6
+    assert list(be.poisoned_offsets()) == [i * PS for i in (5, 6, 80, 200, 999, 1999)]
+    assert list(be.poisoned_offsets(4 * PS)) == [i * PS for i in (4, 80, 200, 996, 1996)]
 
 
 def test_image_size_errors(tmp_path: Path) -> None:

@@ -79,65 +79,71 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-async def receive_handoff(sock: socket.socket) -> tuple[bytes, int]:
-    """Read one complete JSON array (≤ 1 MiB); the fd must come with the first recvmsg."""
+async def receive_handoff(sock: socket.socket, timeout: float) -> tuple[bytes, int]:
+    """Read one handoff: a JSON array of regions (at most MAX_HANDOFF_BYTES) with the
+    userfaultfd as SCM_RIGHTS on its first message. Bytes are read until they hold one whole
+    JSON document, the VMM closes the socket (some Firecracker releases keep it open) or
+    ``timeout`` passes; then the text is judged once, by its parser."""
     buf = bytearray()
-    fd = -1
-    first = True
+    fds: list[int] = []
     try:
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                data, anc, flags, _ = sock.recvmsg(
-                    65536, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                continue
-            fds = _take_fds(anc)
-            if fds:
-                if not first or fd >= 0:
-                    for extra in fds:
-                        os.close(extra)
-                    raise HandoffError(
-                        "file descriptors arrived after the first message; "
-                        "the userfaultfd must come with the first recvmsg"
-                    )
-                fd, extras = fds[0], fds[1:]
-                for extra in extras:
-                    os.close(extra)
-                if extras:
-                    log.warning("handoff carried %d extra fds; closed them", len(extras))
-            if flags & socket.MSG_CTRUNC:
-                raise HandoffError("handoff ancillary data was truncated")
-            if first and fd < 0:
-                raise HandoffError(
-                    "handoff carried no file descriptor (SCM_RIGHTS) with its first message"
-                )
-            first = False
-            if not data:
-                raise HandoffError(
-                    f"VMM closed the handoff socket after {len(buf)} bytes, "
-                    "before a complete JSON array"
-                )
-            buf += data
-            if len(buf) > MAX_HANDOFF_BYTES:
-                raise HandoffError(f"handoff message exceeds {MAX_HANDOFF_BYTES} bytes")
-            text = bytes(buf).strip()
-            if text and not text.startswith(b"["):
-                raise HandoffError(f"handoff message is not a JSON array: {text[:60]!r}")
-            try:
-                json.loads(text)
-            except UnicodeDecodeError as e:
-                raise HandoffError(f"handoff message is not UTF-8: {e}") from None
-            except json.JSONDecodeError as e:
-                if e.pos < len(text):  # broken before the end: more bytes cannot mend it
-                    raise HandoffError(f"handoff message is not valid JSON: {e}") from None
-                continue  # a prefix of a JSON document: wait for the rest
-            return text, fd
+        with trio.move_on_after(timeout) as scope:
+            await _receive(sock, buf, fds)
+        if scope.cancelled_caught and not fds:
+            raise HandoffError(f"no handoff within {timeout:.0f} s")
+        if scope.cancelled_caught and not _whole_json(buf):
+            raise HandoffError(f"handoff incomplete after {timeout:.0f} s ({len(buf)} bytes)")
+        for extra in fds[1:]:
+            os.close(extra)
+        if fds[1:]:
+            log.warning("handoff carried %d extra fds; closed them", len(fds) - 1)
+        return bytes(buf), fds[0]
     except BaseException:
-        if fd >= 0:
+        for fd in fds:
             os.close(fd)
         raise
+
+
+async def _receive(sock: socket.socket, buf: bytearray, fds: list[int]) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            data, anc, flags, _ = sock.recvmsg(
+                65536, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            continue
+        got = _take_fds(anc)
+        if got and buf:
+            fds += got
+            raise HandoffError("file descriptors arrived after the first message")
+        fds += got
+        if flags & socket.MSG_CTRUNC:
+            raise HandoffError("handoff ancillary data was truncated")
+        if not fds:
+            raise HandoffError(
+                "handoff carried no file descriptor (SCM_RIGHTS) with its first message"
+            )
+        buf += data
+        if len(buf) > MAX_HANDOFF_BYTES:
+            raise HandoffError(f"handoff message exceeds {MAX_HANDOFF_BYTES} bytes")
+        if not data or _whole_json(buf):
+            return
+
+
+def _whole_json(buf: bytearray) -> bool:
+    """Whether the bytes so far are one whole JSON document, or one that more bytes cannot
+    mend (not an array; an array closed but broken; too deep; not UTF-8)."""
+    text = buf.strip()
+    if text[:1] not in (b"", b"["):
+        return True
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return text.endswith(b"]")  # a region table ends there: nothing more is coming
+    except (RecursionError, UnicodeDecodeError):
+        return True
+    return True
 
 
 def _prepare_socket(path: str, mode: int | None, owner: tuple[int, int] | None) -> socket.socket:
@@ -192,6 +198,7 @@ class HandoffDaemon:
         mode: int | None = None,
         owner: tuple[int, int] | None = None,
         status: StatusSink | None = None,
+        handoff_timeout: float = HANDOFF_TIMEOUT,
     ) -> None:
         self.path = path
         self.source = source
@@ -199,6 +206,7 @@ class HandoffDaemon:
         self.mode = mode
         self.owner = owner
         self._status = status or (lambda _d: None)
+        self.handoff_timeout = handoff_timeout
         self.source_info: SourceInfo | None = None
         self.sessions: dict[str, Session] = {}
         self._counter = 0
@@ -246,8 +254,7 @@ class HandoffDaemon:
                     f"peer pid {peer.pid} uid {peer.uid} is not allowed "
                     f"(allowed uids: {sorted(self.allow_uids)})"
                 )
-            with trio.fail_after(HANDOFF_TIMEOUT):
-                body, fd = await receive_handoff(conn)
+            body, fd = await receive_handoff(conn, self.handoff_timeout)
             try:
                 uffd = Userfaultfd.adopt(fd)
             except kerrors.NotAUserfaultfd as e:
@@ -267,9 +274,6 @@ class HandoffDaemon:
         except (HandoffError, RegionError, kerrors.UffdError) as e:
             log.error("%s: handoff rejected: %s", name, e)
             self._emit("handoff-rejected", session=name, reason=str(e))
-        except trio.TooSlowError:
-            log.error("%s: no complete handoff within %.0f s", name, HANDOFF_TIMEOUT)
-            self._emit("handoff-rejected", session=name, reason="handoff timed out")
         except Exception as e:
             log.exception("%s: session error", name)
             self._emit("session-failed", session=name, reason=f"{type(e).__name__}: {e}")

@@ -182,10 +182,15 @@ def parse_firecracker_regions(payload: bytes | str) -> list[Region]:
         raise RegionError(
             f"handoff message is {len(payload)} bytes, over the {MAX_HANDOFF_BYTES} limit"
         )
+    text = payload.encode() if isinstance(payload, str) else payload
+    if text.lstrip()[:1] != b"[":
+        raise RegionError(f"handoff message is not a JSON array: {text[:60]!r}")
     try:
         doc = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RegionError(f"handoff message is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RegionError("handoff message is nested too deeply to be a region table") from None
     if not isinstance(doc, list):
         raise RegionError(
             f"handoff message must be a JSON array of regions, got {type(doc).__name__}"

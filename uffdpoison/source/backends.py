@@ -16,7 +16,7 @@ import re
 import stat
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 from uffdpoison.kernel.planes import Guest
 from uffdpoison.protocol import PageKind
@@ -26,7 +26,6 @@ __all__ = [
     "Backend",
     "ImageBackend",
     "MemoryBackend",
-    "PageBitmap",
     "ProcessBackend",
     "SourceError",
     "SourceGone",
@@ -50,67 +49,6 @@ class SourceError(Exception):
 
 class SourceGone(SourceError):
     """The served process exited: its memory can no longer be read."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Bitmap
-
-
-class PageBitmap:
-    """One bit a page in a bytearray that C shares (bits set there with atomic OR)."""
-
-    __slots__ = ("_bits", "npages")
-
-    def __init__(self, npages: int) -> None:
-        self.npages = npages
-        self._bits = bytearray((npages + 7) // 8)
-
-    def __len__(self) -> int:
-        return self.npages
-
-    @property
-    def buffer(self) -> bytearray:
-        """The bits themselves (bit i of byte i // 8), for the C code that shares them."""
-        return self._bits
-
-    @property
-    def count(self) -> int:
-        return int.from_bytes(self._bits, "little").bit_count()
-
-    def get(self, i: int) -> bool:
-        return bool(self._bits[i >> 3] & (1 << (i & 7)))
-
-    def set(self, i: int) -> bool:
-        """Set bit i; True if it was clear."""
-        m = 1 << (i & 7)
-        if self._bits[i >> 3] & m:
-            return False
-        self._bits[i >> 3] |= m
-        return True
-
-    def find_set(self, start: int, stop: int | None = None) -> int:
-        """First set bit in [start, stop), or -1 (whole bytes searched in C)."""
-        stop = self.npages if stop is None else min(stop, self.npages)
-        i = start
-        while i < stop and i & 7:
-            if self.get(i):
-                return i
-            i += 1
-        m = _NONZERO_RE.search(self._bits, i >> 3, (stop + 7) >> 3) if i < stop else None
-        if m is None:
-            return -1
-        i = m.start() << 3
-        while i < stop:
-            if self.get(i):
-                return i
-            i += 1
-        return -1
-
-    def iter_set(self) -> Iterator[int]:
-        i = self.find_set(0)
-        while i >= 0:
-            yield i
-            i = self.find_set(i + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +115,8 @@ class Backend:
         self.page_size = page_size
         self.size = size
         self.npages = size // page_size
-        self._poison = PageBitmap(self.npages)
+        # One bit a base page, shared with C (which sets bits found by EIO with an atomic OR).
+        self.poison_bits = bytearray((self.npages + 7) // 8)
         self._guest: Guest | None = None
 
     @property
@@ -190,7 +129,10 @@ class Backend:
 
     def mark_poisoned(self, offset: int) -> bool:
         """Record the base page at byte ``offset`` as poisoned (terminal). True if new."""
-        return self._poison.set(offset // self.page_size)
+        i = offset // self.page_size
+        new = not self.poison_bits[i >> 3] & (1 << (i & 7))
+        self.poison_bits[i >> 3] |= 1 << (i & 7)
+        return new
 
     def add_poison(self, offsets: Iterable[int]) -> None:
         for off in offsets:
@@ -213,7 +155,9 @@ class Backend:
     def poisoned_count(self, unit: int | None = None) -> int:
         """Poisoned units known now (a unit is poisoned if any base page in it is)."""
         unit = self.check_unit(unit)
-        return self._poison.count if unit == self.page_size else len(self.poisoned_offsets(unit))
+        if unit == self.page_size:
+            return int.from_bytes(self.poison_bits, "little").bit_count()
+        return len(self.poisoned_offsets(unit))
 
     def poisoned_offsets(self, unit: int | None = None) -> array:
         """Byte offsets of poisoned units, ascending, as array('Q'). A unit is poisoned if any
@@ -221,18 +165,15 @@ class Backend:
         unit = self.check_unit(unit)
         ratio = unit // self.page_size
         out = array("Q")
-        last = -1
-        for i in self._poison.iter_set():
-            u = i // ratio
-            if u != last:
-                out.append(u * unit)
-                last = u
+        bits = self.poison_bits
+        for m in _NONZERO_RE.finditer(bits):  # whole bytes searched in C
+            byte = m.start()
+            for k in range(8):
+                if bits[byte] >> k & 1:
+                    u = (byte * 8 + k) // ratio
+                    if not out or out[-1] != u * unit:
+                        out.append(u * unit)
         return out
-
-    @property
-    def poison_bits(self) -> bytearray:
-        """The poison bitmap's bits, one per base page (shared with the C reader)."""
-        return self._poison.buffer
 
     # -- reading ------------------------------------------------------------------------------
 
