@@ -239,14 +239,6 @@ void up_src_get_stats(up_src *s, up_src_stats *out)
 	out->bytes_bulk = s->ch[BULK].c.bytes_out;
 }
 
-uint64_t up_src_offered(up_src *s)
-{
-	uint64_t n = 0;
-	for (uint64_t i = 0; i < s->nunits; i++)
-		n += bit(s->offered, i);
-	return n;
-}
-
 /* ---- reading and framing units ------------------------------------------------------------- */
 
 static uint64_t le64(const uint8_t *p) /* the wire's digests are little-endian */

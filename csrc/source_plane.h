@@ -56,6 +56,5 @@ void up_src_stop(up_src *s, int channel);
 /* A channel, for the instructions of chan.h (send, release, close, held). */
 up_chan *up_src_chan(up_src *s, int channel);
 void up_src_get_stats(up_src *s, up_src_stats *out);
-uint64_t up_src_offered(up_src *s);
 /* --- end cffi --- */
 #endif

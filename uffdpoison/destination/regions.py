@@ -2,9 +2,9 @@
 where it lies in the source's guest memory space.
 
 A region is Firecracker's ``GuestRegionUffdMapping``: ``base_host_virt_addr``, ``size``,
-``offset`` (bytes into the source's guest memory space) and ``page_size``. Lookups are by host
-address (a fault) and by guest offset (a reply from the source); both are a bisect over a handful
-of regions, never a per-page structure.
+``offset`` (bytes into the source's guest memory space) and ``page_size``. Faults and replies
+are mapped to regions in C (the data plane); here, host ranges are split into region pages for
+``ensure_present``, a bisect over a handful of regions, never a per-page structure.
 """
 
 from __future__ import annotations
@@ -90,9 +90,6 @@ class RegionMap:
         self.regions: tuple[Region, ...] = tuple(regs)
         self.page_size: int = regs[0].page_size
         self._bases = [r.base for r in regs]
-        index = {id(r): i for i, r in enumerate(regs)}
-        self._by_offset: tuple[int, ...] = tuple(index[id(r)] for r in by_off)
-        self._offsets = [r.offset for r in by_off]
 
     def __iter__(self) -> Iterator[Region]:
         return iter(self.regions)
@@ -113,22 +110,6 @@ class RegionMap:
                     f"{memory_size:#x} bytes"
                 )
 
-    def by_address(self, addr: int) -> int:
-        """Index of the region holding host address ``addr``, or -1."""
-        i = bisect.bisect_right(self._bases, addr) - 1
-        if i >= 0 and addr < self.regions[i].end:
-            return i
-        return -1
-
-    def by_offset(self, offset: int) -> int:
-        """Index of the region holding guest offset ``offset``, or -1."""
-        j = bisect.bisect_right(self._offsets, offset) - 1
-        if j >= 0:
-            i = self._by_offset[j]
-            if offset < self.regions[i].offset_end:
-                return i
-        return -1
-
     def split_pages(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         """Yield ``(region index, first page, end page)`` for every region a host address
         range [start, end) touches: the pages that hold any byte of it, in address order."""
@@ -140,23 +121,6 @@ class RegionMap:
             lo, hi = max(start, r.base), min(end, r.end)
             if lo < hi:
                 yield i, (lo - r.base) // ps, -(-(hi - r.base) // ps)
-
-    def split_offsets(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """Yield ``(region index, byte distance into region, bytes)`` for the parts of a guest
-        range that some region maps, in offset order; gaps no region maps are skipped (a source
-        pushes its whole memory space, which a VMM need not map entirely)."""
-        end = offset + length
-        j = max(bisect.bisect_right(self._offsets, offset) - 1, 0)
-        while j < len(self._by_offset):
-            i = self._by_offset[j]
-            r = self.regions[i]
-            if r.offset >= end:
-                break
-            lo = max(offset, r.offset)
-            hi = min(end, r.offset_end)
-            if lo < hi:
-                yield i, lo - r.offset, hi - lo
-            j += 1
 
 
 def _int_field(entry: dict[str, Any], key: str, idx: int) -> int:

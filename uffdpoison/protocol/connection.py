@@ -222,10 +222,10 @@ class Connection:
             raise ProtocolError("Hello sent by the source (only the destination sends it)")
         if self.hello is not None:
             raise ProtocolError("duplicate Hello")
-        if ev.version != layout.VERSION:
+        if ev.version != layout.PROTOCOL_VERSION:
             raise ProtocolError(
                 f"protocol version mismatch: Hello has {ev.version}, this side speaks "
-                f"{layout.VERSION}"
+                f"{layout.PROTOCOL_VERSION}"
             )
         if self.channel is not None and ev.channel is not self.channel:
             raise ProtocolError(
@@ -244,10 +244,10 @@ class Connection:
             raise ProtocolError("Welcome before the Hello")
         if self.welcome is not None:
             raise ProtocolError("duplicate Welcome")
-        if ev.version != layout.VERSION:
+        if ev.version != layout.PROTOCOL_VERSION:
             raise ProtocolError(
                 f"protocol version mismatch: Welcome has {ev.version}, this side speaks "
-                f"{layout.VERSION}"
+                f"{layout.PROTOCOL_VERSION}"
             )
         _page_size("Welcome", "page_size", ev.page_size, allow_zero=False)
         if self.hello.page_size and ev.page_size != self.hello.page_size:
@@ -388,10 +388,10 @@ def open_pair(
     """A handshaken (source, destination) pair, for tests and benchmarks."""
     src, dst = Connection(Side.SOURCE, None), Connection(Side.DESTINATION, channel)
     session = b"test-session" if channel is Channel.BULK else None
-    for data in dst.send(Hello(layout.VERSION, channel, session)):
+    for data in dst.send(Hello(layout.PROTOCOL_VERSION, channel, session)):
         src.receive_data(data)
     src.next_event()
-    welcome = Welcome(layout.VERSION, b"test-session", page_size, memory_size, 0, 0, None)
+    welcome = Welcome(layout.PROTOCOL_VERSION, b"test-session", page_size, memory_size, 0, 0, None)
     for data in src.send(welcome):
         dst.receive_data(data)
     dst.next_event()

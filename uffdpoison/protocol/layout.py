@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 # ---------------------------------------------------------------- protocol numbers and limits
 
-VERSION = 2  # major: peers must agree exactly (docs/PROTOCOL.md "Versioning")
+PROTOCOL_VERSION = 2  # major: peers must agree exactly (docs/PROTOCOL.md "Versioning")
 MAGIC = b"uP"
 PREFIX_SIZE = 8  # magic, u16 header length, u32 payload length, big-endian
 MAX_HEADER = 4096  # a frame's msgpack header
@@ -123,7 +123,7 @@ PAGES = Fixed(
 FIXED = (REQUEST, PAGES)
 
 LIMITS = {
-    "VERSION": VERSION,
+    "VERSION": PROTOCOL_VERSION,
     "PREFIX_SIZE": PREFIX_SIZE,
     "MAX_HEADER": MAX_HEADER,
     "MAX_PAYLOAD": MAX_PAYLOAD,
