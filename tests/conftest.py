@@ -7,10 +7,10 @@ import os
 import select
 from collections.abc import Callable, Iterator
 
+import kernel_raw as _raw
 import pytest
 
 from uffdpoison.kernel import (
-    EventBatch,
     HugePagesUnavailable,
     Userfaultfd,
     reserve_hugepages,
@@ -47,9 +47,9 @@ def hugepages() -> Iterator[Callable[[int], int]]:
         yield reserve
 
 
-def wait_events(u: Userfaultfd, batch: EventBatch, timeout: float = 5.0) -> int:
+def wait_events(u: Userfaultfd, batch: _raw.EventBatch, timeout: float = 5.0) -> int:
     """Block (in select, GIL released) until messages are pending, then read them."""
     r, _, _ = select.select([u.fileno()], [], [], timeout)
     if not r:
         return 0
-    return u.read_events(batch)
+    return _raw.read_events(u, batch)

@@ -61,7 +61,9 @@ def make_guest(
 
 POISONED_PROCESS = """
 import sys
-from uffdpoison.kernel import RegisterMode, Userfaultfd, _raw, memory
+sys.path.insert(0, sys.argv[3])
+import kernel_raw as _raw
+from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
 n, ps = int(sys.argv[1]), 4096
 poison = [int(x) for x in sys.argv[2].split(",") if x]
 m = memory.anon(n * ps)
@@ -83,7 +85,14 @@ def poisoned_process(npages: int, poison: list[int]) -> Iterator[tuple[int, int,
     """A live process whose page i holds byte (i % 251 + 1), with poison markers on ``poison``.
     Yields (pid, address, the matching Guest)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", POISONED_PROCESS, str(npages), ",".join(map(str, poison))],
+        [
+            sys.executable,
+            "-c",
+            POISONED_PROCESS,
+            str(npages),
+            ",".join(map(str, poison)),
+            str(ROOT / "tests"),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -114,7 +114,7 @@ def test_every_scenario_tiny_and_cleans_up() -> None:
             assert rec["status"] == "skipped" and "root" in rec["reason"]
             continue
         assert rec["status"] == "ok", f"{name}: {rec['reason']}"
-    for name in ("loopback", "netns", "local"):
+    for name in ("loopback", "netns"):
         if by[name]["status"] == "ok":
             for side in ("uffdpoison", "c"):
                 f = by[name][side]
@@ -122,7 +122,8 @@ def test_every_scenario_tiny_and_cleans_up() -> None:
     assert by["loopback+bg"]["params"]["background"] is True
     assert by["bulk"]["uffdpoison"]["bytes_per_s"] > 0
     # Raw samples stay available for --plot, one per counted fault.
-    assert len(doc["scenarios"][1]["_samples"]["c"]) == 150
+    raw = {r["name"]: r for r in doc["scenarios"]}["loopback"]
+    assert len(raw["_samples"]["c"]) == 150
     assert netns.leftovers() == []
     assert children() <= before, "helper processes left running"
 
@@ -199,7 +200,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def test_main_writes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     args = parse(
-        ["--scenarios", "local,loopback", "--pages", "60", "--rounds", "1", "--warmup", "0",
+        ["--scenarios", "loopback", "--pages", "60", "--rounds", "1", "--warmup", "0",
          "--json", str(out), "--quiet"]
     )  # fmt: skip
     assert command.main(args) == 0
@@ -214,7 +215,7 @@ def test_main_writes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     png = tmp_path / "cdf.png"
-    argv = ["--scenarios", "local", "--pages", "30", "--rounds", "1", "--warmup", "0", "--quiet",
+    argv = ["--scenarios", "loopback", "--pages", "30", "--rounds", "1", "--warmup", "0", "--quiet",
             "--plot", str(png)]  # fmt: skip
     if command.have_matplotlib():
         assert command.main(parse(argv)) == 0
@@ -326,14 +327,12 @@ def test_goal_evaluation() -> None:
             [
                 _fake("loopback", p50=1.2, p99=1.3, uffdpoison_p99=100.0),
                 _fake("loopback+bg", uffdpoison_p99=160.0),
-                _fake("local", p50=1.31),
                 _fake("bulk", bps=2.5e9),
             ]
         )
     }
     assert goals["loopback demand p50 <= 1.25x C"]["met"] is True
     assert goals["loopback demand p99 <= 1.25x C"]["met"] is False
-    assert goals["local p50 <= 1.3x C"]["met"] is False
     bg = goals["demand p99 with background <= 1.5x idle"]
     assert bg["value"] == 1.6 and bg["met"] is False and "cap" in bg["note"]
     assert goals["bulk >= 2 GB/s on loopback"]["met"] is True
@@ -353,8 +352,8 @@ def test_size_and_pages_conflict(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_a_scenario_that_cannot_finish_is_recorded_not_fatal(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    argv = ["--scenarios", "loopback,local", "--pages", "20", "--rounds", "1", "--warmup", "0",
-            "--timeout", "0.000001", "--json", str(out), "--quiet"]  # fmt: skip
+    argv = ["--scenarios", "loopback,loopback+bg", "--pages", "20", "--rounds", "1",
+            "--warmup", "0", "--timeout", "0.000001", "--json", str(out), "--quiet"]  # fmt: skip
     before = children()
     assert command.main(parse(argv)) == 1  # loopback could not run: non-zero, after the table
     doc = json.loads(out.read_text())
@@ -362,7 +361,7 @@ def test_a_scenario_that_cannot_finish_is_recorded_not_fatal(tmp_path: Path) -> 
     rec = {r["name"]: r for r in doc["scenarios"]}
     assert rec["loopback"]["status"] == "failed"
     assert "--timeout" in rec["loopback"]["reason"]
-    assert rec["local"]["status"] == "ok"  # the next scenario still ran
+    assert rec["loopback+bg"]["status"] == "failed"  # the next scenario still ran, recorded
     goal = next(g for g in doc["goals"] if g["scenario"] == "loopback")
     assert goal["met"] is None and goal["note"] == "scenario loopback failed"
     assert children() <= before

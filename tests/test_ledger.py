@@ -5,6 +5,7 @@ from __future__ import annotations
 import select
 import threading
 
+import kernel_raw as _raw
 import pytest
 from conftest import SIGBUS_CODES, wait_events
 
@@ -12,13 +13,10 @@ from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
-    EventBatch,
-    EventKind,
     EventPending,
     Feature,
     RegisterMode,
     Userfaultfd,
-    _raw,
     anon,
     hugetlb,
     shmem,
@@ -121,7 +119,7 @@ def test_raced_page_is_woken(region) -> None:
     uffd, m, ledger = region
     t = Toucher([m.addr + 3 * P])
     t.start()
-    batch = EventBatch(4)
+    batch = _raw.EventBatch(4)
     assert wait_events(uffd, batch) == 1
     # someone places the page without waking the vCPU
     with anon(P) as src:
@@ -176,8 +174,8 @@ def test_event_pending_stops_with_nothing_lost() -> None:
             assert ei.value.result.placed == 0 and ei.value.stop_page == 1  # type: ignore[attr-defined]
             assert ei.value.done == 0
             assert ledger.counts[PageState.MISSING] == 7  # nothing recorded as placed
-            batch = EventBatch(4)
-            assert u.read_events(batch) == 1 and batch[0].kind == EventKind.REMOVE
+            batch = _raw.EventBatch(4)
+            assert _raw.read_events(u, batch) == 1 and batch[0].kind == _raw.EventKind.REMOVE
         finally:
             th.join(5)
         assert ledger.copy(1, 4, pages(2, 4)).placed == 4

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 
+import kernel_raw as _raw
 import pytest
 import trio
 from conftest import SIGBUS_CODES, wait_events
@@ -16,8 +17,6 @@ from uffdpoison.kernel import (
     HUGE_PAGE_SIZE,
     PAGE_SIZE,
     AlreadyPopulated,
-    EventBatch,
-    EventKind,
     Feature,
     InvalidArgument,
     Ioctl,
@@ -25,7 +24,6 @@ from uffdpoison.kernel import (
     RegisterMode,
     TargetGone,
     Userfaultfd,
-    _raw,
     anon,
     hugetlb,
     shmem,
@@ -92,7 +90,7 @@ def test_register_ioctls_anon_missing(uffd: Userfaultfd) -> None:
 
 
 def test_fault_carries_thread_id_and_copy_resolves(uffd: Userfaultfd) -> None:
-    batch = EventBatch(8)
+    batch = _raw.EventBatch(8)
     with anon(4 * P) as m, anon(P) as src:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
         src.write(0, pattern(0xA5))
@@ -100,7 +98,7 @@ def test_fault_carries_thread_id_and_copy_resolves(uffd: Userfaultfd) -> None:
         t.start()
         assert wait_events(uffd, batch) == 1
         ev = batch[0]
-        assert ev.kind == EventKind.PAGEFAULT
+        assert ev.kind == _raw.EventKind.PAGEFAULT
         assert ev.address == m.addr + P  # page-aligned without EXACT_ADDRESS
         assert not ev.write and not ev.minor
         # THREAD_ID: the tid is a (non-main) thread of this process, blocked in the fault
@@ -114,7 +112,7 @@ def test_fault_carries_thread_id_and_copy_resolves(uffd: Userfaultfd) -> None:
 
 
 def test_write_fault_flag_and_zeropage_resolves(uffd: Userfaultfd) -> None:
-    batch = EventBatch(8)
+    batch = _raw.EventBatch(8)
     with anon(2 * P) as m:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
         t = Toucher([m.addr], write=True, value=7)
@@ -128,11 +126,11 @@ def test_write_fault_flag_and_zeropage_resolves(uffd: Userfaultfd) -> None:
 
 
 def test_nothing_pending_reads_zero(uffd: Userfaultfd) -> None:
-    assert uffd.read_events(EventBatch(4)) == 0
+    assert _raw.read_events(uffd, _raw.EventBatch(4)) == 0
 
 
 def test_wake_without_resolving_refaults(uffd: Userfaultfd) -> None:
-    batch = EventBatch(8)
+    batch = _raw.EventBatch(8)
     with anon(P) as m:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
         t = Toucher([m.addr])
@@ -155,7 +153,9 @@ def test_poison_sigbuses_every_touch_without_messages(uffd: Userfaultfd) -> None
         assert list(res.outcome) == [OUTCOME_SIGBUS, OUTCOME_SIGBUS]
         assert set(res.si_code) <= set(SIGBUS_CODES)
         assert list(res.si_addr) == [addr, addr]  # the exact byte
-        assert uffd.read_events(EventBatch(4)) == 0  # no fault message for a poisoned page
+        assert (
+            _raw.read_events(uffd, _raw.EventBatch(4)) == 0
+        )  # no fault message for a poisoned page
         with pytest.raises(AlreadyPopulated) as ei:
             _raw.poison(uffd, m.addr + 2 * P, P)
         assert ei.value.errno == errno.EEXIST and ei.value.done == 0
@@ -212,7 +212,7 @@ def test_marker_survives_unregister_and_close() -> None:
 
 
 def test_shmem_minor_flow(uffd: Userfaultfd) -> None:
-    batch = EventBatch(8)
+    batch = _raw.EventBatch(8)
     with shmem(4 * P) as m, anon(P) as src:
         got = uffd.register(m.addr, m.size, RegisterMode.MISSING | RegisterMode.MINOR)
         assert Ioctl.CONTINUE in got and Ioctl.POISON in got
@@ -268,7 +268,7 @@ def test_hugetlb_copy_and_poison(uffd: Userfaultfd, hugepages) -> None:
 
 
 def test_remove_event_is_decoded() -> None:
-    batch = EventBatch(8)
+    batch = _raw.EventBatch(8)
     with Userfaultfd.create(Feature.EVENT_REMOVE) as u, anon(4 * P) as m:
         u.register(m.addr, m.size, RegisterMode.MISSING)
         _raw.zeropage(u, m.addr, m.size)
@@ -278,7 +278,7 @@ def test_remove_event_is_decoded() -> None:
         try:
             assert wait_events(u, batch) == 1
             ev = batch[0]
-            assert ev.kind == EventKind.REMOVE
+            assert ev.kind == _raw.EventKind.REMOVE
             assert (ev.start, ev.end) == (m.addr + P, m.addr + 3 * P)
         finally:
             th.join(5)
@@ -361,7 +361,7 @@ def test_user_mode_only_fd_serves_user_touches() -> None:
 
 
 def test_one_read_decodes_a_burst_of_faults(uffd: Userfaultfd) -> None:
-    batch = EventBatch(16)
+    batch = _raw.EventBatch(16)
     with anon(4 * P) as m:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
         addrs = [m.addr + i * P for i in range(4)]
@@ -373,14 +373,14 @@ def test_one_read_decodes_a_burst_of_faults(uffd: Userfaultfd) -> None:
             assert n > 0, f"only {len(seen)} of 4 faults arrived"
             for i in range(n):
                 e = batch.raw[i]
-                assert e.kind == EventKind.PAGEFAULT
+                assert e.kind == _raw.EventKind.PAGEFAULT
                 seen[e.address] = e.tid
         assert sorted(seen) == addrs and len(set(seen.values())) == 4  # four vCPU threads
         _raw.zeropage(uffd, m.addr, m.size)
         assert t.join(5) and t.results.ok == 4
         uffd.unregister(m.addr, m.size)
     with pytest.raises(ValueError, match="capacity"):
-        EventBatch(0)
+        _raw.EventBatch(0)
     with pytest.raises(IndexError):
         batch[batch.count]
 
@@ -388,7 +388,7 @@ def test_one_read_decodes_a_burst_of_faults(uffd: Userfaultfd) -> None:
 def test_poison_resolves_a_blocked_touch_with_sigbus(uffd: Userfaultfd) -> None:
     """The postcopy case: a vCPU blocked on a missing page gets SIGBUS once it is poisoned;
     with DONTWAKE it stays blocked until UFFDIO_WAKE."""
-    batch = EventBatch(4)
+    batch = _raw.EventBatch(4)
     with anon(2 * P) as m:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
         t = Toucher([m.addr + P + 9])
@@ -405,14 +405,14 @@ def test_poison_resolves_a_blocked_touch_with_sigbus(uffd: Userfaultfd) -> None:
 
 
 async def test_trio_wait_readable_on_the_fd(uffd: Userfaultfd) -> None:
-    batch = EventBatch(4)
+    batch = _raw.EventBatch(4)
     with anon(P) as m:
         uffd.register(m.addr, m.size, RegisterMode.MISSING)
         t = Toucher([m.addr])
         t.start()
         with trio.fail_after(5):
             await trio.lowlevel.wait_readable(uffd.fileno())
-        assert uffd.read_events(batch) == 1
+        assert _raw.read_events(uffd, batch) == 1
         _raw.zeropage(uffd, m.addr, P)
         with trio.fail_after(5):
             await t.wait()

@@ -34,7 +34,6 @@ GOALS = (
     # name, scenario, what, target
     ("loopback demand p50 <= 1.25x C", "loopback", "ratio.p50", 1.25),
     ("loopback demand p99 <= 1.25x C", "loopback", "ratio.p99", 1.25),
-    ("local p50 <= 1.3x C", "local", "ratio.p50", 1.3),
     ("demand p99 with background <= 1.5x idle", "loopback+bg", "bg_vs_idle.p99", 1.5),
     ("bulk >= 2 GB/s on loopback", "bulk", "uffdpoison.bytes_per_s", 2e9),
 )
@@ -69,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--memory",
         choices=("anon", "shmem", "hugetlb"),
         default="anon",
-        help="destination memory (default anon; local is always anon 4 KiB)",
+        help="destination memory (default anon)",
     )
     p.add_argument(
         "--pattern",

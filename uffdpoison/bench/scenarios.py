@@ -29,7 +29,6 @@ from typing import Any
 import trio
 
 import uffdpoison
-from uffdpoison.bench import local as local_bench
 from uffdpoison.bench.netns import NetnsPair, NetnsUnavailable
 from uffdpoison.destination.embed import serve_memory
 from uffdpoison.destination.regions import Region
@@ -37,7 +36,6 @@ from uffdpoison.harness.bulkpull import BulkPuller
 from uffdpoison.harness.cref import RemoteHandler
 from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, current_cpu
 from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
-from uffdpoison.kernel._ffi import ffi
 from uffdpoison.stats import percentile
 
 HUGE = 2 << 20
@@ -52,8 +50,6 @@ def chunk_pages(chunk: int, page_size: int) -> int:
 
 
 SCENARIOS: dict[str, str] = {
-    "local": "handler's own cost: faults resolved from a buffer in this process, no network "
-    "(uffdpoison: trio fault handler + the real Ledger; C: cref LocalHandler)",
     "loopback": "demand faults, source in its own process over TCP 127.0.0.1, no background stream",
     "loopback+bg": "demand faults over loopback while the background stream pushes the region "
     "at the --bg-cap rate",
@@ -724,7 +720,6 @@ class Runner:
         """One scenario's record; a scenario that cannot run here is recorded as skipped, one
         that failed as failed (with the reason)."""
         fn = {
-            "local": self.local,
             "loopback": lambda: self.loopback(False),
             "loopback+bg": lambda: self.loopback(True),
             "netns": lambda: self.netns(False),
@@ -749,47 +744,6 @@ class Runner:
             rec.update(status="failed", reason=f"{type(e).__name__}: {why}")
         rec["wall_seconds"] = round(time.monotonic() - t0, 2)
         return rec
-
-    def local(self) -> dict[str, Any]:
-        cfg = self.cfg
-        rec = _record(
-            "local",
-            cfg,
-            {
-                "pages_touched": cfg.pages,
-                "page_size": 4096,
-                "memory": "anon",
-                "threads": cfg.threads,
-                "pattern": cfg.pattern,
-                "note": "always anon 4 KiB, no poison: the handler's own cost",
-            },
-        )
-        data = bytearray(os.urandom(cfg.pages * 4096))
-        keep = ffi.from_buffer(data)
-        src = int(ffi.cast("uintptr_t", keep))
-        first = bytes(data[::4096])
-        guest = Guest(Path(), Path(), cfg.pages, 4096, first, frozenset())
-        tcpu = None if cfg.pin is None else cfg.pin[0]
-        up, c = Samples(), Samples()
-        for r in range(cfg.warmup + cfg.rounds):
-            order = (
-                list(range(cfg.pages))
-                if cfg.pattern == "sequential"
-                else random.Random(cfg.seed * 1000 + r).sample(range(cfg.pages), cfg.pages)
-            )
-            sides = ("uffdpoison", "c") if r % 2 == 0 else ("c", "uffdpoison")
-            for side in sides:
-                self.progress(f"local: round {r + 1}/{cfg.warmup + cfg.rounds} {side}")
-                fn = local_bench._python_round if side == "uffdpoison" else local_bench._c_round
-                out = fn(cfg.pages, src, tcpu, cfg.hcpu, order, cfg.threads)
-                _verify(out["results"], order, guest, side)
-                if r < cfg.warmup:
-                    continue
-                acc = up if side == "uffdpoison" else c
-                acc.add_touches(out["results"], out["seconds"])
-                acc.cpus["handler"].add(out["handler_cpu"])
-        del keep
-        return _finish(rec, up, c, 4096)
 
     def loopback(self, bg: bool) -> dict[str, Any]:
         cfg = self.cfg

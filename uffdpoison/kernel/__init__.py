@@ -33,15 +33,6 @@ from uffdpoison.kernel.errors import (
 from uffdpoison.kernel.errors import (
     UffdError as UffdError,
 )
-from uffdpoison.kernel.events import (
-    Event as Event,
-)
-from uffdpoison.kernel.events import (
-    EventBatch as EventBatch,
-)
-from uffdpoison.kernel.events import (
-    EventKind as EventKind,
-)
 from uffdpoison.kernel.ledger import (
     Ledger as Ledger,
 )

@@ -1,7 +1,8 @@
-"""Typed userfaultfd: creation or adoption, UFFDIO_API, registration, wake and events.
+"""Typed userfaultfd: creation or adoption, UFFDIO_API, registration and wake.
 
-It cannot place a page: placement belongs to the page ledger alone (``uffdpoison.kernel.ledger``),
-which keeps poison markers from being overwritten.
+It neither places pages nor reads events: placement belongs to the page ledger alone
+(``uffdpoison.kernel.ledger``), which keeps poison markers from being overwritten, and a
+session's data plane is the one reader of its userfaultfd.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from types import TracebackType
 
 from uffdpoison.kernel._ffi import ffi, lib
 from uffdpoison.kernel.errors import FeatureMissing, NotAUserfaultfd, UffdError, error_for
-from uffdpoison.kernel.events import EventBatch
 
 
 class Feature(enum.IntFlag):
@@ -86,8 +86,6 @@ _GAPS: list[tuple[Feature, str]] = [
     (Feature.MINOR_HUGETLBFS, "no MINOR faults on hugetlb"),
     (Feature.POISON, "POISON not negotiated"),
 ]
-
-_read_events = lib.up_uffd_read_events
 
 
 def probe_features(*, user_mode_only: bool = False) -> Feature:
@@ -264,20 +262,9 @@ class Userfaultfd:
         if rc < 0:
             raise error_for(-rc, "UFFDIO_UNREGISTER", start, length, rc)
 
-    # -- events ---------------------------------------------------------------------------
-    # Placement (COPY, ZEROPAGE, CONTINUE, POISON, MOVE) is not here: only the page ledger
-    # places pages (uffdpoison.kernel.ledger). Tests reach the raw ioctls through kernel._raw.
+    # -- wake (placement is the ledger's, reading events the data plane's) ----------------
 
     def wake(self, start: int, length: int) -> None:
         rc = lib.up_uffd_wake(self._fd, start, length)
         if rc < 0:
             raise error_for(-rc, "UFFDIO_WAKE", start, length, rc)
-
-    def read_events(self, batch: EventBatch) -> int:
-        """Read every pending message that fits into ``batch``; 0 when nothing is pending."""
-        n = _read_events(self._fd, batch.raw, batch.capacity)
-        if n < 0:
-            batch.count = 0
-            raise UffdError(-n, "read(userfaultfd)")
-        batch.count = n
-        return n
