@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from live_process import PS, live_process, page_bytes
 
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.source.backends import MemoryBackend
@@ -59,56 +60,15 @@ def make_guest(
     return Guest(image, page_size, sorted(poisoned), sorted(zero))
 
 
-POISONED_PROCESS = """
-import sys
-sys.path.insert(0, sys.argv[3])
-import kernel_raw as _raw
-from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
-n, ps = int(sys.argv[1]), 4096
-poison = [int(x) for x in sys.argv[2].split(",") if x]
-m = memory.anon(n * ps)
-for i in range(n):
-    if i not in poison:
-        m.write(i * ps, bytes([i % 251 + 1]) * ps)
-u = Userfaultfd.create()
-u.register(m.addr, m.size, RegisterMode.MISSING)
-for i in poison:
-    _raw.poison(u, m.addr + i * ps, ps)
-u.close()  # markers survive; the source reads this memory through /proc/PID/mem
-print(m.addr, flush=True)
-sys.stdin.read()
-"""
-
-
 @contextlib.contextmanager
 def poisoned_process(npages: int, poison: list[int]) -> Iterator[tuple[int, int, Guest]]:
-    """A live process whose page i holds byte (i % 251 + 1), with poison markers on ``poison``.
-    Yields (pid, address, the matching Guest)."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            POISONED_PROCESS,
-            str(npages),
-            ",".join(map(str, poison)),
-            str(ROOT / "tests"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"poisoned process failed to start ({proc.wait()})")
+    """A live process (tests/live_process.py) with poison markers on ``poison``. Yields (pid,
+    address, the matching Guest)."""
+    with live_process(npages, poison) as (proc, addr):
         image = bytearray()
         for i in range(npages):
-            image += bytes([i % 251 + 1]) * 4096 if i not in poison else bytes(4096)
-        yield proc.pid, int(line), Guest(image, 4096, sorted(poison), [])
-    finally:
-        proc.kill()
-        proc.wait()
+            image += bytes(PS) if i in poison else page_bytes(i)
+        yield proc.pid, addr, Guest(image, PS, sorted(poison), [])
 
 
 async def start_source(nursery: trio.Nursery, backend: Any, **kwargs: Any) -> str:

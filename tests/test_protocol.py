@@ -8,47 +8,32 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from uffdpoison.protocol import (
-    CLOSED,
-    MAGIC,
-    MAX_HEADER,
-    MAX_PAGES,
-    MAX_PAYLOAD,
-    NEED_DATA,
-    PREFIX_SIZE,
-    PROTOCOL_VERSION,
-    PUSH_ID,
-    Channel,
-    Connection,
-    Done,
-    Error,
-    Event,
-    Hello,
-    PageKind,
-    Pages,
-    ProtocolError,
-    Request,
-    Side,
-    State,
-    Welcome,
-    codec,
-    layout,
-    open_pair,
-)
+from uffdpoison import protocol as p
 
 PS = 4096
 MEM = 64 * PS
 SESSION = b"s" * 16
-URGENT, BULK = Channel.URGENT, Channel.BULK
+URGENT, BULK = p.Channel.URGENT, p.Channel.BULK
+# Control frame headers as msgpack maps, for frames built by hand.
+HELLO = {"t": 1, "v": p.PROTOCOL_VERSION, "c": 1, "s": None, "p": 0, "w": True, "a": None}
+WELCOME = {
+    "t": 2,
+    "v": p.PROTOCOL_VERSION,
+    "s": SESSION,
+    "p": PS,
+    "m": MEM,
+    "h": 0,
+    "n": 0,
+    "l": False,
+}
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def raw_frame(header: Any, payload: bytes = b"", magic: bytes = MAGIC) -> bytes:
+def raw_frame(header: Any, payload: bytes = b"", magic: bytes = p.MAGIC) -> bytes:
     """A frame built by hand, bypassing every send-side check."""
     h = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
     return struct.pack(">2sHI", magic, len(h), len(payload)) + h + payload
@@ -59,44 +44,44 @@ def u64s(*offsets: int) -> memoryview:
 
 
 def wire(parts: list[bytes | memoryview]) -> bytes:
-    return b"".join(bytes(p) for p in parts)
+    return b"".join(bytes(part) for part in parts)
 
 
-def drain(conn: Connection) -> list[Event]:
-    out: list[Event] = []
+def drain(conn: p.Connection) -> list[p.Event]:
+    out: list[p.Event] = []
     while True:
         ev = conn.next_event()
-        if ev is NEED_DATA or ev is CLOSED:
+        if ev is p.NEED_DATA or ev is p.CLOSED:
             return out
         out.append(ev)  # type: ignore[arg-type]
 
 
-def deliver(sender: Connection, receiver: Connection, event: Event) -> Event:
+def deliver(sender: p.Connection, receiver: p.Connection, event: p.Event) -> p.Event:
     receiver.receive_data(wire(sender.send(event)))
     got = receiver.next_event()
-    assert receiver.next_event() is NEED_DATA
+    assert receiver.next_event() is p.NEED_DATA
     return got  # type: ignore[return-value]
 
 
 def handshake(
-    channel: Channel = URGENT,
+    channel: p.Channel = URGENT,
     page_size: int = PS,
     memory: int = MEM,
     poison: memoryview | None = None,
     want_list: bool = True,
-) -> tuple[Connection, Connection]:
-    src, dst = Connection(Side.SOURCE, channel), Connection(Side.DESTINATION, channel)
-    hello = Hello(
-        PROTOCOL_VERSION, channel, SESSION if channel is BULK else None, 0, want_list, None
+) -> tuple[p.Connection, p.Connection]:
+    src, dst = p.Connection(p.Side.SOURCE, channel), p.Connection(p.Side.DESTINATION, channel)
+    hello = p.Hello(
+        p.PROTOCOL_VERSION, channel, SESSION if channel is BULK else None, 0, want_list, None
     )
     assert deliver(dst, src, hello) == hello
     n = 0 if poison is None else len(poison) // 8
-    welcome = Welcome(PROTOCOL_VERSION, SESSION, page_size, memory, 0, n, poison)
+    welcome = p.Welcome(p.PROTOCOL_VERSION, SESSION, page_size, memory, 0, n, poison)
     assert deliver(src, dst, welcome) == welcome
     return src, dst
 
 
-def snapshot(c: Connection) -> tuple[Any, ...]:
+def snapshot(c: p.Connection) -> tuple[Any, ...]:
     return (
         c.state,
         c.outstanding,
@@ -111,27 +96,27 @@ def snapshot(c: Connection) -> tuple[Any, ...]:
     )
 
 
-def assert_rejected(conn: Connection, data: bytes, *words: str, eof: bool = False) -> None:
+def assert_rejected(conn: p.Connection, data: bytes, *words: str, eof: bool = False) -> None:
     """Feeding data raises a ProtocolError naming the problem, with the state untouched."""
     before = snapshot(conn)
     conn.receive_data(data)
     if eof:
         conn.receive_data(b"")
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(p.ProtocolError) as info:
         drain(conn)
     msg = str(info.value)
     for w in words:
         assert w in msg, f"{w!r} not in {msg!r}"
     assert snapshot(conn) == before
     # The failure is sticky: the connection never resynchronises on garbage.
-    with pytest.raises(ProtocolError):
+    with pytest.raises(p.ProtocolError):
         conn.next_event()
     assert conn.failed is not None
 
 
-def assert_send_rejected(conn: Connection, event: Any, *words: str) -> None:
+def assert_send_rejected(conn: p.Connection, event: Any, *words: str) -> None:
     before = snapshot(conn)
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(p.ProtocolError) as info:
         conn.send(event)
     for w in words:
         assert w in str(info.value), f"{w!r} not in {info.value!s}"
@@ -145,16 +130,16 @@ def pages_hdr(id: Any, kind: Any, off: Any, n: Any, **extra: Any) -> dict[str, A
 
 def pages_frame(rid: int, kind: int, off: int, n: int, payload: bytes = b"") -> bytes:
     """A Pages frame in its fixed encoding (layout.PAGES), bypassing send()'s checks."""
-    p1, p2, p3, p4 = (c for c, _ in layout.PAGES.parts())
-    head = codec._PAGES.pack(MAGIC, layout.PAGES.size, len(payload), p1, rid, p2, kind, p3, off,
-                             p4, n)  # fmt: skip
+    p1, p2, p3, p4 = (c for c, _ in p.layout.PAGES.parts())
+    head = p.codec._PAGES.pack(p.MAGIC, p.layout.PAGES.size, len(payload),
+                               p1, rid, p2, kind, p3, off, p4, n)  # fmt: skip
     return head + payload
 
 
 def req_frame(rid: int, off: int, n: int, payload: bytes = b"") -> bytes:
     """A Request frame in its fixed encoding (layout.REQUEST), bypassing send()'s checks."""
-    r1, r2, r3 = (c for c, _ in layout.REQUEST.parts())
-    head = codec._REQ.pack(MAGIC, layout.REQUEST.size, len(payload), r1, rid, r2, off, r3, n)
+    r1, r2, r3 = (c for c, _ in p.layout.REQUEST.parts())
+    head = p.codec._REQ.pack(p.MAGIC, p.layout.REQUEST.size, len(payload), r1, rid, r2, off, r3, n)
     return head + payload
 
 
@@ -164,51 +149,53 @@ def req_frame(rid: int, off: int, n: int, payload: bytes = b"") -> bytes:
 def test_handshake_sets_state() -> None:
     src, dst = handshake(URGENT)
     for c in (src, dst):
-        assert c.state is State.OPEN
+        assert c.state is p.State.OPEN
         assert (c.page_size, c.memory_size, c.session) == (PS, MEM, SESSION)
-        assert c.max_data_pages == MAX_PAYLOAD // PS
+        assert c.max_data_pages == p.MAX_PAYLOAD // PS
 
 
 def test_round_trip_every_kind() -> None:
     src, dst = handshake(URGENT)
     data = memoryview(bytes(range(256)) * (2 * PS // 256))
     digests = u64s(1, 2, 3, 4, 5)
-    req = Request(7, 0, 5, digests)
+    req = p.Request(7, 0, 5, digests)
     got = deliver(dst, src, req)
     assert got == req and bytes(got.digests) == bytes(digests)  # type: ignore[union-attr]
     assert src.outstanding == dst.outstanding == 1
     replies = [
-        Pages(7, PageKind.DATA, 0, 2, data),
-        Pages(7, PageKind.ZERO, 2 * PS, 1),
-        Pages(7, PageKind.POISONED, 3 * PS, 1),
-        Pages(7, PageKind.CLEAN, 4 * PS, 1),
+        p.Pages(7, p.PageKind.DATA, 0, 2, data),
+        p.Pages(7, p.PageKind.ZERO, 2 * PS, 1),
+        p.Pages(7, p.PageKind.POISONED, 3 * PS, 1),
+        p.Pages(7, p.PageKind.CLEAN, 4 * PS, 1),
     ]
     for r in replies:
         assert deliver(src, dst, r) == r
     assert src.outstanding == dst.outstanding == 0
-    req2 = Request(8, 8 * PS, 3)
+    req2 = p.Request(8, 8 * PS, 3)
     deliver(dst, src, req2)
-    err = Error(8, "read-failed", "pread: EIO not poison")
+    err = p.Error(8, "read-failed", "pread: EIO not poison")
     assert deliver(src, dst, err) == err
     assert src.outstanding == dst.outstanding == 0
 
 
 def test_bulk_push_done_and_close() -> None:
     src, dst = handshake(BULK)
-    push = Pages(PUSH_ID, PageKind.DATA, 4 * PS, 1, memoryview(b"x" * PS))
+    push = p.Pages(p.PUSH_ID, p.PageKind.DATA, 4 * PS, 1, memoryview(b"x" * PS))
     assert deliver(src, dst, push) == push
-    assert deliver(src, dst, Pages(PUSH_ID, PageKind.POISONED, 0, 1)).kind is PageKind.POISONED
-    assert deliver(src, dst, Done()) == Done()
-    assert src.our_done and dst.their_done and src.state is State.OPEN
+    assert (
+        deliver(src, dst, p.Pages(p.PUSH_ID, p.PageKind.POISONED, 0, 1)).kind is p.PageKind.POISONED
+    )
+    assert deliver(src, dst, p.Done()) == p.Done()
+    assert src.our_done and dst.their_done and src.state is p.State.OPEN
     # After its Done the source pushes nothing more.
-    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, 0, 1), "after its Done")
-    assert deliver(dst, src, Done()) == Done()
-    assert src.state is State.DONE and dst.state is State.DONE
-    assert_send_rejected(dst, Done(), "after its Done")
+    assert_send_rejected(src, p.Pages(p.PUSH_ID, p.PageKind.ZERO, 0, 1), "after its Done")
+    assert deliver(dst, src, p.Done()) == p.Done()
+    assert src.state is p.State.DONE and dst.state is p.State.DONE
+    assert_send_rejected(dst, p.Done(), "after its Done")
     src.receive_data(b"")
-    assert src.next_event() is CLOSED
-    assert src.state is State.CLOSED
-    assert src.next_event() is CLOSED
+    assert src.next_event() is p.CLOSED
+    assert src.state is p.State.CLOSED
+    assert src.next_event() is p.CLOSED
 
 
 def test_welcome_poison_list_round_trip() -> None:
@@ -224,44 +211,42 @@ def test_welcome_poison_list_round_trip() -> None:
 
 def test_hugetlb_page_size() -> None:
     huge = 2 << 20
-    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
-    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None, page_size=huge))
-    deliver(src, dst, Welcome(PROTOCOL_VERSION, SESSION, huge, 8 * huge, huge, 0, None))
-    assert dst.page_size == huge and dst.max_data_pages == MAX_PAYLOAD // huge
-    deliver(dst, src, Request(1, huge, 2))
-    assert_send_rejected(dst, Request(2, PS, 1), "not aligned")
-    assert_send_rejected(src, Pages(1, PageKind.DATA, huge, 1, memoryview(b"x" * PS)), "DATA")
+    src, dst = p.Connection(p.Side.SOURCE, URGENT), p.Connection(p.Side.DESTINATION, URGENT)
+    deliver(dst, src, p.Hello(p.PROTOCOL_VERSION, URGENT, None, page_size=huge))
+    deliver(src, dst, p.Welcome(p.PROTOCOL_VERSION, SESSION, huge, 8 * huge, huge, 0, None))
+    assert dst.page_size == huge and dst.max_data_pages == p.MAX_PAYLOAD // huge
+    deliver(dst, src, p.Request(1, huge, 2))
+    assert_send_rejected(dst, p.Request(2, PS, 1), "not aligned")
+    assert_send_rejected(src, p.Pages(1, p.PageKind.DATA, huge, 1, memoryview(b"x" * PS)), "DATA")
 
 
 def test_welcome_must_honour_requested_page_size() -> None:
-    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
-    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None, page_size=2 << 20))
-    bad = Welcome(PROTOCOL_VERSION, SESSION, PS, MEM, 0, 0, None)
+    src, dst = p.Connection(p.Side.SOURCE, URGENT), p.Connection(p.Side.DESTINATION, URGENT)
+    deliver(dst, src, p.Hello(p.PROTOCOL_VERSION, URGENT, None, page_size=2 << 20))
+    bad = p.Welcome(p.PROTOCOL_VERSION, SESSION, PS, MEM, 0, 0, None)
     assert_send_rejected(src, bad, "page_size")
-    frame = raw_frame(
-        {"t": 2, "v": PROTOCOL_VERSION, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
-    )
+    frame = raw_frame(WELCOME)
     assert_rejected(dst, frame, "page_size")
 
 
 def test_source_may_refuse_hello_with_error() -> None:
-    src, dst = Connection(Side.SOURCE, BULK), Connection(Side.DESTINATION, BULK)
-    deliver(dst, src, Hello(PROTOCOL_VERSION, BULK, b"nope"))
-    err = Error(None, "unknown-session", "no session b'nope'")
+    src, dst = p.Connection(p.Side.SOURCE, BULK), p.Connection(p.Side.DESTINATION, BULK)
+    deliver(dst, src, p.Hello(p.PROTOCOL_VERSION, BULK, b"nope"))
+    err = p.Error(None, "unknown-session", "no session b'nope'")
     assert deliver(src, dst, err) == err
-    assert src.state is State.ABORTED and dst.state is State.ABORTED
-    assert_send_rejected(src, Welcome(PROTOCOL_VERSION, b"nope", PS, MEM, 0, 0, None), "fatal")
+    assert src.state is p.State.ABORTED and dst.state is p.State.ABORTED
+    assert_send_rejected(src, p.Welcome(p.PROTOCOL_VERSION, b"nope", PS, MEM, 0, 0, None), "fatal")
     assert_rejected(dst, raw_frame({"t": 6}), "after its fatal Error")
 
 
 def test_send_keeps_payload_apart_and_uncopied() -> None:
     _, dst = handshake(URGENT)
     buf = bytearray(4 * PS)
-    parts = dst.send(Request(1, 0, 4, memoryview(bytearray(32))))
+    parts = dst.send(p.Request(1, 0, 4, memoryview(bytearray(32))))
     assert len(parts) == 2 and isinstance(parts[0], bytes) and len(parts[1]) == 32
     src2, dst2 = handshake(URGENT)
-    deliver(dst2, src2, Request(1, 0, 4))
-    parts = src2.send(Pages(1, PageKind.DATA, 0, 4, memoryview(buf)))
+    deliver(dst2, src2, p.Request(1, 0, 4))
+    parts = src2.send(p.Pages(1, p.PageKind.DATA, 0, 4, memoryview(buf)))
     assert len(parts) == 2
     assert isinstance(parts[1], memoryview) and parts[1].obj is buf  # no copy
     assert len(parts[0]) < 64
@@ -269,16 +254,16 @@ def test_send_keeps_payload_apart_and_uncopied() -> None:
 
 def test_received_payload_is_one_buffer() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2))
-    deliver(dst, src, Request(2, 2 * PS, 1))
+    deliver(dst, src, p.Request(1, 0, 2))
+    deliver(dst, src, p.Request(2, 2 * PS, 1))
     data = bytes(range(256)) * (2 * PS // 256)
-    stream = wire(src.send(Pages(1, PageKind.DATA, 0, 2, memoryview(data))))
-    stream += wire(src.send(Pages(2, PageKind.DATA, 2 * PS, 1, memoryview(data[:PS]))))
+    stream = wire(src.send(p.Pages(1, p.PageKind.DATA, 0, 2, memoryview(data))))
+    stream += wire(src.send(p.Pages(2, p.PageKind.DATA, 2 * PS, 1, memoryview(data[:PS]))))
     # Both frames in one chunk, then each split in the middle of its payload.
     for chunks in ([stream], [stream[:100], stream[100:5000], stream[5000:]]):
         _, d = handshake(URGENT)
-        d.send(Request(1, 0, 2))
-        d.send(Request(2, 2 * PS, 1))
+        d.send(p.Request(1, 0, 2))
+        d.send(p.Request(2, 2 * PS, 1))
         for c in chunks:
             d.receive_data(c)
         got = drain(d)
@@ -289,29 +274,29 @@ def test_received_payload_is_one_buffer() -> None:
 
 def test_bytes_wanted_hint() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1))
-    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
-    assert dst.bytes_wanted == PREFIX_SIZE
+    deliver(dst, src, p.Request(1, 0, 1))
+    frame = wire(src.send(p.Pages(1, p.PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
+    assert dst.bytes_wanted == p.PREFIX_SIZE
     dst.receive_data(frame[:3])
-    assert dst.bytes_wanted == PREFIX_SIZE - 3
+    assert dst.bytes_wanted == p.PREFIX_SIZE - 3
     dst.receive_data(frame[3:20])
     assert dst.bytes_wanted == len(frame) - 20
-    assert dst.next_event() is NEED_DATA
+    assert dst.next_event() is p.NEED_DATA
     assert dst.bytes_wanted == len(frame) - 20
     dst.receive_data(frame[20:])
-    assert isinstance(dst.next_event(), Pages)
+    assert isinstance(dst.next_event(), p.Pages)
 
 
 def test_idle_at_frame_boundaries() -> None:
     """What a socket handed to a data plane relies on: nothing half-read is left behind."""
     src, dst = handshake(URGENT)
     assert src.idle
-    frame = wire(dst.send(Request(1, 0, 1)))
+    frame = wire(dst.send(p.Request(1, 0, 1)))
     src.receive_data(frame[:10])
-    assert not src.idle and src.next_event() is NEED_DATA
+    assert not src.idle and src.next_event() is p.NEED_DATA
     src.receive_data(frame[10:])
     assert not src.idle  # a whole frame not yet returned
-    assert isinstance(src.next_event(), Request) and src.idle
+    assert isinstance(src.next_event(), p.Request) and src.idle
     src.receive_data(b"")
     assert not src.idle  # EOF is news for next_event
 
@@ -319,7 +304,7 @@ def test_idle_at_frame_boundaries() -> None:
 def test_unknown_map_keys_of_control_frames_are_ignored() -> None:
     _, dst = handshake(BULK)
     dst.receive_data(raw_frame({"t": 6, "future": "x", "z": [1, 2]}))
-    assert drain(dst) == [Done()]
+    assert drain(dst) == [p.Done()]
 
 
 def test_delegated_connection_judges_control_frames_only() -> None:
@@ -328,17 +313,17 @@ def test_delegated_connection_judges_control_frames_only() -> None:
     src, dst = handshake(URGENT)
     src.delegate_data()
     dst.delegate_data()
-    assert_send_rejected(dst, Request(1, 0, 1), "data plane")
-    assert_send_rejected(src, Pages(1, PageKind.ZERO, 0, 1), "data plane")
-    assert deliver(src, dst, Error(7, "read-failed", "x")) == Error(7, "read-failed", "x")
+    assert_send_rejected(dst, p.Request(1, 0, 1), "data plane")
+    assert_send_rejected(src, p.Pages(1, p.PageKind.ZERO, 0, 1), "data plane")
+    assert deliver(src, dst, p.Error(7, "read-failed", "x")) == p.Error(7, "read-failed", "x")
     assert_rejected(dst, req_frame(1, 0, 1), "data plane")
-    with pytest.raises(ProtocolError, match="open"):
-        Connection(Side.DESTINATION, URGENT).delegate_data()
+    with pytest.raises(p.ProtocolError, match="open"):
+        p.Connection(p.Side.DESTINATION, URGENT).delegate_data()
 
 
 def test_open_pair_helper() -> None:
-    src, dst = open_pair(BULK)
-    assert src.state is dst.state is State.OPEN
+    src, dst = p.open_pair(BULK)
+    assert src.state is dst.state is p.State.OPEN
 
 
 # ---------------------------------------------------------------------------- malformed frames
@@ -346,22 +331,22 @@ def test_open_pair_helper() -> None:
 
 def test_eof_at_boundary_is_closed_mid_frame_is_error() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1))
-    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"z" * PS))))
+    deliver(dst, src, p.Request(1, 0, 1))
+    frame = wire(src.send(p.Pages(1, p.PageKind.DATA, 0, 1, memoryview(b"z" * PS))))
     header_end = len(frame) - PS
-    for cut, word in ((3, "prefix"), (PREFIX_SIZE + 2, "header"), (header_end + 10, "payload")):
+    for cut, word in ((3, "prefix"), (p.PREFIX_SIZE + 2, "header"), (header_end + 10, "payload")):
         _, d = handshake(URGENT)
-        d.send(Request(1, 0, 1))
+        d.send(p.Request(1, 0, 1))
         assert_rejected(d, frame[:cut], "truncated", word, eof=True)
         assert d.outstanding == 1
 
 
 def test_truncated_payload_after_partial_fill() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2))
-    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 2, memoryview(b"z" * 2 * PS))))
+    deliver(dst, src, p.Request(1, 0, 2))
+    frame = wire(src.send(p.Pages(1, p.PageKind.DATA, 0, 2, memoryview(b"z" * 2 * PS))))
     dst.receive_data(frame[:100])
-    assert dst.next_event() is NEED_DATA
+    assert dst.next_event() is p.NEED_DATA
     dst.receive_data(frame[100:5000])
     assert_rejected(dst, b"", "truncated", "payload", eof=True)
     assert dst.outstanding == 1
@@ -370,7 +355,7 @@ def test_truncated_payload_after_partial_fill() -> None:
 def test_data_after_eof() -> None:
     _, dst = handshake(URGENT)
     dst.receive_data(b"")
-    with pytest.raises(ProtocolError, match="after EOF"):
+    with pytest.raises(p.ProtocolError, match="after EOF"):
         dst.receive_data(b"x")
 
 
@@ -381,15 +366,15 @@ def test_bad_magic() -> None:
 
 def test_oversize_header() -> None:
     _, dst = handshake(URGENT)
-    assert_rejected(dst, struct.pack(">2sHI", MAGIC, MAX_HEADER + 1, 0), "header length")
+    assert_rejected(dst, struct.pack(">2sHI", p.MAGIC, p.MAX_HEADER + 1, 0), "header length")
     _, dst = handshake(URGENT)
-    assert_rejected(dst, struct.pack(">2sHI", MAGIC, 0, 0), "header length")
+    assert_rejected(dst, struct.pack(">2sHI", p.MAGIC, 0, 0), "header length")
 
 
 def test_oversize_payload_rejected_before_buffering() -> None:
     _, dst = handshake(URGENT)
     # Only the prefix arrived: the announced size alone condemns the frame.
-    assert_rejected(dst, struct.pack(">2sHI", MAGIC, 10, MAX_PAYLOAD + 1), "MAX_PAYLOAD")
+    assert_rejected(dst, struct.pack(">2sHI", p.MAGIC, 10, p.MAX_PAYLOAD + 1), "MAX_PAYLOAD")
 
 
 def test_header_not_msgpack() -> None:
@@ -424,10 +409,10 @@ def test_unknown_frame_type() -> None:
     assert_rejected(dst, raw_frame({"x": 1}), "lacks its type")
 
 
-def _dst_with_request(id: int = 1, off: int = 0, n: int = 2, digests: bool = False) -> Connection:
+def _dst_with_request(id: int = 1, off: int = 0, n: int = 2, digests: bool = False) -> p.Connection:
     src, dst = handshake(URGENT)
     d = u64s(*range(n)) if digests else None
-    deliver(dst, src, Request(id, off, n, d))
+    deliver(dst, src, p.Request(id, off, n, d))
     return dst
 
 
@@ -470,18 +455,18 @@ def test_wrong_field_types_and_missing_fields(header: dict[str, Any], words: tup
 def test_misaligned_zero_count_and_out_of_range() -> None:
     src, dst = handshake(URGENT)
     for req, word in (
-        (Request(1, 100, 1), "not aligned"),
-        (Request(1, 0, 0), "count 0"),
-        (Request(1, 0, MAX_PAGES + 1), "count"),
-        (Request(1, MEM - PS, 2), "past memory_size"),
-        (Request(1, MEM, 1), "past memory_size"),
+        (p.Request(1, 100, 1), "not aligned"),
+        (p.Request(1, 0, 0), "count 0"),
+        (p.Request(1, 0, p.MAX_PAGES + 1), "count"),
+        (p.Request(1, MEM - PS, 2), "past memory_size"),
+        (p.Request(1, MEM, 1), "past memory_size"),
     ):
         assert_send_rejected(dst, req, word)
         assert_rejected(_fresh_src(), req_frame(req.id, req.offset, req.count), word)
     assert src.outstanding == dst.outstanding == 0
 
 
-def _fresh_src(channel: Channel = URGENT) -> Connection:
+def _fresh_src(channel: p.Channel = URGENT) -> p.Connection:
     src, _ = handshake(channel)
     return src
 
@@ -492,18 +477,18 @@ def test_data_length_mismatch() -> None:
     dst = _dst_with_request(n=2)
     assert_rejected(dst, pages_frame(1, 1, 0, 1), "DATA payload is 0 bytes")
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2))
-    assert_send_rejected(src, Pages(1, PageKind.DATA, 0, 2, memoryview(b"x" * PS)), "DATA")
-    assert_send_rejected(src, Pages(1, PageKind.DATA, 0, 2), "DATA payload is 0 bytes")
+    deliver(dst, src, p.Request(1, 0, 2))
+    assert_send_rejected(src, p.Pages(1, p.PageKind.DATA, 0, 2, memoryview(b"x" * PS)), "DATA")
+    assert_send_rejected(src, p.Pages(1, p.PageKind.DATA, 0, 2), "DATA payload is 0 bytes")
 
 
 def test_payload_on_non_data_kinds() -> None:
-    for kind in (PageKind.ZERO, PageKind.POISONED, PageKind.CLEAN):
+    for kind in (p.PageKind.ZERO, p.PageKind.POISONED, p.PageKind.CLEAN):
         dst = _dst_with_request(digests=True)
         assert_rejected(dst, pages_frame(1, int(kind), 0, 1, b"x" * PS), "no payload")
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1))
-    assert_send_rejected(src, Pages(1, PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload")
+    deliver(dst, src, p.Request(1, 0, 1))
+    assert_send_rejected(src, p.Pages(1, p.PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload")
     for header in ({"t": 6}, {"t": 5, "i": None, "c": "x", "m": ""}):
         _, d = handshake(BULK)
         assert_rejected(d, raw_frame(header, b"junk"), "no payload")
@@ -513,13 +498,13 @@ def test_digest_length_mismatch() -> None:
     src = _fresh_src()
     assert_rejected(src, req_frame(1, 0, 2, b"d" * 8), "digests", "8 * count")
     _, dst = handshake(URGENT)
-    assert_send_rejected(dst, Request(1, 0, 2, memoryview(b"d" * 24)), "digests")
-    assert_send_rejected(dst, Request(1, 0, 2, memoryview(b"")), "digests")
+    assert_send_rejected(dst, p.Request(1, 0, 2, memoryview(b"d" * 24)), "digests")
+    assert_send_rejected(dst, p.Request(1, 0, 2, memoryview(b"")), "digests")
 
 
 def test_clean_needs_digests() -> None:
     dst = _dst_with_request(digests=False)
-    assert_rejected(dst, pages_frame(1, int(PageKind.CLEAN), 0, 1), "CLEAN", "digests")
+    assert_rejected(dst, pages_frame(1, int(p.PageKind.CLEAN), 0, 1), "CLEAN", "digests")
 
 
 def test_unknown_request_id() -> None:
@@ -528,13 +513,13 @@ def test_unknown_request_id() -> None:
     dst = _dst_with_request(id=1)
     assert_rejected(dst, raw_frame({"t": 5, "i": 2, "c": "x", "m": "y"}), "unknown request id 2")
     src, _ = handshake(URGENT)
-    assert_send_rejected(src, Pages(5, PageKind.ZERO, 0, 1), "unknown request id 5")
+    assert_send_rejected(src, p.Pages(5, p.PageKind.ZERO, 0, 1), "unknown request id 5")
 
 
 def test_overlapping_out_of_order_and_overlong_replies() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 4 * PS, 4))
-    deliver(src, dst, Pages(1, PageKind.ZERO, 4 * PS, 2))
+    deliver(dst, src, p.Request(1, 4 * PS, 4))
+    deliver(src, dst, p.Pages(1, p.PageKind.ZERO, 4 * PS, 2))
     assert dst.outstanding == 1
     for frame, word in (
         (pages_frame(1, 2, 5 * PS, 1), "overlaps"),
@@ -545,106 +530,94 @@ def test_overlapping_out_of_order_and_overlong_replies() -> None:
         d2 = _clone_dst_state(dst)
         assert_rejected(d2, frame, word)
         assert d2.outstanding == 1 and d2._out[1].next == 6 * PS
-    assert_send_rejected(src, Pages(1, PageKind.ZERO, 5 * PS, 1), "overlaps")
-    assert_send_rejected(src, Pages(1, PageKind.ZERO, 6 * PS, 3), "past the end")
+    assert_send_rejected(src, p.Pages(1, p.PageKind.ZERO, 5 * PS, 1), "overlaps")
+    assert_send_rejected(src, p.Pages(1, p.PageKind.ZERO, 6 * PS, 3), "past the end")
 
 
-def _clone_dst_state(dst: Connection) -> Connection:
+def _clone_dst_state(dst: p.Connection) -> p.Connection:
     """A fresh destination whose requests await the same bytes (a failed connection stays
     failed, so each malformed case needs its own)."""
     src, d = handshake(URGENT)
     for id, out in dst._out.items():
-        deliver(d, src, Request(id, out.next, (out.end - out.next) // PS))
+        deliver(d, src, p.Request(id, out.next, (out.end - out.next) // PS))
     return d
 
 
 def test_duplicate_request_id() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1))
-    assert_send_rejected(dst, Request(1, PS, 1), "duplicate request id 1")
+    deliver(dst, src, p.Request(1, 0, 1))
+    assert_send_rejected(dst, p.Request(1, PS, 1), "duplicate request id 1")
     assert_rejected(src, req_frame(1, PS, 1), "duplicate request id 1")
     assert src.outstanding == dst.outstanding == 1
 
 
 def test_frames_before_handshake() -> None:
-    src = Connection(Side.SOURCE, URGENT)
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_rejected(src, req_frame(1, 0, 1), "before the handshake", "Hello")
-    dst = Connection(Side.DESTINATION, URGENT)
-    assert_send_rejected(dst, Request(1, 0, 1), "before the handshake")
-    src = Connection(Side.SOURCE, URGENT)
+    dst = p.Connection(p.Side.DESTINATION, URGENT)
+    assert_send_rejected(dst, p.Request(1, 0, 1), "before the handshake")
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_send_rejected(
-        src, Welcome(PROTOCOL_VERSION, SESSION, PS, MEM, 0, 0, None), "before the Hello"
+        src, p.Welcome(p.PROTOCOL_VERSION, SESSION, PS, MEM, 0, 0, None), "before the Hello"
     )
     # Welcome arrives but the Hello was never sent.
-    dst = Connection(Side.DESTINATION, URGENT)
-    w = {"t": 2, "v": PROTOCOL_VERSION, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
-    assert_rejected(dst, raw_frame(w), "Welcome before the Hello")
+    dst = p.Connection(p.Side.DESTINATION, URGENT)
+    assert_rejected(dst, raw_frame(WELCOME), "Welcome before the Hello")
     # Destination got its Hello out, then receives Pages instead of a Welcome.
-    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
-    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None))
+    src, dst = p.Connection(p.Side.SOURCE, URGENT), p.Connection(p.Side.DESTINATION, URGENT)
+    deliver(dst, src, p.Hello(p.PROTOCOL_VERSION, URGENT, None))
     assert_rejected(dst, pages_frame(1, 2, 0, 1), "before the handshake", "Welcome")
-    assert dst.state is State.HANDSHAKE
+    assert dst.state is p.State.HANDSHAKE
 
 
 def test_duplicate_hello_and_welcome() -> None:
     src, dst = handshake(URGENT)
-    hello = {"t": 1, "v": PROTOCOL_VERSION, "c": 1, "s": None, "p": 0, "w": True, "a": None}
-    assert_rejected(src, raw_frame(hello), "duplicate Hello")
-    assert_send_rejected(dst, Hello(PROTOCOL_VERSION, URGENT, None), "duplicate Hello")
-    w = {"t": 2, "v": PROTOCOL_VERSION, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
-    assert_rejected(dst, raw_frame(w), "duplicate Welcome")
+    assert_rejected(src, raw_frame(HELLO), "duplicate Hello")
+    assert_send_rejected(dst, p.Hello(p.PROTOCOL_VERSION, URGENT, None), "duplicate Hello")
+    assert_rejected(dst, raw_frame(WELCOME), "duplicate Welcome")
 
 
 def test_hello_from_wrong_side_and_wrong_channel() -> None:
-    dst = Connection(Side.DESTINATION, URGENT)
-    hello = {"t": 1, "v": PROTOCOL_VERSION, "c": 1, "s": None, "p": 0, "w": True, "a": None}
-    assert_rejected(dst, raw_frame(hello), "Hello sent by the source")
-    src = Connection(Side.SOURCE, BULK)
+    dst = p.Connection(p.Side.DESTINATION, URGENT)
+    hello = HELLO
+    assert_rejected(dst, raw_frame(HELLO), "Hello sent by the source")
+    src = p.Connection(p.Side.SOURCE, BULK)
     assert_rejected(src, raw_frame({**hello, "s": SESSION}), "URGENT channel on the BULK")
-    src = Connection(Side.SOURCE, BULK)
+    src = p.Connection(p.Side.SOURCE, BULK)
     assert_rejected(src, raw_frame({**hello, "c": 2}), "must carry a session")
-    src = Connection(Side.SOURCE, URGENT)
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame({**hello, "s": SESSION}), "session None")
-    src = Connection(Side.SOURCE, URGENT)
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame({**hello, "c": 3}), "unknown channel")
-    src = Connection(Side.SOURCE, URGENT)
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame({**hello, "p": 5000}), "page_size", "power of two")
-    src = Connection(Side.SOURCE, URGENT)
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame({**hello, "w": 1}), "want_poison_list", "bool")
-    src = Connection(Side.SOURCE, BULK)
+    src = p.Connection(p.Side.SOURCE, BULK)
     assert_rejected(src, raw_frame({**hello, "c": 2, "s": "tok"}), "'session'", "bytes", "str")
-    src = Connection(Side.SOURCE, URGENT)
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame({**hello, "a": "pw"}), "'auth'", "bytes", "str")
-    src = Connection(Side.SOURCE, URGENT)
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame({**hello, "v": 1.0}), "'version'", "float")
     assert src.hello is None
 
 
 def test_version_mismatch() -> None:
-    hello = {"t": 1, "v": PROTOCOL_VERSION + 1, "c": 1, "s": None, "p": 0, "w": True, "a": None}
-    src = Connection(Side.SOURCE, URGENT)
+    hello = {**HELLO, "v": p.PROTOCOL_VERSION + 1}
+    src = p.Connection(p.Side.SOURCE, URGENT)
     assert_rejected(src, raw_frame(hello), "version mismatch")
-    assert src.hello is None and src.state is State.HANDSHAKE
-    dst = Connection(Side.DESTINATION, URGENT)
-    assert_send_rejected(dst, Hello(PROTOCOL_VERSION + 1, URGENT, None), "version mismatch")
-    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
-    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None))
-    w = {"t": 2, "v": 1, "s": SESSION, "p": PS, "m": MEM, "h": 0, "n": 0, "l": False}
+    assert src.hello is None and src.state is p.State.HANDSHAKE
+    dst = p.Connection(p.Side.DESTINATION, URGENT)
+    assert_send_rejected(dst, p.Hello(p.PROTOCOL_VERSION + 1, URGENT, None), "version mismatch")
+    src, dst = p.Connection(p.Side.SOURCE, URGENT), p.Connection(p.Side.DESTINATION, URGENT)
+    deliver(dst, src, p.Hello(p.PROTOCOL_VERSION, URGENT, None))
+    w = {**WELCOME, "v": 1}
     assert_rejected(dst, raw_frame(w), "version mismatch")
     assert dst.page_size == 0
 
 
 def test_bad_welcome_fields() -> None:
-    base = {
-        "t": 2,
-        "v": PROTOCOL_VERSION,
-        "s": SESSION,
-        "p": PS,
-        "m": MEM,
-        "h": 0,
-        "n": 0,
-        "l": False,
-    }
+    base = WELCOME
     cases: list[tuple[dict[str, Any], bytes, str]] = [
         ({"m": MEM + 1}, b"", "multiple of"),
         ({"m": 0}, b"", "multiple of"),
@@ -660,77 +633,77 @@ def test_bad_welcome_fields() -> None:
         ({"h": 1000}, b"", "huge_page_size"),
     ]
     for changes, payload, word in cases:
-        src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
-        deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None))
+        src, dst = p.Connection(p.Side.SOURCE, URGENT), p.Connection(p.Side.DESTINATION, URGENT)
+        deliver(dst, src, p.Hello(p.PROTOCOL_VERSION, URGENT, None))
         assert_rejected(dst, raw_frame({**base, **changes}, bytes(payload)), word)
-        assert dst.state is State.HANDSHAKE and dst.page_size == 0
+        assert dst.state is p.State.HANDSHAKE and dst.page_size == 0
 
 
 def test_poison_list_not_wanted() -> None:
-    src, dst = Connection(Side.SOURCE, URGENT), Connection(Side.DESTINATION, URGENT)
-    deliver(dst, src, Hello(PROTOCOL_VERSION, URGENT, None, want_poison_list=False))
-    w = Welcome(PROTOCOL_VERSION, SESSION, PS, MEM, 0, 1, u64s(0))
+    src, dst = p.Connection(p.Side.SOURCE, URGENT), p.Connection(p.Side.DESTINATION, URGENT)
+    deliver(dst, src, p.Hello(p.PROTOCOL_VERSION, URGENT, None, want_poison_list=False))
+    w = p.Welcome(p.PROTOCOL_VERSION, SESSION, PS, MEM, 0, 1, u64s(0))
     assert_send_rejected(src, w, "did not want")
 
 
 def test_bulk_session_must_match() -> None:
-    src, dst = Connection(Side.SOURCE, BULK), Connection(Side.DESTINATION, BULK)
-    deliver(dst, src, Hello(PROTOCOL_VERSION, BULK, SESSION))
+    src, dst = p.Connection(p.Side.SOURCE, BULK), p.Connection(p.Side.DESTINATION, BULK)
+    deliver(dst, src, p.Hello(p.PROTOCOL_VERSION, BULK, SESSION))
     assert_send_rejected(
-        src, Welcome(PROTOCOL_VERSION, b"other", PS, MEM, 0, 0, None), "another session"
+        src, p.Welcome(p.PROTOCOL_VERSION, b"other", PS, MEM, 0, 0, None), "another session"
     )
 
 
 def test_channel_rules() -> None:
     # requests and replies only on URGENT
     src_b, dst_b = handshake(BULK)
-    assert_send_rejected(dst_b, Request(1, 0, 1), "Request on the BULK")
+    assert_send_rejected(dst_b, p.Request(1, 0, 1), "Request on the BULK")
     assert_rejected(src_b, req_frame(1, 0, 1), "Request on the BULK")
     src_b, dst_b = handshake(BULK)
     assert_rejected(dst_b, pages_frame(1, 2, 0, 1), "reply (id 1) on the BULK")
     # the push and Done only on BULK
     src_u, dst_u = handshake(URGENT)
-    assert_send_rejected(src_u, Pages(PUSH_ID, PageKind.ZERO, 0, 1), "push", "URGENT")
-    assert_rejected(dst_u, pages_frame(PUSH_ID, 2, 0, 1), "push", "URGENT")
+    assert_send_rejected(src_u, p.Pages(p.PUSH_ID, p.PageKind.ZERO, 0, 1), "push", "URGENT")
+    assert_rejected(dst_u, pages_frame(p.PUSH_ID, 2, 0, 1), "push", "URGENT")
     src_u, dst_u = handshake(URGENT)
-    assert_send_rejected(src_u, Done(), "Done on the URGENT")
+    assert_send_rejected(src_u, p.Done(), "Done on the URGENT")
     assert_rejected(dst_u, raw_frame({"t": 6}), "Done on the URGENT")
     # a CLEAN push makes no sense (nothing was asked); request id 0 is the push's
     src_b, dst_b = handshake(BULK)
-    assert_rejected(dst_b, pages_frame(PUSH_ID, 4, 0, 1), "cannot be CLEAN")
+    assert_rejected(dst_b, pages_frame(p.PUSH_ID, 4, 0, 1), "cannot be CLEAN")
     src_u, dst_u = handshake(URGENT)
-    assert_send_rejected(dst_u, Request(PUSH_ID, 0, 1), "reserved for the push")
-    assert_rejected(src_u, req_frame(PUSH_ID, 0, 1), "reserved for the push")
+    assert_send_rejected(dst_u, p.Request(p.PUSH_ID, 0, 1), "reserved for the push")
+    assert_rejected(src_u, req_frame(p.PUSH_ID, 0, 1), "reserved for the push")
 
 
 def test_wrong_direction() -> None:
     src, dst = handshake(BULK)
-    assert_send_rejected(src, Request(1, 0, 1), "sent by the source")
-    assert_send_rejected(dst, Pages(PUSH_ID, PageKind.ZERO, 0, 1), "sent by the destination")
-    assert_send_rejected(dst, Error(1, "x", ""), "sent by the destination")
-    assert_rejected(src, pages_frame(PUSH_ID, 2, 0, 1), "sent by the destination")
+    assert_send_rejected(src, p.Request(1, 0, 1), "sent by the source")
+    assert_send_rejected(dst, p.Pages(p.PUSH_ID, p.PageKind.ZERO, 0, 1), "sent by the destination")
+    assert_send_rejected(dst, p.Error(1, "x", ""), "sent by the destination")
+    assert_rejected(src, pages_frame(p.PUSH_ID, 2, 0, 1), "sent by the destination")
 
 
 def test_frames_after_done() -> None:
     src, dst = handshake(BULK)
-    deliver(src, dst, Done())
-    assert_rejected(dst, pages_frame(PUSH_ID, 2, 0, 1), "after its Done")
+    deliver(src, dst, p.Done())
+    assert_rejected(dst, pages_frame(p.PUSH_ID, 2, 0, 1), "after its Done")
     src, dst = handshake(BULK)
-    deliver(dst, src, Done())
+    deliver(dst, src, p.Done())
     assert_rejected(src, raw_frame({"t": 6}), "after its Done")
 
 
 def test_send_type_checks() -> None:
     src, dst = handshake(URGENT)
-    assert_send_rejected(dst, Request(True, 0, 1), "'id'", "bool")  # type: ignore[arg-type]
-    assert_send_rejected(dst, Request(1, 0, 1, 1), "buffer")  # type: ignore[arg-type]
-    assert_send_rejected(dst, Request(1, 0.0, 1), "'offset'")  # type: ignore[arg-type]
-    assert_send_rejected(dst, Request(1, 0, 1, "digests"), "buffer")  # type: ignore[arg-type]
+    assert_send_rejected(dst, p.Request(True, 0, 1), "'id'", "bool")  # type: ignore[arg-type]
+    assert_send_rejected(dst, p.Request(1, 0, 1, 1), "buffer")  # type: ignore[arg-type]
+    assert_send_rejected(dst, p.Request(1, 0.0, 1), "'offset'")  # type: ignore[arg-type]
+    assert_send_rejected(dst, p.Request(1, 0, 1, "digests"), "buffer")  # type: ignore[arg-type]
     assert_send_rejected(dst, "Request", "not a protocol event")
-    deliver(dst, src, Request(1, 0, 1))
-    assert_send_rejected(src, Pages(1, 2, 0, 1), "PageKind")  # type: ignore[arg-type]
-    assert_send_rejected(src, Error(1, "x", "m" * 5000), "'message'")
-    assert_send_rejected(src, Error(1, "x" * 100, ""), "'code'")
+    deliver(dst, src, p.Request(1, 0, 1))
+    assert_send_rejected(src, p.Pages(1, 2, 0, 1), "PageKind")  # type: ignore[arg-type]
+    assert_send_rejected(src, p.Error(1, "x", "m" * 5000), "'message'")
+    assert_send_rejected(src, p.Error(1, "x" * 100, ""), "'code'")
 
 
 # ---------------------------------------------------------------------------- properties
@@ -747,7 +720,7 @@ def _chunks(draw: Callable[..., Any], data: bytes) -> list[bytes]:
 
 
 @st.composite
-def scenarios(draw: Callable[..., Any]) -> tuple[Channel, int, list[tuple[Side, Event]]]:
+def scenarios(draw: Callable[..., Any]) -> tuple[p.Channel, int, list[tuple[p.Side, p.Event]]]:
     """A valid conversation on one channel, as (sender, event) in the order they are sent."""
     channel = draw(st.sampled_from([URGENT, BULK]))
     ps = draw(st.sampled_from([PS, 4 * PS]))
@@ -755,18 +728,18 @@ def scenarios(draw: Callable[..., Any]) -> tuple[Channel, int, list[tuple[Side, 
     mem = npages * ps
     plist = sorted(draw(st.sets(st.integers(0, npages - 1), max_size=5)))
     want = draw(st.booleans())
-    poison = u64s(*(p * ps for p in plist)) if want and draw(st.booleans()) else None
-    hello = Hello(
-        PROTOCOL_VERSION,
+    poison = u64s(*(i * ps for i in plist)) if want and draw(st.booleans()) else None
+    hello = p.Hello(
+        p.PROTOCOL_VERSION,
         channel,
         SESSION if channel is BULK else None,
         draw(st.sampled_from([0, ps])),
         want,
         draw(st.one_of(st.none(), st.binary(max_size=20))),
     )
-    welcome = Welcome(PROTOCOL_VERSION, SESSION, ps, mem, draw(st.sampled_from([0, ps])),
+    welcome = p.Welcome(p.PROTOCOL_VERSION, SESSION, ps, mem, draw(st.sampled_from([0, ps])),
                       len(plist), poison)  # fmt: skip
-    evs: list[tuple[Side, Event]] = [(Side.DESTINATION, hello), (Side.SOURCE, welcome)]
+    evs: list[tuple[p.Side, p.Event]] = [(p.Side.DESTINATION, hello), (p.Side.SOURCE, welcome)]
     out: dict[int, list[Any]] = {}  # id -> [next, end, has_digests]
     next_id = draw(st.integers(1, 2**64 - 100))
     src_done = dst_done = False
@@ -791,39 +764,39 @@ def scenarios(draw: Callable[..., Any]) -> tuple[Channel, int, list[tuple[Side, 
                 if draw(st.booleans())
                 else None
             )
-            evs.append((Side.DESTINATION, Request(next_id, off * ps, n, dig)))
+            evs.append((p.Side.DESTINATION, p.Request(next_id, off * ps, n, dig)))
             out[next_id] = [off * ps, (off + n) * ps, dig is not None]
             next_id += 1
         elif what == "reply":
             rid = draw(st.sampled_from(sorted(out)))
             nxt, end, dig = out[rid]
             n = draw(st.integers(1, (end - nxt) // ps))
-            kinds = [PageKind.DATA, PageKind.ZERO, PageKind.POISONED]
-            kind = draw(st.sampled_from([*kinds, PageKind.CLEAN] if dig else kinds))
+            kinds = [p.PageKind.DATA, p.PageKind.ZERO, p.PageKind.POISONED]
+            kind = draw(st.sampled_from([*kinds, p.PageKind.CLEAN] if dig else kinds))
             data = (
                 memoryview(draw(st.binary(min_size=n * ps, max_size=n * ps)))
-                if kind is PageKind.DATA
+                if kind is p.PageKind.DATA
                 else None
             )
-            evs.append((Side.SOURCE, Pages(rid, kind, nxt, n, data)))
+            evs.append((p.Side.SOURCE, p.Pages(rid, kind, nxt, n, data)))
             out[rid][0] += n * ps
             if out[rid][0] == end:
                 del out[rid]
         elif what == "error":
             rid = draw(st.sampled_from(sorted(out)))
-            evs.append((Side.SOURCE, Error(rid, draw(st.sampled_from(["busy", "x"])), "m")))
+            evs.append((p.Side.SOURCE, p.Error(rid, draw(st.sampled_from(["busy", "x"])), "m")))
             del out[rid]
         elif what == "push":
             off = draw(st.integers(0, npages - 1))
             n = draw(st.integers(1, npages - off))
-            kind = draw(st.sampled_from([PageKind.DATA, PageKind.ZERO, PageKind.POISONED]))
-            data = memoryview(bytes([off % 256]) * (n * ps)) if kind is PageKind.DATA else None
-            evs.append((Side.SOURCE, Pages(PUSH_ID, kind, off * ps, n, data)))
+            kind = draw(st.sampled_from([p.PageKind.DATA, p.PageKind.ZERO, p.PageKind.POISONED]))
+            data = memoryview(bytes([off % 256]) * (n * ps)) if kind is p.PageKind.DATA else None
+            evs.append((p.Side.SOURCE, p.Pages(p.PUSH_ID, kind, off * ps, n, data)))
         elif what == "src_done":
-            evs.append((Side.SOURCE, Done()))
+            evs.append((p.Side.SOURCE, p.Done()))
             src_done = True
         else:
-            evs.append((Side.DESTINATION, Done()))
+            evs.append((p.Side.DESTINATION, p.Done()))
             dst_done = True
     return channel, ps, evs
 
@@ -831,37 +804,37 @@ def scenarios(draw: Callable[..., Any]) -> tuple[Channel, int, list[tuple[Side, 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.data())
 def test_valid_conversations_survive_encode_decode(
-    scenario: tuple[Channel, int, list[tuple[Side, Event]]], data: st.DataObject
+    scenario: tuple[p.Channel, int, list[tuple[p.Side, p.Event]]], data: st.DataObject
 ) -> None:
     channel, _, evs = scenario
-    src, dst = Connection(Side.SOURCE, channel), Connection(Side.DESTINATION, channel)
-    to_src: list[Event] = []
+    src, dst = p.Connection(p.Side.SOURCE, channel), p.Connection(p.Side.DESTINATION, channel)
+    to_src: list[p.Event] = []
     to_dst_stream = bytearray()
-    to_dst: list[Event] = []
+    to_dst: list[p.Event] = []
     for sender, ev in evs:
-        if sender is Side.DESTINATION:
+        if sender is p.Side.DESTINATION:
             # The source must see each request before it can reply: deliver now, in chunks.
             for chunk in _chunks(data.draw, wire(dst.send(ev))):
                 src.receive_data(chunk)
             to_src += drain(src)
-        elif isinstance(ev, Welcome):
+        elif isinstance(ev, p.Welcome):
             # The destination needs the Welcome (page size) before its first request.
             assert deliver(src, dst, ev) == ev
         else:
             to_dst_stream += wire(src.send(ev))
             to_dst.append(ev)
-    assert to_src == [ev for s, ev in evs if s is Side.DESTINATION]
+    assert to_src == [ev for s, ev in evs if s is p.Side.DESTINATION]
     # Byte by byte for small streams, otherwise random chunks; then EOF at a frame boundary.
     if len(to_dst_stream) < 2000 and data.draw(st.booleans()):
         pieces = [to_dst_stream[i : i + 1] for i in range(len(to_dst_stream))]
     else:
         pieces = _chunks(data.draw, bytes(to_dst_stream))
-    got: list[Event] = []
-    for p in pieces:
-        dst.receive_data(bytes(p))
+    got: list[p.Event] = []
+    for piece in pieces:
+        dst.receive_data(bytes(piece))
         got += drain(dst)
     dst.receive_data(b"")
-    assert dst.next_event() is CLOSED
+    assert dst.next_event() is p.CLOSED
     assert got == to_dst
     assert dst.outstanding == src.outstanding
     assert dst.our_done == src.their_done and dst.their_done == src.our_done
@@ -893,22 +866,22 @@ def noise_frames(draw: Callable[..., Any]) -> bytes:
 
 @settings(max_examples=400, deadline=None)
 @given(
-    st.sampled_from(list(Side)),
-    st.sampled_from(list(Channel)),
+    st.sampled_from(list(p.Side)),
+    st.sampled_from(list(p.Channel)),
     st.booleans(),
     st.lists(st.one_of(st.binary(max_size=64), noise_frames()), max_size=6),
     st.booleans(),
 )
 def test_arbitrary_bytes_decode_or_protocol_error(
-    side: Side, channel: Channel, shake: bool, blobs: list[bytes], eof: bool
+    side: p.Side, channel: p.Channel, shake: bool, blobs: list[bytes], eof: bool
 ) -> None:
     if shake:
         src, dst = handshake(channel)
         if channel is URGENT:
-            deliver(dst, src, Request(1, 0, 2, u64s(1, 2)))
-        conn = src if side is Side.SOURCE else dst
+            deliver(dst, src, p.Request(1, 0, 2, u64s(1, 2)))
+        conn = src if side is p.Side.SOURCE else dst
     else:
-        conn = Connection(side, channel)
+        conn = p.Connection(side, channel)
     try:
         for b in blobs:
             conn.receive_data(b)
@@ -916,28 +889,28 @@ def test_arbitrary_bytes_decode_or_protocol_error(
         if eof:
             conn.receive_data(b"")
             drain(conn)
-    except ProtocolError:
+    except p.ProtocolError:
         pass
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from([URGENT, BULK]), st.data())
 def test_mutated_valid_stream_decodes_or_protocol_error(
-    channel: Channel, data: st.DataObject
+    channel: p.Channel, data: st.DataObject
 ) -> None:
     src, dst = handshake(channel)
     if channel is URGENT:
-        deliver(dst, src, Request(1, 0, 3, u64s(1, 2, 3)))
-        events: tuple[Event, ...] = (
-            Pages(1, PageKind.DATA, 0, 1, memoryview(b"d" * PS)),
-            Pages(1, PageKind.CLEAN, PS, 1),
-            Error(1, "read-failed", "x"),
+        deliver(dst, src, p.Request(1, 0, 3, u64s(1, 2, 3)))
+        events: tuple[p.Event, ...] = (
+            p.Pages(1, p.PageKind.DATA, 0, 1, memoryview(b"d" * PS)),
+            p.Pages(1, p.PageKind.CLEAN, PS, 1),
+            p.Error(1, "read-failed", "x"),
         )
     else:
         events = (
-            Pages(PUSH_ID, PageKind.DATA, 2 * PS, 1, memoryview(b"d" * PS)),
-            Pages(PUSH_ID, PageKind.POISONED, 5 * PS, 2),
-            Done(),
+            p.Pages(p.PUSH_ID, p.PageKind.DATA, 2 * PS, 1, memoryview(b"d" * PS)),
+            p.Pages(p.PUSH_ID, p.PageKind.POISONED, 5 * PS, 2),
+            p.Done(),
         )
     stream = bytearray()
     for ev in events:
@@ -951,7 +924,7 @@ def test_mutated_valid_stream_decodes_or_protocol_error(
         drain(dst)
         dst.receive_data(b"")
         drain(dst)
-    except ProtocolError:
+    except p.ProtocolError:
         pass
 
 
@@ -961,18 +934,18 @@ def test_mutated_valid_stream_decodes_or_protocol_error(
 def test_fixed_layouts_are_plain_msgpack() -> None:
     """Any msgpack reader decodes the fixed layouts; the bytes are layout.py's table."""
     src, dst = handshake(URGENT)
-    parts = dst.send(Request(5, 3 * PS, 2, u64s(9, 8)))
+    parts = dst.send(p.Request(5, 3 * PS, 2, u64s(9, 8)))
     head = bytes(parts[0])
     assert head == req_frame(5, 3 * PS, 2, bytes(16))[: len(head)]
-    assert len(head) == PREFIX_SIZE + layout.REQUEST.size == PREFIX_SIZE + 37
-    assert msgpack.unpackb(head[PREFIX_SIZE:]) == {"t": 3, "i": 5, "o": 3 * PS, "n": 2}
+    assert len(head) == p.PREFIX_SIZE + p.layout.REQUEST.size == p.PREFIX_SIZE + 37
+    assert msgpack.unpackb(head[p.PREFIX_SIZE :]) == {"t": 3, "i": 5, "o": 3 * PS, "n": 2}
     src.receive_data(wire(parts))
-    assert drain(src) == [Request(5, 3 * PS, 2, u64s(9, 8))]
-    parts = src.send(Pages(5, PageKind.ZERO, 3 * PS, 1))
+    assert drain(src) == [p.Request(5, 3 * PS, 2, u64s(9, 8))]
+    parts = src.send(p.Pages(5, p.PageKind.ZERO, 3 * PS, 1))
     head = bytes(parts[0])
-    assert len(head) == PREFIX_SIZE + layout.PAGES.size == PREFIX_SIZE + 40
-    assert msgpack.unpackb(head[PREFIX_SIZE:]) == {"t": 4, "i": 5, "k": 2, "o": 3 * PS, "n": 1}
-    assert head[PREFIX_SIZE:] == bytes.fromhex("85a17404a169cf") + (5).to_bytes(8, "big") + (
+    assert len(head) == p.PREFIX_SIZE + p.layout.PAGES.size == p.PREFIX_SIZE + 40
+    assert msgpack.unpackb(head[p.PREFIX_SIZE :]) == {"t": 4, "i": 5, "k": 2, "o": 3 * PS, "n": 1}
+    assert head[p.PREFIX_SIZE :] == bytes.fromhex("85a17404a169cf") + (5).to_bytes(8, "big") + (
         bytes.fromhex("a16b02a16fcf") + (3 * PS).to_bytes(8, "big") + bytes.fromhex("a16ecf")
     ) + (1).to_bytes(8, "big")
 
@@ -1008,40 +981,40 @@ def test_malformed_reply_is_named(frame: bytes, words: tuple[str]) -> None:
         (req_frame(2, PS + 1, 1), ("not aligned",)),
         (req_frame(2, MEM, 1), ("past memory_size",)),
         (req_frame(2, 0, 0), ("count 0",)),
-        (req_frame(2, 0, MAX_PAGES + 1), ("count",)),
+        (req_frame(2, 0, p.MAX_PAGES + 1), ("count",)),
     ],
 )
 def test_malformed_request_is_named(frame: bytes, words: tuple[str]) -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 1))
+    deliver(dst, src, p.Request(1, 0, 1))
     assert_rejected(src, frame, *words)
     assert src.outstanding == 1
 
 
 def test_receive_data_accepts_any_buffer_shape() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2))
-    frame = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS))))
-    frame += wire(src.send(Pages(1, PageKind.ZERO, PS, 1)))
+    deliver(dst, src, p.Request(1, 0, 2))
+    frame = wire(src.send(p.Pages(1, p.PageKind.DATA, 0, 1, memoryview(b"q" * PS))))
+    frame += wire(src.send(p.Pages(1, p.PageKind.ZERO, PS, 1)))
     # The stream's tail, spanning the payload's end, as a u64-formatted view: the receiver
     # must count it in bytes.
     k = len(frame) - PS // 2
     k -= (len(frame) - k) % 8
     dst.receive_data(frame[:k])
-    assert dst.next_event() is NEED_DATA
+    assert dst.next_event() is p.NEED_DATA
     dst.receive_data(memoryview(frame[k:]).cast("Q"))
     assert drain(dst) == [
-        Pages(1, PageKind.DATA, 0, 1, memoryview(b"q" * PS)),
-        Pages(1, PageKind.ZERO, PS, 1),
+        p.Pages(1, p.PageKind.DATA, 0, 1, memoryview(b"q" * PS)),
+        p.Pages(1, p.PageKind.ZERO, PS, 1),
     ]
 
 
 def test_received_data_is_not_kept_by_reference() -> None:
     """A transport may reuse its receive buffer (recv_into) right after receive_data."""
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 3))
-    stream = wire(src.send(Pages(1, PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
-    stream += wire(src.send(Pages(1, PageKind.DATA, PS, 2, memoryview(b"b" * 2 * PS))))
+    deliver(dst, src, p.Request(1, 0, 3))
+    stream = wire(src.send(p.Pages(1, p.PageKind.DATA, 0, 1, memoryview(b"a" * PS))))
+    stream += wire(src.send(p.Pages(1, p.PageKind.DATA, PS, 2, memoryview(b"b" * 2 * PS))))
     rx = bytearray(5000)
     for i in range(0, len(stream), len(rx)):
         piece = stream[i : i + len(rx)]
@@ -1055,16 +1028,16 @@ def test_received_data_is_not_kept_by_reference() -> None:
 
 def test_frames_before_a_framing_error_are_delivered_first() -> None:
     src, dst = handshake(URGENT)
-    deliver(dst, src, Request(1, 0, 2))
-    good = wire(src.send(Pages(1, PageKind.ZERO, 0, 1)))
+    deliver(dst, src, p.Request(1, 0, 2))
+    good = wire(src.send(p.Pages(1, p.PageKind.ZERO, 0, 1)))
     dst.receive_data(good + b"GET / HTTP/1.1\r\n\r\n")
-    assert dst.next_event() == Pages(1, PageKind.ZERO, 0, 1)
+    assert dst.next_event() == p.Pages(1, p.PageKind.ZERO, 0, 1)
     assert dst.outstanding == 1
-    with pytest.raises(ProtocolError, match="magic"):
+    with pytest.raises(p.ProtocolError, match="magic"):
         dst.next_event()
     assert dst.outstanding == 1
-    dst.receive_data(wire(src.send(Pages(1, PageKind.ZERO, PS, 1))))  # dropped: stream is dead
-    with pytest.raises(ProtocolError, match="magic"):
+    dst.receive_data(wire(src.send(p.Pages(1, p.PageKind.ZERO, PS, 1))))  # dropped: stream is dead
+    with pytest.raises(p.ProtocolError, match="magic"):
         dst.next_event()
 
 
@@ -1074,44 +1047,46 @@ def test_frames_before_a_framing_error_are_delivered_first() -> None:
 def test_push_round_trip() -> None:
     src, dst = handshake(BULK)
     data = memoryview(bytes(range(256)) * (2 * PS // 256))
-    parts = src.send(Pages(PUSH_ID, PageKind.DATA, 3 * PS, 2, data))
+    parts = src.send(p.Pages(p.PUSH_ID, p.PageKind.DATA, 3 * PS, 2, data))
     assert parts[1] is data  # the payload is not copied
-    assert bytes(parts[0]) == pages_frame(PUSH_ID, 1, 3 * PS, 2, bytes(2 * PS))[:48]
+    assert bytes(parts[0]) == pages_frame(p.PUSH_ID, 1, 3 * PS, 2, bytes(2 * PS))[:48]
     dst.receive_data(wire(parts))
-    assert drain(dst) == [Pages(PUSH_ID, PageKind.DATA, 3 * PS, 2, data)]
-    for kind in (PageKind.ZERO, PageKind.POISONED):
-        parts = src.send(Pages(PUSH_ID, kind, MEM - PS, 1))
-        assert len(parts) == 1 and len(parts[0]) == PREFIX_SIZE + 40
+    assert drain(dst) == [p.Pages(p.PUSH_ID, p.PageKind.DATA, 3 * PS, 2, data)]
+    for kind in (p.PageKind.ZERO, p.PageKind.POISONED):
+        parts = src.send(p.Pages(p.PUSH_ID, kind, MEM - PS, 1))
+        assert len(parts) == 1 and len(parts[0]) == p.PREFIX_SIZE + 40
         dst.receive_data(wire(parts))
-        assert drain(dst) == [Pages(PUSH_ID, kind, MEM - PS, 1)]
+        assert drain(dst) == [p.Pages(p.PUSH_ID, kind, MEM - PS, 1)]
     assert dst.outstanding == 0 and src.outstanding == 0
 
 
 def test_bad_pushes_are_refused_on_send() -> None:
     src, _ = handshake(BULK)
-    assert_send_rejected(src, Pages(PUSH_ID, PageKind.CLEAN, 0, 1), "CLEAN")
-    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, 100, 1), "not aligned")
-    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, MEM, 1), "past memory_size")
-    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, 0, 0), "count 0")
+    assert_send_rejected(src, p.Pages(p.PUSH_ID, p.PageKind.CLEAN, 0, 1), "CLEAN")
+    assert_send_rejected(src, p.Pages(p.PUSH_ID, p.PageKind.ZERO, 100, 1), "not aligned")
+    assert_send_rejected(src, p.Pages(p.PUSH_ID, p.PageKind.ZERO, MEM, 1), "past memory_size")
+    assert_send_rejected(src, p.Pages(p.PUSH_ID, p.PageKind.ZERO, 0, 0), "count 0")
     assert_send_rejected(
-        src, Pages(PUSH_ID, PageKind.DATA, 0, 1, memoryview(b"x" * 10)), "DATA payload"
+        src, p.Pages(p.PUSH_ID, p.PageKind.DATA, 0, 1, memoryview(b"x" * 10)), "DATA payload"
     )
-    assert_send_rejected(src, Pages(PUSH_ID, PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload")
+    assert_send_rejected(
+        src, p.Pages(p.PUSH_ID, p.PageKind.ZERO, 0, 1, memoryview(b"x")), "no payload"
+    )
 
 
 @pytest.mark.parametrize(
     ("frame", "words"),
     [
-        (pages_frame(PUSH_ID, 4, 0, 1), ("CLEAN",)),
-        (pages_frame(PUSH_ID, 9, 0, 1), ("unknown kind",)),
-        (pages_frame(PUSH_ID, 2, 100, 1), ("not aligned",)),
-        (pages_frame(PUSH_ID, 2, MEM, 1), ("past memory_size",)),
-        (pages_frame(PUSH_ID, 2, 2**64 - PS, 1), ("past memory_size",)),
-        (pages_frame(PUSH_ID, 2, 0, 0), ("count 0",)),
-        (pages_frame(PUSH_ID, 2, 0, MAX_PAGES + 1), ("count",)),
-        (pages_frame(PUSH_ID, 1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
-        (pages_frame(PUSH_ID, 1, 0, 1), ("DATA payload is 0 bytes",)),
-        (pages_frame(PUSH_ID, 3, 0, 1, b"x" * 8), ("no payload",)),
+        (pages_frame(p.PUSH_ID, 4, 0, 1), ("CLEAN",)),
+        (pages_frame(p.PUSH_ID, 9, 0, 1), ("unknown kind",)),
+        (pages_frame(p.PUSH_ID, 2, 100, 1), ("not aligned",)),
+        (pages_frame(p.PUSH_ID, 2, MEM, 1), ("past memory_size",)),
+        (pages_frame(p.PUSH_ID, 2, 2**64 - PS, 1), ("past memory_size",)),
+        (pages_frame(p.PUSH_ID, 2, 0, 0), ("count 0",)),
+        (pages_frame(p.PUSH_ID, 2, 0, p.MAX_PAGES + 1), ("count",)),
+        (pages_frame(p.PUSH_ID, 1, 0, 1, b"x" * (PS - 1)), ("DATA payload",)),
+        (pages_frame(p.PUSH_ID, 1, 0, 1), ("DATA payload is 0 bytes",)),
+        (pages_frame(p.PUSH_ID, 3, 0, 1, b"x" * 8), ("no payload",)),
     ],
 )
 def test_malformed_push_is_named(frame: bytes, words: tuple[str]) -> None:
@@ -1122,10 +1097,10 @@ def test_malformed_push_is_named(frame: bytes, words: tuple[str]) -> None:
 def test_a_payload_over_max_payload_is_refused_on_send() -> None:
     """The receiver refuses such a frame at its prefix: the sender must not write it."""
     src, dst = handshake(URGENT, page_size=2 << 20, memory=1 << 30)
-    n = MAX_PAYLOAD // (2 << 20) + 1
-    deliver(dst, src, Request(1, 0, n))
+    n = p.MAX_PAYLOAD // (2 << 20) + 1
+    deliver(dst, src, p.Request(1, 0, n))
     before = snapshot(src)
     assert_send_rejected(
-        src, Pages(1, PageKind.DATA, 0, n, memoryview(bytes(n << 21))), "MAX_PAYLOAD"
+        src, p.Pages(1, p.PageKind.DATA, 0, n, memoryview(bytes(n << 21))), "MAX_PAYLOAD"
     )
     assert snapshot(src) == before

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from live_process import live_process, page_bytes
 
 from uffdpoison.protocol import PageKind
 from uffdpoison.source.backends import (
@@ -23,10 +22,6 @@ from uffdpoison.source.backends import (
 )
 
 PS = 4096
-
-
-def pattern(i: int) -> bytes:
-    return struct.pack("<Q", i + 1) * (PS // 8)
 
 
 K = PageKind
@@ -91,7 +86,7 @@ def test_image_size_errors(tmp_path: Path) -> None:
 
 def test_image_classifies_and_reads(tmp_path: Path) -> None:
     n = 16
-    pages = [bytes(PS) if i % 4 == 1 else pattern(i) for i in range(n)]
+    pages = [bytes(PS) if i % 4 == 1 else page_bytes(i) for i in range(n)]
     img = tmp_path / "guest.img"
     img.write_bytes(b"".join(pages))
     plist = tmp_path / "poison.txt"
@@ -139,69 +134,16 @@ def test_huge_unit_poisoned_if_any_base_page_is() -> None:
 
 # -- live process backend ---------------------------------------------------------------------
 
-CHILD = textwrap.dedent(
-    """
-    import ctypes, mmap, os, struct, sys
-    PS = 4096
-    n = int(sys.argv[1])
-    poison = {int(x) for x in sys.argv[2].split(",") if x}
-    zero = {int(x) for x in sys.argv[3].split(",") if x}
-    untouched = {int(x) for x in sys.argv[4].split(",") if x}
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-    m = mmap.mmap(-1, n * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    for i in range(n):
-        if i in poison or i in untouched:
-            continue
-        m[i * PS : (i + 1) * PS] = bytes(PS) if i in zero else struct.pack("<Q", i + 1) * (PS // 8)
-    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)  # userfaultfd
-    assert fd >= 0, ctypes.get_errno()
-    api = (ctypes.c_uint64 * 3)(0xAA, 0, 0)
-    assert libc.ioctl(fd, 0xC018AA3F, api) == 0, ctypes.get_errno()  # UFFDIO_API
-    reg = (ctypes.c_uint64 * 4)(addr, n * PS, 1, 0)  # MODE_MISSING
-    assert libc.ioctl(fd, 0xC020AA00, reg) == 0, ctypes.get_errno()  # UFFDIO_REGISTER
-    for i in sorted(poison):
-        p = (ctypes.c_uint64 * 4)(addr + i * PS, PS, 0, 0)
-        assert libc.ioctl(fd, 0xC020AA08, p) == 0, ctypes.get_errno()  # UFFDIO_POISON
-    # Markers survive closing the fd; untouched pages then read as zero. With "keep", the fd
-    # stays open and untouched pages stay unpopulated holes (a remote read of one is EIO).
-    if sys.argv[5:] != ["keep"]:
-        os.close(fd)
-    print(addr, flush=True)
-    sys.stdin.read()
-    """
-)
-
 N = 64
 POISON = (0, 5, 6, 31, 63)
 ZERO = (2, 40)
 UNTOUCHED = (7, 50, 51)
 
 
-def _csv(xs: tuple[int, ...]) -> str:
-    return ",".join(map(str, xs))
-
-
 @pytest.fixture
 def child() -> Iterator[tuple[subprocess.Popen[str], int]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(N), _csv(POISON), _csv(ZERO), _csv(UNTOUCHED)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait()
-            pytest.fail(f"child failed to set up poison (exit {proc.returncode})")
-        yield proc, int(line)
-    finally:
-        proc.kill()
-        proc.wait()
+    with live_process(N, POISON, ZERO, UNTOUCHED) as child:
+        yield child
 
 
 def _expected_kind(i: int) -> PageKind:
@@ -217,7 +159,7 @@ def _check_served(be: ProcessBackend, base: int = 0, pages: range = range(N)) ->
     for k, i in enumerate(pages):
         assert kinds[k] == _expected_kind(i), i
         if kinds[k] is K.DATA:
-            assert buf[k * PS : (k + 1) * PS] == pattern(i), i
+            assert buf[k * PS : (k + 1) * PS] == page_bytes(i), i
 
 
 @pytest.mark.parametrize("scan_pagemap", [True, False], ids=["pagemap", "eio"])
@@ -251,7 +193,7 @@ def test_process_backend_concatenates_ranges(child: tuple[subprocess.Popen[str],
         for k, i in enumerate(order):
             assert kinds[k] == _expected_kind(i), (k, i)
             if kinds[k] is K.DATA:
-                assert buf[k * PS : (k + 1) * PS] == pattern(i)
+                assert buf[k * PS : (k + 1) * PS] == page_bytes(i)
 
 
 def test_process_backend_poison_list_adds(
@@ -295,15 +237,7 @@ def test_process_backend_gone_pid() -> None:
 
 
 def test_process_backend_unpopulated_uffd_page_is_an_error_not_poison() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, "16", "3", "", "7", "keep"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        addr = int(proc.stdout.readline())
+    with live_process(16, [3], untouched=[7], keep=True) as (proc, addr):
         with ProcessBackend(proc.pid, [(addr, 16 * PS)], scan_pagemap=False) as be:
             with pytest.raises(SourceError, match="not poisoned: nothing is mapped") as e:
                 be.read(0, 16)
@@ -312,6 +246,3 @@ def test_process_backend_unpopulated_uffd_page_is_an_error_not_poison() -> None:
             assert list(be.poisoned_offsets()) == [3 * PS]
             assert be.read(0, 7)[0] == [*[K.DATA] * 3, K.POISONED, *[K.DATA] * 3]
         assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait()

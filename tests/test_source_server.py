@@ -16,26 +16,11 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from live_process import live_process, page_bytes
 from test_protocol import req_frame
 
+from uffdpoison import protocol as p
 from uffdpoison.kernel.digest import page_digests
-from uffdpoison.protocol import (
-    CLOSED,
-    NEED_DATA,
-    PROTOCOL_VERSION,
-    PUSH_ID,
-    Channel,
-    Connection,
-    Done,
-    Error,
-    Event,
-    Hello,
-    PageKind,
-    Pages,
-    Request,
-    Side,
-    Welcome,
-)
 from uffdpoison.source.backends import MemoryBackend, ProcessBackend
 from uffdpoison.source.server import SourceServer, parse_listen
 
@@ -54,27 +39,27 @@ def make_guest(npages: int, zero: set[int], seed: int = 1) -> bytearray:
 class Client:
     """One destination channel over a trio socket stream, using the sans-IO Connection."""
 
-    def __init__(self, stream: trio.SocketStream, channel: Channel) -> None:
+    def __init__(self, stream: trio.SocketStream, channel: p.Channel) -> None:
         self.stream = stream
-        self.conn = Connection(Side.DESTINATION, channel)
+        self.conn = p.Connection(p.Side.DESTINATION, channel)
 
     @classmethod
-    async def open(cls, addr: tuple[str, int], channel: Channel) -> Client:
+    async def open(cls, addr: tuple[str, int], channel: p.Channel) -> Client:
         return cls(await trio.open_tcp_stream(*addr), channel)
 
-    async def send(self, ev: Event) -> None:
+    async def send(self, ev: p.Event) -> None:
         for b in self.conn.send(ev):
             await self.stream.send_all(b)
 
     async def next(self) -> Any:
         while True:
             ev = self.conn.next_event()
-            if ev is not NEED_DATA:
+            if ev is not p.NEED_DATA:
                 return ev
             self.conn.receive_data(await self.stream.receive_some(1 << 20))
 
     async def hello(self, session: bytes | None = None, page_size: int = 0) -> Any:
-        await self.send(Hello(PROTOCOL_VERSION, self.conn.channel, session, page_size))
+        await self.send(p.Hello(p.PROTOCOL_VERSION, self.conn.channel, session, page_size))
         return await self.next()
 
     async def aclose(self) -> None:
@@ -93,33 +78,33 @@ async def running(backend: MemoryBackend | ProcessBackend, **kw: Any) -> AsyncIt
         nursery.cancel_scope.cancel()
 
 
-async def session(addr: tuple[str, int], page_size: int = 0) -> tuple[Client, Welcome]:
-    urgent = await Client.open(addr, Channel.URGENT)
+async def session(addr: tuple[str, int], page_size: int = 0) -> tuple[Client, p.Welcome]:
+    urgent = await Client.open(addr, p.Channel.URGENT)
     welcome = await urgent.hello(page_size=page_size)
-    assert isinstance(welcome, Welcome), welcome
+    assert isinstance(welcome, p.Welcome), welcome
     return urgent, welcome
 
 
-async def ask(c: Client, rid: int, offset: int, count: int, digests: Any = None) -> list[Pages]:
-    await c.send(Request(rid, offset, count, digests))
-    got: list[Pages] = []
+async def ask(c: Client, rid: int, offset: int, count: int, digests: Any = None) -> list[p.Pages]:
+    await c.send(p.Request(rid, offset, count, digests))
+    got: list[p.Pages] = []
     total = 0
     while total < count:
         ev = await c.next()
-        assert isinstance(ev, Pages), ev
+        assert isinstance(ev, p.Pages), ev
         assert ev.id == rid
         got.append(ev)
         total += ev.count
     return got
 
 
-async def drain_bulk(bulk: Client, unit: int = PS) -> list[Pages]:
-    frames: list[Pages] = []
+async def drain_bulk(bulk: Client, unit: int = PS) -> list[p.Pages]:
+    frames: list[p.Pages] = []
     while True:
         ev = await bulk.next()
-        if isinstance(ev, Done):
+        if isinstance(ev, p.Done):
             return frames
-        assert isinstance(ev, Pages) and ev.id == PUSH_ID, ev
+        assert isinstance(ev, p.Pages) and ev.id == p.PUSH_ID, ev
         frames.append(ev)
 
 
@@ -149,9 +134,9 @@ async def test_handshake_reports_poison() -> None:
         assert w3.page_size == 16 * PS
         assert list(w3.poison_list.cast("Q")) == [0, 32 * PS]
         # An impossible unit is refused with an Error, not a Welcome.
-        c = await Client.open(srv.addr, Channel.URGENT)
+        c = await Client.open(srv.addr, p.Channel.URGENT)
         ev = await c.hello(page_size=128 * PS)  # larger than memory
-        assert isinstance(ev, Error) and ev.code == "bad-page-size"
+        assert isinstance(ev, p.Error) and ev.code == "bad-page-size"
         for x in (urgent, urgent2, urgent3, c):
             await x.aclose()
     # A hugetlb guest served in 2 MiB base pages says so.
@@ -160,7 +145,10 @@ async def test_handshake_reports_poison() -> None:
         urgent, w = await session(srv.addr)
         assert (w.page_size, w.huge_page_size, w.poisoned_count) == (huge, huge, 1)
         frames = await ask(urgent, 1, 0, 2)
-        assert [(f.kind, f.count) for f in frames] == [(PageKind.ZERO, 1), (PageKind.POISONED, 1)]
+        assert [(f.kind, f.count) for f in frames] == [
+            (p.PageKind.ZERO, 1),
+            (p.PageKind.POISONED, 1),
+        ]
         await urgent.aclose()
 
 
@@ -171,21 +159,21 @@ async def test_demand_every_reply_kind() -> None:
     async with running(be) as srv:
         urgent, _ = await session(srv.addr)
         frames = await ask(urgent, 7, 0, n)
-        kinds: list[PageKind] = []
+        kinds: list[p.PageKind] = []
         for f in frames:
             kinds += [f.kind] * f.count
-            if f.kind is PageKind.DATA:
+            if f.kind is p.PageKind.DATA:
                 assert bytes(f.data) == bytes(buf[f.offset : f.offset + f.count * PS])
-        assert [i for i, k in enumerate(kinds) if k is PageKind.ZERO] == [4, 5, 20]
-        assert [i for i, k in enumerate(kinds) if k is PageKind.POISONED] == [6, 7]
-        assert all(k is PageKind.DATA for i, k in enumerate(kinds) if i not in (4, 5, 6, 7, 20))
+        assert [i for i, k in enumerate(kinds) if k is p.PageKind.ZERO] == [4, 5, 20]
+        assert [i for i, k in enumerate(kinds) if k is p.PageKind.POISONED] == [6, 7]
+        assert all(k is p.PageKind.DATA for i, k in enumerate(kinds) if i not in (4, 5, 6, 7, 20))
         # MINOR-mode: digests of what the destination has; pages 8, 9 match, 10 differs.
         dig = page_digests(buf[8 * PS : 11 * PS], PS)
         dig[2] ^= 1
         frames = await ask(urgent, 8, 8 * PS, 3, memoryview(dig).cast("B"))
         assert [(f.kind, f.offset, f.count) for f in frames] == [
-            (PageKind.CLEAN, 8 * PS, 2),
-            (PageKind.DATA, 10 * PS, 1),
+            (p.PageKind.CLEAN, 8 * PS, 2),
+            (p.PageKind.DATA, 10 * PS, 1),
         ]
         assert bytes(frames[1].data) == bytes(buf[10 * PS : 11 * PS])
         # Zero pages: CLEAN when the destination's copy is zero too, else ZERO.
@@ -193,13 +181,13 @@ async def test_demand_every_reply_kind() -> None:
         dig[1] ^= 1
         frames = await ask(urgent, 10, 4 * PS, 2, memoryview(dig).cast("B"))
         assert [(f.kind, f.offset, f.count) for f in frames] == [
-            (PageKind.CLEAN, 4 * PS, 1),
-            (PageKind.ZERO, 5 * PS, 1),
+            (p.PageKind.CLEAN, 4 * PS, 1),
+            (p.PageKind.ZERO, 5 * PS, 1),
         ]
         # A poisoned page stays POISONED even when the digest "matches".
         dig = page_digests(buf[6 * PS : 7 * PS], PS)
         frames = await ask(urgent, 9, 6 * PS, 1, memoryview(dig).cast("B"))
-        assert [(f.kind, f.count) for f in frames] == [(PageKind.POISONED, 1)]
+        assert [(f.kind, f.count) for f in frames] == [(p.PageKind.POISONED, 1)]
         await urgent.aclose()
 
 
@@ -213,10 +201,10 @@ async def test_large_demand_split_into_frames() -> None:
         pos = 0
         for f in frames:
             assert f.offset == pos
-            if f.kind is PageKind.DATA:
+            if f.kind is p.PageKind.DATA:
                 assert bytes(f.data) == bytes(buf[pos : pos + f.count * PS])
             else:
-                assert f.kind is PageKind.ZERO and 1000 <= pos // PS < 1010
+                assert f.kind is p.PageKind.ZERO and 1000 <= pos // PS < 1010
             pos += f.count * PS
         assert pos == n * PS
         await urgent.aclose()
@@ -229,25 +217,25 @@ async def test_bulk_covers_every_page_once_then_done() -> None:
     poison = [10 * PS, 2000 * PS]
     async with running(MemoryBackend(buf, poison)) as srv:
         urgent, w = await session(srv.addr)
-        bulk = await Client.open(srv.addr, Channel.BULK)
+        bulk = await Client.open(srv.addr, p.Channel.BULK)
         wb = await bulk.hello(session=w.session)
-        assert isinstance(wb, Welcome) and wb.session == w.session
+        assert isinstance(wb, p.Welcome) and wb.session == w.session
         frames = await drain_bulk(bulk)
         seen = bytearray(n)
         for f in frames:
             for k in range(f.count):
                 seen[f.offset // PS + k] += 1
-            if f.kind is PageKind.DATA:
+            if f.kind is p.PageKind.DATA:
                 assert bytes(f.data) == bytes(buf[f.offset : f.offset + f.count * PS])
-            elif f.kind is PageKind.ZERO:
+            elif f.kind is p.PageKind.ZERO:
                 assert all(f.offset // PS + k in zero for k in range(f.count))
             else:
-                assert f.kind is PageKind.POISONED
+                assert f.kind is p.PageKind.POISONED
                 assert [f.offset + k * PS for k in range(f.count)] == [
                     p for p in poison if f.offset <= p < f.offset + f.count * PS
                 ]
         assert set(seen) == {1}, "every page offered exactly once"
-        assert max(f.count for f in frames if f.kind is PageKind.DATA) >= 64
+        assert max(f.count for f in frames if f.kind is p.PageKind.DATA) >= 64
         await bulk.aclose()
         await urgent.aclose()
 
@@ -258,7 +246,7 @@ async def test_bulk_skips_demanded_and_restarts_near_demand() -> None:
     async with running(MemoryBackend(buf)) as srv:
         urgent, w = await session(srv.addr)
         await ask(urgent, 1, 1001 * PS, 3)
-        bulk = await Client.open(srv.addr, Channel.BULK)
+        bulk = await Client.open(srv.addr, p.Channel.BULK)
         await bulk.hello(session=w.session)
         frames = await drain_bulk(bulk)
         assert frames[0].offset == 1004 * PS, "push starts just after the latest demand"
@@ -275,10 +263,10 @@ async def test_capped_bulk_restarts_at_demand_and_urgent_is_not_held_back() -> N
     async with running(MemoryBackend(buf), max_bandwidth=cap) as srv:
         urgent, w = await session(srv.addr)
         t_start = trio.current_time()
-        bulk = await Client.open(srv.addr, Channel.BULK)
+        bulk = await Client.open(srv.addr, p.Channel.BULK)
         await bulk.hello(session=w.session)
         first = await bulk.next()
-        assert isinstance(first, Pages) and first.offset == 0
+        assert isinstance(first, p.Pages) and first.offset == 0
         # Demand far ahead of the push, at an offset the chunked push cannot reach by itself.
         target = 12345
         frames = await ask(urgent, 5, target * PS, 2)
@@ -289,7 +277,7 @@ async def test_capped_bulk_restarts_at_demand_and_urgent_is_not_held_back() -> N
         restarted = False
         while not restarted:
             ev = await bulk.next()
-            assert isinstance(ev, Pages), "push finished before the demand restart showed"
+            assert isinstance(ev, p.Pages), "push finished before the demand restart showed"
             bulk_pages += ev.count
             restarted = ev.offset == (target + 2) * PS
         assert bulk_pages < n // 2
@@ -298,7 +286,7 @@ async def test_capped_bulk_restarts_at_demand_and_urgent_is_not_held_back() -> N
         with trio.move_on_after(0.5):
             while True:
                 ev = await bulk.next()
-                assert isinstance(ev, Pages)
+                assert isinstance(ev, p.Pages)
                 bulk_pages += ev.count
         elapsed = trio.current_time() - t_start
         assert bulk_pages * PS <= cap * elapsed + (256 << 10)
@@ -332,23 +320,23 @@ async def test_destination_done_stops_push_and_session_outlives_urgent() -> None
     buf = make_guest(n, set())
     async with running(MemoryBackend(buf), max_bandwidth=4 << 20) as srv:
         urgent, w = await session(srv.addr)
-        bulk = await Client.open(srv.addr, Channel.BULK)
+        bulk = await Client.open(srv.addr, p.Channel.BULK)
         await bulk.hello(session=w.session)
         # URGENT closes first: the session lives on while BULK is open.
         await urgent.aclose()
         ev = await bulk.next()
-        assert isinstance(ev, Pages) and ev.id == PUSH_ID
+        assert isinstance(ev, p.Pages) and ev.id == p.PUSH_ID
         # The destination says it has all it needs: the push stops with the source's Done.
-        await bulk.send(Done())
+        await bulk.send(p.Done())
         pushed = ev.count
         while True:
             ev = await bulk.next()
-            if isinstance(ev, Done):
+            if isinstance(ev, p.Done):
                 break
-            assert isinstance(ev, Pages)
+            assert isinstance(ev, p.Pages)
             pushed += ev.count
         assert pushed < n
-        assert await bulk.next() is CLOSED
+        assert await bulk.next() is p.CLOSED
         await bulk.aclose()
         with trio.fail_after(5):
             while not any(s["event"] == "session-ended" for s in srv.statuses):
@@ -365,20 +353,20 @@ async def test_push_stopped_mid_frame_leaves_a_clean_stream() -> None:
     buf = make_guest(n, set())
     async with running(MemoryBackend(buf)) as srv:
         urgent, w = await session(srv.addr)
-        bulk = await Client.open(srv.addr, Channel.BULK)
+        bulk = await Client.open(srv.addr, p.Channel.BULK)
         await bulk.hello(session=w.session)
         await trio.sleep(0.3)  # not reading: the push fills the buffers and blocks mid-frame
-        await bulk.send(Done())
+        await bulk.send(p.Done())
         pushed = 0
         while True:
             ev = await bulk.next()  # a torn frame would be a ProtocolError here
-            if isinstance(ev, Done):
+            if isinstance(ev, p.Done):
                 break
-            assert isinstance(ev, Pages) and ev.kind is PageKind.DATA
+            assert isinstance(ev, p.Pages) and ev.kind is p.PageKind.DATA
             assert bytes(ev.data[:16]) == bytes(buf[ev.offset : ev.offset + 16])
             pushed += ev.count
         assert 0 < pushed < n
-        assert await bulk.next() is CLOSED
+        assert await bulk.next() is p.CLOSED
         await bulk.aclose()
         await urgent.aclose()
 
@@ -393,22 +381,22 @@ async def test_image_truncated_while_serving_is_a_read_error(tmp_path: Path) -> 
             urgent, w = await session(srv.addr)
             os.truncate(img, 16 * PS)
             frames = await ask(urgent, 1, 0, 2)
-            assert [f.kind for f in frames] == [PageKind.DATA]
-            await urgent.send(Request(2, 32 * PS, 2))
+            assert [f.kind for f in frames] == [p.PageKind.DATA]
+            await urgent.send(p.Request(2, 32 * PS, 2))
             ev = await urgent.next()
-            assert isinstance(ev, Error) and ev.id == 2 and ev.code == "read-failed"
+            assert isinstance(ev, p.Error) and ev.id == 2 and ev.code == "read-failed"
             assert "truncated" in ev.message
             # The channel stays usable.
             frames = await ask(urgent, 3, 4 * PS, 1)
-            assert frames[0].kind is PageKind.DATA
+            assert frames[0].kind is p.PageKind.DATA
             # The bulk push meets the hole and ends with a fatal read error, never zeros.
-            bulk = await Client.open(srv.addr, Channel.BULK)
+            bulk = await Client.open(srv.addr, p.Channel.BULK)
             await bulk.hello(session=w.session)
             while True:
                 ev = await bulk.next()
-                if isinstance(ev, Error):
+                if isinstance(ev, p.Error):
                     break
-                assert isinstance(ev, Pages) and ev.kind is PageKind.DATA
+                assert isinstance(ev, p.Pages) and ev.kind is p.PageKind.DATA
                 assert ev.offset + ev.count * PS <= 16 * PS
             assert ev.id is None and ev.code == "read-failed"
             await bulk.aclose()
@@ -423,7 +411,7 @@ async def test_bandwidth_cap_is_shared_by_all_sessions() -> None:
         clients = []
         for _ in range(3):
             urgent, w = await session(srv.addr)
-            bulk = await Client.open(srv.addr, Channel.BULK)
+            bulk = await Client.open(srv.addr, p.Channel.BULK)
             await bulk.hello(session=w.session)
             clients += [urgent, bulk]
         got = [0, 0, 0]
@@ -431,7 +419,7 @@ async def test_bandwidth_cap_is_shared_by_all_sessions() -> None:
         async def drain(k: int, c: Client) -> None:
             while True:
                 ev = await c.next()
-                assert isinstance(ev, Pages)
+                assert isinstance(ev, p.Pages)
                 got[k] += ev.count
 
         with trio.move_on_after(0.6):
@@ -452,13 +440,13 @@ async def test_two_destinations_and_a_malformed_one() -> None:
     async with running(MemoryBackend(buf, [9 * PS])) as srv:
         a, wa = await session(srv.addr)
         b, wb = await session(srv.addr)
-        ba = await Client.open(srv.addr, Channel.BULK)
+        ba = await Client.open(srv.addr, p.Channel.BULK)
         await ba.hello(session=wa.session)
-        bb = await Client.open(srv.addr, Channel.BULK)
+        bb = await Client.open(srv.addr, p.Channel.BULK)
         await bb.hello(session=wb.session)
         # Both sessions get complete pushes, independently.
         async with trio.open_nursery() as nursery:
-            results: dict[str, list[Pages]] = {}
+            results: dict[str, list[p.Pages]] = {}
 
             async def drain(name: str, c: Client) -> None:
                 results[name] = await drain_bulk(c)
@@ -470,31 +458,34 @@ async def test_two_destinations_and_a_malformed_one() -> None:
         # A malformed frame (bad magic) on a's urgent connection: a gets an Error and EOF...
         await a.stream.send_all(b"XX\x01\x00\x00\x00\x00\x00\x80")
         ev = await a.next()
-        assert isinstance(ev, Error) and ev.id is None
+        assert isinstance(ev, p.Error) and ev.id is None
         assert "magic" in ev.message
-        assert await a.next() is CLOSED
+        assert await a.next() is p.CLOSED
         # ...and b is undisturbed.
         frames = await ask(b, 3, 8 * PS, 2)
-        assert [(f.kind, f.count) for f in frames] == [(PageKind.DATA, 1), (PageKind.POISONED, 1)]
+        assert [(f.kind, f.count) for f in frames] == [
+            (p.PageKind.DATA, 1),
+            (p.PageKind.POISONED, 1),
+        ]
         # A request past the end (hand-encoded per docs/PROTOCOL.md: our Connection refuses to
         # send it) is an Error.
         c, _ = await session(srv.addr)
         await c.stream.send_all(req_frame(1, n * PS, 1))
         ev = await c.next()
-        assert isinstance(ev, Error) and ev.id is None and "memory_size" in ev.message
-        assert await c.next() is CLOSED
+        assert isinstance(ev, p.Error) and ev.id is None and "memory_size" in ev.message
+        assert await c.next() is p.CLOSED
         # A Request in another msgpack encoding than the fixed one is refused by name.
         d, _ = await session(srv.addr)
         header = msgpack.packb({"t": 3, "i": 1, "o": 0, "n": 1})
         await d.stream.send_all(struct.pack(">2sHI", b"uP", len(header), 0) + header)
         ev = await d.next()
-        assert isinstance(ev, Error) and "fixed encoding" in ev.message
+        assert isinstance(ev, p.Error) and "fixed encoding" in ev.message
         frames = await ask(b, 4, 0, 1)
-        assert frames[0].kind is PageKind.DATA
+        assert frames[0].kind is p.PageKind.DATA
         # A bulk Hello with an unknown session token is refused.
-        stranger = await Client.open(srv.addr, Channel.BULK)
+        stranger = await Client.open(srv.addr, p.Channel.BULK)
         ev = await stranger.hello(session=b"no-such-session")
-        assert isinstance(ev, Error) and ev.code == "unknown-session"
+        assert isinstance(ev, p.Error) and ev.code == "unknown-session"
         for x in (a, b, ba, bb, c, d, stranger):
             await x.aclose()
         with trio.fail_after(5):
@@ -505,55 +496,41 @@ async def test_two_destinations_and_a_malformed_one() -> None:
 
 
 async def test_process_exit_mid_serve_is_an_error_never_zeros() -> None:
-    from test_source_backends import CHILD
-
     n = 64
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(n), "5", "", ""],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        addr = int(proc.stdout.readline())
+    with live_process(n, [5]) as (proc, addr):
         be = ProcessBackend(proc.pid, [(addr, n * PS)])
         async with running(be) as srv:
             urgent, w = await session(srv.addr)
             assert w.poisoned_count == 1
             frames = await ask(urgent, 1, 4 * PS, 2)
-            assert [f.kind for f in frames] == [PageKind.DATA, PageKind.POISONED]
+            assert [f.kind for f in frames] == [p.PageKind.DATA, p.PageKind.POISONED]
             # The bulk push of a live process (read in a worker thread) is byte-exact.
-            bulk = await Client.open(srv.addr, Channel.BULK)
+            bulk = await Client.open(srv.addr, p.Channel.BULK)
             await bulk.hello(session=w.session)
             pushed = await drain_bulk(bulk)
             assert sum(f.count for f in pushed) == n - 2
             for f in pushed:
                 if f.offset <= 5 * PS < f.offset + f.count * PS:
-                    assert f.kind is PageKind.POISONED and f.count == 1
+                    assert f.kind is p.PageKind.POISONED and f.count == 1
                     continue
-                assert f.kind is PageKind.DATA
+                assert f.kind is p.PageKind.DATA
                 for k in range(f.count):
                     page = f.offset // PS + k
-                    want = struct.pack("<Q", page + 1) * (PS // 8)
-                    assert bytes(f.data[k * PS : (k + 1) * PS]) == want
+                    assert bytes(f.data[k * PS : (k + 1) * PS]) == page_bytes(page)
             proc.kill()
             proc.wait()
-            await urgent.send(Request(2, 10 * PS, 4))
+            await urgent.send(p.Request(2, 10 * PS, 4))
             ev = await urgent.next()
-            assert isinstance(ev, Error) and ev.code == "read-failed", ev
-            assert await urgent.next() is CLOSED
+            assert isinstance(ev, p.Error) and ev.code == "read-failed", ev
+            assert await urgent.next() is p.CLOSED
             # New sessions are refused the same way.
-            c = await Client.open(srv.addr, Channel.URGENT)
+            c = await Client.open(srv.addr, p.Channel.URGENT)
             ev = await c.hello()
-            assert isinstance(ev, Error) and ev.code == "read-failed"
+            assert isinstance(ev, p.Error) and ev.code == "read-failed"
             await urgent.aclose()
             await bulk.aclose()
             await c.aclose()
         be.close()
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 # -- CLI --------------------------------------------------------------------------------------
@@ -575,10 +552,10 @@ def test_cli_listening_line_first_and_sigterm_exits_zero(tmp_path: Path) -> None
     img.write_bytes(bytes(make_guest(16, {1})))
     plist = tmp_path / "poison.txt"
     plist.write_text("0x2000\n")
-    p = _cli("--listen", "127.0.0.1:0", "--image", str(img), "--poison-list", str(plist))
+    cli = _cli("--listen", "127.0.0.1:0", "--image", str(img), "--poison-list", str(plist))
     try:
-        assert p.stdout is not None
-        first = json.loads(p.stdout.readline())
+        assert cli.stdout is not None
+        first = json.loads(cli.stdout.readline())
         assert first["event"] == "listening" and first["host"] == "127.0.0.1" and first["port"]
 
         async def one_session() -> None:
@@ -587,15 +564,15 @@ def test_cli_listening_line_first_and_sigterm_exits_zero(tmp_path: Path) -> None
             await urgent.aclose()
 
         trio.run(one_session)
-        started = json.loads(p.stdout.readline())
+        started = json.loads(cli.stdout.readline())
         assert started["event"] == "session-started" and started["poisoned"] == 1
-        ended = json.loads(p.stdout.readline())
+        ended = json.loads(cli.stdout.readline())
         assert ended["event"] == "session-ended"
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=10) == 0
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=10) == 0
     finally:
-        p.kill()
-        p.wait()
+        cli.kill()
+        cli.wait()
 
 
 @pytest.mark.parametrize(
@@ -619,26 +596,16 @@ def test_cli_listening_line_first_and_sigterm_exits_zero(tmp_path: Path) -> None
 def test_cli_errors(tmp_path: Path, args: list[str], message: str) -> None:
     img = tmp_path / "guest.img"
     img.write_bytes(bytes(PS))
-    p = _cli(*(a.format(img=img, tmp=tmp_path) for a in args))
-    out, err = p.communicate(timeout=20)
-    assert p.returncode != 0
+    cli = _cli(*(a.format(img=img, tmp=tmp_path) for a in args))
+    out, err = cli.communicate(timeout=20)
+    assert cli.returncode != 0
     assert message in err
     assert out == ""
 
 
 async def test_poison_found_by_eio_is_reported_to_later_sessions() -> None:
-    from test_source_backends import CHILD
-
     n = 16
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(n), "5,9", "", ""],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        addr = int(proc.stdout.readline())
+    with live_process(n, [5, 9]) as (proc, addr):
         # No pagemap scan: the source learns of the poison only when a read fails with EIO.
         with ProcessBackend(proc.pid, [(addr, n * PS)], scan_pagemap=False) as be:
             async with running(be) as srv:
@@ -646,61 +613,37 @@ async def test_poison_found_by_eio_is_reported_to_later_sessions() -> None:
                 assert w1.poisoned_count == 0
                 frames = await ask(first, 1, 0, n)
                 kinds = [f.kind for f in frames for _ in range(f.count)]
-                assert [i for i, k in enumerate(kinds) if k is PageKind.POISONED] == [5, 9]
+                assert [i for i, k in enumerate(kinds) if k is p.PageKind.POISONED] == [5, 9]
                 second, w2 = await session(srv.addr)
                 assert w2.poisoned_count == 2
                 assert list(w2.poison_list.cast("Q")) == [5 * PS, 9 * PS]
                 await first.aclose()
                 await second.aclose()
         assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_cli_serves_a_live_process() -> None:
-    from test_source_backends import CHILD
-
     n = 32
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(n), "3,17", "", ""],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    p = None
-    try:
-        assert child.stdout is not None
-        addr = int(child.stdout.readline())
+    with live_process(n, [3, 17]) as (child, addr):
         half = n // 2 * PS
-        p = _cli(
-            "--listen",
-            "127.0.0.1:0",
-            "--pid",
-            str(child.pid),
-            "--range",
-            f"{addr + half:#x}:{half:#x}",
-            "--range",
-            f"{addr}:{half}",
-        )
-        assert p.stdout is not None
-        first = json.loads(p.stdout.readline())
-        assert first["event"] == "listening"
+        ranges = ["--range", f"{addr + half:#x}:{half:#x}", "--range", f"{addr}:{half}"]
+        cli = _cli("--listen", "127.0.0.1:0", "--pid", str(child.pid), *ranges)
+        try:
+            assert cli.stdout is not None
+            first = json.loads(cli.stdout.readline())
+            assert first["event"] == "listening"
 
-        async def check() -> None:
-            urgent, w = await session((first["host"], first["port"]))
-            # Guest offset 0 is the child's page 16: page 17 -> guest 1, page 3 -> guest 19.
-            assert list(w.poison_list.cast("Q")) == [1 * PS, 19 * PS]
-            frames = await ask(urgent, 1, 0, 1)
-            assert bytes(frames[0].data) == struct.pack("<Q", 17) * (PS // 8)
-            await urgent.aclose()
+            async def check() -> None:
+                urgent, w = await session((first["host"], first["port"]))
+                # Guest offset 0 is the child's page 16: page 17 -> guest 1, 3 -> guest 19.
+                assert list(w.poison_list.cast("Q")) == [1 * PS, 19 * PS]
+                frames = await ask(urgent, 1, 0, 1)
+                assert bytes(frames[0].data) == page_bytes(16)
+                await urgent.aclose()
 
-        trio.run(check)
-        p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=10) == 0
-    finally:
-        if p is not None:
-            p.kill()
-            p.wait()
-        child.kill()
-        child.wait()
+            trio.run(check)
+            cli.send_signal(signal.SIGINT)
+            assert cli.wait(timeout=10) == 0
+        finally:
+            cli.kill()
+            cli.wait()

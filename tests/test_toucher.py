@@ -24,8 +24,7 @@ from uffdpoison.harness.toucher import (
     OUTCOME_SIGBUS,
     Toucher,
 )
-from uffdpoison.kernel import RegisterMode, Userfaultfd
-from uffdpoison.kernel import anon as anon_mapping
+from uffdpoison.kernel import RegisterMode, Userfaultfd, anon as anon_mapping
 
 PAGE = mmap.PAGESIZE
 

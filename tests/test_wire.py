@@ -12,8 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from test_protocol import pages_frame, req_frame, u64s
 
 from uffdpoison.kernel._ffi import ffi, lib

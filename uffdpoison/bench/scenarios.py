@@ -36,6 +36,7 @@ from uffdpoison.harness.bulkpull import BulkPuller
 from uffdpoison.harness.cref import RemoteHandler
 from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, current_cpu
 from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
+from uffdpoison.owned import Owned
 from uffdpoison.stats import percentile
 
 HUGE = 2 << 20
@@ -660,7 +661,7 @@ def _demand_params(cfg: Config, bg: bool) -> dict[str, Any]:
 # ---- scenarios ---------------------------------------------------------------------------------
 
 
-class Runner:
+class Runner(Owned):
     """Runs scenarios with one Config; owns the guest images (a temp dir) and hugetlb pages."""
 
     def __init__(self, cfg: Config, progress: Callable[[str], None] = lambda s: None) -> None:
@@ -679,12 +680,6 @@ class Runner:
 
     def close(self) -> None:
         self._stack.close()
-
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def reserve(self, scenarios: Sequence[str]) -> None:
         """Reserve the huge pages the scenarios need (one region at a time, both sides)."""

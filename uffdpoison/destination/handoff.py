@@ -35,8 +35,7 @@ from uffdpoison.destination.regions import (
     parse_firecracker_regions,
 )
 from uffdpoison.destination.session import Session, SessionFailed, StatusSink
-from uffdpoison.kernel import Userfaultfd
-from uffdpoison.kernel import errors as kerrors
+from uffdpoison.kernel import Userfaultfd, errors as kerrors
 
 log = logging.getLogger(__name__)
 

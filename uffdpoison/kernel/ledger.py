@@ -20,6 +20,7 @@ from typing import Any
 from uffdpoison.kernel._ffi import ffi, lib
 from uffdpoison.kernel.errors import UffdError, error_for
 from uffdpoison.kernel.uffd import Userfaultfd
+from uffdpoison.owned import Owned
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ _OPNAMES = {lib.UP_OP_COPY: "copy", lib.UP_OP_ZERO: "zero", lib.UP_OP_CONTINUE: 
             lib.UP_OP_POISON: "poison"}  # fmt: skip
 
 
-class Ledger:
+class Ledger(Owned):
     """Page states of one registered region [base, base+size) served through ``uffd``; owns
     its ``up_ledger``. Placements return a ``PlaceResult``; a kernel error raises the matching
     ``UffdError`` (``EventPending`` for a pending non-cooperative event: read events, then
@@ -117,12 +118,6 @@ class Ledger:
     def __del__(self) -> None:
         if getattr(self, "_l", None) is not None:
             self.close()
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- addressing and states ------------------------------------------------------------
 

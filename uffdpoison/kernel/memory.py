@@ -11,9 +11,9 @@ import contextlib
 import mmap
 import os
 from collections.abc import Iterator
-from types import TracebackType
 
 from uffdpoison.kernel._ffi import ffi, lib
+from uffdpoison.owned import Owned
 
 PAGE_SIZE = mmap.PAGESIZE
 HUGE_PAGE_SIZE = 2 << 20
@@ -24,7 +24,7 @@ class HugePagesUnavailable(OSError):
     """Huge pages could not be reserved (not root, or not enough contiguous memory)."""
 
 
-class Mapping:
+class Mapping(Owned):
     """An mmap'ed region; ``close()`` unmaps it (and its alias and memfd)."""
 
     __slots__ = ("addr", "alias_addr", "fd", "kind", "page_size", "size")
@@ -60,17 +60,6 @@ class Mapping:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-    def __enter__(self) -> Mapping:
-        return self
-
-    def __exit__(
-        self,
-        et: type[BaseException] | None,
-        ev: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _base(self, offset: int, length: int, alias: bool) -> int:
         if not self.addr:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import enum
 import errno
 import os
-from types import TracebackType
 
 from uffdpoison.kernel._ffi import ffi, lib
 from uffdpoison.kernel.errors import FeatureMissing, NotAUserfaultfd, UffdError, error_for
+from uffdpoison.owned import Owned
 
 
 class Feature(enum.IntFlag):
@@ -121,7 +121,7 @@ def open_paths() -> dict[str, str]:
     return out
 
 
-class Userfaultfd:
+class Userfaultfd(Owned):
     """An owned userfaultfd (O_NONBLOCK, O_CLOEXEC). Close exactly once."""
 
     __slots__ = (
@@ -224,17 +224,6 @@ class Userfaultfd:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
-
-    def __enter__(self) -> Userfaultfd:
-        return self
-
-    def __exit__(
-        self,
-        et: type[BaseException] | None,
-        ev: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:

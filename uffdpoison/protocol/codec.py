@@ -14,19 +14,8 @@ from typing import Any
 
 import msgpack
 
-from uffdpoison.protocol import layout
-from uffdpoison.protocol.events import (
-    Channel,
-    Done,
-    Error,
-    Event,
-    Hello,
-    PageKind,
-    Pages,
-    ProtocolError,
-    Request,
-    Welcome,
-)
+from uffdpoison.protocol import events, layout
+from uffdpoison.protocol.events import ProtocolError
 
 PREFIX = struct.Struct(">2sHI")
 _REQ = struct.Struct(">2sHI" + layout.REQUEST.header_format)
@@ -41,7 +30,7 @@ _packer = msgpack.Packer(use_bin_type=True)
 # channel; a trailing "?" allows nil. Keys the table does not list are ignored on receive.
 _Field = tuple[str, str, str, int, int]
 _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
-    Hello: (layout.T_HELLO, (
+    events.Hello: (layout.T_HELLO, (
         ("v", "version", "u64", 0, 0),
         ("c", "channel", "channel", 0, 0),
         ("s", "session", "bytes?", 1, layout.MAX_SESSION),
@@ -49,7 +38,7 @@ _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
         ("w", "want_poison_list", "bool", 0, 0),
         ("a", "auth", "bytes?", 0, layout.MAX_AUTH),  # optional key: absent is nil
     )),
-    Welcome: (layout.T_WELCOME, (
+    events.Welcome: (layout.T_WELCOME, (
         ("v", "version", "u64", 0, 0),
         ("s", "session", "bytes", 1, layout.MAX_SESSION),
         ("p", "page_size", "u64", 0, 0),
@@ -58,14 +47,15 @@ _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
         ("n", "poisoned_count", "u64", 0, 0),
         ("l", "poison_list", "bool", 0, 0),  # whether the payload is the poison list
     )),
-    Error: (layout.T_ERROR, (
+    events.Error: (layout.T_ERROR, (
         ("i", "id", "u64?", 0, 0),
         ("c", "code", "str", 1, layout.MAX_CODE),
         ("m", "message", "str", 0, layout.MAX_MESSAGE),
     )),
-    Done: (layout.T_DONE, ()),
+    events.Done: (layout.T_DONE, ()),
 }  # fmt: skip
 _BY_TYPE = {t: (cls, fields) for cls, (t, fields) in _FIELDS.items()}
+_PAYLOAD_ATTR = {events.Pages: "data", events.Request: "digests", events.Welcome: "poison_list"}
 
 
 def prefix_problem(magic: bytes, hl: int, pl: int) -> str | None:
@@ -92,11 +82,15 @@ def _value(frame: str, field: _Field, v: object, *, sending: bool = False) -> An
         if not 0 <= v < 1 << 64:
             raise ProtocolError(f"field {name!r} of {frame} out of u64 range: {v}")
     elif kind == "channel":
-        if sending and not isinstance(v, Channel):
+        if sending and not isinstance(v, events.Channel):
             raise ProtocolError(f"field 'channel' of {frame} must be a Channel, got {v!r}")
-        if not isinstance(v, int) or isinstance(v, bool) or v not in Channel._value2member_map_:
+        if (
+            not isinstance(v, int)
+            or isinstance(v, bool)
+            or v not in events.Channel._value2member_map_
+        ):
             raise ProtocolError(f"{frame} frame has unknown channel {v!r}")
-        return Channel(v)
+        return events.Channel(v)
     elif kind == "bool":
         if not isinstance(v, bool):
             raise ProtocolError(f"field {name!r} of {frame} must be a bool, got {type(v).__name__}")
@@ -116,10 +110,9 @@ def _value(frame: str, field: _Field, v: object, *, sending: bool = False) -> An
 # ---------------------------------------------------------------- encode
 
 
-def payload_of(ev: Event) -> memoryview | None:
+def payload_of(ev: events.Event) -> memoryview | None:
     """The event's payload as a flat byte view (no copy), or None."""
-    v: object = getattr(ev, {Pages: "data", Request: "digests", Welcome: "poison_list"}.get(
-        type(ev), "_"), None)  # fmt: skip
+    v: object = getattr(ev, _PAYLOAD_ATTR.get(type(ev), "_"), None)
     if v is None:
         return None
     try:
@@ -131,22 +124,22 @@ def payload_of(ev: Event) -> memoryview | None:
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
-def encode(ev: Event, payload: memoryview | None) -> list[bytes | memoryview]:
+def encode(ev: events.Event, payload: memoryview | None) -> list[bytes | memoryview]:
     """Prefix + header bytes, then the payload (if any) as the caller's own view: write them
     in order, never joined (page data is not copied)."""
     pl = 0 if payload is None else payload.nbytes
     if pl > layout.MAX_PAYLOAD:  # the receiver would refuse the frame at its prefix
         raise ProtocolError(f"{type(ev).__name__} payload is {pl} bytes > MAX_PAYLOAD")
-    if isinstance(ev, Request | Pages):
+    if isinstance(ev, events.Request | events.Pages):
         name = type(ev).__name__
         for attr in ("id", "offset", "count"):
             _value(name, ("", attr, "u64", 0, 0), getattr(ev, attr), sending=True)
-        if isinstance(ev, Request):
+        if isinstance(ev, events.Request):
             r1, r2, r3 = _REQ_RUNS
             head = _REQ.pack(layout.MAGIC, layout.REQUEST.size, pl, r1, ev.id, r2, ev.offset, r3,
                              ev.count)  # fmt: skip
         else:
-            if not isinstance(ev.kind, PageKind):
+            if not isinstance(ev.kind, events.PageKind):
                 raise ProtocolError(f"field 'kind' of Pages must be a PageKind, got {ev.kind!r}")
             p1, p2, p3, p4 = _PAGES_RUNS
             head = _PAGES.pack(layout.MAGIC, layout.PAGES.size, pl, p1, ev.id, p2, ev.kind, p3,
@@ -159,12 +152,12 @@ def encode(ev: Event, payload: memoryview | None) -> list[bytes | memoryview]:
     for field in fields:
         key, attr = field[0], field[1]
         v = getattr(ev, attr)
-        if isinstance(ev, Welcome) and key == "l":
+        if isinstance(ev, events.Welcome) and key == "l":
             v = v is not None
         elif key == "a" and v is None:
             continue  # optional key
         v = _value(type(ev).__name__, field, v, sending=True)
-        h[key] = int(v) if isinstance(v, Channel) else v
+        h[key] = int(v) if isinstance(v, events.Channel) else v
     header = _packer.pack(h)
     if len(header) > layout.MAX_HEADER:
         raise ProtocolError(f"{type(ev).__name__} header is {len(header)} bytes > MAX_HEADER")
@@ -175,19 +168,19 @@ def encode(ev: Event, payload: memoryview | None) -> list[bytes | memoryview]:
 # ---------------------------------------------------------------- decode
 
 
-def decode(header: bytes, payload: memoryview | None) -> Event:
+def decode(header: bytes, payload: memoryview | None) -> events.Event:
     """The event of one received frame; ``ProtocolError`` naming what is wrong."""
     hl = len(header)
     if hl == layout.REQUEST.size and header[3] == layout.T_REQUEST:
         r1, rid, r2, off, r3, n = _REQ_H.unpack(header)
         if (r1, r2, r3) == _REQ_RUNS:
-            return Request(rid, off, n, payload)
+            return events.Request(rid, off, n, payload)
     elif hl == layout.PAGES.size and header[3] == layout.T_PAGES:
         p1, rid, p2, k, p3, off, p4, n = _PAGES_H.unpack(header)
         if (p1, p2, p3, p4) == _PAGES_RUNS and k < 0x80:
-            if k not in PageKind._value2member_map_:
+            if k not in events.PageKind._value2member_map_:
                 raise ProtocolError(f"Pages frame has unknown kind {k!r}")
-            return Pages(rid, PageKind(k), off, n, payload)
+            return events.Pages(rid, events.PageKind(k), off, n, payload)
     h = _decode_map(header)
     if "t" not in h:
         raise ProtocolError("frame lacks its type (key 't')")
@@ -207,12 +200,12 @@ def decode(header: bytes, payload: memoryview | None) -> Event:
         if key not in h and key != "a":
             raise ProtocolError(f"{frame} frame lacks field {key!r}")
         args[field[1]] = _value(frame, field, h.get(key))
-    if cls is Welcome and args["poison_list"]:
+    if cls is events.Welcome and args["poison_list"]:
         args["poison_list"] = payload if payload is not None else memoryview(b"")
     elif payload is not None:
-        what = "Welcome without a poison list" if cls is Welcome else frame
+        what = "Welcome without a poison list" if cls is events.Welcome else frame
         raise ProtocolError(f"{what} frame must carry no payload, got {len(payload)} bytes")
-    elif cls is Welcome:
+    elif cls is events.Welcome:
         args["poison_list"] = None
     return cls(**args)
 

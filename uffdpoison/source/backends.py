@@ -19,6 +19,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 
 from uffdpoison.kernel.planes import Guest
+from uffdpoison.owned import Owned
 from uffdpoison.protocol import PageKind
 from uffdpoison.units import parse_int
 
@@ -95,7 +96,7 @@ def _check_page_size(page_size: int) -> None:
         raise SourceError(f"page size {page_size} is not a power of two of at least 4096")
 
 
-class Backend:
+class Backend(Owned):
     """Guest memory of ``size`` bytes in ``page_size`` base pages, plus which are poisoned.
 
     Subclasses open what they serve and say where its bytes are (``_guest``); reading is C's
@@ -212,12 +213,6 @@ class Backend:
         if self._guest is not None:
             self._guest.close()
             self._guest = None
-
-    def __enter__(self) -> Backend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class MemoryBackend(Backend):
