@@ -7,7 +7,7 @@ header, between its ``--- cffi`` markers: that part of each header, in the order
 that is not an integer literal becomes ``...``, computed by the compiler, and so does an
 array length that names a constant). ``wire.h`` is generated from
 ``uffdpoison/protocol/layout.py`` first (``gen_wire.py``). The benchmark/test harness
-(``csrc/harness/``) is another extension, built by ``csrc/harness/build_ffi.py``.
+(``csrc/harness/``) is another extension, built by ``csrc/harness/build_harness.py``.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def main() -> int:
                 "done": done,
                 "pending": r.pending,
                 "outcome": list(r.outcome),
-                "digest": list(r.digest) if r.digest is not None else None,
+                "digest": list(r.digest) or None,
                 "latency_ns": list(r.latency_ns),
                 "si_code": list(r.si_code),
             }

@@ -230,6 +230,7 @@ def test_hugetlb_pages(handler: str) -> None:
         with hugetlb(3 * huge) as mem, Userfaultfd.create() as uffd:
             uffd.register(mem.addr, mem.size, RegisterMode.MISSING)
             addrs = [mem.addr + i * huge + 4096 * 3 + 1 for i in range(3)]
+            h: LocalHandler | RemoteHandler
             if handler == "local":
                 h = LocalHandler(
                     uffd.fileno(), mem.addr, mem.size, src=data, page_size=huge, poison=poison

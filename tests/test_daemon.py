@@ -350,25 +350,14 @@ async def test_dest_cli_serves_and_stops_on_sigterm(nursery: trio.Nursery, tmp_p
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(path)
     stale.close()
-    proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "uffdpoison",
-            "dest",
-            "--source",
-            source,
-            "--handoff",
-            path,
-            "--handoff-mode",
-            "0660",
-        ],
-        stdout=subprocess.PIPE,
+    argv = ["dest", "--source", source, "--handoff", path, "--handoff-mode", "0660"]
+    daemon = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "uffdpoison", *argv], stdout=subprocess.PIPE
     )
     try:
-        assert proc.stdout is not None
+        assert daemon.stdout is not None
         with trio.fail_after(30):
-            first = await proc.stdout.receive_some(4096)
+            first = await daemon.stdout.receive_some(4096)
         status = json.loads(first.split(b"\n")[0])
         assert status["event"] == "listening" and status["path"] == path
         assert os.stat(path).st_mode & 0o777 == 0o660
@@ -376,7 +365,7 @@ async def test_dest_cli_serves_and_stops_on_sigterm(nursery: trio.Nursery, tmp_p
         check_touches(guest, await vmm.touch("all"))
         await vmm.close()
     finally:
-        proc.terminate()
+        daemon.terminate()
         with trio.fail_after(30):
-            assert await proc.wait() == 0
+            assert await daemon.wait() == 0
     assert not os.path.exists(path)

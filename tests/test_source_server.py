@@ -17,11 +17,11 @@ import msgpack
 import pytest
 import trio
 from live_process import live_process, page_bytes
-from test_protocol import req_frame
+from test_protocol import body, offsets, req_frame
 
 from uffdpoison import protocol as p
 from uffdpoison.kernel.digest import page_digests
-from uffdpoison.source.backends import MemoryBackend, ProcessBackend
+from uffdpoison.source.backends import Backend, MemoryBackend, ProcessBackend
 from uffdpoison.source.server import SourceServer, parse_listen
 
 PS = 4096
@@ -59,6 +59,7 @@ class Client:
             self.conn.receive_data(await self.stream.receive_some(1 << 20))
 
     async def hello(self, session: bytes | None = None, page_size: int = 0) -> Any:
+        assert self.conn.channel is not None
         await self.send(p.Hello(p.PROTOCOL_VERSION, self.conn.channel, session, page_size))
         return await self.next()
 
@@ -67,7 +68,7 @@ class Client:
 
 
 @asynccontextmanager
-async def running(backend: MemoryBackend | ProcessBackend, **kw: Any) -> AsyncIterator[Any]:
+async def running(backend: Backend, **kw: Any) -> AsyncIterator[Any]:
     statuses: list[dict[str, Any]] = []
     server = SourceServer(backend, status=statuses.append, **kw)
     async with trio.open_nursery() as nursery:
@@ -125,14 +126,14 @@ async def test_handshake_reports_poison() -> None:
     async with running(be) as srv:
         urgent, w = await session(srv.addr)
         assert (w.page_size, w.memory_size, w.poisoned_count) == (PS, 64 * PS, 2)
-        assert list(w.poison_list.cast("Q")) == [3 * PS, 40 * PS]
+        assert offsets(w) == [3 * PS, 40 * PS]
         # A second session gets its own token.
         urgent2, w2 = await session(srv.addr)
         assert w2.session != w.session
         # Huge units: the poisoned base pages make their 64 KiB units poisoned.
         urgent3, w3 = await session(srv.addr, page_size=16 * PS)
         assert w3.page_size == 16 * PS
-        assert list(w3.poison_list.cast("Q")) == [0, 32 * PS]
+        assert offsets(w3) == [0, 32 * PS]
         # An impossible unit is refused with an Error, not a Welcome.
         c = await Client.open(srv.addr, p.Channel.URGENT)
         ev = await c.hello(page_size=128 * PS)  # larger than memory
@@ -163,7 +164,7 @@ async def test_demand_every_reply_kind() -> None:
         for f in frames:
             kinds += [f.kind] * f.count
             if f.kind is p.PageKind.DATA:
-                assert bytes(f.data) == bytes(buf[f.offset : f.offset + f.count * PS])
+                assert body(f) == bytes(buf[f.offset : f.offset + f.count * PS])
         assert [i for i, k in enumerate(kinds) if k is p.PageKind.ZERO] == [4, 5, 20]
         assert [i for i, k in enumerate(kinds) if k is p.PageKind.POISONED] == [6, 7]
         assert all(k is p.PageKind.DATA for i, k in enumerate(kinds) if i not in (4, 5, 6, 7, 20))
@@ -175,7 +176,7 @@ async def test_demand_every_reply_kind() -> None:
             (p.PageKind.CLEAN, 8 * PS, 2),
             (p.PageKind.DATA, 10 * PS, 1),
         ]
-        assert bytes(frames[1].data) == bytes(buf[10 * PS : 11 * PS])
+        assert body(frames[1]) == bytes(buf[10 * PS : 11 * PS])
         # Zero pages: CLEAN when the destination's copy is zero too, else ZERO.
         dig = page_digests(bytes(2 * PS), PS)
         dig[1] ^= 1
@@ -202,7 +203,7 @@ async def test_large_demand_split_into_frames() -> None:
         for f in frames:
             assert f.offset == pos
             if f.kind is p.PageKind.DATA:
-                assert bytes(f.data) == bytes(buf[pos : pos + f.count * PS])
+                assert body(f) == bytes(buf[pos : pos + f.count * PS])
             else:
                 assert f.kind is p.PageKind.ZERO and 1000 <= pos // PS < 1010
             pos += f.count * PS
@@ -226,7 +227,7 @@ async def test_bulk_covers_every_page_once_then_done() -> None:
             for k in range(f.count):
                 seen[f.offset // PS + k] += 1
             if f.kind is p.PageKind.DATA:
-                assert bytes(f.data) == bytes(buf[f.offset : f.offset + f.count * PS])
+                assert body(f) == bytes(buf[f.offset : f.offset + f.count * PS])
             elif f.kind is p.PageKind.ZERO:
                 assert all(f.offset // PS + k in zero for k in range(f.count))
             else:
@@ -270,7 +271,7 @@ async def test_capped_bulk_restarts_at_demand_and_urgent_is_not_held_back() -> N
         # Demand far ahead of the push, at an offset the chunked push cannot reach by itself.
         target = 12345
         frames = await ask(urgent, 5, target * PS, 2)
-        assert bytes(frames[0].data) == bytes(buf[target * PS : (target + 2) * PS])
+        assert body(frames[0]) == bytes(buf[target * PS : (target + 2) * PS])
         # The reply came while the capped push was nowhere near done, and the push then
         # restarts just after the demanded pages.
         bulk_pages = first.count
@@ -363,7 +364,7 @@ async def test_push_stopped_mid_frame_leaves_a_clean_stream() -> None:
             if isinstance(ev, p.Done):
                 break
             assert isinstance(ev, p.Pages) and ev.kind is p.PageKind.DATA
-            assert bytes(ev.data[:16]) == bytes(buf[ev.offset : ev.offset + 16])
+            assert body(ev)[:16] == bytes(buf[ev.offset : ev.offset + 16])
             pushed += ev.count
         assert 0 < pushed < n
         assert await bulk.next() is p.CLOSED
@@ -516,7 +517,7 @@ async def test_process_exit_mid_serve_is_an_error_never_zeros() -> None:
                 assert f.kind is p.PageKind.DATA
                 for k in range(f.count):
                     page = f.offset // PS + k
-                    assert bytes(f.data[k * PS : (k + 1) * PS]) == page_bytes(page)
+                    assert body(f)[k * PS : (k + 1) * PS] == page_bytes(page)
             proc.kill()
             proc.wait()
             await urgent.send(p.Request(2, 10 * PS, 4))
@@ -616,7 +617,7 @@ async def test_poison_found_by_eio_is_reported_to_later_sessions() -> None:
                 assert [i for i, k in enumerate(kinds) if k is p.PageKind.POISONED] == [5, 9]
                 second, w2 = await session(srv.addr)
                 assert w2.poisoned_count == 2
-                assert list(w2.poison_list.cast("Q")) == [5 * PS, 9 * PS]
+                assert offsets(w2) == [5 * PS, 9 * PS]
                 await first.aclose()
                 await second.aclose()
         assert proc.poll() is None
@@ -636,9 +637,9 @@ def test_cli_serves_a_live_process() -> None:
             async def check() -> None:
                 urgent, w = await session((first["host"], first["port"]))
                 # Guest offset 0 is the child's page 16: page 17 -> guest 1, 3 -> guest 19.
-                assert list(w.poison_list.cast("Q")) == [1 * PS, 19 * PS]
+                assert offsets(w) == [1 * PS, 19 * PS]
                 frames = await ask(urgent, 1, 0, 1)
-                assert bytes(frames[0].data) == page_bytes(16)
+                assert body(frames[0]) == page_bytes(16)
                 await urgent.aclose()
 
             trio.run(check)

@@ -134,11 +134,10 @@ def test_digests_of_known_pages(anon) -> None:
         m[i * PAGE : (i + 1) * PAGE] = p
     addrs = [base + 3 * PAGE + 100, base + 10, base + 2 * PAGE + PAGE - 1, base + 5 * PAGE]
     r = Toucher(addrs, digest=True, threads=2).run(timeout=10)
-    assert r.digest is not None
     expect = [lib.up_xxh64_buffer(pages[i], PAGE, 0) for i in (3, 0, 2)]
     expect.append(lib.up_xxh64_buffer(bytes(PAGE), PAGE, 0))
     assert list(r.digest) == expect
-    assert Toucher(addrs).run(timeout=10).digest is None
+    assert len(Toucher(addrs).run(timeout=10).digest) == 0
 
 
 def test_many_threads_cover_every_address(anon) -> None:

@@ -40,7 +40,7 @@ def pattern(byte: int, n: int = P) -> bytes:
 def test_create_reports_path_and_negotiated_features(uffd: Userfaultfd) -> None:
     assert uffd.created_via in ("syscall", "/dev/userfaultfd")
     assert Feature.THREAD_ID in uffd.features
-    assert Feature.POISON in uffd.available
+    assert uffd.available is not None and Feature.POISON in uffd.available
     assert Ioctl.API in uffd.api_ioctls and Ioctl.REGISTER in uffd.api_ioctls
     # the fd's negotiated set is what fdinfo shows, not everything the kernel offers
     with open(f"/proc/self/fdinfo/{uffd.fileno()}") as f:

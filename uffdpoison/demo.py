@@ -262,7 +262,7 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 mismatches.append(f"page {page}: poisoned at the source but read without SIGBUS")
         elif outcome != 0:
             mismatches.append(f"page {page}: touch raised SIGBUS but the page is not poisoned")
-        elif first.digest is not None and first.digest[k] != expected[page]:
+        elif first.digest[k] != expected[page]:
             mismatches.append(f"page {page}: bytes differ from the source")
         if outcome == 0 and first.latency_ns[k] > FAULT_THRESHOLD_NS:
             lat_fault.append(first.latency_ns[k])
@@ -272,9 +272,7 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
     for k, page in enumerate(sample):
         if is_poisoned[page]:
             continue
-        if resample.outcome[k] != 0 or (
-            resample.digest is not None and resample.digest[k] != expected[page]
-        ):
+        if resample.outcome[k] != 0 or resample.digest[k] != expected[page]:
             mismatches.append(f"page {page}: changed after completion")
     lat_fault.sort()
     lat_all = sorted(first.latency_ns[k] for k in range(len(order)) if first.outcome[k] == 0)

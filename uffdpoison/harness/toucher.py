@@ -89,7 +89,7 @@ class TouchResults:
     value: array  # 'B': byte read (or written) by the touch
     si_code: array  # 'i': SIGBUS si_code (BUS_ADRERR=2 here, BUS_MCEERR_AR=4 with MEMORY_FAILURE)
     si_addr: array  # 'Q': SIGBUS si_addr (the exact faulting byte)
-    digest: array | None  # 'Q': XXH64 (seed 0) of the page holding the touch, when asked
+    digest: array  # 'Q': XXH64 (seed 0) of the page holding the touch; empty unless asked
     cpus: list[int]  # per thread: the CPU it started on (sched_getcpu)
 
     @property
@@ -275,7 +275,7 @@ class Toucher:
             value=copy("B", self._value_out),
             si_code=copy("i", self._si_code),
             si_addr=copy("Q", self._si_addr),
-            digest=None if self._digest == ffi.NULL else copy("Q", self._digest),
+            digest=array("Q") if self._digest == ffi.NULL else copy("Q", self._digest),
             cpus=[int(self._thread_cpu[k]) for k in range(self._threads)],
         )
 

@@ -17,6 +17,7 @@ import stat
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from uffdpoison.kernel.planes import Guest
 from uffdpoison.owned import Owned
@@ -42,6 +43,10 @@ DEFAULT_PAGE_SIZE = 4096
 # entries runs in C.
 _PAGEMAP_POISON_RE = re.compile(rb"\x5f\x00\x00\x00\x00\x00[\x00\x80][\x40-\x7f]", re.DOTALL)
 _NONZERO_RE = re.compile(rb"[^\x00]")
+
+
+# A poison list: a file of offsets (parse_poison_list), the offsets themselves, or none.
+PoisonList = str | os.PathLike[str] | Iterable[int] | None
 
 
 class SourceError(Exception):
@@ -107,18 +112,25 @@ class Backend(Owned):
     size: int
     _guest: Guest | None = None
 
-    def __init__(self, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+    def __init__(
+        self, size: int, page_size: int, poison: PoisonList, what: str = "guest memory"
+    ) -> None:
         _check_page_size(page_size)
         if size <= 0:
-            raise SourceError("guest memory is empty")
+            raise SourceError(f"{what} is empty")
         if size % page_size:
-            raise SourceError(f"memory size {size} is not a multiple of the page size {page_size}")
+            raise SourceError(
+                f"{what} is {size} bytes, not a multiple of the page size {page_size}"
+            )
         self.page_size = page_size
         self.size = size
         self.npages = size // page_size
         # One bit a base page, shared with C (which sets bits found by EIO with an atomic OR).
         self.poison_bits = bytearray((self.npages + 7) // 8)
         self._guest: Guest | None = None
+        if isinstance(poison, (str, os.PathLike)):
+            poison = parse_poison_list(poison, page_size=page_size, size=size)
+        self.add_poison(poison or ())
 
     @property
     def huge_page_size(self) -> int:
@@ -181,10 +193,12 @@ class Backend(Owned):
     def guest(self) -> Guest:
         """The C view of this memory, which the data planes read through (made once)."""
         if self._guest is None:
-            self._guest = self._make_guest()
+            size, ps, bits = self.size, self.page_size, self.poison_bits
+            self._guest = Guest(size=size, base_page_size=ps, poison_bits=bits, **self._where())
         return self._guest
 
-    def _make_guest(self) -> Guest:
+    def _where(self) -> dict[str, Any]:
+        """Where the bytes are, as Guest's keyword arguments."""
         raise NotImplementedError
 
     def read(
@@ -226,16 +240,10 @@ class MemoryBackend(Backend):
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         self._buf = memoryview(buffer).cast("B")
-        super().__init__(len(self._buf), page_size)
-        self.add_poison(poisoned_offsets)
+        super().__init__(len(self._buf), page_size, poisoned_offsets)
 
-    def _make_guest(self) -> Guest:
-        return Guest(
-            size=self.size,
-            base_page_size=self.page_size,
-            poison_bits=self.poison_bits,
-            mem=self._buf,
-        )
+    def _where(self) -> dict[str, Any]:
+        return {"mem": self._buf}
 
     def close(self) -> None:
         super().close()
@@ -264,11 +272,10 @@ class ImageBackend(_FdBackend):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        poison_list: str | os.PathLike[str] | Sequence[int] | None = None,
+        poison_list: PoisonList = None,
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         self.path = os.fspath(path)
-        _check_page_size(page_size)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -277,30 +284,13 @@ class ImageBackend(_FdBackend):
             st = os.fstat(self._fd)
             if not stat.S_ISREG(st.st_mode):
                 raise SourceError(f"image {self.path!r} is not a regular file")
-            if st.st_size == 0:
-                raise SourceError(f"image {self.path!r} is empty")
-            if st.st_size % page_size:
-                raise SourceError(
-                    f"image {self.path!r} is {st.st_size} bytes, not a multiple of the page "
-                    f"size {page_size}"
-                )
-            super().__init__(st.st_size, page_size)
-            if isinstance(poison_list, (str, os.PathLike)):
-                poison_list = parse_poison_list(poison_list, page_size=page_size, size=self.size)
-            if poison_list:
-                self.add_poison(poison_list)
+            super().__init__(st.st_size, page_size, poison_list, f"image {self.path!r}")
         except BaseException:
             self.close()
             raise
 
-    def _make_guest(self) -> Guest:
-        return Guest(
-            size=self.size,
-            base_page_size=self.page_size,
-            poison_bits=self.poison_bits,
-            data_fd=self._fd,
-            ranges=[(0, 0, self.size)],
-        )
+    def _where(self) -> dict[str, Any]:
+        return {"data_fd": self._fd, "ranges": [(0, 0, self.size)]}
 
 
 def _read_maps(pid: int) -> list[tuple[int, int]]:
@@ -344,7 +334,7 @@ class ProcessBackend(_FdBackend):
         self,
         pid: int,
         ranges: Sequence[tuple[int, int]],
-        poison_list: str | os.PathLike[str] | Sequence[int] | None = None,
+        poison_list: PoisonList = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         *,
         scan_pagemap: bool = True,
@@ -368,7 +358,7 @@ class ProcessBackend(_FdBackend):
                 )
             self._ranges.append((goff, addr, length))
             goff += length
-        super().__init__(goff, page_size)
+        super().__init__(goff, page_size, poison_list)
         try:
             self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -381,10 +371,6 @@ class ProcessBackend(_FdBackend):
             self._pagemap_fd = -1  # then every unreadable page counts as poisoned
         try:
             self.pagemap_poisoned = self._scan_pagemap() if scan_pagemap else 0
-            if isinstance(poison_list, (str, os.PathLike)):
-                poison_list = parse_poison_list(poison_list, page_size=page_size, size=self.size)
-            if poison_list:
-                self.add_poison(poison_list)
         except BaseException:
             self.close()
             raise
@@ -404,17 +390,11 @@ class ProcessBackend(_FdBackend):
                     raise SourceGone(f"process {self.pid} exited")
                 for m in _PAGEMAP_POISON_RE.finditer(data):
                     if m.start() % 8 == 0:
-                        found += self.mark_poisoned(goff + (done + m.start() // 8) * sys_ps)
+                        self.mark_poisoned(goff + (done + m.start() // 8) * sys_ps)
+                        found += 1
                 done += len(data) // 8
         return found
 
-    def _make_guest(self) -> Guest:
-        return Guest(
-            size=self.size,
-            base_page_size=self.page_size,
-            poison_bits=self.poison_bits,
-            data_fd=self._fd,
-            ranges=self._ranges,
-            pagemap_fd=self._pagemap_fd,
-            is_process=True,
-        )
+    def _where(self) -> dict[str, Any]:
+        fds = {"data_fd": self._fd, "pagemap_fd": self._pagemap_fd}
+        return fds | {"ranges": self._ranges, "is_process": True}
