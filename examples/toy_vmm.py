@@ -34,16 +34,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--handoff", required=True)
     p.add_argument("--size", type=int, required=True)
-    p.add_argument("--memory", choices=("anon", "shmem", "hugetlb"), default="anon")
+    p.add_argument("--memory", choices=memory.KINDS, default="anon")
     p.add_argument("--offset", type=int, default=0, help="region offset in the source's memory")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds a touch command may take")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
     page_size = HUGE if args.memory == "hugetlb" else 4096
-    mapping = {"anon": memory.anon, "shmem": memory.shmem, "hugetlb": memory.hugetlb}[args.memory](
-        args.size
-    )
+    mapping = memory.of_kind(args.memory, args.size)
     # Firecracker negotiates only EVENT_REMOVE: no thread ids, no UNMAP/REMAP/FORK events.
     uffd = Userfaultfd.create(Feature.EVENT_REMOVE)
     uffd.register(mapping.addr, mapping.size, RegisterMode.MISSING)

@@ -209,17 +209,8 @@ async def test_rejected_handoff_keeps_the_userfaultfd_until_the_vmm_exits(
     d = await start_daemon(nursery, tmp_path, source)
     before = _our_userfaultfds()
     region = {"base_host_virt_addr": (1 << 30) + 1, "size": 4096, "offset": 0}
-    code = (
-        "import socket, sys\n"
-        "from uffdpoison.kernel import Feature, Userfaultfd\n"
-        "u = Userfaultfd.create(Feature.EVENT_REMOVE)\n"
-        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-        "socket.send_fds(s, [sys.argv[2].encode()], [u.fileno()])\n"
-        "s.recv(1); print('closed', flush=True)\n"
-        "sys.stdin.read()\n"  # alive until the test closes our stdin
-    )
     child = subprocess.Popen(
-        [sys.executable, "-c", code, d.path, json.dumps([region])],
+        [sys.executable, "-c", HANDOFF_CHILD, d.path, json.dumps([region]), "stay"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -240,17 +231,23 @@ async def test_rejected_handoff_keeps_the_userfaultfd_until_the_vmm_exits(
             await trio.sleep(0.01)
 
 
+# A VMM stand-in: hands a real userfaultfd to the daemon at argv[1] with the body argv[2], and
+# waits until the daemon closes its end; with "stay", says so and lives until stdin closes.
+HANDOFF_CHILD = """
+import socket, sys
+from uffdpoison.kernel import Feature, Userfaultfd
+u = Userfaultfd.create(Feature.EVENT_REMOVE)
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+socket.send_fds(s, [sys.argv[2].encode()], [u.fileno()])
+s.recv(1)
+if sys.argv[3:] == ["stay"]:
+    print("closed", flush=True)
+    sys.stdin.read()
+"""
+
+
 def _handoff_from_child(path: str, body: str) -> None:
-    """A child process creates a real userfaultfd and hands it over with ``body``."""
-    code = (
-        "import socket, sys\n"
-        "from uffdpoison.kernel import Feature, Userfaultfd\n"
-        "u = Userfaultfd.create(Feature.EVENT_REMOVE)\n"
-        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-        "socket.send_fds(s, [sys.argv[2].encode()], [u.fileno()])\n"
-        "s.recv(1)\n"  # wait until the daemon closes its end
-    )
-    subprocess.run([sys.executable, "-c", code, path, body], check=True, timeout=30)
+    subprocess.run([sys.executable, "-c", HANDOFF_CHILD, path, body], check=True, timeout=30)
 
 
 async def test_disallowed_uid_is_rejected(

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from uffdpoison import __version__
+from uffdpoison.console import Progress
 from uffdpoison.destination.embed import serve_memory
 from uffdpoison.destination.regions import Region
 from uffdpoison.harness.toucher import Toucher
@@ -102,30 +103,6 @@ def _pct(sorted_ns: list[int], p: float) -> float:
     return percentile(sorted_ns, p) / 1000.0 if sorted_ns else 0.0
 
 
-class _Progress:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self._last = 0.0
-
-    def show(self, text: str, *, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < (0.2 if self.tty else 2.0):
-            return
-        self._last = now
-        if self.tty:
-            sys.stderr.write(f"\r\x1b[K{text}")
-        else:
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-
-
 @contextlib.contextmanager
 def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None) -> Iterator[str]:
     image_path = workdir / "guest.img"
@@ -146,11 +123,7 @@ def _source_process(guest: Guest, workdir: Path, max_bandwidth: str | None) -> I
 
 def _mapping(kind: str, size: int) -> memory.Mapping:
     try:
-        if kind == "anon":
-            return memory.anon(size)
-        if kind == "shmem":
-            return memory.shmem(size)
-        return memory.hugetlb(size)
+        return memory.of_kind(kind, size)
     except OSError as e:
         raise SetupError(f"cannot map {size} bytes of {kind} memory: {e}") from e
 
@@ -173,7 +146,7 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
     size = args.size
     if size <= 0 or size % page_size:
         raise SetupError(f"--size {size} must be a positive multiple of the page size {page_size}")
-    progress = _Progress(not args.quiet)
+    progress = Progress(not args.quiet)
     t0 = time.monotonic()
     guest = build_guest(
         size,
@@ -363,7 +336,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--memory",
-        choices=("anon", "shmem", "hugetlb"),
+        choices=memory.KINDS,
         default="anon",
         help="kind of destination memory (default anon)",
     )

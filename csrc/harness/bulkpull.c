@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "cref.h"
 #include "uffd_place.h"
 
@@ -42,18 +43,9 @@ struct up_cref_bulk {
     up_cref_bulk_stats st;
 };
 
-static inline uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static inline void add(uint64_t *p, uint64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-
 static void fail(up_cref_bulk *b, int err)
 {
-    add(&b->st.errors, 1);
+    stat_add(&b->st.errors, 1);
     __atomic_store_n(&b->st.last_errno, err, __ATOMIC_RELAXED);
 }
 
@@ -70,15 +62,15 @@ static void place_range(up_cref_bulk *b, int op, uint64_t dst, const uint8_t *sr
                  : op == OP_ZERO ? up_uffd_zeropage(b->uffd, dst, len, 0, &done)
                                  : up_uffd_poison(b->uffd, dst, len, 0, &done);
         if (rc == 0) {
-            add(&b->st.placed, len / b->page_size);
+            stat_add(&b->st.placed, len / b->page_size);
             return;
         }
         int e = -rc;
         if (e == EAGAIN && done > 0) {
-            add(&b->st.placed, (uint64_t)done / b->page_size);
+            stat_add(&b->st.placed, (uint64_t)done / b->page_size);
         } else if (e == EEXIST) {
             done = (int64_t)b->page_size; /* the first page is there already: step over it */
-            add(&b->st.skipped, 1);
+            stat_add(&b->st.skipped, 1);
         } else if (e == EAGAIN && ++spins < 1000) {
             continue;
         } else {
@@ -125,7 +117,7 @@ static void *bulk_thread(void *arg)
             fail(b, errno);
             break;
         }
-        add(&b->st.requests, 1);
+        stat_add(&b->st.requests, 1);
         uint32_t got = 0;
         int rc = 0;
         while (got < count && !rc) {
@@ -142,7 +134,7 @@ static void *bulk_thread(void *arg)
                 rc = up_cref_read_all(b->sock, b->buf, len);
                 if (rc)
                     break;
-                add(&b->st.bytes, len);
+                stat_add(&b->st.bytes, len);
                 data_bytes += len;
                 place_range(b, OP_COPY, dst, b->buf, len);
             } else if (rep.word == UP_CREF_KIND_ZERO) {
@@ -175,9 +167,7 @@ int up_cref_bulk_start(up_cref_bulk **out, int uffd, uint64_t base, uint64_t siz
                        uint64_t page_size, int sock_fd, uint32_t chunk_pages, uint64_t rate,
                        int cpu)
 {
-    if (!out || uffd < 0 || sock_fd < 0 || chunk_pages == 0 || page_size == 0 ||
-        (page_size & (page_size - 1)) || base % page_size || size == 0 || size % page_size ||
-        (cpu >= CPU_SETSIZE))
+    if (!out || !span_ok(uffd, base, size, page_size) || sock_fd < 0 || chunk_pages == 0)
         return -EINVAL;
     up_cref_bulk *b = calloc(1, sizeof *b);
     if (!b)
@@ -202,22 +192,8 @@ int up_cref_bulk_start(up_cref_bulk **out, int uffd, uint64_t base, uint64_t siz
     else if (b->stop_fd < 0)
         rc = -errno;
     if (!rc) {
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        if (cpu >= 0) {
-            cpu_set_t set;
-            CPU_ZERO(&set);
-            CPU_SET(cpu, &set);
-            pthread_attr_setaffinity_np(&attr, sizeof set, &set);
-        }
-        /* Python's threads take the asynchronous signals. */
-        sigset_t all, old;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
         b->t0 = now_ns();
-        rc = -pthread_create(&b->tid, &attr, bulk_thread, b);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        pthread_attr_destroy(&attr);
+        rc = start_thread(&b->tid, bulk_thread, b, cpu);
     }
     if (rc) {
         if (b->stop_fd >= 0)

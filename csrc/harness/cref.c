@@ -8,6 +8,7 @@
  *   kind ERROR (count 0) answers a request outside the served buffer.
  */
 #include "cref.h"
+#include "common.h"
 #include "uffd_place.h" /* the kernel boundary's ioctl wrappers and newer-uapi definitions */
 
 #include <errno.h>
@@ -46,7 +47,6 @@ struct up_cref_rep {
 _Static_assert(sizeof(struct up_cref_req) == 16, "request is 16 bytes");
 _Static_assert(sizeof(struct up_cref_rep) == 16, "reply header is 16 bytes");
 
-static inline void st_add(uint64_t *p, uint64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 
 static void st_copy(const up_cref_stats *in, up_cref_stats *out)
 {
@@ -65,47 +65,13 @@ static void st_copy(const up_cref_stats *in, up_cref_stats *out)
 
 static void st_error(up_cref_stats *s, int err)
 {
-    st_add(&s->errors, 1);
+    stat_add(&s->errors, 1);
     __atomic_store_n(&s->last_errno, err, __ATOMIC_RELAXED);
-}
-
-static inline uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 static inline int bit_set(const uint8_t *bm, uint64_t i)
 {
     return bm && (bm[i >> 3] >> (i & 7)) & 1;
-}
-
-/* Start a thread with every asynchronous signal blocked (Python's threads take those), pinned
- * to cpu when cpu >= 0. */
-static int start_thread(pthread_t *tid, void *(*fn)(void *), void *arg, int cpu)
-{
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    if (cpu >= 0) {
-        if (cpu >= CPU_SETSIZE) {
-            pthread_attr_destroy(&attr);
-            return -EINVAL;
-        }
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(cpu, &set);
-        pthread_attr_setaffinity_np(&attr, sizeof set, &set);
-    }
-    sigset_t all, old;
-    sigfillset(&all);
-    sigdelset(&all, SIGBUS);
-    sigdelset(&all, SIGSEGV);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int e = pthread_create(tid, &attr, fn, arg);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&attr);
-    return -e;
 }
 
 static int write_all(int fd, const struct iovec *iov_in, int iovcnt)
@@ -206,7 +172,7 @@ static void place_wake_on_eexist(up_cref_handler *h, uint64_t page)
 {
     /* Another thread's fault placed it first; make sure nobody is left waiting. */
     struct uffdio_range r = {.start = page, .len = h->page_size};
-    st_add(&h->st.eexist, 1);
+    stat_add(&h->st.eexist, 1);
     ioctl(h->uffd, UFFDIO_WAKE, &r);
 }
 
@@ -228,7 +194,7 @@ static void place_page(up_cref_handler *h, int op, uint64_t page, const void *fr
                  : op == OP_ZERO ? up_uffd_zeropage(h->uffd, page, ps, 0, &done)
                                  : up_uffd_poison(h->uffd, page, ps, 0, &done);
         if (rc == 0) {
-            st_add(count, 1);
+            stat_add(count, 1);
             return;
         }
         if (rc == -EAGAIN)
@@ -259,7 +225,7 @@ static int resolve_remote(up_cref_handler *h, uint64_t page)
     int rc = write_all(h->sock, &iov, 1);
     if (rc)
         return rc;
-    st_add(&h->st.requests, 1);
+    stat_add(&h->st.requests, 1);
     uint32_t got = 0;
     while (got < req.count) {
         struct up_cref_rep rep;
@@ -333,7 +299,7 @@ static void *handler_thread(void *arg)
         for (size_t i = 0; i < nmsg && !fatal; i++) {
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
-            st_add(&h->st.faults, 1);
+            stat_add(&h->st.faults, 1);
             uint64_t page = msgs[i].arg.pagefault.address & ~(h->page_size - 1);
             if (page < h->base || page >= h->base + h->size) {
                 st_error(&h->st, ERANGE);
@@ -359,8 +325,7 @@ static int handler_start(up_cref_handler **out, int uffd, uint64_t base, uint64_
                          uint64_t page_size, uint64_t src, const uint8_t *poison, int sock,
                          int cpu)
 {
-    if (!out || uffd < 0 || page_size == 0 || (page_size & (page_size - 1)) ||
-        base % page_size || size == 0 || size % page_size)
+    if (!out || !span_ok(uffd, base, size, page_size))
         return -EINVAL;
     up_cref_handler *h = calloc(1, sizeof *h);
     if (!h)
@@ -498,7 +463,7 @@ static int serve_one(up_cref_source *s, int fd, uint8_t *discard)
         if (rc)
             return rc;
     }
-    st_add(&s->st.requests, 1);
+    stat_add(&s->st.requests, 1);
     uint64_t ps = s->page_size;
     if (req.count == 0 || req.offset % ps || req.offset >= s->size ||
         (uint64_t)req.count > (s->size - req.offset) / ps) {
@@ -520,7 +485,7 @@ static int serve_one(up_cref_source *s, int fd, uint8_t *discard)
         rc = write_all(fd, iov, kind == UP_CREF_KIND_DATA ? 2 : 1);
         if (rc)
             return rc;
-        st_add(&s->st.pages, j - i);
+        stat_add(&s->st.pages, j - i);
         i = j;
     }
     return 0;
@@ -641,7 +606,7 @@ static void *source_thread(void *arg)
                 } else {
                     pfd[2 + nconn++] = (struct pollfd){.fd = c, .events = POLLIN};
                 }
-                st_add(&s->st.connections, 1);
+                stat_add(&s->st.connections, 1);
             }
         }
     }

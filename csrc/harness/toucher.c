@@ -20,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common.h"
 #include "digest.h" /* up_xxh64: the one XXH64, as the wire uses */
 
 struct up_toucher {
@@ -144,13 +145,6 @@ uint64_t up_xxh64_buffer(const void *p, size_t n, uint64_t seed) { return up_xxh
 
 /* ---- touching ----------------------------------------------------------------------------- */
 
-static inline uint64_t up_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static __attribute__((noinline)) void up_touch_one(up_toucher *t, size_t i)
 {
     volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)t->addrs[i];
@@ -158,7 +152,7 @@ static __attribute__((noinline)) void up_touch_one(up_toucher *t, size_t i)
     volatile int in_digest = 0;
 
     if (sigsetjmp(tl_jb, 0)) {
-        uint64_t t1 = up_now_ns();
+        uint64_t t1 = now_ns();
         if (!in_digest)
             t->latency_ns[i] = t1 - t0;
         t->sig_code[i] = tl_code;
@@ -166,7 +160,7 @@ static __attribute__((noinline)) void up_touch_one(up_toucher *t, size_t i)
         t->outcome[i] = UP_TOUCH_SIGBUS;
         return;
     }
-    t0 = up_now_ns();
+    t0 = now_ns();
     tl_armed = 1;
     uint8_t v;
     if (t->write) {
@@ -176,7 +170,7 @@ static __attribute__((noinline)) void up_touch_one(up_toucher *t, size_t i)
         v = *p;
     }
     tl_armed = 0;
-    t->latency_ns[i] = up_now_ns() - t0;
+    t->latency_ns[i] = now_ns() - t0;
     t->value_out[i] = v;
     if (t->digest) {
         /* The page holding the touched byte is now mapped; a page_size larger than the real

@@ -27,6 +27,8 @@ from uffdpoison.bench.scenarios import (
     Config,
     Runner,
 )
+from uffdpoison.console import Progress
+from uffdpoison.kernel import memory
 from uffdpoison.units import size_arg
 
 JSON_SCHEMA = "uffdpoison.bench/1"
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="toucher threads (default 1)")
     p.add_argument(
         "--memory",
-        choices=("anon", "shmem", "hugetlb"),
+        choices=memory.KINDS,
         default="anon",
         help="destination memory (default anon)",
     )
@@ -403,16 +405,9 @@ def main(args: argparse.Namespace) -> int:
     except BenchError as e:
         print(f"uffdpoison bench: {e}", file=sys.stderr)
         return 2
-    tty = sys.stderr.isatty()
-
-    def progress(text: str) -> None:
-        if args.quiet:
-            return
-        sys.stderr.write(f"\r\x1b[K{text}" if tty else text + "\n")
-        sys.stderr.flush()
-
+    progress = Progress(not args.quiet, every=0)
     try:
-        doc = run(cfg, scenarios, progress=progress, command=_command_line())
+        doc = run(cfg, scenarios, progress=progress.show, command=_command_line())
     except BenchError as e:
         print(f"\nuffdpoison bench: {e}", file=sys.stderr)
         return 2
@@ -426,8 +421,7 @@ def main(args: argparse.Namespace) -> int:
         print("\nuffdpoison bench: interrupted (namespaces and helper processes removed)",
               file=sys.stderr)  # fmt: skip
         return 130
-    if tty and not args.quiet:
-        sys.stderr.write("\r\x1b[K")
+    progress.done()
     print_table(doc)
     if args.json:
         with open(args.json, "w") as f:

@@ -101,7 +101,7 @@ class Config:
     def validate(self) -> None:
         if self.pages < 1 or self.span < 1 or self.rounds < 1 or self.warmup < 0:
             raise BenchError("--pages, --span and --rounds must be >= 1, --warmup >= 0")
-        if self.memory not in ("anon", "shmem", "hugetlb"):
+        if self.memory not in memory.KINDS:
             raise BenchError(f"--memory must be anon, shmem or hugetlb, got {self.memory!r}")
         if self.pattern not in ("random", "sequential"):
             raise BenchError(f"--pattern must be random or sequential, got {self.pattern!r}")
@@ -451,12 +451,14 @@ def _pinned_thread(cpu: int | None) -> Iterator[None]:
         os.sched_setaffinity(0, old)
 
 
-def _mapping(kind: str, size: int) -> memory.Mapping:
-    if kind == "anon":
-        return memory.anon(size)
-    if kind == "shmem":
-        return memory.shmem(size)
-    return memory.hugetlb(size)
+def _registered(
+    stack: contextlib.ExitStack, kind: str, size: int
+) -> tuple[memory.Mapping, Userfaultfd]:
+    """A mapping of ``kind`` registered MISSING on a fresh userfaultfd, both closed by ``stack``."""
+    m = stack.enter_context(memory.of_kind(kind, size))
+    uffd = stack.enter_context(Userfaultfd.create())
+    uffd.register(m.addr, size, RegisterMode.MISSING)
+    return m, uffd
 
 
 def touch_order(cfg: Config, rnd: int) -> list[int]:
@@ -492,7 +494,7 @@ def up_round(
     """uffdpoison destination (embedded, same process) touching ``order``."""
     ps = guest.page_size
     size = guest.pages * ps
-    with _mapping(cfg.memory, size) as m:
+    with memory.of_kind(cfg.memory, size) as m:
         toucher = Toucher(
             array("Q", (m.addr + i * ps for i in order)),
             threads=cfg.threads,
@@ -545,9 +547,7 @@ def c_round(
     ps = guest.page_size
     size = guest.pages * ps
     with contextlib.ExitStack() as stack:
-        m = stack.enter_context(_mapping(cfg.memory, size))
-        uffd = stack.enter_context(Userfaultfd.create())
-        uffd.register(m.addr, size, RegisterMode.MISSING)
+        m, uffd = _registered(stack, cfg.memory, size)
         s = stack.enter_context(_connect(host, port))
         h = stack.enter_context(
             RemoteHandler(uffd.fileno(), m.addr, size, sock=s, page_size=ps, cpu=cfg.hcpu)
@@ -835,7 +835,7 @@ class Runner(Owned):
         cfg = self.cfg
         ps = guest.page_size
         size = guest.pages * ps
-        with _mapping(cfg.memory, size) as m:
+        with memory.of_kind(cfg.memory, size) as m:
             region = Region(base=m.addr, size=size, offset=0, page_size=ps)
             after = Toucher(array("Q", (m.addr + i * ps for i in check)), page_size=ps)
 
@@ -864,9 +864,7 @@ class Runner(Owned):
         ps = guest.page_size
         size = guest.pages * ps
         with contextlib.ExitStack() as stack:
-            m = stack.enter_context(_mapping(cfg.memory, size))
-            uffd = stack.enter_context(Userfaultfd.create())
-            uffd.register(m.addr, size, RegisterMode.MISSING)
+            m, uffd = _registered(stack, cfg.memory, size)
             t0 = time.perf_counter()
             s = stack.enter_context(_connect(src.host, src.port))
             b = BulkPuller(

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import grp
-import json
 import logging
 import pwd
 import signal
 import sys
-from typing import Any
 
 import trio
 
+from uffdpoison.console import emit
 from uffdpoison.destination.handoff import HandoffDaemon
 from uffdpoison.destination.link import SourceUnavailable
 
@@ -81,11 +80,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _emit(record: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(record) + "\n")
-    sys.stdout.flush()
-
-
 async def _amain(args: argparse.Namespace) -> None:
     daemon = HandoffDaemon(
         args.handoff,
@@ -93,7 +87,7 @@ async def _amain(args: argparse.Namespace) -> None:
         allow_uids=args.allow_uid,
         mode=args.handoff_mode,
         owner=args.handoff_owner,
-        status=_emit,
+        status=emit,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -112,7 +106,7 @@ async def _amain(args: argparse.Namespace) -> None:
                     return
 
             nursery.start_soon(stop_on_signal)
-    _emit({"event": "stopped"})
+    emit({"event": "stopped"})
 
 
 def main(args: argparse.Namespace) -> int:

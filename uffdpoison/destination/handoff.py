@@ -55,13 +55,6 @@ class Peer:
     gid: int
 
 
-@dataclass(slots=True)
-class Handoff:
-    peer: Peer
-    regions: RegionMap
-    uffd_fd: int
-
-
 def peer_credentials(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
@@ -263,12 +256,7 @@ class HandoffDaemon:
             assert self.source_info is not None
             regions.check_within(self.source_info.memory_size)
             if uffd.lacks:
-                log.info(
-                    "%s (pid %d): userfaultfd session lacks: %s",
-                    name,
-                    peer.pid,
-                    "; ".join(uffd.lacks),
-                )
+                log.info("%s (pid %d): the userfaultfd lacks: %s", name, peer.pid, uffd.lacks)
             await self._run_session(name, peer, uffd, regions)
         except (HandoffError, RegionError, kerrors.UffdError) as e:
             log.error("%s: handoff rejected: %s", name, e)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from uffdpoison.harness._ffi import ffi, lib
-from uffdpoison.harness.cref import _check, _check_geometry, _CThread
+from uffdpoison.harness.cref import _blocking_fd, _check, _check_geometry, _CThread
 
 __all__ = ["BulkPuller", "BulkStats"]
 
@@ -70,9 +70,7 @@ class BulkPuller(_CThread[BulkStats]):
         if rate is not None and rate <= 0:
             raise ValueError(f"rate must be positive bytes/s or None, got {rate}")
         self._sock = sock
-        fd = sock if isinstance(sock, int) else sock.fileno()
-        if isinstance(sock, socket.socket):
-            sock.setblocking(True)
+        fd = _blocking_fd(sock)
         out = ffi.new("up_cref_bulk **")
         _check(
             lib.up_cref_bulk_start(

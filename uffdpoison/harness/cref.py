@@ -136,6 +136,14 @@ def _bitmap(poison: bytes | bytearray | None, pages: int, keep: list[Any]) -> An
     return c
 
 
+def _blocking_fd(sock: socket.socket | int) -> int:
+    """The fd a C thread does blocking I/O on; the socket object stays the caller's."""
+    if isinstance(sock, int):
+        return sock
+    sock.setblocking(True)
+    return sock.fileno()
+
+
 def _check_geometry(base: int, size: int, page_size: int) -> None:
     if page_size <= 0 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
@@ -258,9 +266,7 @@ class RemoteHandler(_Handler):
     ) -> None:
         _check_geometry(base, size, page_size)
         self._sock = sock  # kept alive: the C thread uses its fd
-        fd = sock if isinstance(sock, int) else sock.fileno()
-        if isinstance(sock, socket.socket):
-            sock.setblocking(True)
+        fd = _blocking_fd(sock)
         out = ffi.new("up_cref_handler **")
         _check(
             lib.up_cref_remote_start(

@@ -183,30 +183,20 @@ class Toucher:
     def __len__(self) -> int:
         return self._n
 
+    def _outputs(self) -> tuple[Any, ...]:
+        """The buffers the threads write, in up_toucher_start's order."""
+        return (self._latency, self._outcome, self._value_out, self._si_code, self._si_addr,
+                self._digest, self._thread_cpu)  # fmt: skip
+
     def start(self) -> None:
         """Start the threads and return at once."""
         if self._handle is not None:
             raise RuntimeError("toucher already started (a Toucher runs once)")
         _reap_abandoned()
         out = ffi.new("up_toucher **")
-        rc = lib.up_toucher_start(
-            out,
-            self._addrs,
-            self._n,
-            self._threads,
-            int(self._write),
-            self._value,
-            self._page_size,
-            self._cpu_arr,
-            len(self._cpus) if self._cpus else 0,
-            self._latency,
-            self._outcome,
-            self._value_out,
-            self._si_code,
-            self._si_addr,
-            self._digest,
-            self._thread_cpu,
-        )
+        setup = (self._n, self._threads, int(self._write), self._value, self._page_size)
+        ncpus = len(self._cpus) if self._cpus else 0
+        rc = lib.up_toucher_start(out, self._addrs, *setup, self._cpu_arr, ncpus, *self._outputs())
         if rc < 0:
             raise OSError(-rc, f"starting {self._threads} toucher threads: {os.strerror(-rc)}")
         self._handle = out[0]
@@ -288,15 +278,4 @@ class Toucher:
             lib.up_toucher_free(handle)
         else:
             # Threads still blocked (e.g. on an unresolved fault): keep everything they write to.
-            buffers = (
-                self._addrs,
-                self._latency,
-                self._outcome,
-                self._value_out,
-                self._si_code,
-                self._si_addr,
-                self._digest,
-                self._thread_cpu,
-                self._cpu_arr,
-            )
-            _ABANDONED.append((handle, buffers))
+            _ABANDONED.append((handle, (self._addrs, self._cpu_arr, *self._outputs())))

@@ -130,6 +130,16 @@ def hugetlb(size: int) -> Mapping:
     return _memfd(size, True)
 
 
+KINDS = ("anon", "shmem", "hugetlb")
+
+
+def of_kind(kind: str, size: int) -> Mapping:
+    """A mapping of one of ``KINDS`` (what a command line's --memory names)."""
+    if kind not in KINDS:
+        raise ValueError(f"memory kind {kind!r} is not one of {', '.join(KINDS)}")
+    return anon(size) if kind == "anon" else _memfd(size, kind == "hugetlb")
+
+
 def _read_nr() -> int:
     with open(NR_HUGEPAGES) as f:
         return int(f.read())

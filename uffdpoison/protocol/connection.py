@@ -64,6 +64,14 @@ def check_poison_list(mv: memoryview, page_size: int, memory_size: int) -> None:
         prev = off
 
 
+def _check_version(frame: str, v: int) -> None:
+    if v != layout.PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version mismatch: {frame} has {v}, this side speaks "
+            f"{layout.PROTOCOL_VERSION}"
+        )
+
+
 def _page_size(frame: str, name: str, v: int, *, allow_zero: bool) -> None:
     if v == 0 and allow_zero:
         return
@@ -222,11 +230,7 @@ class Connection:
             raise ProtocolError("Hello sent by the source (only the destination sends it)")
         if self.hello is not None:
             raise ProtocolError("duplicate Hello")
-        if ev.version != layout.PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"protocol version mismatch: Hello has {ev.version}, this side speaks "
-                f"{layout.PROTOCOL_VERSION}"
-            )
+        _check_version("Hello", ev.version)
         if self.channel is not None and ev.channel is not self.channel:
             raise ProtocolError(
                 f"Hello for the {ev.channel.name} channel on the {self.channel.name} channel"
@@ -244,11 +248,7 @@ class Connection:
             raise ProtocolError("Welcome before the Hello")
         if self.welcome is not None:
             raise ProtocolError("duplicate Welcome")
-        if ev.version != layout.PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"protocol version mismatch: Welcome has {ev.version}, this side speaks "
-                f"{layout.PROTOCOL_VERSION}"
-            )
+        _check_version("Welcome", ev.version)
         _page_size("Welcome", "page_size", ev.page_size, allow_zero=False)
         if self.hello.page_size and ev.page_size != self.hello.page_size:
             raise ProtocolError(

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import signal
 import sys
-from typing import Any
 
 import trio
 
+from uffdpoison.console import emit
 from uffdpoison.source.backends import (
     Backend,
     ImageBackend,
@@ -124,11 +123,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
-
-
 def _open_backend(args: argparse.Namespace) -> Backend:
     if args.image is not None:
         if args.ranges:
@@ -145,7 +139,7 @@ async def _run(server: SourceServer, listen: str) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(server.serve, listen)
-            _emit({"event": "listening", "host": host, "port": port})
+            emit({"event": "listening", "host": host, "port": port})
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -178,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         server = SourceServer(
             backend,
             max_bandwidth=args.max_bandwidth,
-            status=_emit,
+            status=emit,
             push_nice=PUSH_NICE if args.push_nice is None else args.push_nice,
         )
         try:

@@ -116,35 +116,30 @@ class SourceServer:
             log.info("push at normal priority: restoring a thread's priority needs CAP_SYS_NICE")
             lowered = base
         self._nice = (lowered, base)
-        infos = await trio.socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, type_, proto, _, addr = infos[0]
-        lsock = trio.socket.socket(family, type_, proto)
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=128)
         self._pacer = Pacer(self.max_bandwidth) if self.max_bandwidth else None
         try:
-            with lsock:
-                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                await lsock.bind(addr)
-                lsock.listen(128)
-                bound = lsock.getsockname()
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:  # a name may resolve to several addresses
+                    nursery.start_soon(self._accept, nursery, listener)
+                bound = listeners[0].socket.getsockname()
                 log.info("listening on %s", format_address(bound[0], bound[1]))
-                async with trio.open_nursery() as nursery:
-                    task_status.started((bound[0], bound[1]))
-                    while True:
-                        tsock, peer = await lsock.accept()
-                        sock = socket.socket(tsock.family, tsock.type, tsock.proto, tsock.detach())
-                        nursery.start_soon(self._handle, nursery, sock, _peer_name(peer))
+                task_status.started((bound[0], bound[1]))
         finally:
+            for listener in listeners:
+                listener.socket.close()
             if self._pacer is not None:
                 self._pacer.close()
 
+    async def _accept(self, nursery: trio.Nursery, listener: trio.SocketListener) -> None:
+        while True:
+            tsock = (await listener.accept()).socket  # TCP_NODELAY set by trio
+            peer = _peer_name(tsock.getpeername())
+            sock = socket.socket(tsock.family, tsock.type, tsock.proto, tsock.detach())
+            nursery.start_soon(self._handle, nursery, sock, peer)
+
     async def _handle(self, nursery: trio.Nursery, sock: socket.socket, peer: str) -> None:
         """One connection until its handshake is done; then its session owns it."""
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = FrameStream(sock, protocol.Connection(Side.SOURCE, None), name=peer)
         handed = False
         try:
