@@ -11,27 +11,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from uffdpoison.kernel import (
-    HUGE_PAGE_SIZE,
-    PAGE_SIZE,
-    Feature,
-    HugePagesUnavailable,
-    Ioctl,
-    Mapping,
-    RegisterMode,
-    UffdError,
-    Userfaultfd,
-    anon,
-    hugetlb,
-    open_paths,
-    probe_features,
-    reserve_hugepages,
-    shmem,
-)
+from uffdpoison.kernel import Feature, Ioctl, RegisterMode, UffdError, Userfaultfd, memory
 from uffdpoison.kernel.ledger import Ledger
+from uffdpoison.kernel.uffd import open_paths, probe_features
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +31,10 @@ def _names(flags: Ioctl | Feature) -> list[str]:
     return [f.name for f in type(flags) if f in flags and f.name]
 
 
-def _register(make: Callable[[], Mapping], mode: RegisterMode) -> dict[str, Any]:
+def _register(kind: str, mode: RegisterMode) -> dict[str, Any]:
+    size = memory.HUGE_PAGE_SIZE if kind == "hugetlb" else memory.PAGE_SIZE
     try:
-        with Userfaultfd.create() as u, make() as m:
+        with Userfaultfd.create() as u, memory.of_kind(kind, size) as m:
             got = u.register(m.addr, m.size, mode)
             u.unregister(m.addr, m.size)
             return {"ok": True, "ioctls": _names(got)}
@@ -59,9 +44,9 @@ def _register(make: Callable[[], Mapping], mode: RegisterMode) -> dict[str, Any]
 
 def _hugetlb(mode: RegisterMode) -> dict[str, Any]:
     try:
-        with reserve_hugepages(1):
-            return _register(lambda: hugetlb(HUGE_PAGE_SIZE), mode)
-    except HugePagesUnavailable as e:
+        with memory.reserve_hugepages(1):
+            return _register("hugetlb", mode)
+    except memory.HugePagesUnavailable as e:
         return {"ok": False, "skipped": str(e)}
 
 
@@ -69,10 +54,10 @@ def _poison() -> dict[str, Any]:
     """Place a marker through the ledger, then again: the kernel must say EEXIST the second
     time (the ledger counts it ``already``), so the marker is really there."""
     try:
-        with Userfaultfd.create() as u, anon(PAGE_SIZE) as m:
+        with Userfaultfd.create() as u, memory.anon(memory.PAGE_SIZE) as m:
             u.register(m.addr, m.size, RegisterMode.MISSING)
             try:
-                with Ledger(u, m.addr, m.size, PAGE_SIZE) as led:
+                with Ledger(u, m.addr, m.size, m.page_size) as led:
                     first, second = led.poison(0, 1), led.poison(0, 1)
                 if first.placed == 1 and second.already == 1:
                     return {"ok": True, "detail": "marker placed; a second POISON is EEXIST"}
@@ -91,23 +76,16 @@ def report(*, hugetlb_probe: bool = True) -> dict[str, Any]:
             out["api_ioctls"] = _names(u.api_ioctls)
             out["created_via"] = u.created_via
     except UffdError as e:
-        out["features"] = []
-        out["api_ioctls"] = []
-        out["error"] = str(e)
-        out["register"] = {}
-        out["poison"] = {"ok": False, "detail": "no userfaultfd"}
-        out["ok"] = False
-        return out
-    page = PAGE_SIZE
+        none = {"features": [], "api_ioctls": [], "register": {}, "ok": False}
+        return out | none | {"error": str(e), "poison": {"ok": False, "detail": "no userfaultfd"}}
+    both = RegisterMode.MISSING | RegisterMode.MINOR
     reg = {
-        "anon MISSING": _register(lambda: anon(page), RegisterMode.MISSING),
-        "shmem MISSING": _register(lambda: shmem(page), RegisterMode.MISSING),
-        "shmem MISSING|MINOR": _register(
-            lambda: shmem(page), RegisterMode.MISSING | RegisterMode.MINOR
-        ),
+        "anon MISSING": _register("anon", RegisterMode.MISSING),
+        "shmem MISSING": _register("shmem", RegisterMode.MISSING),
+        "shmem MISSING|MINOR": _register("shmem", both),
     }
     if hugetlb_probe:
-        reg["hugetlb MISSING|MINOR"] = _hugetlb(RegisterMode.MISSING | RegisterMode.MINOR)
+        reg["hugetlb MISSING|MINOR"] = _hugetlb(both)
     out["register"] = reg
     out["poison"] = _poison()
     anon_ioctls = reg["anon MISSING"].get("ioctls", [])
@@ -144,9 +122,3 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(_text(r))
     return 0 if r["ok"] else 1
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="uffdpoison check", description=__doc__)
-    add_arguments(p)
-    sys.exit(main(p.parse_args()))

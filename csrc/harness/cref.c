@@ -381,7 +381,7 @@ int up_cref_remote_start(up_cref_handler **out, int uffd, uint64_t base, uint64_
     return handler_start(out, uffd, base, size, page_size, 0, NULL, sock_fd, cpu);
 }
 
-void up_cref_handler_stats(up_cref_handler *h, up_cref_stats *out) { st_copy(&h->st, out); }
+void up_cref_handler_stats_get(up_cref_handler *h, up_cref_stats *out) { st_copy(&h->st, out); }
 
 int up_cref_handler_stop(up_cref_handler *h, up_cref_stats *final_out)
 {
@@ -681,7 +681,7 @@ int up_cref_source_start_ex(up_cref_source **out, int listen_fd, uint64_t buf, u
 
 int up_cref_source_port(up_cref_source *s) { return s->port; }
 
-void up_cref_source_stats(up_cref_source *s, up_cref_stats *out) { st_copy(&s->st, out); }
+void up_cref_source_stats_get(up_cref_source *s, up_cref_stats *out) { st_copy(&s->st, out); }
 
 int up_cref_source_stop(up_cref_source *s, up_cref_stats *final_out)
 {

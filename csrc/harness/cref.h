@@ -46,7 +46,7 @@ int up_cref_local_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t
  * COPY / ZEROPAGE / POISON according to the reply. 0 or -errno. */
 int up_cref_remote_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t size,
                          uint64_t page_size, int sock_fd, int cpu);
-void up_cref_handler_stats(up_cref_handler *h, up_cref_stats *out);
+void up_cref_handler_stats_get(up_cref_handler *h, up_cref_stats *out);
 /* Stops the thread, joins it, stores its final counters in final_out (may be NULL) and frees
  * it. Fds given to it are not closed. */
 int up_cref_handler_stop(up_cref_handler *h, up_cref_stats *final_out);
@@ -63,7 +63,7 @@ int up_cref_source_start_ex(up_cref_source **out, int listen_fd, uint64_t buf, u
                             uint64_t page_size, const uint8_t *poison_bitmap, int cpu,
                             uint32_t flags);
 int up_cref_source_port(up_cref_source *s);
-void up_cref_source_stats(up_cref_source *s, up_cref_stats *out);
+void up_cref_source_stats_get(up_cref_source *s, up_cref_stats *out);
 int up_cref_source_stop(up_cref_source *s, up_cref_stats *final_out);
 
 /* (d) n round trips on the connected stream fd: send req_len bytes of req, read reply_len bytes;

@@ -30,7 +30,6 @@ from typing import Any
 
 import trio
 
-from uffdpoison.destination.link import SourceLink
 from uffdpoison.destination.regions import Region, RegionMap
 from uffdpoison.destination.session import Session, SessionFailed, StatusSink
 from uffdpoison.exgroups import leaf_of
@@ -94,20 +93,10 @@ async def serve_memory(
     try:
         for r in rmap:
             uffd.register(r.base, r.size, RegisterMode.MISSING)
-        link = await SourceLink.connect(source, page_size=rmap.page_size, bulk=background)
-        try:
-            session = Session(
-                uffd,
-                rmap,
-                link,
-                hugetlb=hugetlb,
-                name=name,
-                status=status,
-                request_timeout=request_timeout,
-            )
-        except BaseException:
-            link.close()
-            raise
+        session = await Session.connect(
+            uffd, rmap, source, bulk=background, hugetlb=hugetlb, name=name, status=status,
+            request_timeout=request_timeout,
+        )  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)

@@ -22,12 +22,11 @@ import socket
 import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
-from uffdpoison.destination.link import SourceInfo, SourceLink, probe
+from uffdpoison.destination.link import SourceInfo, probe
 from uffdpoison.destination.regions import (
     MAX_HANDOFF_BYTES,
     RegionError,
@@ -48,8 +47,9 @@ class HandoffError(Exception):
     """A VMM's handoff was unusable; the message says what was wrong."""
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
+class Peer(NamedTuple):
+    """The VMM at the other end of the handoff socket (SO_PEERCRED)."""
+
     pid: int
     uid: int
     gid: int
@@ -57,8 +57,7 @@ class Peer:
 
 def peer_credentials(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return Peer(pid, uid, gid)
+    return Peer._make(_UCRED.unpack(raw))
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -281,19 +280,10 @@ class HandoffDaemon:
     async def _run_session(
         self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap
     ) -> None:
-        link = await SourceLink.connect(self.source, page_size=regions.page_size)
-        try:
-            session = Session(
-                uffd,
-                regions,
-                link,
-                hugetlb=regions.page_size > 4096,
-                name=name,
-                status=lambda d: self._status({**d, "pid": peer.pid}),
-            )
-        except BaseException:
-            link.close()
-            raise
+        session = await Session.connect(
+            uffd, regions, self.source, hugetlb=regions.page_size > 4096, name=name,
+            status=lambda d: self._status({**d, "pid": peer.pid}),
+        )  # fmt: skip
         self.sessions[name] = session
         try:
             async with trio.open_nursery() as nursery:

@@ -103,6 +103,19 @@ class Session:
         self._progress = trio.lowlevel.ParkingLot()
         self._logged: dict[str, tuple[int, float]] = {}
 
+    @classmethod
+    async def connect(
+        cls, uffd: Userfaultfd, regions: RegionMap, source: str, *, bulk: bool = True, **kw: Any
+    ) -> Session:
+        """Handshake with ``source`` (``HOST:PORT``) and set the session up; the link is
+        closed again if that fails. ``bulk=False``: no push, pages come only when asked."""
+        link = await SourceLink.connect(source, page_size=regions.page_size, bulk=bulk)
+        try:
+            return cls(uffd, regions, link, **kw)
+        except BaseException:
+            link.close()
+            raise
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from uffdpoison.harness._ffi import ffi, lib
-from uffdpoison.harness.cref import _blocking_fd, _check, _check_geometry, _CThread
+from uffdpoison.harness._ffi import lib
+from uffdpoison.harness.cref import _blocking_fd, _check_geometry, _cpu, _CThread, _names
 
 __all__ = ["BulkPuller", "BulkStats"]
 
@@ -29,11 +29,12 @@ class BulkStats:
     cpu: int
     done: bool
     elapsed_ns: int  # start to done (to now while running)
+    _CTYPE: ClassVar[str] = "up_cref_bulk_stats"
 
     @classmethod
     def _from_c(cls, st: Any) -> BulkStats:
         fields: dict[str, Any] = {
-            f: (bool if f == "done" else int)(getattr(st, f)) for f in cls.__dataclass_fields__
+            f: (bool if f == "done" else int)(getattr(st, f)) for f in _names(cls)
         }
         return cls(**fields)
 
@@ -44,13 +45,7 @@ class BulkPuller(_CThread[BulkStats]):
     place every page; ``rate`` caps page data at bytes/s (None: uncapped). Starts at once.
     """
 
-    _STATS_CTYPE = "up_cref_bulk_stats *"
-    _STATS_FN = "up_cref_bulk_stats_get"
-    _STOP_FN = "up_cref_bulk_stop"
-    _WHAT = "bulk puller"
-
-    def _from_c(self, st: Any) -> BulkStats:
-        return BulkStats._from_c(st)
+    _HANDLE, _STATS, _WHAT = "up_cref_bulk", BulkStats, "bulk puller"
 
     def __init__(
         self,
@@ -71,22 +66,8 @@ class BulkPuller(_CThread[BulkStats]):
             raise ValueError(f"rate must be positive bytes/s or None, got {rate}")
         self._sock = sock
         fd = _blocking_fd(sock)
-        out = ffi.new("up_cref_bulk **")
-        _check(
-            lib.up_cref_bulk_start(
-                out,
-                uffd,
-                base,
-                size,
-                page_size,
-                fd,
-                chunk_pages,
-                rate or 0,
-                -1 if cpu is None else cpu,
-            ),
-            "starting C bulk puller",
-        )
-        self._started(out[0])
+        geometry = (uffd, base, size, page_size)
+        self._start("up_cref_bulk_start", *geometry, fd, chunk_pages, rate or 0, _cpu(cpu))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait (GIL released) up to ``timeout`` s for the whole region; True when done."""

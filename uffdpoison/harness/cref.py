@@ -27,13 +27,14 @@ context managers, or call :meth:`stop`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import struct
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from uffdpoison.harness._ffi import ffi, lib
 
@@ -110,10 +111,16 @@ class CrefStats:
     connections: int
     last_errno: int
     cpu: int  # the CPU the thread started on (-1 before it ran)
+    _CTYPE: ClassVar[str] = "up_cref_stats"
 
     @classmethod
     def _from_c(cls, st: Any) -> CrefStats:
-        return cls(**{f: int(getattr(st, f)) for f in cls.__dataclass_fields__})
+        return cls(**{f: int(getattr(st, f)) for f in _names(cls)})
+
+
+def _names(cls: Any) -> list[str]:
+    """The fields of a counters dataclass (its C struct's, by name)."""
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def _address(obj: int | Any, keep: list[Any]) -> tuple[int, int | None]:
@@ -144,6 +151,10 @@ def _blocking_fd(sock: socket.socket | int) -> int:
     return sock.fileno()
 
 
+def _cpu(cpu: int | None) -> int:
+    return -1 if cpu is None else cpu  # C: not pinned
+
+
 def _check_geometry(base: int, size: int, page_size: int) -> None:
     if page_size <= 0 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
@@ -160,35 +171,34 @@ class _CThread(Generic[S]):
     """A C thread owned through an opaque handle: counters while it runs, ``stop()`` (join,
     final counters; idempotent), context manager, and a stop without counters if collected."""
 
-    _STATS_CTYPE: str
-    _STATS_FN: str
-    _STOP_FN: str
+    _HANDLE: str  # the C type of the handle; its functions: _HANDLE + "_stats_get", "_stop"
+    _STATS: Any  # the counters' dataclass: _CTYPE names its C struct, _from_c converts one
     _WHAT: str
     _c: Any = None
     _final: S | None = None
 
-    def _from_c(self, st: Any) -> S:
-        raise NotImplementedError
-
-    def _started(self, handle: Any) -> None:
-        self._c = handle
+    def _start(self, fn: str, *args: Any) -> None:
+        """``fn(&handle, *args)`` starts the C thread."""
+        out = ffi.new(f"{self._HANDLE} **")
+        _check(getattr(lib, fn)(out, *args), f"starting {self._WHAT}")
+        self._c = out[0]
 
     def stats(self) -> S:
         if self._c is None:
             if self._final is None:
                 raise RuntimeError(f"{self._WHAT} not running")
             return self._final
-        st = ffi.new(self._STATS_CTYPE)
-        getattr(lib, self._STATS_FN)(self._c, st)
-        return self._from_c(st)
+        st = ffi.new(f"{self._STATS._CTYPE} *")
+        getattr(lib, f"{self._HANDLE}_stats_get")(self._c, st)
+        return self._STATS._from_c(st)
 
     def stop(self) -> S:
         """Stop and join the thread; returns the final counters. Idempotent."""
         if self._c is not None:
-            st = ffi.new(self._STATS_CTYPE)
+            st = ffi.new(f"{self._STATS._CTYPE} *")
             c, self._c = self._c, None
-            _check(getattr(lib, self._STOP_FN)(c, st), f"stopping {self._WHAT}")
-            self._final = self._from_c(st)
+            _check(getattr(lib, f"{self._HANDLE}_stop")(c, st), f"stopping {self._WHAT}")
+            self._final = self._STATS._from_c(st)
         assert self._final is not None
         return self._final
 
@@ -200,18 +210,12 @@ class _CThread(Generic[S]):
 
     def __del__(self) -> None:
         if getattr(self, "_c", None) is not None:
-            getattr(lib, self._STOP_FN)(self._c, ffi.NULL)
+            getattr(lib, f"{self._HANDLE}_stop")(self._c, ffi.NULL)
             self._c = None
 
 
 class _Handler(_CThread[CrefStats]):
-    _STATS_CTYPE = "up_cref_stats *"
-    _STATS_FN = "up_cref_handler_stats"
-    _STOP_FN = "up_cref_handler_stop"
-    _WHAT = "handler"
-
-    def _from_c(self, st: Any) -> CrefStats:
-        return CrefStats._from_c(st)
+    _HANDLE, _STATS, _WHAT = "up_cref_handler", CrefStats, "handler"
 
 
 class LocalHandler(_Handler):
@@ -238,14 +242,7 @@ class LocalHandler(_Handler):
         if src_len is not None and src_len < size:
             raise ValueError(f"src buffer has {src_len} bytes, the region needs {size}")
         bm = _bitmap(poison, size // page_size, self._keep)
-        out = ffi.new("up_cref_handler **")
-        _check(
-            lib.up_cref_local_start(
-                out, uffd, base, size, page_size, src_addr, bm, -1 if cpu is None else cpu
-            ),
-            "starting C local handler",
-        )
-        self._started(out[0])
+        self._start("up_cref_local_start", uffd, base, size, page_size, src_addr, bm, _cpu(cpu))
 
 
 class RemoteHandler(_Handler):
@@ -267,14 +264,7 @@ class RemoteHandler(_Handler):
         _check_geometry(base, size, page_size)
         self._sock = sock  # kept alive: the C thread uses its fd
         fd = _blocking_fd(sock)
-        out = ffi.new("up_cref_handler **")
-        _check(
-            lib.up_cref_remote_start(
-                out, uffd, base, size, page_size, fd, -1 if cpu is None else cpu
-            ),
-            "starting C remote handler",
-        )
-        self._started(out[0])
+        self._start("up_cref_remote_start", uffd, base, size, page_size, fd, _cpu(cpu))
 
 
 class PageSource(_CThread[CrefStats]):
@@ -287,13 +277,7 @@ class PageSource(_CThread[CrefStats]):
     default: one thread serving every connection in turn.
     """
 
-    _STATS_CTYPE = "up_cref_stats *"
-    _STATS_FN = "up_cref_source_stats"
-    _STOP_FN = "up_cref_source_stop"  # closes the connections it accepted
-    _WHAT = "page source"
-
-    def _from_c(self, st: Any) -> CrefStats:
-        return CrefStats._from_c(st)
+    _HANDLE, _STATS, _WHAT = "up_cref_source", CrefStats, "page source"  # stop closes its conns
 
     def __init__(
         self,
@@ -319,21 +303,9 @@ class PageSource(_CThread[CrefStats]):
         self.page_size = page_size
         bm = _bitmap(poison, size // page_size, self._keep)
         self._listen = listen
-        out = ffi.new("up_cref_source **")
-        _check(
-            lib.up_cref_source_start_ex(
-                out,
-                -1 if listen is None else listen.fileno(),
-                addr,
-                size,
-                page_size,
-                bm,
-                -1 if cpu is None else cpu,
-                lib.UP_CREF_SOURCE_THREADED if threaded else 0,
-            ),
-            "starting C page source",
-        )
-        self._started(out[0])
+        lfd = -1 if listen is None else listen.fileno()
+        flags = lib.UP_CREF_SOURCE_THREADED if threaded else 0
+        self._start("up_cref_source_start_ex", lfd, addr, size, page_size, bm, _cpu(cpu), flags)
         self.port: int = int(lib.up_cref_source_port(self._c))
 
     def connect(self) -> socket.socket:

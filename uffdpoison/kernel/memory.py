@@ -11,6 +11,7 @@ import contextlib
 import mmap
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from uffdpoison.kernel._ffi import ffi, lib
 from uffdpoison.owned import Owned
@@ -24,26 +25,16 @@ class HugePagesUnavailable(OSError):
     """Huge pages could not be reserved (not root, or not enough contiguous memory)."""
 
 
+@dataclass(slots=True, eq=False)
 class Mapping(Owned):
     """An mmap'ed region; ``close()`` unmaps it (and its alias and memfd)."""
 
-    __slots__ = ("addr", "alias_addr", "fd", "kind", "page_size", "size")
-
-    def __init__(
-        self,
-        addr: int,
-        size: int,
-        page_size: int,
-        kind: str,
-        alias_addr: int | None = None,
-        fd: int | None = None,
-    ) -> None:
-        self.addr = addr
-        self.size = size
-        self.page_size = page_size
-        self.kind = kind
-        self.alias_addr = alias_addr
-        self.fd = fd
+    addr: int
+    size: int
+    page_size: int
+    kind: str
+    alias_addr: int | None = None
+    fd: int | None = None
 
     def __repr__(self) -> str:
         return f"<Mapping {self.kind} {self.addr:#x}+{self.size:#x}>"
