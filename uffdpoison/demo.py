@@ -192,26 +192,37 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
         async with serve_memory([region], source, hugetlb=args.memory == "hugetlb") as server:
             t_touch = time.monotonic()
             toucher = Toucher(addrs, threads=args.threads, page_size=page_size, digest=True)
-            toucher.start()
-            while not toucher.join(0):
-                res = toucher.results
-                counts = server.page_counts()
-                progress.show(
-                    f"touched {len(addrs) - res.pending}/{len(addrs)} pages · "
-                    f"present {counts['present']} · poisoned {counts['poisoned']} · "
-                    f"demand faults {server.stats['demand_requests']}"
-                )
-                await trio.sleep(0.05)
-            touch_s = time.monotonic() - t_touch
-            first = toucher.results
-            with trio.move_on_after(args.timeout) as scope:
+            done: dict[str, float] = {}  # when every page was touched / resident
+
+            async def touched() -> None:
+                await trio.to_thread.run_sync(toucher.join, None, abandon_on_cancel=True)
+                done["touched"] = time.monotonic()
+
+            async def resident() -> None:
                 await server.wait_complete()
+                done["resident"] = time.monotonic()
+
+            toucher.start()
+            with trio.move_on_after(args.timeout) as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(touched)
+                    nursery.start_soon(resident)
+                    while len(done) < 2:
+                        res, counts = toucher.results, server.page_counts()
+                        progress.show(
+                            f"touched {len(addrs) - res.pending}/{len(addrs)} pages · "
+                            f"present {counts['present']} · poisoned {counts['poisoned']} · "
+                            f"demand faults {server.stats['demand_requests']}"
+                        )
+                        await trio.sleep(0.05)
             if scope.cancelled_caught:
                 raise SetupError(
                     f"migration did not complete within {args.timeout} s: {server.page_counts()}"
                 )
-            total_s = time.monotonic() - t_touch
-            resident_s = time.monotonic() - t_session
+            first = toucher.results
+            touch_s = done["touched"] - t_touch
+            total_s = max(done.values()) - t_touch
+            resident_s = done["resident"] - t_session
             # After the background stream: every poisoned page must still SIGBUS, data stays.
             poisoned_addrs = array("Q", (mapping.addr + i * page_size for i in guest.poisoned))
             again = Toucher(poisoned_addrs, threads=1, page_size=page_size).run(timeout=60)
