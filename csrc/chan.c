@@ -13,7 +13,7 @@
 int up_chan_init(up_chan *c, int channel, int wake_fd, size_t rcap, size_t rmax, size_t tmax)
 {
 	memset(c, 0, sizeof(*c));
-	c->fd = -1;
+	c->fd = c->next_fd = -1;
 	c->channel = channel;
 	c->wake_fd = wake_fd;
 	c->rcap = rcap;
@@ -208,6 +208,34 @@ void up_chan_close(up_chan *c)
 {
 	__atomic_store_n(&c->closing, 1, __ATOMIC_RELEASE);
 	up_wake(c->wake_fd);
+}
+
+void up_chan_attach(up_chan *c, int fd)
+{
+	__atomic_store_n(&c->next_fd, fd, __ATOMIC_RELEASE);
+	up_wake(c->wake_fd);
+}
+
+void up_chan_detach(up_chan *c)
+{
+	c->fd = -1;
+	c->rlen = c->rpos = 0;
+	c->held = UP_HELD_NONE;
+	__atomic_store_n(&c->release, 0, __ATOMIC_RELEASE);
+	pthread_mutex_lock(&c->lock);
+	__atomic_store_n(&c->tpos, 0, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->tlen, 0, __ATOMIC_RELEASE);
+	pthread_mutex_unlock(&c->lock);
+	__atomic_store_n(&c->closing, 0, __ATOMIC_RELEASE);
+}
+
+int up_chan_take_next(up_chan *c)
+{
+	if (c->fd >= 0 || __atomic_load_n(&c->next_fd, __ATOMIC_ACQUIRE) < 0)
+		return 0;
+	__atomic_store_n(&c->closing, 0, __ATOMIC_RELEASE); /* a close meant the socket before */
+	c->fd = __atomic_exchange_n(&c->next_fd, -1, __ATOMIC_ACQ_REL);
+	return 1;
 }
 
 int up_chan_queued(up_chan *c)

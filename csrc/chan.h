@@ -18,6 +18,7 @@
 
 typedef struct up_chan {
 	int fd;       /* -1: not attached */
+	int next_fd;  /* atomic: a socket to take when detached (up_chan_attach), or -1 */
 	int channel;  /* UP_WIRE_CHANNEL_URGENT or _BULK */
 	int wake_fd;  /* eventfd that wakes the loop owning the channel */
 	/* receive side: the loop's own */
@@ -50,6 +51,11 @@ void up_chan_consume(up_chan *c, const up_frame *f);
 int up_chan_released(up_chan *c);
 /* Queue bytes to send, in order with everything queued before (thread-safe). 0 or -ENOSPC. */
 int up_chan_queue(up_chan *c, const void *p, size_t n);
+/* Loop only: let go of the socket (after shutdown), dropping what was received or queued on
+ * it, so a socket attached later starts clean. */
+void up_chan_detach(up_chan *c);
+/* Loop only: take the socket up_chan_attach left, if any (0: none). */
+int up_chan_take_next(up_chan *c);
 
 /* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 /* The control plane's instructions for a channel, from any thread; each wakes its loop. */
@@ -58,8 +64,12 @@ typedef struct up_chan up_chan;
 int up_chan_send(up_chan *c, const uint8_t *bytes, size_t len);
 /* The held frame is judged: consume it and read on. */
 void up_chan_release(up_chan *c);
-/* Send what is queued, then let go of the channel (the peer sees EOF). */
+/* Send what is queued, then let go of the channel (the peer sees EOF, the control plane a
+ * DETACHED note). */
 void up_chan_close(up_chan *c);
+/* A new socket (handshaken, at a frame boundary) for a channel that is detached or being
+ * closed: the loop takes it once the old one is let go. */
+void up_chan_attach(up_chan *c, int fd);
 /* The held frame's bytes (prefix, header, payload), or 0 bytes if none. */
 size_t up_chan_held(up_chan *c, const uint8_t **out);
 /* --- end cffi --- */

@@ -43,7 +43,7 @@
 struct out_entry {
 	uint64_t next;    /* next byte offset a reply must start at */
 	uint64_t end;     /* 0: answered (slot free) */
-	uint64_t sent_ns; /* when it was queued: the deadline runs from here */
+	uint64_t sent_ns; /* when it was queued (the deadline runs from here); 0: no source yet */
 };
 
 struct up_dest {
@@ -182,9 +182,9 @@ up_notes *up_dest_notes(up_dest *d)
 
 int up_dest_attach(up_dest *d, int channel, int fd)
 {
-	if ((channel != URGENT && channel != BULK) || LOAD(&d->running))
+	if ((channel != URGENT && channel != BULK) || fd < 0)
 		return -EINVAL;
-	d->ch[channel].fd = fd;
+	up_chan_attach(&d->ch[channel], fd);
 	return 0;
 }
 
@@ -210,6 +210,27 @@ void up_dest_get_stats(up_dest *d, up_dest_stats *out)
 	uint64_t *dst = (uint64_t *)out;
 	for (size_t i = 0; i < sizeof(*out) / 8; i++)
 		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+void up_dest_have(const up_dest_region *regions, int nregions, uint64_t ps, int poisoned,
+		  uint64_t first, uint64_t n, uint8_t *bits)
+{
+	memset(bits, poisoned ? 0 : 0xff, (n + 7) / 8);
+	for (int i = 0; i < nregions; i++) {
+		const up_dest_region *r = &regions[i];
+		const uint64_t r0 = r->offset / ps, r1 = r0 + r->size / ps;
+		const uint64_t lo = first > r0 ? first : r0, hi = first + n < r1 ? first + n : r1;
+		for (uint64_t u = lo; u < hi; u++) {
+			const int s = up_ledger_get(r->ledger, u - r0);
+			const uint64_t k = u - first;
+			if (poisoned && s == UP_POISONED)
+				bits[k >> 3] |= (uint8_t)(1u << (k & 7));
+			else if (!poisoned && s != UP_PRESENT && s != UP_POISONED && s != UP_REMOVED)
+				bits[k >> 3] &= (uint8_t)~(1u << (k & 7));
+		}
+	}
+	if (n & 7)
+		bits[n >> 3] &= (uint8_t)((1u << (n & 7)) - 1); /* no bits past the last unit */
 }
 
 int64_t up_dest_outstanding(up_dest *d)
@@ -261,27 +282,52 @@ static int ring_grow(up_dest *d)
 	return 0;
 }
 
-/* One Request for `count` pages at guest `offset`, queued on URGENT and recorded. */
+static int connected(const up_chan *c)
+{
+	return c->fd >= 0 && c->held != UP_HELD_STOPPED && !LOAD(&c->closing);
+}
+
+/* One Request for `count` pages at guest `offset`, recorded and queued on URGENT. With no
+ * source now (the session is paused), only recorded: it goes out when one is attached. */
 static int request_locked(up_dest *d, uint64_t offset, uint64_t count)
 {
-	const up_chan *c = &d->ch[URGENT];
-	if (c->fd < 0 || c->held == UP_HELD_STOPPED || LOAD(&c->closing))
-		return -ENOTCONN;
 	if (d->next_id - d->out_base == d->out_cap) {
 		int r = ring_grow(d);
 		if (r)
 			return r;
 	}
-	uint8_t frame[UP_FRAME_REQUEST];
 	const uint64_t id = d->next_id;
-	up_frame_put_request(frame, id, offset, count, 0);
-	int r = up_chan_queue(&d->ch[URGENT], frame, sizeof(frame));
-	if (r)
-		return r;
-	d->out[id & (d->out_cap - 1)] = (struct out_entry){offset, offset + count * d->ps, now_ns()};
+	uint64_t sent = 0;
+	if (connected(&d->ch[URGENT])) {
+		uint8_t frame[UP_FRAME_REQUEST];
+		up_frame_put_request(frame, id, offset, count, 0);
+		int r = up_chan_queue(&d->ch[URGENT], frame, sizeof(frame));
+		if (r)
+			return r;
+		sent = now_ns();
+	}
+	d->out[id & (d->out_cap - 1)] = (struct out_entry){offset, offset + count * d->ps, sent};
 	d->next_id = id + 1;
 	CNT(d, demand_requests, 1);
 	return 0;
+}
+
+/* A new URGENT socket: every request still unanswered (in flight when the old one broke, or
+ * made while there was none) is sent on it, for what is left of it. */
+static void resend_locked(up_dest *d)
+{
+	const uint64_t now = now_ns();
+	for (uint64_t id = d->out_base; id < d->next_id; id++) {
+		struct out_entry *o = &d->out[id & (d->out_cap - 1)];
+		if (!o->end)
+			continue;
+		uint8_t frame[UP_FRAME_REQUEST];
+		up_frame_put_request(frame, id, o->next, (o->end - o->next) / d->ps, 0);
+		if (up_chan_queue(&d->ch[URGENT], frame, sizeof(frame)))
+			break; /* cannot happen: the queue holds MAX_OUTSTANDING requests */
+		o->sent_ns = now;
+		CNT(d, resent, 1);
+	}
 }
 
 static struct out_entry *lookup_locked(up_dest *d, uint64_t id)
@@ -564,12 +610,12 @@ static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags)
 		pthread_mutex_lock(&d->lock);
 		int rc = request_locked(d, r->offset + idx * ps, 1);
 		pthread_mutex_unlock(&d->lock);
-		if (!rc && d->evhead == d->evlen)
+		if (!rc && d->evhead == d->evlen && d->ch[URGENT].fd >= 0)
 			up_chan_flush(&d->ch[URGENT]); /* the last fault of a batch: on the wire now */
-		if (rc)
-			unclaim(r, idx, 1); /* no source now: the vCPU stays blocked, nothing guessed */
-		if (rc && rc != -ENOTCONN)
-			fail(d, UP_NOTE_FATAL, URGENT, -rc, "queueing a request");
+		if (rc) {
+			unclaim(r, idx, 1); /* the vCPU stays blocked, nothing guessed */
+			fail(d, UP_NOTE_FATAL, URGENT, -rc, "recording a request");
+		}
 		return 0;
 	}
 	case UP_REQUESTED:
@@ -724,13 +770,13 @@ static int bulk_step(up_dest *d)
  * and, the source being silent, reconnects). Returns ms until the oldest could stall. */
 static int check_stall(up_dest *d)
 {
-	if (!d->timeout_ns)
-		return -1;
+	if (!d->timeout_ns || !connected(&d->ch[URGENT]))
+		return -1; /* no source to be late: the control plane is finding one */
 	pthread_mutex_lock(&d->lock);
 	struct out_entry *o = lookup_locked(d, d->out_base);
 	const uint64_t id = d->out_base, sent = o ? o->sent_ns : 0, off = o ? o->next : 0;
 	pthread_mutex_unlock(&d->lock);
-	if (!o) {
+	if (!o || !sent) {
 		d->noted_stall = 0;
 		return -1;
 	}
@@ -773,12 +819,44 @@ static void watch(up_dest *d, int ch, uint32_t events)
 		d->watched[ch] = events;
 }
 
-/* Channel housekeeping each turn: a released verdict, a close once what was queued is out.
- * Returns the poll events wanted. */
+/* A socket the control plane attached (a new source after a pause, or the first): URGENT
+ * re-sends what is unanswered, BULK reads from a frame boundary. 1 if one was taken. */
+static int take_socket(up_dest *d, int ch)
+{
+	pthread_mutex_lock(&d->lock); /* request_locked sees the channel before or after */
+	int got = up_chan_take_next(&d->ch[ch]);
+	if (got && ch == URGENT)
+		resend_locked(d);
+	pthread_mutex_unlock(&d->lock);
+	if (got && ch == BULK) {
+		d->bk_active = 0;
+		d->bulk_more = 1;
+	}
+	d->noted_stall = 0;
+	return got;
+}
+
+/* Let go of a channel the control plane closed: what was received or queued on it goes with
+ * it (a push frame half placed is left: its pages are still MISSING). */
+static void let_go(up_dest *d, int ch)
+{
+	up_chan *c = &d->ch[ch];
+	watch(d, ch, 0);
+	shutdown(c->fd, SHUT_RDWR); /* the source sees EOF; the fd is the control plane's */
+	pthread_mutex_lock(&d->lock);
+	up_chan_detach(c);
+	pthread_mutex_unlock(&d->lock);
+	if (ch == BULK)
+		d->bk_active = d->bulk_more = 0;
+	note(d, UP_NOTE_DETACHED, ch, 0, 0, 0, NULL);
+}
+
+/* Channel housekeeping each turn: a new socket, a released verdict, a close once what was
+ * queued is out. Returns the poll events wanted. */
 static short tend(up_dest *d, int ch)
 {
 	up_chan *c = &d->ch[ch];
-	if (c->fd < 0)
+	if (c->fd < 0 && !take_socket(d, ch))
 		return 0;
 	if (up_chan_released(c) && ch == BULK)
 		d->bulk_more = 1; /* frames may already wait in the buffer */
@@ -788,9 +866,7 @@ static short tend(up_dest *d, int ch)
 		note(d, UP_NOTE_SOCK_ERROR, ch, -q, 0, 0, "send");
 	}
 	if (q <= 0 && LOAD(&c->closing)) {
-		watch(d, ch, 0);
-		shutdown(c->fd, SHUT_RDWR); /* the source sees EOF; the fd is the control plane's */
-		c->fd = -1;
+		let_go(d, ch);
 		return 0;
 	}
 	return (short)((c->held == UP_HELD_NONE ? POLLIN : 0) | (q > 0 ? POLLOUT : 0));
@@ -800,7 +876,6 @@ int up_dest_run(up_dest *d)
 {
 	if (__atomic_exchange_n(&d->running, 1, __ATOMIC_ACQ_REL))
 		return -EBUSY;
-	d->bulk_more = d->ch[BULK].fd >= 0;
 	place_known_poison(d);
 	while (!LOAD(&d->stop)) {
 		const short ue = tend(d, URGENT), be = tend(d, BULK);

@@ -50,6 +50,7 @@ typedef struct up_dest_stats {
 	uint64_t push_pages;
 	uint64_t known_poison; /* pages the handshake's poison list named */
 	uint64_t stalls;     /* requests older than the deadline, noted */
+	uint64_t resent;     /* requests sent again on a new URGENT socket */
 	uint64_t last_fault;   /* address of the last fault counted as unknown or minor */
 	uint64_t last_refused; /* guest offset of the last data refused over poison */
 } up_dest_stats;
@@ -64,7 +65,9 @@ up_dest *up_dest_new(int uffd, uint64_t page_size, uint64_t memory_size,
 		     uint64_t npoison, uint64_t request_timeout_ms);
 void up_dest_free(up_dest *d);
 up_notes *up_dest_notes(up_dest *d);
-/* A channel's socket (handshaken, at a frame boundary, non-blocking), before run(). */
+/* A channel's socket (handshaken, at a frame boundary, non-blocking): before run(), or while
+ * it runs once the channel's old socket was let go (up_chan_close, then a DETACHED note). On
+ * URGENT every unanswered request is sent again. */
 int up_dest_attach(up_dest *d, int channel, int fd);
 /* Serve until up_dest_stop(); a note says what went wrong, if anything did. Blocks: call it
  * in a thread of its own (cffi releases the GIL). 0, or -errno if it could not start. */
@@ -76,11 +79,17 @@ up_chan *up_dest_chan(up_dest *d, int channel);
 /* +1 while a waiter wants UP_FLAG_PROGRESS on every placement, -1 after. */
 void up_dest_notify(up_dest *d, int delta);
 /* For ensure_present: claim pages [first, first + count) of region `region`; request the
- * missing ones (runs of at most max_run pages), zero the removed ones, re-poison the poisoned
- * ones. 0 or -errno (-EAGAIN: a placement met a pending event, call again; -ENOTCONN: the
- * URGENT channel is closed). */
+ * missing ones (runs of at most max_run pages; while no source is attached they go out when
+ * one is), zero the removed ones, re-poison the poisoned ones. 0 or -errno (-EAGAIN: a
+ * placement met a pending event, call again). */
 int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint64_t max_run);
 void up_dest_get_stats(up_dest *d, up_dest_stats *out);
+/* What a resuming session tells the source (a Have), from its regions' ledgers, for units
+ * [first, first + n) of the guest memory space (ps bytes each): bit i (LSB first) set when
+ * unit first + i is not needed, being PRESENT, POISONED or REMOVED in every region that maps
+ * it, or in none (`poisoned`: when it is POISONED in a region). bits: (n + 7) / 8 bytes. */
+void up_dest_have(const up_dest_region *regions, int nregions, uint64_t ps, int poisoned,
+		  uint64_t first, uint64_t n, uint8_t *bits);
 int64_t up_dest_outstanding(up_dest *d);
 /* --- end cffi --- */
 #endif

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 enum { PLACE, ALREADY, REFUSE, DROP };
 
@@ -40,7 +42,25 @@ static inline void set_state(up_ledger *l, uint64_t i, int s)
 	l->states[i] = (uint8_t)s;
 }
 
-up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_size, int hugetlb)
+/* The states a ledger kept in a file by an earlier owner: what was in flight is MISSING again
+ * (the faults behind it are woken to fault anew), the rest is counted. -EINVAL if a byte is
+ * no page state (not a ledger file). */
+static int adopt_states(up_ledger *l)
+{
+	for (uint64_t i = 0; i < l->npages; i++) {
+		uint8_t s = l->states[i];
+		if (s >= UP_NSTATES)
+			return -EINVAL;
+		if (s == UP_REQUESTED || s == UP_BACKGROUND)
+			l->states[i] = s = UP_MISSING;
+		l->counts[UP_MISSING]--;
+		l->counts[s]++;
+	}
+	return 0;
+}
+
+up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_size, int hugetlb,
+			 int state_fd)
 {
 	if (page_size == 0 || (page_size & (page_size - 1)) || size % page_size || base % page_size) {
 		errno = EINVAL;
@@ -51,20 +71,37 @@ up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_siz
 		return NULL;
 	l->npages = size / page_size;
 	l->map_len = l->npages ? l->npages : 1;
-	void *p = mmap(NULL, l->map_len, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (p == MAP_FAILED) {
-		int err = errno;
+	l->counts[UP_MISSING] = l->npages;
+	struct stat st;
+	int err = 0;
+	if (state_fd >= 0 && fstat(state_fd, &st))
+		err = errno;
+	else if (state_fd >= 0 && (uint64_t)st.st_size != l->npages &&
+		 (st.st_size || ftruncate(state_fd, (off_t)l->npages)))
+		err = st.st_size ? EINVAL : errno; /* a file of another region's size: not ours */
+	void *p = err ? MAP_FAILED
+		      : state_fd >= 0 ? mmap(NULL, l->map_len, PROT_READ | PROT_WRITE, MAP_SHARED,
+					     state_fd, 0)
+				      : mmap(NULL, l->map_len, PROT_READ | PROT_WRITE,
+					     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED && !err)
+		err = errno;
+	if (!err) {
+		l->states = p;
+		if (state_fd >= 0 && adopt_states(l))
+			err = EINVAL;
+	}
+	if (err) {
+		if (p != MAP_FAILED)
+			munmap(p, l->map_len);
 		free(l);
 		errno = err;
 		return NULL;
 	}
-	l->states = p;
 	l->fd = fd;
 	l->base = base;
 	l->page_size = page_size;
 	l->hugetlb = hugetlb;
-	l->counts[UP_MISSING] = l->npages;
 	pthread_mutex_init(&l->lock, NULL);
 	return l;
 }

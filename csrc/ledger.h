@@ -27,7 +27,8 @@
 #define UP_REFUSED_POISON (-EHWPOISON)
 
 typedef struct up_ledger {
-	uint8_t *states;      /* npages bytes, mmap(MAP_NORESERVE): zero = all MISSING, no RSS */
+	uint8_t *states;      /* npages bytes, mmap(MAP_NORESERVE, or a state file): zero = all
+			       * MISSING, no RSS until used */
 	uint64_t npages;
 	uint64_t base;
 	uint64_t page_size;
@@ -56,7 +57,11 @@ typedef struct up_place_result {
 	int64_t progress;     /* the failing ioctl's progress field (bytes or -errno) */
 } up_place_result;
 
-up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_size, int hugetlb);
+/* state_fd >= 0: the states live in that file (MAP_SHARED), so they outlive this process: an
+ * empty file is sized and starts all MISSING; a file of the right size is adopted (what was in
+ * flight becomes MISSING again); any other file is EINVAL. -1: anonymous memory. */
+up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_size, int hugetlb,
+			 int state_fd);
 void up_ledger_free(up_ledger *l);
 int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
 		    int flags, up_place_result *res);

@@ -21,6 +21,7 @@
 #define UP_NOTE_PUSH_DONE 7   /* source: every unit has been offered */
 #define UP_NOTE_FATAL 8       /* a local failure (placement, userfaultfd, memory): err, text */
 #define UP_NOTE_TARGET_GONE 9 /* destination: the VMM's memory is gone */
+#define UP_NOTE_DETACHED 10   /* `channel` was closed as told: its socket is the caller's again */
 
 /* Flags. */
 #define UP_FLAG_PROGRESS 1 /* a placement made progress while a waiter asked to hear it */

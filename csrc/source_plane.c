@@ -239,6 +239,19 @@ void up_src_get_stats(up_src *s, up_src_stats *out)
 	out->bytes_bulk = s->ch[BULK].c.bytes_out;
 }
 
+void up_src_mark(up_src *s, int poisoned, uint64_t first, uint64_t n, const uint8_t *bits)
+{
+	const uint64_t per = s->unit / s->g->base_ps;
+	for (uint64_t k = 0; k < n && first + k < s->nunits; k++) {
+		if (!((bits[k >> 3] >> (k & 7)) & 1))
+			continue;
+		const uint64_t u = first + k;
+		set_bits(s->offered, u, u + 1);
+		if (poisoned)
+			set_bits(s->g->poison, u * per, (u + 1) * per);
+	}
+}
+
 /* ---- reading and framing units ------------------------------------------------------------- */
 
 static uint64_t le64(const uint8_t *p) /* the wire's digests are little-endian */

@@ -56,5 +56,9 @@ void up_src_stop(up_src *s, int channel);
 /* A channel, for the instructions of chan.h (send, release, close, held). */
 up_chan *up_src_chan(up_src *s, int channel);
 void up_src_get_stats(up_src *s, up_src_stats *out);
+/* A resuming destination's Have (before the push starts): bit i (LSB first) of `bits` set
+ * means unit first + i is not to be pushed; with `poisoned`, it is also poisoned (the guest's
+ * poison bitmap learns it, for every session). */
+void up_src_mark(up_src *s, int poisoned, uint64_t first, uint64_t n, const uint8_t *bits);
 /* --- end cffi --- */
 #endif

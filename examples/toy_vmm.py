@@ -6,6 +6,11 @@ registers it MISSING, and sends the region table as JSON with the fd attached (S
 the daemon's handoff socket. Its "vCPUs" are C toucher threads, so a poisoned page raises
 SIGBUS in C and is reported, instead of killing this process.
 
+It keeps the handoff connection open while it lives: if the daemon closes it without a word
+(the daemon stopped or died) it hands the same userfaultfd over again to whichever daemon
+listens there next, which resumes the session (docs/FIRECRACKER.md, "Restarts"); a one-line
+``{"error": ...}`` reply means the handoff was refused, and it stops trying.
+
 It then reads commands on stdin, one per line, and answers each with one JSON line:
 
     touch all | touch I,J,K    touch pages (index into the guest), report outcome/digest/latency
@@ -21,6 +26,8 @@ import argparse
 import json
 import socket
 import sys
+import threading
+import time
 from array import array
 
 from uffdpoison.destination.regions import Region, regions_to_json
@@ -47,9 +54,11 @@ def main() -> int:
     uffd.register(mapping.addr, mapping.size, RegisterMode.MISSING)
     region = Region(base=mapping.addr, size=args.size, offset=args.offset, page_size=page_size)
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(args.handoff)
-    socket.send_fds(sock, [regions_to_json([region])], [uffd.fileno()])
+    body = regions_to_json([region])
+    sock = _hand_over(args.handoff, body, uffd.fileno(), retry=False)
+    threading.Thread(
+        target=_keep_handed_over, args=(sock, args.handoff, body, uffd.fileno()), daemon=True
+    ).start()
     print(
         json.dumps({"event": "handed-off", "base": mapping.addr, "page_size": page_size}),
         flush=True,
@@ -92,8 +101,36 @@ def main() -> int:
             print(json.dumps({"discarded": [first, count]}), flush=True)
         else:
             print(json.dumps({"error": f"unknown command {cmd!r}"}), flush=True)
-    sock.close()
     return 0
+
+
+def _hand_over(path: str, body: bytes, fd: int, *, retry: bool) -> socket.socket:
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            socket.send_fds(sock, [body], [fd])
+            return sock
+        except OSError:
+            sock.close()
+            if not retry:
+                raise
+            time.sleep(0.05)  # no daemon listening yet: a restarted one will be
+
+
+def _keep_handed_over(sock: socket.socket, path: str, body: bytes, fd: int) -> None:
+    """The restart contract: a close without a word means hand over again; a reply, refused."""
+    while True:
+        try:
+            reply = sock.recv(4096)
+        except OSError:  # reset by a daemon that died: as good as a close without a word
+            reply = b""
+        sock.close()
+        if reply:
+            print(f"toy VMM: handoff refused: {reply.decode(errors='replace').strip()}",
+                  file=sys.stderr)  # fmt: skip
+            return
+        sock = _hand_over(path, body, fd, retry=True)
 
 
 if __name__ == "__main__":

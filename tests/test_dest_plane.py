@@ -29,7 +29,7 @@ from uffdpoison import protocol
 from uffdpoison.destination.embed import FEATURES, serve_memory
 from uffdpoison.destination.link import SourceLink
 from uffdpoison.destination.regions import Region, RegionMap
-from uffdpoison.destination.session import Session, SessionFailed
+from uffdpoison.destination.session import Session, SessionFailed, SourceLost
 from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
 from uffdpoison.kernel.digest import page_digests
@@ -205,8 +205,9 @@ async def test_bad_reply_fails_the_session_and_places_nothing(
         t = Toucher(array("Q", [m.addr + 9 * PS]))
         with pytest.raises(SessionFailed) as ei:
             async with serve_memory(
-                [Region(m.addr, 16 * PS, 0)], source, background=False, status=events.append
-            ):
+                [Region(m.addr, 16 * PS, 0)], source, background=False, status=events.append,
+                resume_deadline=1,
+            ):  # fmt: skip
                 t.start()
                 await trio.sleep(10)
                 pytest.fail("the session did not fail")
@@ -409,10 +410,11 @@ async def test_unanswered_request_fails_the_session_at_its_deadline(nursery: tri
     source = await _fake_source(nursery, 8, reply)
     with memory.anon(8 * PS) as m:
         t = Toucher(array("Q", [m.addr + 3 * PS]))
-        with pytest.raises(SessionFailed, match=r"request 1 .*unanswered for \d+ ms"):
+        with pytest.raises(SourceLost, match=r"request 1 .*unanswered for \d+ ms"):
             async with serve_memory(
-                [Region(m.addr, 8 * PS, 0)], source, background=False, request_timeout=0.3
-            ):
+                [Region(m.addr, 8 * PS, 0)], source, background=False, request_timeout=0.3,
+                resume_deadline=1.0,
+            ):  # fmt: skip
                 t.start()  # registered by now: the touch faults
                 with trio.fail_after(5):
                     await trio.sleep_forever()
@@ -514,7 +516,8 @@ async def test_bad_push_fails_the_session_and_places_nothing(
     events: list[dict[str, Any]] = []
     with memory.anon(n * PS) as m:
         with pytest.raises(SessionFailed, match=words):
-            async with serve_memory([Region(m.addr, n * PS, 0)], source, status=events.append):
+            region = Region(m.addr, n * PS, 0)
+            async with serve_memory([region], source, status=events.append, resume_deadline=1):
                 await trio.sleep(10)
                 pytest.fail("the session did not fail")
         failed = [e for e in events if e["event"] == "session-failed"]

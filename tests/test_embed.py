@@ -13,7 +13,6 @@ from destination_helpers import make_guest, start_source
 
 from uffdpoison.destination.embed import ThreadedPageServer, serve_memory
 from uffdpoison.destination.regions import Region
-from uffdpoison.destination.session import SessionFailed
 from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
@@ -141,35 +140,6 @@ async def test_unreachable_source_is_a_clear_error() -> None:
     with memory.anon(PS) as m, pytest.raises(ConnectionError, match="unreachable"):
         async with serve_memory([Region(m.addr, PS, 0)], "127.0.0.1:1"):
             pass
-
-
-async def test_embedded_session_fails_when_source_dies() -> None:
-    guest = make_guest(64, poisoned=[], zero=[])
-    with memory.anon(len(guest.image)) as m:
-        async with trio.open_nursery() as outer:
-            scope = trio.CancelScope()
-            box: list[str] = []
-            dead = trio.Event()
-
-            async def source(task_status: trio.TaskStatus[None]) -> None:
-                try:
-                    with scope:
-                        async with trio.open_nursery() as n:
-                            box.append(await start_source(n, guest.backend(), max_bandwidth=4096))
-                            task_status.started()
-                            await trio.sleep_forever()
-                finally:
-                    dead.set()
-
-            await outer.start(source)
-            with pytest.raises(SessionFailed, match="lost"):
-                async with serve_memory([Region(m.addr, len(guest.image), 0)], box[0]) as srv:
-                    # Gone, connections closed, before the fault: a C urgent loop still
-                    # running would answer it (correctly) and nothing would fail.
-                    scope.cancel()
-                    await dead.wait()
-                    await srv.ensure_present(m.addr + 60 * PS, PS)
-            outer.cancel_scope.cancel()
 
 
 async def test_discards_racing_the_background_stream(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ COMMANDS = {
         "uffdpoison.destination.command",
         "destination daemon: VMMs hand over their userfaultfd (Firecracker format)",
     ),
+    "status": ("uffdpoison.status", "what a running destination daemon is doing"),
+    "set-source": ("uffdpoison.set_source", "point a running destination daemon at a new source"),
     "check": ("uffdpoison.check", "report what this kernel's userfaultfd supports"),
     "bench": ("uffdpoison.bench.command", "fault-latency benchmark against a C reference"),
 }

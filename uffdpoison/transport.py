@@ -46,12 +46,29 @@ def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
     return host, port
 
 
+# A peer that is gone without a word (a cut link, a host that froze) is noticed within
+# KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES seconds when the connection is idle,
+# and within USER_TIMEOUT when sent data goes unacknowledged; TCP's defaults take minutes.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 2, 1, 3
+USER_TIMEOUT = 5.0
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """TCP_NODELAY and the keepalive bounds above on a connected TCP socket."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(USER_TIMEOUT * 1000))
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def open_tcp(host: str, port: int) -> socket.socket:
-    """Connect without blocking the trio loop; a non-blocking socket with TCP_NODELAY."""
+    """Connect without blocking the trio loop; a non-blocking socket (``keep_alive``)."""
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:
@@ -69,7 +86,7 @@ async def open_tcp(host: str, port: int) -> socket.socket:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keep_alive(sock)
             return sock
         except OSError as e:
             sock.close()

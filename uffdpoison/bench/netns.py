@@ -141,6 +141,15 @@ class NetnsPair:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def set_source_link(self, up: bool) -> None:
+        """Cut the link (down: packets vanish, no FIN, no RST) or mend it."""
+        from pyroute2 import NetNS
+
+        with NetNS(self.src) as nsr:
+            nsr.link(
+                "set", index=nsr.link_lookup(ifname=self._vsrc)[0], state="up" if up else "down"
+            )
+
     def preexec_src(self, then: Callable[[], None] | None = None) -> Callable[[], None]:
         """A ``preexec_fn`` that moves the child into the source namespace (then runs ``then``)."""
         fd = self._fds[0]

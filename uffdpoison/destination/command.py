@@ -1,4 +1,9 @@
-"""``uffdpoison dest``: the destination daemon (see ``handoff``)."""
+"""``uffdpoison dest``: the destination daemon (see ``daemon``).
+
+Exit status: 0 stopped by SIGTERM/SIGINT (sessions' state kept for a restart), 1 could not
+start (the reason is printed: the handoff or control socket path, the state directory), 2 bad
+options.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,11 @@ import sys
 import trio
 
 from uffdpoison.console import emit
-from uffdpoison.destination.handoff import HandoffDaemon
-from uffdpoison.destination.link import SourceUnavailable
+from uffdpoison.destination.daemon import HandoffDaemon
+from uffdpoison.destination.session import REQUEST_TIMEOUT, RESUME_DEADLINE
+from uffdpoison.destination.state import STATE_DIR
+from uffdpoison.exgroups import leaf_of
+from uffdpoison.transport import parse_address
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +51,31 @@ def _owner(text: str) -> tuple[int, int]:
     return uid, gid
 
 
+def _address(text: str) -> str:
+    try:
+        parse_address(text, what="--source")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} seconds is out of range")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
         required=True,
+        type=_address,
         metavar="HOST:PORT",
-        help="the source page server ([IPv6]:PORT also accepted)",
+        help="the source page server ([IPv6]:PORT also accepted); it may start later",
     )
     p.add_argument(
         "--handoff",
@@ -78,6 +105,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="USER[:GROUP]",
         help="owner of the socket file, for a VMM jailed under another uid",
     )
+    p.add_argument(
+        "--state-dir",
+        default=STATE_DIR,
+        metavar="DIR",
+        help=f"keep each session's page states here, so a restarted daemon resumes its VMMs "
+        f"(default {STATE_DIR}; 'none': do not keep them)",
+    )
+    p.add_argument(
+        "--resume-deadline",
+        type=_seconds,
+        default=RESUME_DEADLINE,
+        metavar="SECONDS",
+        help=f"how long a session waits for a lost source before it fails "
+        f"(default {RESUME_DEADLINE:g}); its vCPUs stay blocked either way",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help=f"a demand request unanswered this long means the source is lost "
+        f"(default {REQUEST_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--control",
+        metavar="PATH",
+        help="a local control socket for 'uffdpoison status' and 'uffdpoison set-source'",
+    )
 
 
 async def _amain(args: argparse.Namespace) -> None:
@@ -88,6 +143,10 @@ async def _amain(args: argparse.Namespace) -> None:
         mode=args.handoff_mode,
         owner=args.handoff_owner,
         status=emit,
+        state_dir=None if args.state_dir == "none" else args.state_dir,
+        control=args.control,
+        resume_deadline=args.resume_deadline,
+        request_timeout=args.request_timeout,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -96,12 +155,6 @@ async def _amain(args: argparse.Namespace) -> None:
             async def stop_on_signal() -> None:
                 async for signum in signals:
                     log.info("%s: stopping", signal.Signals(signum).name)
-                    if daemon.sessions:
-                        log.warning(
-                            "stopping with %d live session(s); their VMMs keep their "
-                            "userfaultfd and block on unplaced pages",
-                            len(daemon.sessions),
-                        )
                     nursery.cancel_scope.cancel()
                     return
 
@@ -112,7 +165,10 @@ async def _amain(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         trio.run(_amain, args)
-    except SourceUnavailable as e:
+    except BaseExceptionGroup as group:
+        e = leaf_of(group, OSError)
+        if e is None:
+            raise
         print(f"uffdpoison dest: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -31,7 +31,14 @@ from typing import Any
 import trio
 
 from uffdpoison.destination.regions import Region, RegionMap
-from uffdpoison.destination.session import Session, SessionFailed, StatusSink
+from uffdpoison.destination.session import (
+    REQUEST_TIMEOUT,
+    RESUME_DEADLINE,
+    Session,
+    SessionFailed,
+    SourceLost as SourceLost,
+    StatusSink,
+)
 from uffdpoison.exgroups import leaf_of
 from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd
 
@@ -73,7 +80,8 @@ async def serve_memory(
     background: bool = True,
     status: StatusSink | None = None,
     name: str = "embedded",
-    request_timeout: float = 0.0,
+    request_timeout: float = REQUEST_TIMEOUT,
+    resume_deadline: float = RESUME_DEADLINE,
 ) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
@@ -85,8 +93,11 @@ async def serve_memory(
     ``background=False`` opens no bulk connection: pages arrive only when touched (or through
     ``ensure_present``), which isolates demand-fault latency for measurements.
 
-    ``request_timeout``: seconds a demand request may go unanswered before the session fails
-    naming it (0: wait for ever; a silent source then leaves the vCPU blocked).
+    A lost source (closed, reset, silent past ``request_timeout`` seconds or the keepalive)
+    pauses the session: vCPUs wait, nothing is guessed; it reconnects with backoff and resumes
+    (status events ``session-paused`` / ``session-resumed``). If the source is not back within
+    ``resume_deadline`` seconds the block raises ``SourceLost`` (the pages not placed stay
+    blocked until the range is unregistered on exit).
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
@@ -95,7 +106,7 @@ async def serve_memory(
             uffd.register(r.base, r.size, RegisterMode.MISSING)
         session = await Session.connect(
             uffd, rmap, source, bulk=background, hugetlb=hugetlb, name=name, status=status,
-            request_timeout=request_timeout,
+            request_timeout=request_timeout, resume_deadline=resume_deadline,
         )  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:

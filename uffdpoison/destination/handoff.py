@@ -1,13 +1,11 @@
-"""The destination daemon: VMMs hand it their userfaultfd in Firecracker's format.
+"""The handoff in Firecracker's format: what a VMM sends the destination daemon, and its socket.
 
 A VMM connects to a Unix socket and sends, in one message, a JSON array of regions
 (``base_host_virt_addr``, ``size``, ``offset``, ``page_size``) with its userfaultfd attached as
-SCM_RIGHTS. The daemon serves that VMM from the one ``--source`` until the VMM process is gone
-(a pidfd from the peer's SO_PEERCRED pid). EOF on the handoff socket does not end the session:
-some Firecracker releases close it right after sending.
-
-Each VMM is isolated: a malformed handoff or a failed session is logged and reported on the
-status stream, and never disturbs the other VMMs.
+SCM_RIGHTS. EOF on the handoff socket does not end the session: some Firecracker releases close
+it right after sending. A handoff the daemon refuses is answered with one JSON line
+``{"error": reason}`` before the daemon closes the socket; a close without it means the daemon
+stopped (the VMM may hand over again: docs/FIRECRACKER.md).
 """
 
 from __future__ import annotations
@@ -21,20 +19,13 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import trio
 
-from uffdpoison.destination.link import SourceInfo, probe
 from uffdpoison.destination.regions import (
     MAX_HANDOFF_BYTES,
-    RegionError,
-    RegionMap,
-    parse_firecracker_regions,
 )
-from uffdpoison.destination.session import Session, SessionFailed, StatusSink
-from uffdpoison.kernel import Userfaultfd, errors as kerrors
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +128,7 @@ def _whole_json(buf: bytearray) -> bool:
     return True
 
 
-def _prepare_socket(path: str, mode: int | None, owner: tuple[int, int] | None) -> socket.socket:
+def prepare_socket(path: str, mode: int | None, owner: tuple[int, int] | None) -> socket.socket:
     """Bind ``path``, replacing a stale socket file but never a live daemon's or a non-socket."""
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
@@ -167,7 +158,14 @@ def _prepare_socket(path: str, mode: int | None, owner: tuple[int, int] | None) 
     return sock
 
 
-async def _wait_process_gone(pid: int) -> None:
+def refuse(conn: socket.socket, reason: str) -> None:
+    """Tell the VMM why its handoff was refused (best effort: it may be gone already)."""
+    with contextlib.suppress(OSError):
+        conn.send((json.dumps({"error": reason}) + "\n").encode(), socket.MSG_DONTWAIT)
+
+
+async def wait_process_gone(pid: int) -> None:
+    """Until the process is gone (at once if it already is)."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -177,138 +175,3 @@ async def _wait_process_gone(pid: int) -> None:
     finally:
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
-
-
-class HandoffDaemon:
-    def __init__(
-        self,
-        path: str,
-        source: str,
-        *,
-        allow_uids: Sequence[int] = (),
-        mode: int | None = None,
-        owner: tuple[int, int] | None = None,
-        status: StatusSink | None = None,
-        handoff_timeout: float = HANDOFF_TIMEOUT,
-    ) -> None:
-        self.path = path
-        self.source = source
-        self.allow_uids = frozenset(allow_uids or (os.getuid(),))
-        self.mode = mode
-        self.owner = owner
-        self._status = status or (lambda _d: None)
-        self.handoff_timeout = handoff_timeout
-        self.source_info: SourceInfo | None = None
-        self.sessions: dict[str, Session] = {}
-        self._counter = 0
-
-    def _emit(self, event: str, **fields: Any) -> None:
-        self._status({"event": event, **fields})
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # Fail fast: a daemon that cannot reach its source must not accept VMMs.
-        self.source_info = await probe(self.source)
-        sock = _prepare_socket(self.path, self.mode, self.owner)
-        self._emit(
-            "listening",
-            path=self.path,
-            source=self.source,
-            memory_size=self.source_info.memory_size,
-            page_size=self.source_info.page_size,
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                while True:
-                    await trio.lowlevel.wait_readable(sock)
-                    try:
-                        conn, _ = sock.accept()
-                    except BlockingIOError:
-                        continue
-                    conn.setblocking(False)
-                    self._counter += 1
-                    nursery.start_soon(self._serve_vmm, conn, f"vmm-{self._counter}")
-        finally:
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-
-    async def _serve_vmm(self, conn: socket.socket, name: str) -> None:
-        uffd: Userfaultfd | None = None
-        peer: Peer | None = None
-        fd = -1
-        try:
-            peer = peer_credentials(conn)
-            if peer.uid not in self.allow_uids:
-                raise HandoffError(
-                    f"peer pid {peer.pid} uid {peer.uid} is not allowed "
-                    f"(allowed uids: {sorted(self.allow_uids)})"
-                )
-            body, fd = await receive_handoff(conn, self.handoff_timeout)
-            try:
-                uffd = Userfaultfd.adopt(fd)
-            except kerrors.NotAUserfaultfd as e:
-                raise HandoffError(str(e)) from None
-            fd = -1  # owned by uffd now
-            regions = RegionMap(parse_firecracker_regions(body))
-            assert self.source_info is not None
-            regions.check_within(self.source_info.memory_size)
-            if uffd.lacks:
-                log.info("%s (pid %d): the userfaultfd lacks: %s", name, peer.pid, uffd.lacks)
-            await self._run_session(name, peer, uffd, regions)
-        except (HandoffError, RegionError, kerrors.UffdError) as e:
-            log.error("%s: handoff rejected: %s", name, e)
-            self._emit("handoff-rejected", session=name, reason=str(e))
-        except Exception as e:
-            log.exception("%s: session error", name)
-            self._emit("session-failed", session=name, reason=f"{type(e).__name__}: {e}")
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            conn.close()  # the VMM's signal that this handoff is over
-            try:
-                if uffd is not None and peer is not None:
-                    # Whatever ended it (the VMM gone, bad regions, no source, a bug of ours),
-                    # the userfaultfd stays open while the VMM lives: closing it would let the
-                    # kernel zero-fill every page not placed. Returns at once if it is gone.
-                    await _wait_process_gone(peer.pid)
-            finally:
-                if uffd is not None:
-                    uffd.close()
-
-    async def _run_session(
-        self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap
-    ) -> None:
-        session = await Session.connect(
-            uffd, regions, self.source, hugetlb=regions.page_size > 4096, name=name,
-            status=lambda d: self._status({**d, "pid": peer.pid}),
-        )  # fmt: skip
-        self.sessions[name] = session
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def serve() -> None:
-                    try:
-                        await session.run()
-                    except SessionFailed:
-                        # Keep the fd (and the vCPUs blocked) until the VMM is gone: closing it
-                        # would zero-fill every unplaced page.
-                        return
-                    nursery.cancel_scope.cancel()  # ended: target mm gone
-
-                nursery.start_soon(serve)
-                await _wait_process_gone(peer.pid)
-                nursery.cancel_scope.cancel()
-            if not session.failed:
-                self._emit(
-                    "session-ended",
-                    session=name,
-                    pid=peer.pid,
-                    reason="VMM exited",
-                    pages=session.page_counts(),
-                    placed=session.stats,
-                )
-        finally:
-            del self.sessions[name]
-            session.close()

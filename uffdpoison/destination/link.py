@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -20,6 +21,9 @@ from uffdpoison.transport import ConnectionLost, FrameStream, open_tcp, parse_ad
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+
+# (poisoned, first unit, units) -> the Have bitmap of a resuming session (kernel.planes.have)
+HaveFn = Callable[[bool, int, int], bytes]
 
 
 class SourceUnavailable(ConnectionError):
@@ -76,10 +80,17 @@ class SourceLink:
 
     @classmethod
     async def connect(
-        cls, address: str, *, page_size: int = 0, want_poison_list: bool = True, bulk: bool = True
+        cls,
+        address: str,
+        *,
+        page_size: int = 0,
+        want_poison_list: bool = True,
+        bulk: bool = True,
+        have: HaveFn | None = None,
     ) -> SourceLink:
         """Open URGENT (creating a session), then BULK joining it. ``page_size`` asks the
-        source for a unit (e.g. 2 MiB for hugetlb guests; 0 = its own)."""
+        source for a unit (e.g. 2 MiB for hugetlb guests; 0 = its own). ``have``: this session
+        resumes; BULK tells the source what it holds before the push starts."""
         try:
             host, port = parse_address(address, what="source address")
         except ValueError as e:
@@ -92,7 +103,9 @@ class SourceLink:
                 if bulk:
                     bulk_s = await cls._open(host, port, Channel.BULK)
                     try:
-                        await cls._hello(bulk_s, welcome.session, welcome.page_size, False, welcome)
+                        await cls._hello(
+                            bulk_s, welcome.session, welcome.page_size, False, welcome, have
+                        )
                     except BaseException:
                         bulk_s.close()
                         raise
@@ -119,11 +132,18 @@ class SourceLink:
         page_size: int,
         want_poison_list: bool,
         urgent: protocol.Welcome | None = None,
+        have: HaveFn | None = None,
     ) -> protocol.Welcome:
-        """``urgent``: the URGENT channel's Welcome, which BULK's must agree with."""
+        """``urgent``: the URGENT channel's Welcome, which BULK's must agree with. ``have``:
+        BULK resumes, and the Have frames follow the Welcome."""
         channel = Channel.URGENT if session is None else Channel.BULK
         hello = protocol.Hello(
-            protocol.PROTOCOL_VERSION, channel, session, page_size, want_poison_list
+            protocol.PROTOCOL_VERSION,
+            channel,
+            session,
+            page_size,
+            want_poison_list,
+            resume=have is not None,
         )
         try:
             await s.send(hello)
@@ -148,12 +168,32 @@ class SourceLink:
             raise SourceUnavailable(
                 f"{s.name}: source serves {ev.page_size}-byte pages; this guest needs {page_size}"
             )
+        if have is not None:
+            await _send_have(s, ev, have)
         return ev
 
     def close(self) -> None:
         self.urgent.close()
         if self.bulk is not None:
             self.bulk.close()
+
+
+async def _send_have(s: FrameStream, welcome: protocol.Welcome, have: HaveFn) -> None:
+    """What this resuming session holds (then what it knows is poisoned), in bitmaps of at most
+    MAX_PAYLOAD bytes; a window with nothing to say is skipped, the last one always sent."""
+    ps, units = welcome.page_size, welcome.memory_size // welcome.page_size
+    step = protocol.MAX_PAYLOAD * 8
+    windows = [(p, first) for p in (False, True) for first in range(0, units, step)]
+    try:
+        for k, (poisoned, first) in enumerate(windows):
+            n = min(step, units - first)
+            bits = have(poisoned, first, n)
+            final = k == len(windows) - 1
+            if final or bits.count(0) < len(bits):
+                ev = protocol.Have(poisoned, first * ps, n, memoryview(bits), final)
+                await s.send(ev)
+    except (ConnectionLost, protocol.ProtocolError) as e:
+        raise SourceUnavailable(f"{s.name}: resuming failed: {e}") from None
 
 
 async def probe(address: str) -> SourceInfo:

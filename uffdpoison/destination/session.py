@@ -7,9 +7,15 @@ fault → ledger → Request → reply → ledger → ioctl, and the source's pu
 C. The session reads the plane's notes and answers with instructions: a control frame judged
 by the protocol (Done: go on; Error: fail), completion (release the source), a failure (stop).
 
-Page state lives only in the ledgers (C arrays, one byte a page). The userfaultfd is never
-closed here: closing it while the VMM runs would let the kernel zero-fill every unplaced page.
-A failed session leaves its vCPUs blocked; nothing is guessed.
+A lost source pauses the session (active → paused → recovering → active, QEMU's postcopy
+model): the plane lets go of both sockets and keeps serving what needs no source, its vCPUs
+wait, the session reconnects with backoff and resumes (the source is told what is held, the
+plane re-sends what was unanswered) or, past the deadline, fails with ``SourceLost``.
+
+Page state lives only in the ledgers (C arrays, one byte a page; in a state file when the
+daemon keeps one). The userfaultfd is never closed here: closing it while the VMM runs would
+let the kernel zero-fill every unplaced page. A failed session leaves its vCPUs blocked;
+nothing is guessed.
 """
 
 from __future__ import annotations
@@ -17,24 +23,31 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import trio
 
 from uffdpoison import protocol
 from uffdpoison.control import notes, run_loop
-from uffdpoison.destination.link import SourceLink
+from uffdpoison.destination.link import SourceLink, SourceUnavailable
 from uffdpoison.destination.regions import RegionMap
 from uffdpoison.exgroups import leaf_of
 from uffdpoison.kernel import Userfaultfd
 from uffdpoison.kernel.ledger import Ledger, PageState
-from uffdpoison.kernel.planes import DestPlane, DestRegion, Flag, Note, NoteKind
+from uffdpoison.kernel.planes import DestPlane, DestRegion, Flag, Note, NoteKind, have
 from uffdpoison.protocol import Channel
 
 log = logging.getLogger(__name__)
 
 StatusSink = Callable[[dict[str, Any]], None]
+
+REQUEST_TIMEOUT = 10.0  # a demand request unanswered this long: the source is taken as lost
+RESUME_DEADLINE = 120.0  # a paused session that cannot resume this long fails
+BACKOFF = (0.05, 0.5)  # reconnect delays: first, most (doubling in between)
+# Fatal Errors from a source that may well come back (the session pauses for them).
+_RESUMABLE = frozenset({"shutdown", "busy"})
 
 # Counters that are logged when they move (at most once a second each): what the data plane
 # could only count.
@@ -49,7 +62,11 @@ _LOGGED = (
 
 
 class SessionFailed(Exception):
-    """The session cannot continue (source lost, source error, protocol violation)."""
+    """The session cannot continue (source error, protocol violation, local failure)."""
+
+
+class SourceLost(SessionFailed):
+    """The source was lost and did not come back within the resume deadline."""
 
 
 class SessionEnded(Exception):
@@ -65,11 +82,16 @@ class Session:
         regions: RegionMap,
         link: SourceLink,
         *,
+        ledgers: Sequence[Ledger] | None = None,
         hugetlb: bool = False,
         name: str = "session",
         status: StatusSink | None = None,
-        request_timeout: float = 0.0,
+        request_timeout: float = REQUEST_TIMEOUT,
+        resume_deadline: float = RESUME_DEADLINE,
+        resumed: bool = False,
     ) -> None:
+        """``ledgers``: the regions' (made here if None); ``resumed``: they were kept by an
+        earlier owner of this userfaultfd, whose unserved faults are woken to fault anew."""
         if link.info.page_size != regions.page_size:
             raise ValueError(
                 f"source serves {link.info.page_size}-byte pages, regions use {regions.page_size}"
@@ -78,49 +100,90 @@ class Session:
         self.uffd = uffd
         self.regions = regions
         self.link = link
+        self.source = link.address  # where a lost source is looked for (set_source changes it)
         self.name = name
         self.page_size = regions.page_size
+        self.resume_deadline = resume_deadline
+        self.resumed = resumed
         self._status = status or (lambda _d: None)
-        self.ledgers = [Ledger(uffd, r.base, r.size, r.page_size, hugetlb=hugetlb) for r in regions]
+        self.ledgers = list(ledgers) if ledgers is not None else _ledgers(uffd, regions, hugetlb)
+        self._dest_regions = _dest_regions(regions, self.ledgers)
         # Known poison goes into the ledgers here, before any byte from the source is read.
         self.plane = DestPlane(
             uffd.fileno(),
             self.page_size,
             link.info.memory_size,
-            [
-                DestRegion(r.base, r.size, r.offset, led)
-                for r, led in zip(regions.regions, self.ledgers, strict=True)
-            ],
+            self._dest_regions,
             link.poison_offsets,
             request_timeout=request_timeout,
         )
-        for ch in (Channel.URGENT, Channel.BULK):
-            if ch is Channel.URGENT or link.bulk is not None:
-                self.plane.attach(ch, link.stream(ch).fileno())
-                link.stream(ch).conn.delegate_data()
+        self._attached: set[Channel] = set()
+        self._bulk = link.bulk is not None  # a push was asked for (asked again on resuming)
+        self._attach(link)
+        if resumed:
+            for r in regions:  # faults the earlier owner read unserved: they fault again
+                uffd.wake(r.base, r.size)
+        self.state = "active"  # → paused → recovering → active; complete; failed
+        self.pauses = 0
         self.completed = trio.Event()
         self.failed: str | None = None
+        self._detached = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._recovery: trio.CancelScope | None = None
+        # The resume deadline runs from the first pause until a resumed source places a page:
+        # a source that accepts and drops us again and again still fails at the deadline.
+        self._lost_since: float | None = None
+        self._placed_at_resume = 0
         self._progress = trio.lowlevel.ParkingLot()
         self._logged: dict[str, tuple[int, float]] = {}
 
     @classmethod
     async def connect(
-        cls, uffd: Userfaultfd, regions: RegionMap, source: str, *, bulk: bool = True, **kw: Any
+        cls,
+        uffd: Userfaultfd,
+        regions: RegionMap,
+        source: str,
+        *,
+        bulk: bool = True,
+        hugetlb: bool = False,
+        state_fds: Sequence[int] | None = None,
+        resumed: bool = False,
+        **kw: Any,
     ) -> Session:
         """Handshake with ``source`` (``HOST:PORT``) and set the session up; the link is
-        closed again if that fails. ``bulk=False``: no push, pages come only when asked."""
-        link = await SourceLink.connect(source, page_size=regions.page_size, bulk=bulk)
+        closed again if that fails. ``bulk=False``: no push, pages come only when asked.
+        ``state_fds``: a state file per region for the ledgers (``resumed``: adopted from an
+        earlier owner, and the source is told what they hold)."""
+        ledgers = _ledgers(uffd, regions, hugetlb, state_fds)
         try:
-            return cls(uffd, regions, link, **kw)
+            held = partial(have, _dest_regions(regions, ledgers), regions.page_size)
+            link = await SourceLink.connect(
+                source, page_size=regions.page_size, bulk=bulk, have=held if resumed else None
+            )
+            try:
+                return cls(uffd, regions, link, ledgers=ledgers, resumed=resumed, **kw)
+            except BaseException:
+                link.close()
+                raise
         except BaseException:
-            link.close()
+            for led in ledgers:
+                led.close()
             raise
+
+    def _attach(self, link: SourceLink) -> None:
+        """Give the link's sockets to the data plane (at a frame boundary, just handshaken)."""
+        for ch in (Channel.URGENT, Channel.BULK):
+            if ch is Channel.URGENT or link.bulk is not None:
+                link.stream(ch).conn.delegate_data()
+                self.plane.attach(ch, link.stream(ch).fileno())
+                self._attached.add(ch)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled. Raises ``SessionFailed`` if the source is lost or breaks the
-        protocol, ``SessionEnded`` when the VMM's memory is gone; the ledgers and the
+        """Serve until cancelled. A lost source pauses and resumes; raises ``SourceLost`` past
+        the resume deadline, ``SessionFailed`` if the source breaks the protocol or reports a
+        fatal error, ``SessionEnded`` when the VMM's memory is gone. The ledgers and the
         userfaultfd stay as they are (the caller keeps the fd open while the VMM lives)."""
         self._emit(
             "session-started",
@@ -129,10 +192,13 @@ class Session:
             page_size=self.page_size,
             source=self.link.address,
             poisoned_at_source=self.link.info.poisoned_count,
+            resumed=self.resumed,
+            pages_held=self.regions.total_pages - self.page_counts()["missing"],
         )
         try:
             try:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(run_loop, self.plane.run, self.plane.stop)
                     task_status.started()
                     async for flags, got in notes(self.plane.notes_fd, self.plane.take_notes):
@@ -153,6 +219,7 @@ class Session:
             self._emit("session-failed", reason=str(e), pages=self.page_counts(), placed=self.stats)
             raise
         finally:
+            self._nursery = None
             self._log_counters()
 
     def close(self) -> None:
@@ -177,6 +244,75 @@ class Session:
     def _emit(self, event: str, **fields: Any) -> None:
         self._status({"event": event, "session": self.name, **fields})
 
+    # -- a lost source ---------------------------------------------------------------------
+
+    def _pause(self, why: str) -> None:
+        """The source is gone: vCPUs wait, the plane lets go of its sockets, we look for it."""
+        if self.state != "active" or self._nursery is None:
+            return
+        self.state = "paused"
+        self.pauses += 1
+        log.warning("%s: paused: %s (vCPUs wait for pages; nothing is guessed)", self.name, why)
+        self._emit("session-paused", reason=why, source=self.source)
+        self._detached = trio.Event()
+        for ch in self._attached:
+            self.plane.close_channel(ch)
+        self._nursery.start_soon(self._recover, why)
+
+    def _placed(self) -> int:
+        st = self.stats
+        return st["copied"] + st["zeroed"] + st["poisoned"] + st["continued"]
+
+    async def _recover(self, why: str) -> None:
+        t0 = time.monotonic()
+        if self._lost_since is None or self._placed() > self._placed_at_resume:
+            self._lost_since = t0
+        with trio.CancelScope() as self._recovery:
+            await self._detached.wait()  # the plane let go: the old sockets are ours to close
+            self.link.close()
+            self.state = "recovering"
+            link = await self._reconnect(why, self._lost_since)
+            self._placed_at_resume = self._placed()
+            self.link = link
+            self._attach(link)
+            self.state = "active"
+            paused = time.monotonic() - t0
+            log.warning("%s: resumed from %s after %.3f s", self.name, link.address, paused)
+            self._emit("session-resumed", source=link.address, paused_s=round(paused, 6))
+        self._recovery = None
+
+    async def _reconnect(self, why: str, t0: float) -> SourceLink:
+        delay, attempt = BACKOFF[0], 0
+        held = partial(have, self._dest_regions, self.page_size)
+        with trio.move_on_after(max(0.0, t0 + self.resume_deadline - time.monotonic())):
+            while True:
+                attempt += 1
+                try:
+                    link = await SourceLink.connect(
+                        self.source, page_size=self.page_size, bulk=self._bulk,
+                        have=held,
+                    )  # fmt: skip
+                except SourceUnavailable as e:
+                    if attempt == 1 or attempt % 20 == 0:
+                        log.info("%s: source not back yet (attempt %d): %s", self.name, attempt, e)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF[1])
+                    continue
+                if link.info.memory_size != self.link.info.memory_size:
+                    link.close()
+                    raise SessionFailed(
+                        f"source {link.address} serves {link.info.memory_size} bytes of guest "
+                        f"memory, not this guest's {self.link.info.memory_size}"
+                    )
+                return link
+        raise SourceLost(
+            f"source {self.source} lost ({why}) and not back within {self.resume_deadline:g} s"
+        )
+
+    def set_source(self, address: str) -> None:
+        """Where to look for the source from now on (a replacement after a loss)."""
+        self.source = address
+
     # -- what the data plane tells ---------------------------------------------------------
 
     def _on_flags(self, flags: Flag) -> None:
@@ -192,19 +328,24 @@ class Session:
             self._progress.unpark_all()
 
     def _release_source(self) -> None:
-        """Every page is placed: tell the source (Done on BULK) and close both channels."""
-        if self.link.bulk is not None:
-            conn = self.link.bulk.conn
+        """Every page is placed: tell the source (Done on BULK) and close both channels; a
+        pause in progress ends, there is nothing left to ask for."""
+        if self._recovery is not None:
+            self._recovery.cancel()
+        if self.state == "active" and Channel.BULK in self._attached:
+            conn = self.link.stream(Channel.BULK).conn
             if not conn.our_done and not conn.failed:
                 self.plane.send(Channel.BULK, b"".join(conn.send(protocol.Done())))
-            self.plane.close_channel(Channel.BULK)
-        self.plane.close_channel(Channel.URGENT)
+        self.state = "complete"
+        for ch in self._attached:
+            self.plane.close_channel(ch)
 
     def _failing(self, reason: str) -> None:
         """Known at once to every waiter (ensure_present raises it), before the nursery has
         unwound."""
         if self.failed is None:
             self.failed = reason
+            self.state = "failed"
         self._progress.unpark_all()
 
     def _on_note(self, note: Note) -> None:
@@ -218,14 +359,19 @@ class Session:
         kind, ch = note.kind, note.channel
         where = f"source {self.link.address}"
         if kind is NoteKind.CONTROL:
-            self._judge(ch, self.plane.held(ch))
+            frame = self.plane.held(ch)
+            if frame and self.state == "active":  # else the channel was let go meanwhile
+                self._judge(ch, frame)
+        elif kind is NoteKind.DETACHED:
+            self._attached.discard(Channel(ch))
+            if not self._attached:
+                self._detached.set()
         elif kind is NoteKind.BAD_FRAME:
             raise SessionFailed(f"{where} broke the protocol on {Channel(ch).name}: {note.text}")
         elif kind in (NoteKind.EOF, NoteKind.SOCK_ERROR):
-            if self.completed.is_set() and kind is NoteKind.EOF:
-                return  # the source is no longer needed
-            what = "closed the connection" if kind is NoteKind.EOF else note.describe()
-            raise SessionFailed(f"{where} lost: {Channel(ch).name.lower()}: {what}")
+            if self.state == "active":
+                what = "closed the connection" if kind is NoteKind.EOF else note.describe()
+                self._pause(f"{where} lost: {Channel(ch).name.lower()}: {what}")
         elif kind is NoteKind.TARGET_GONE:
             raise SessionEnded(f"guest memory is gone: {note.describe()}")
         else:
@@ -244,6 +390,8 @@ class Session:
                 log.info("%s: source offered every page; waiting on %s", self.name,
                          self.page_counts())  # fmt: skip
             self.plane.release(ch)
+        elif isinstance(ev, protocol.Error) and ev.id is None and ev.code in _RESUMABLE:
+            self._pause(f"source {self.link.address}: {ev.code}: {ev.message}")
         elif isinstance(ev, protocol.Error):
             what = f"request {ev.id}" if ev.id is not None else Channel(ch).name.lower()
             raise SessionFailed(f"source error ({what}): {ev.code}: {ev.message}")
@@ -283,8 +431,6 @@ class Session:
             for i, first, last in pending:
                 while (rc := self.plane.request(i, first, last - first)) == -errno.EAGAIN:
                     await trio.sleep(0.0005)  # a pending event: the data plane reads it
-                while rc == -errno.ENOTCONN and not (self.failed or self.completed.is_set()):
-                    await self._progress.park()  # the source is gone: its note tells why
                 if rc < 0 and not self.completed.is_set():
                     name = errno.errorcode.get(-rc, str(-rc))
                     raise SessionFailed(self.failed or f"cannot ask the source for pages: {name}")
@@ -307,3 +453,24 @@ class Session:
                 await self._progress.park()
             poisoned.extend(led.address(k) for k in led.poisoned_in(first, last))
         return poisoned
+
+
+def _dest_regions(regions: RegionMap, ledgers: Sequence[Ledger]) -> list[DestRegion]:
+    return [
+        DestRegion(r.base, r.size, r.offset, led) for r, led in zip(regions, ledgers, strict=True)
+    ]
+
+
+def _ledgers(
+    uffd: Userfaultfd, regions: RegionMap, hugetlb: bool, state_fds: Sequence[int] | None = None
+) -> list[Ledger]:
+    fds = state_fds or [-1] * len(regions)
+    out: list[Ledger] = []
+    try:
+        for r, fd in zip(regions, fds, strict=True):
+            out.append(Ledger(uffd, r.base, r.size, r.page_size, hugetlb=hugetlb, state_fd=fd))
+    except BaseException:
+        for led in out:
+            led.close()
+        raise
+    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -84,17 +85,31 @@ class Ledger(Owned):
     __slots__ = ("_l", "_owner", "_res", "base", "hugetlb", "npages", "page_size", "size", "uffd")
 
     def __init__(
-        self, uffd: Userfaultfd, base: int, size: int, page_size: int, *, hugetlb: bool = False
+        self,
+        uffd: Userfaultfd,
+        base: int,
+        size: int,
+        page_size: int,
+        *,
+        hugetlb: bool = False,
+        state_fd: int = -1,
     ) -> None:
+        """``state_fd``: keep the states in that file (see ``up_ledger_new``): an empty file
+        starts all MISSING, one left by an earlier owner is adopted (what was in flight is
+        MISSING again). The mapping outlives the fd."""
         if page_size <= 0 or page_size & (page_size - 1):
             raise LedgerError(f"page size {page_size:#x} is not a power of two")
         if base % page_size or size % page_size:
             raise LedgerError(
                 f"region {base:#x}+{size:#x} is not aligned to the page size {page_size:#x}"
             )
-        ptr = lib.up_ledger_new(uffd.fileno(), base, size, page_size, int(hugetlb))
+        ptr = lib.up_ledger_new(uffd.fileno(), base, size, page_size, int(hugetlb), state_fd)
         if ptr == ffi.NULL:
-            raise OSError(ffi.errno, f"page states for {base:#x}+{size:#x}")
+            err = ffi.errno
+            what = (
+                "a state file not of this region" if state_fd >= 0 and err == errno.EINVAL else ""
+            )
+            raise OSError(err, f"page states for {base:#x}+{size:#x}: {what or os.strerror(err)}")
         self._l: Any = ptr
         self.uffd, self.base, self.size, self.page_size = uffd, base, size, page_size
         self.hugetlb = hugetlb

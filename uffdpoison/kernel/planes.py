@@ -27,6 +27,7 @@ __all__ = [
     "NoteKind",
     "Pacer",
     "SourcePlane",
+    "have",
 ]
 
 _NO_NICE = -(2**31)  # INT32_MIN: leave the thread's priority as it is
@@ -42,6 +43,7 @@ class NoteKind(enum.IntEnum):
     PUSH_DONE = lib.UP_NOTE_PUSH_DONE
     FATAL = lib.UP_NOTE_FATAL  # a local failure: err, text
     TARGET_GONE = lib.UP_NOTE_TARGET_GONE  # destination: the VMM's memory is gone
+    DETACHED = lib.UP_NOTE_DETACHED  # a channel closed as told: its socket is ours again
 
 
 class Flag(enum.IntFlag):
@@ -166,6 +168,25 @@ class DestRegion:
     ledger: Ledger
 
 
+def _region_array(regions: Sequence[DestRegion]) -> Any:
+    arr = ffi.new("up_dest_region[]", len(regions))
+    for k, r in enumerate(regions):
+        arr[k].base, arr[k].size, arr[k].offset = r.base, r.size, r.offset
+        arr[k].ledger = r.ledger.raw
+    return arr
+
+
+def have(
+    regions: Sequence[DestRegion], page_size: int, poisoned: bool, first: int, count: int
+) -> bytes:
+    """A resuming session's Have bitmap for units [first, first+count): bit set = not needed
+    from the source (``poisoned``: known poisoned), from the ledgers (``up_dest_have``)."""
+    bits = ffi.new("uint8_t[]", (count + 7) // 8)
+    arr = _region_array(regions)
+    lib.up_dest_have(arr, len(regions), page_size, int(poisoned), first, count, bits)
+    return bytes(ffi.buffer(bits))
+
+
 class DestPlane(_Plane):
     """Owns one ``up_dest``; borrows the userfaultfd and the ledgers (keep them open while it
     lives) and, once attached, the sockets (close them after ``run`` returned)."""
@@ -188,10 +209,7 @@ class DestPlane(_Plane):
         if [r.base for r in regions] != sorted(r.base for r in regions):
             raise ValueError("regions must be sorted by base address")
         self._ledgers = [r.ledger for r in regions]  # keep them alive
-        arr = ffi.new("up_dest_region[]", len(regions))
-        for k, r in enumerate(regions):
-            arr[k].base, arr[k].size, arr[k].offset = r.base, r.size, r.offset
-            arr[k].ledger = r.ledger.raw
+        arr = _region_array(regions)
         plist = ffi.from_buffer("uint64_t[]", poison) if len(poison) else ffi.NULL
         super().__init__(
             lib.up_dest_new(
@@ -351,3 +369,9 @@ class SourcePlane(_Plane):
 
     def stats(self) -> dict[str, int]:
         return self._stats("up_src_stats")
+
+    def mark(self, poisoned: bool, first: int, count: int, bits: bytes | memoryview) -> None:
+        """A resuming destination's Have: units not to push (``poisoned``: and poisoned)."""
+        if len(bits) * 8 < count:
+            raise ValueError(f"a {len(bits)}-byte bitmap cannot cover {count} units")
+        lib.up_src_mark(self._raw(), int(poisoned), first, count, ffi.from_buffer(bits))

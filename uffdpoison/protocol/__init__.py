@@ -18,6 +18,7 @@ from uffdpoison.protocol.events import (
     Done as Done,
     Error as Error,
     Event as Event,
+    Have as Have,
     Hello as Hello,
     PageKind as PageKind,
     Pages as Pages,

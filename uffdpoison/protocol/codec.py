@@ -37,6 +37,7 @@ _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
         ("p", "page_size", "u64", 0, 0),
         ("w", "want_poison_list", "bool", 0, 0),
         ("a", "auth", "bytes?", 0, layout.MAX_AUTH),  # optional key: absent is nil
+        ("r", "resume", "bool", 0, 0),  # optional key: absent is false
     )),
     events.Welcome: (layout.T_WELCOME, (
         ("v", "version", "u64", 0, 0),
@@ -53,9 +54,18 @@ _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
         ("m", "message", "str", 0, layout.MAX_MESSAGE),
     )),
     events.Done: (layout.T_DONE, ()),
+    events.Have: (layout.T_HAVE, (
+        ("p", "poisoned", "bool", 0, 0),
+        ("o", "offset", "u64", 0, 0),
+        ("n", "count", "u64", 0, 0),
+        ("f", "final", "bool", 0, 0),
+    )),
 }  # fmt: skip
+# Keys a frame may leave out, and what their absence means (sent only when they say more).
+_OPTIONAL: dict[str, object] = {"a": None, "r": False}
 _BY_TYPE = {t: (cls, fields) for cls, (t, fields) in _FIELDS.items()}
-_PAYLOAD_ATTR = {events.Pages: "data", events.Request: "digests", events.Welcome: "poison_list"}
+_PAYLOAD_ATTR = {events.Pages: "data", events.Request: "digests", events.Welcome: "poison_list",
+                 events.Have: "bits"}  # fmt: skip
 
 
 def prefix_problem(magic: bytes, hl: int, pl: int) -> str | None:
@@ -154,8 +164,8 @@ def encode(ev: events.Event, payload: memoryview | None) -> list[bytes | memoryv
         v = getattr(ev, attr)
         if isinstance(ev, events.Welcome) and key == "l":
             v = v is not None
-        elif key == "a" and v is None:
-            continue  # optional key
+        elif key in _OPTIONAL and v == _OPTIONAL[key] and type(v) is type(_OPTIONAL[key]):
+            continue  # an optional key that would say nothing
         v = _value(type(ev).__name__, field, v, sending=True)
         h[key] = int(v) if isinstance(v, events.Channel) else v
     header = _packer.pack(h)
@@ -197,11 +207,13 @@ def decode(header: bytes, payload: memoryview | None) -> events.Event:
     args: dict[str, Any] = {}
     for field in fields:
         key = field[0]
-        if key not in h and key != "a":
+        if key not in h and key not in _OPTIONAL:
             raise ProtocolError(f"{frame} frame lacks field {key!r}")
-        args[field[1]] = _value(frame, field, h.get(key))
+        args[field[1]] = _value(frame, field, h.get(key, _OPTIONAL.get(key)))
     if cls is events.Welcome and args["poison_list"]:
         args["poison_list"] = payload if payload is not None else memoryview(b"")
+    elif cls is events.Have:
+        args["bits"] = payload
     elif payload is not None:
         what = "Welcome without a poison list" if cls is events.Welcome else frame
         raise ProtocolError(f"{what} frame must carry no payload, got {len(payload)} bytes")

@@ -25,6 +25,7 @@ from uffdpoison.protocol.events import (
     Done,
     Error,
     Event,
+    Have,
     Hello,
     PageKind,
     Pages,
@@ -101,6 +102,7 @@ class Connection:
         self.welcome: Welcome | None = None
         self._out: dict[int, _Out] = {}
         self.delegated = False
+        self.have_final = False  # the last Have of a resuming BULK channel has passed
         self.our_done = False
         self.their_done = False
         self._our_abort = False
@@ -212,7 +214,11 @@ class Connection:
             raise ProtocolError(f"{name} before the handshake (expected {first})")
         if self.delegated and isinstance(ev, DATA_EVENTS):
             raise ProtocolError(f"{name} on a channel whose data frames a data plane carries")
-        if isinstance(ev, Pages):
+        if self._awaiting_have() and not isinstance(ev, Have | Error):
+            raise ProtocolError(f"{name} before the resuming destination's last Have")
+        if isinstance(ev, Have):
+            self._check_have(ev, payload, sender)
+        elif isinstance(ev, Pages):
             self._check_pages(ev, payload, sender)
         elif isinstance(ev, Request):
             self._check_request(ev, payload, sender)
@@ -239,6 +245,8 @@ class Connection:
             raise ProtocolError("Hello on the URGENT channel must have session None")
         if ev.channel is Channel.BULK and ev.session is None:
             raise ProtocolError("Hello on the BULK channel must carry a session token")
+        if ev.resume and ev.channel is not Channel.BULK:
+            raise ProtocolError("Hello with resume on the URGENT channel (it is BULK's)")
         _page_size("Hello", "page_size", ev.page_size, allow_zero=True)
 
     def _check_welcome(self, ev: Welcome, payload: memoryview | None, sender: Side) -> None:
@@ -326,6 +334,27 @@ class Connection:
         if ev.kind is PageKind.CLEAN and not out.digests:
             raise ProtocolError(f"CLEAN reply for id {ev.id}, whose request had no digests")
 
+    def _awaiting_have(self) -> bool:
+        """A resuming BULK channel before its last Have: nothing else but an Error."""
+        return bool(self.hello and self.hello.resume) and not self.have_final
+
+    def _check_have(self, ev: Have, payload: memoryview | None, sender: Side) -> None:
+        if sender is not Side.DESTINATION:
+            raise ProtocolError("Have sent by the source (only the destination sends it)")
+        if not self._awaiting_have():
+            raise ProtocolError("Have without a Hello asking to resume, or after the last Have")
+        ps = self.page_size
+        if ev.offset % ps:
+            raise ProtocolError(f"Have offset {ev.offset} is not aligned to page size {ps}")
+        if not ev.count or ev.offset + ev.count * ps > self.memory_size:
+            raise ProtocolError(
+                f"Have range {ev.offset}+{ev.count}*{ps} is empty or runs past memory_size "
+                f"{self.memory_size}"
+            )
+        n = 0 if payload is None else payload.nbytes
+        if n != (ev.count + 7) // 8:
+            raise ProtocolError(f"Have bitmap is {n} bytes, expected {(ev.count + 7) // 8}")
+
     def _check_request(self, ev: Request, payload: memoryview | None, sender: Side) -> None:
         if sender is not Side.DESTINATION:
             raise ProtocolError("Request sent by the source (only the destination sends it)")
@@ -352,6 +381,8 @@ class Connection:
         elif isinstance(ev, Request):
             end = ev.offset + ev.count * self.page_size
             self._out[ev.id] = _Out(ev.offset, end, ev.digests is not None)
+        elif isinstance(ev, Have):
+            self.have_final = ev.final
         elif isinstance(ev, Hello):
             self.hello = ev
             self.channel = ev.channel

@@ -78,6 +78,7 @@ class Hello:
     page_size: int = 0
     want_poison_list: bool = True
     auth: bytes | None = None
+    resume: bool = False  # BULK: Have frames follow the Welcome; the push waits for the last
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,5 +121,18 @@ class Done:
     pass
 
 
-Event = Hello | Welcome | Request | Pages | Error | Done
+@dataclass(frozen=True, slots=True)
+class Have:
+    """A resuming destination's bitmap (BULK, after the Welcome, when its Hello said resume):
+    bit i (LSB first) of ``bits`` set means the page at ``offset + i * page_size`` is not to
+    be pushed; with ``poisoned``, it is known poisoned. ``final``: the last; the push starts."""
+
+    poisoned: bool
+    offset: int
+    count: int
+    bits: memoryview | None  # (count + 7) // 8 bytes
+    final: bool
+
+
+Event = Hello | Welcome | Request | Pages | Error | Done | Have
 DATA_EVENTS = (Request, Pages)  # the fixed-layout frames: the data planes' business

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 # ---------------------------------------------------------------- protocol numbers and limits
 
-PROTOCOL_VERSION = 2  # major: peers must agree exactly (docs/PROTOCOL.md "Versioning")
+PROTOCOL_VERSION = 3  # major: peers must agree exactly (docs/PROTOCOL.md "Versioning")
 MAGIC = b"uP"
 PREFIX_SIZE = 8  # magic, u16 header length, u32 payload length, big-endian
 MAX_HEADER = 4096  # a frame's msgpack header
@@ -27,7 +27,7 @@ MAX_MESSAGE = 1024  # Error `m` chars
 PUSH_ID = 0  # Pages with this id are the source's unsolicited push (BULK); requests use 1..
 
 # Frame types (`t`), page kinds (`k`), channels (Hello `c`).
-T_HELLO, T_WELCOME, T_REQUEST, T_PAGES, T_ERROR, T_DONE = 1, 2, 3, 4, 5, 6
+T_HELLO, T_WELCOME, T_REQUEST, T_PAGES, T_ERROR, T_DONE, T_HAVE = 1, 2, 3, 4, 5, 6, 7
 KIND_DATA, KIND_ZERO, KIND_POISONED, KIND_CLEAN = 1, 2, 3, 4
 CHANNEL_URGENT, CHANNEL_BULK = 1, 2
 

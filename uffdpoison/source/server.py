@@ -26,7 +26,13 @@ from uffdpoison.kernel.planes import Pacer
 from uffdpoison.protocol import Channel, Hello, Side
 from uffdpoison.source.backends import Backend, SourceError
 from uffdpoison.source.session import SourceSession
-from uffdpoison.transport import ConnectionLost, FrameStream, format_address, parse_address
+from uffdpoison.transport import (
+    ConnectionLost,
+    FrameStream,
+    format_address,
+    keep_alive,
+    parse_address,
+)
 
 __all__ = ["PUSH_NICE", "SourceServer", "parse_listen", "serve"]
 
@@ -133,9 +139,10 @@ class SourceServer:
 
     async def _accept(self, nursery: trio.Nursery, listener: trio.SocketListener) -> None:
         while True:
-            tsock = (await listener.accept()).socket  # TCP_NODELAY set by trio
+            tsock = (await listener.accept()).socket
             peer = _peer_name(tsock.getpeername())
             sock = socket.socket(tsock.family, tsock.type, tsock.proto, tsock.detach())
+            keep_alive(sock)
             nursery.start_soon(self._handle, nursery, sock, peer)
 
     async def _handle(self, nursery: trio.Nursery, sock: socket.socket, peer: str) -> None:
@@ -208,6 +215,8 @@ class SourceServer:
             )
             return False
         await stream.send(self._welcome(joined.token, joined.unit, hello))
+        if hello.resume and not await _take_haves(stream, joined):
+            return False
         await joined.started.wait()
         joined.add(Channel.BULK, stream)
         return True
@@ -262,6 +271,25 @@ class SourceServer:
             self.gone = message
         for s in list(self.sessions.values()):
             s.abort("read-failed", message)
+
+
+async def _take_haves(stream: FrameStream, session: SourceSession) -> bool:
+    """A resuming destination's Have frames, up to the last: what not to push (and what it
+    knows is poisoned), marked before the push starts. False if it gave up instead."""
+    held = poisoned = 0
+    while True:
+        ev = await stream.receive()
+        if not isinstance(ev, protocol.Have):  # the protocol lets only an Error through
+            log.info("%s: resuming destination gave up: %s", stream.name, ev)
+            return False
+        assert ev.bits is not None
+        session.plane.mark(ev.poisoned, ev.offset // session.unit, ev.count, ev.bits)
+        n = int.from_bytes(ev.bits, "little").bit_count()
+        poisoned, held = (poisoned + n, held) if ev.poisoned else (poisoned, held + n)
+        if ev.final:
+            log.info("%s: session %s resumes: %d units held, %d known poisoned", stream.name,
+                     session.token.hex()[:8], held, poisoned)  # fmt: skip
+            return True
 
 
 async def _refuse(stream: FrameStream, code: str, message: str) -> None:

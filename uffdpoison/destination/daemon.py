@@ -1,0 +1,271 @@
+"""The destination daemon: VMMs hand it their userfaultfd (``handoff``), it serves each from
+the one source until the VMM process is gone.
+
+It starts in any order with its source: it listens at once, looks for the source with backoff,
+and a handoff that arrives first waits (its vCPUs blocked, never zero-filled). Each VMM is
+isolated: a malformed handoff or a failed session is logged and reported on the status stream
+and never disturbs the other VMMs. With a state directory each session's ledgers outlive the
+daemon: a restarted daemon resumes a VMM that hands its userfaultfd over again
+(``state``, docs/RELIABILITY.md). Cancelling ``serve`` (SIGTERM) stops every session, keeps
+their state, and leaves each VMM holding its userfaultfd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from uffdpoison.destination.admin import serve_control
+from uffdpoison.destination.handoff import (
+    HANDOFF_TIMEOUT,
+    HandoffError,
+    Peer,
+    peer_credentials,
+    prepare_socket,
+    receive_handoff,
+    refuse,
+    wait_process_gone,
+)
+from uffdpoison.destination.link import SourceInfo, SourceUnavailable, probe
+from uffdpoison.destination.regions import RegionError, RegionMap, parse_firecracker_regions
+from uffdpoison.destination.session import (
+    BACKOFF,
+    REQUEST_TIMEOUT,
+    RESUME_DEADLINE,
+    Session,
+    SessionFailed,
+    SourceLost,
+    StatusSink,
+)
+from uffdpoison.destination.state import SessionState, sweep
+from uffdpoison.kernel import Userfaultfd, errors as kerrors
+
+log = logging.getLogger(__name__)
+
+SOURCE_LOG_EVERY = 30.0  # seconds between "still waiting for the source" lines
+
+
+class HandoffDaemon:
+    def __init__(
+        self,
+        path: str,
+        source: str,
+        *,
+        allow_uids: Sequence[int] = (),
+        mode: int | None = None,
+        owner: tuple[int, int] | None = None,
+        status: StatusSink | None = None,
+        handoff_timeout: float = HANDOFF_TIMEOUT,
+        state_dir: str | None = None,
+        control: str | None = None,
+        resume_deadline: float = RESUME_DEADLINE,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        """``state_dir``: keep each session's ledgers there, for a restarted daemon to resume
+        (None: not kept). ``control``: a local control socket (``admin``)."""
+        self.path = path
+        self.source = source
+        self.allow_uids = frozenset(allow_uids or (os.getuid(),))
+        self.mode = mode
+        self.owner = owner
+        self._status = status or (lambda _d: None)
+        self.handoff_timeout = handoff_timeout
+        self.state_dir = state_dir
+        self.control = control
+        self.resume_deadline = resume_deadline
+        self.request_timeout = request_timeout
+        self.source_info: SourceInfo | None = None
+        self.sessions: dict[str, Session] = {}
+        self.vmm_pids: dict[str, int] = {}
+        self._source_ready = trio.Event()
+        self._counter = 0
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self._status({"event": event, **fields})
+
+    def set_source(self, address: str) -> None:
+        """A replacement source, for every session from now on (a paused one resumes there)."""
+        log.warning("source is now %s (was %s)", address, self.source)
+        self.source = address
+        for s in self.sessions.values():
+            s.set_source(address)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.state_dir is not None:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            sweep(self.state_dir)
+        sock = prepare_socket(self.path, self.mode, self.owner)
+        self._emit("listening", path=self.path, source=self.source, state_dir=self.state_dir)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._find_source)
+                if self.control is not None:
+                    await nursery.start(serve_control, self, self.control)
+                task_status.started()
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        conn, _ = sock.accept()
+                    except BlockingIOError:
+                        continue
+                    conn.setblocking(False)
+                    self._counter += 1
+                    nursery.start_soon(self._serve_vmm, conn, f"vmm-{self._counter}")
+        finally:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            if self.sessions:
+                log.warning("stopped with %d session(s); their VMMs keep their userfaultfd%s",
+                            len(self.sessions), f", state kept in {self.state_dir}"
+                            if self.state_dir else "")  # fmt: skip
+
+    async def _find_source(self) -> None:
+        """Until the source answers a handshake: backoff, and a line now and then."""
+        delay, said = BACKOFF[0], -SOURCE_LOG_EVERY
+        while True:
+            try:
+                info = await probe(self.source)
+                break
+            except SourceUnavailable as e:
+                if trio.current_time() - said >= SOURCE_LOG_EVERY:
+                    said = trio.current_time()
+                    log.warning("waiting for the source: %s", e)
+                    self._emit("source-waiting", source=self.source, reason=str(e))
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.source_info = info
+        log.info("source %s: %d bytes in %d-byte pages", self.source, info.memory_size,
+                 info.page_size)  # fmt: skip
+        self._emit("source-ready", source=self.source, memory_size=info.memory_size,
+                   page_size=info.page_size)  # fmt: skip
+        self._source_ready.set()
+
+    async def _serve_vmm(self, conn: socket.socket, name: str) -> None:
+        uffd: Userfaultfd | None = None
+        peer: Peer | None = None
+        fd = -1
+        try:
+            peer = peer_credentials(conn)
+            if peer.uid not in self.allow_uids:
+                raise HandoffError(
+                    f"peer pid {peer.pid} uid {peer.uid} is not allowed "
+                    f"(allowed uids: {sorted(self.allow_uids)})"
+                )
+            body, fd = await receive_handoff(conn, self.handoff_timeout)
+            try:
+                uffd = Userfaultfd.adopt(fd)
+            except kerrors.NotAUserfaultfd as e:
+                raise HandoffError(str(e)) from None
+            fd = -1  # owned by uffd now
+            regions = RegionMap(parse_firecracker_regions(body))
+            if not self._source_ready.is_set():
+                log.info("%s (pid %d): waits for the source; its vCPUs block", name, peer.pid)
+                await self._source_ready.wait()
+            assert self.source_info is not None
+            regions.check_within(self.source_info.memory_size)
+            if uffd.lacks:
+                log.info("%s (pid %d): the userfaultfd lacks: %s", name, peer.pid, uffd.lacks)
+            await self._run_session(name, peer, uffd, regions)
+        except (HandoffError, RegionError, kerrors.UffdError) as e:
+            log.error("%s: handoff rejected: %s", name, e)
+            self._emit("handoff-rejected", session=name, reason=str(e))
+            refuse(conn, str(e))
+        except SessionFailed as e:
+            log.error("%s: FAILED: %s", name, e)
+            self._emit("session-failed", session=name, reason=str(e))
+        except Exception as e:
+            log.exception("%s: session error", name)
+            self._emit("session-failed", session=name, reason=f"{type(e).__name__}: {e}")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            conn.close()
+            try:
+                if uffd is not None and peer is not None:
+                    # Whatever ended it (the VMM gone, bad regions, no source, a bug of ours),
+                    # the userfaultfd stays open while the VMM lives: closing it would let the
+                    # kernel zero-fill every page not placed. Returns at once if it is gone.
+                    await wait_process_gone(peer.pid)
+            finally:
+                if uffd is not None:
+                    uffd.close()
+
+    async def _run_session(
+        self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap
+    ) -> None:
+        state = SessionState(self.state_dir, peer.pid, regions) if self.state_dir else None
+        try:
+            if state is not None and state.adopted:
+                log.warning("%s (pid %d): resuming from %s", name, peer.pid, state.path)
+            session = await self._connect(name, peer, uffd, regions, state)
+            self.sessions[name], self.vmm_pids[name] = session, peer.pid
+            try:
+                await self._serve_until_gone(session, peer)
+            finally:
+                del self.sessions[name], self.vmm_pids[name]
+                session.close()
+            if state is not None:
+                state.remove()  # the VMM is gone: nothing left to resume
+        finally:
+            if state is not None:
+                state.close()
+
+    async def _connect(
+        self,
+        name: str,
+        peer: Peer,
+        uffd: Userfaultfd,
+        regions: RegionMap,
+        state: SessionState | None,
+    ) -> Session:
+        """A session with the source, retried (the source may have gone since it answered)."""
+        delay = BACKOFF[0]
+        with trio.move_on_after(self.resume_deadline):
+            while True:
+                try:
+                    return await Session.connect(
+                        uffd, regions, self.source, hugetlb=regions.page_size > 4096, name=name,
+                        status=lambda d: self._status({**d, "pid": peer.pid}),
+                        state_fds=state.fds if state else None,
+                        resumed=bool(state and state.adopted),
+                        resume_deadline=self.resume_deadline,
+                        request_timeout=self.request_timeout,
+                    )  # fmt: skip
+                except SourceUnavailable as e:
+                    log.info("%s: source not reachable: %s", name, e)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF[1])
+        raise SourceLost(f"source {self.source} not reachable within {self.resume_deadline:g} s")
+
+    async def _serve_until_gone(self, session: Session, peer: Peer) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                try:
+                    await session.run()
+                except SessionFailed:
+                    # Keep the fd (and the vCPUs blocked) until the VMM is gone: closing it
+                    # would zero-fill every unplaced page.
+                    return
+                nursery.cancel_scope.cancel()  # ended: target mm gone
+
+            nursery.start_soon(serve)
+            await wait_process_gone(peer.pid)
+            nursery.cancel_scope.cancel()
+        if not session.failed:
+            self._emit(
+                "session-ended",
+                session=session.name,
+                pid=peer.pid,
+                reason="VMM exited",
+                pages=session.page_counts(),
+                placed=session.stats,
+            )
