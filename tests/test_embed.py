@@ -131,6 +131,9 @@ def test_threaded_page_server() -> None:
                         assert m.read(i * PS, PS) == bytes(guest.image[i * PS : (i + 1) * PS])
                 server.wait_complete()
                 assert server.completed
+                counts = server.page_counts()
+                assert counts["poisoned"] == len(guest.poisoned)
+                assert counts["present"] == guest.npages - len(guest.poisoned)
     finally:
         stop.set()
         th.join()

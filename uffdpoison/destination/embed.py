@@ -189,6 +189,11 @@ class ThreadedPageServer:
         assert self._server is not None
         return self._server.stats
 
+    def page_counts(self) -> dict[str, int]:
+        """Pages in each ledger state (``missing`` ... ``poisoned``); read without a lock."""
+        assert self._server is not None
+        return self._server.page_counts()
+
     def close(self) -> None:
         if self._thread is None:
             return
