@@ -60,7 +60,7 @@ class Violation(Exception):
     """An invariant of the target broke on this input."""
 
 
-_NUMBERS = re.compile(r"0x[0-9a-f]+|\d+")
+_NUMBERS = re.compile(r"0x[0-9a-f]+|\d+|(?<=magic )[0-9a-f]{2} [0-9a-f]{2}")
 _BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"")
 
 
@@ -516,10 +516,10 @@ class SourceTarget(_Plane):
         raise Violation(f"unexpected note {note.kind.name}: {note.describe()}")
 
     def _check_answers(self, ch: int, accepted: list[Event]) -> None:
-        asked: dict[int, list[Request]] = {}
-        for ev in accepted:
-            assert isinstance(ev, Request)
-            asked.setdefault(ev.id, []).append(ev)
+        """The plane answers each request whole before it reads the next: its replies must
+        cover the accepted requests in order, each contiguously."""
+        asked = [r for r in accepted if isinstance(r, Request)]
+        nxt = asked[0].offset if asked else 0
         sp = FrameSplitter()
         sp.feed(bytes(self.received))
         while (f := sp.next_frame()) is not None:
@@ -536,11 +536,16 @@ class SourceTarget(_Plane):
                 if ev.id != layout.PUSH_ID or ev.kind is PageKind.CLEAN:
                     raise Violation(f"a push {ev}")
             else:
-                end = ev.offset + ev.count * PS
-                within = [r for r in asked.get(ev.id, ()) if r.offset <= ev.offset]
-                req = next((r for r in within if end <= r.offset + r.count * PS), None)
-                if req is None:
-                    raise Violation(f"Pages {ev.id} {ev.offset}+{ev.count}: no accepted request")
+                what = f"Pages {ev.id} {ev.offset}+{ev.count}"
+                if not asked:
+                    raise Violation(f"{what}: no accepted request")
+                req, end = asked[0], ev.offset + ev.count * PS
+                if ev.id != req.id or ev.offset != nxt or end > req.offset + req.count * PS:
+                    raise Violation(f"{what} does not continue the accepted request {req}")
+                nxt = end
+                if nxt == req.offset + req.count * PS:
+                    asked.pop(0)
+                    nxt = asked[0].offset if asked else 0
             for k in range(ev.count):
                 self._check_page(ev, k, req)
 
