@@ -369,6 +369,24 @@ def test_data_after_eof() -> None:
         dst.receive_data(b"x")
 
 
+def test_a_failed_connection_buffers_nothing_more() -> None:
+    """Found by the fuzzer (uffdpoison.bench.fuzz, protocol target, seed 1, input 24): a frame
+    that fails its check (here a Done before the Welcome) fails the connection, and what the
+    peer streams after it was still split and queued, without bound. Now it is dropped."""
+    dst = p.Connection(p.Side.DESTINATION, BULK)
+    dst.send(p.Hello(p.PROTOCOL_VERSION, BULK, SESSION))
+    dst.receive_data(bytes.fromhex("755000040000000081a17406"))  # {"t": 6}: Done, too early
+    with pytest.raises(p.ProtocolError, match="before the handshake") as first:
+        dst.next_event()
+    push = pages_frame(0, 1, 0, 3, b"\xb3" * 3 * PS)
+    for _ in range(100):
+        dst.receive_data(push)
+    assert dst.idle  # nothing buffered
+    with pytest.raises(p.ProtocolError) as again:
+        dst.next_event()
+    assert again.value is first.value
+
+
 def test_bad_magic() -> None:
     _, dst = handshake(URGENT)
     assert_rejected(dst, raw_frame({"t": 6}, magic=b"GE"), "magic")

@@ -22,6 +22,7 @@ _REQ = struct.Struct(">2sHI" + layout.REQUEST.header_format)
 _PAGES = struct.Struct(">2sHI" + layout.PAGES.header_format)
 _REQ_H = struct.Struct(">" + layout.REQUEST.header_format)
 _PAGES_H = struct.Struct(">" + layout.PAGES.header_format)
+_REQ_SIZE, _PAGES_SIZE = layout.REQUEST.size, layout.PAGES.size  # computed once: decode is hot
 _REQ_RUNS = tuple(c for c, _ in layout.REQUEST.parts())
 _PAGES_RUNS = tuple(c for c, _ in layout.PAGES.parts())
 _packer = msgpack.Packer(use_bin_type=True)
@@ -146,13 +147,13 @@ def encode(ev: events.Event, payload: memoryview | None) -> list[bytes | memoryv
             _value(name, ("", attr, "u64", 0, 0), getattr(ev, attr), sending=True)
         if isinstance(ev, events.Request):
             r1, r2, r3 = _REQ_RUNS
-            head = _REQ.pack(layout.MAGIC, layout.REQUEST.size, pl, r1, ev.id, r2, ev.offset, r3,
+            head = _REQ.pack(layout.MAGIC, _REQ_SIZE, pl, r1, ev.id, r2, ev.offset, r3,
                              ev.count)  # fmt: skip
         else:
             if not isinstance(ev.kind, events.PageKind):
                 raise ProtocolError(f"field 'kind' of Pages must be a PageKind, got {ev.kind!r}")
             p1, p2, p3, p4 = _PAGES_RUNS
-            head = _PAGES.pack(layout.MAGIC, layout.PAGES.size, pl, p1, ev.id, p2, ev.kind, p3,
+            head = _PAGES.pack(layout.MAGIC, _PAGES_SIZE, pl, p1, ev.id, p2, ev.kind, p3,
                                ev.offset, p4, ev.count)  # fmt: skip
         return [head] if not pl else [head, payload]  # type: ignore[list-item]
     if type(ev) not in _FIELDS:
@@ -181,11 +182,11 @@ def encode(ev: events.Event, payload: memoryview | None) -> list[bytes | memoryv
 def decode(header: bytes, payload: memoryview | None) -> events.Event:
     """The event of one received frame; ``ProtocolError`` naming what is wrong."""
     hl = len(header)
-    if hl == layout.REQUEST.size and header[3] == layout.T_REQUEST:
+    if hl == _REQ_SIZE and header[3] == layout.T_REQUEST:
         r1, rid, r2, off, r3, n = _REQ_H.unpack(header)
         if (r1, r2, r3) == _REQ_RUNS:
             return events.Request(rid, off, n, payload)
-    elif hl == layout.PAGES.size and header[3] == layout.T_PAGES:
+    elif hl == _PAGES_SIZE and header[3] == layout.T_PAGES:
         p1, rid, p2, k, p3, off, p4, n = _PAGES_H.unpack(header)
         if (p1, p2, p3, p4) == _PAGES_RUNS and k < 0x80:
             if k not in events.PageKind._value2member_map_:

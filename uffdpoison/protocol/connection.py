@@ -164,8 +164,10 @@ class Connection:
     # ---------------------------------------------------------------- receiving
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes from the transport; b"" means the peer closed (EOF)."""
-        self._splitter.feed(data)
+        """Bytes from the transport; b"" means the peer closed (EOF). A failed connection keeps
+        nothing more: the stream cannot be resynchronised."""
+        if self._failed is None:
+            self._splitter.feed(data)
 
     def next_event(self) -> Event | _Sentinel:
         """The next complete event, NEED_DATA, or CLOSED (the peer's EOF at a frame boundary)."""
