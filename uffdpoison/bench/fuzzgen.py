@@ -30,6 +30,7 @@ from uffdpoison.protocol.events import (
     Channel,
     Done,
     Error,
+    Have,
     Hello,
     PageKind,
     Pages,
@@ -38,6 +39,7 @@ from uffdpoison.protocol.events import (
 )
 
 PS = layout.BASE_PAGE_SIZE
+V = layout.PROTOCOL_VERSION
 SESSION = b"fuzz-session"
 TARGETS = ("protocol", "dest", "source")
 SOURCE, DESTINATION = events.Side.SOURCE.value, events.Side.DESTINATION.value
@@ -224,7 +226,7 @@ class _Gen:
                 pages = sorted(rng.sample(range(mem_pages), rng.randint(0, 4)))
                 plist = _u64s([p * ps for p in pages])
             n = 0 if plist is None else len(plist) // 8
-            out.append(frame(Welcome(2, SESSION, ps, mem_pages * ps, 0, n, plist)))
+            out.append(frame(Welcome(V, SESSION, ps, mem_pages * ps, 0, n, plist)))
         if case.channel == Channel.URGENT:
             replies: list[list[bytes]] = []
             kinds = (PageKind.DATA, PageKind.ZERO, PageKind.POISONED)
@@ -286,12 +288,18 @@ class _Gen:
         rng, case, ps = self.rng, self.case, self.ps
         out: list[bytes] = []
         ch = Channel(case.channel)
+        resume = ch is Channel.BULK and rng.random() < 0.3
         if handshake:
             session = SESSION if ch is Channel.BULK else None
             auth = rng.choice((None, None, b"", b"token"))
-            out.append(
-                frame(Hello(2, ch, session, rng.choice((0, 0, ps)), rng.random() < 0.5, auth))
-            )
+            hello = Hello(V, ch, session, rng.choice((0, 0, ps)), rng.random() < 0.5, auth, resume)
+            out.append(frame(hello))
+        if resume:  # a resuming destination's bitmaps: what not to push, what is poisoned
+            for k in range(rng.randint(1, 3)):
+                first = rng.randrange(mem_pages)
+                n = rng.randint(1, mem_pages - first)
+                bits = memoryview(rng.randbytes((n + 7) // 8))
+                out.append(frame(Have(rng.random() < 0.5, first * ps, n, bits, k == 2)))
         if ch is Channel.URGENT:
             ids = rng.sample(range(1, 40), 6)
             for rid in ids[: rng.randint(0, 6)]:
@@ -327,16 +335,17 @@ class _Gen:
         rng, ps = self.rng, self.ps
         pick = rng.randrange(9)
         if pick == 0:
-            return frame(Hello(2, rng.choice(list(Channel)), rng.choice((None, SESSION)), 0, True))
+            return frame(Hello(V, rng.choice(list(Channel)), rng.choice((None, SESSION)), 0, True))
         if pick == 1:
-            return frame(Welcome(2, SESSION, ps, MEM_PAGES * ps, 0, 0, None))
+            return frame(Welcome(V, SESSION, ps, MEM_PAGES * ps, 0, 0, None))
         if pick == 2:
             return frame(Request(rng.choice((0, 1, 2, 5)), rng.randrange(8) * ps, 1))
         if pick == 3:
             kind = rng.choice(list(PageKind))
             return self.pages(rng.choice((0, 1, 2)), kind, rng.randrange(8) * ps, 1)
         if pick == 4:
-            return frame(rng.choice((Done(), Error(None, "busy", ""), Error(1, "x", "y"))))
+            have = Have(False, 0, 8, memoryview(b"\xff"), True)
+            return frame(rng.choice((Done(), Error(None, "busy", ""), Error(1, "x", "y"), have)))
         if pick == 5:  # a data frame as a general msgpack map
             h = {"t": rng.choice((3, 4)), "i": 1, "k": 1, "o": 0, "n": 1}
             return raw(h, _pages_data(rng, 1, ps) if rng.random() < 0.5 else b"")

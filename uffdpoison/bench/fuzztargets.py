@@ -30,6 +30,7 @@ from uffdpoison.bench.fuzzgen import (
     SRC_POISONED,
     SRC_ZERO,
     Case,
+    V,
     source_image,
 )
 from uffdpoison.protocol import codec, layout
@@ -124,7 +125,7 @@ class ProtocolTarget:
         conn = Connection(side, ch if side is Side.DESTINATION else None)
         if side is Side.DESTINATION:
             session = SESSION if ch is Channel.BULK else None
-            conn.send(Hello(2, ch, session, 0, case.want_poison_list))
+            conn.send(Hello(V, ch, session, 0, case.want_poison_list))
         outcome = "need-data"
         chunks = case.chunks() + ([b""] if case.eof else [])
         for k, chunk in enumerate(chunks):
@@ -178,7 +179,7 @@ class ProtocolTarget:
         if isinstance(ev, Hello):
             ps = ev.page_size or PS
             plist = memoryview(b"") if ev.want_poison_list else None
-            replies.append(Welcome(2, ev.session or SESSION, ps, MEM_PAGES * ps, 0, 0, plist))
+            replies.append(Welcome(V, ev.session or SESSION, ps, MEM_PAGES * ps, 0, 0, plist))
         elif isinstance(ev, Welcome):
             for rid, off, n, digests in case.requests:
                 replies.append(Request(rid, off, n, memoryview(bytes(8 * n)) if digests else None))
