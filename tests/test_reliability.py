@@ -337,3 +337,121 @@ async def test_sigterm_keeps_state_and_a_restart_resumes(
             await vmm.close()
         await _until(lambda: not os.listdir(state))  # the VMM exited: its state is removed
         await dest.stop(signal.SIGTERM)
+
+
+async def test_lost_state_is_refused_not_guessed(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A daemon killed with no state kept: the next one sees the VMM's memory already
+    populated and, since discards were tracked (EVENT_REMOVE), cannot tell a discarded page from
+    a missing one. It refuses the handoff (the VMM's vCPUs stay blocked), rather than serve
+    stale bytes where the guest expects zeros."""
+    guest = make_guest(256, poisoned=[], zero=[])
+    image, _ = _files(tmp_path, guest)
+    with SourceProcess(image, max_bandwidth="64K") as src:
+        argv = ["--source", src.address, "--handoff", str(tmp_path / "h.sock"),
+                "--state-dir", "none"]  # fmt: skip
+        dest = DestProcess(nursery, argv)
+        await dest.start()
+        vmm = await ToyVMM.start(str(tmp_path / "h.sock"), len(guest.image), timeout=1.0)
+        try:
+            check_touches(guest, await vmm.touch([0, 1]), [0, 1])
+            await vmm.command("discard 1 1")
+            await dest.stop(signal.SIGKILL)
+            dest = DestProcess(nursery, argv)
+            await dest.start()
+            rejected = await dest.wait_for("handoff-rejected")
+            assert "refusing to guess" in rejected["reason"]
+            stuck = await vmm.touch([1])  # discarded: must read zero, so it must not be served
+            assert not stuck["done"]
+        finally:
+            await vmm.close()
+            await dest.stop(signal.SIGTERM)
+
+
+async def test_a_replacement_source_is_set_on_the_control_socket(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    guest = make_guest(512, poisoned=[17], zero=[])
+    image, poison = _files(tmp_path, guest)
+    control = str(tmp_path / "control.sock")
+    with SourceProcess(image, poison_list=poison, max_bandwidth="256K") as first:
+        d = Daemon(str(tmp_path / "h.sock"), first.address, control=control)
+        await nursery.start(d.daemon.serve)
+        vmm = await ToyVMM.start(d.path, len(guest.image))
+        try:
+            check_touches(guest, await vmm.touch([17]), [17])
+            first.kill()
+            await d.wait_for("session-paused")
+            status = await _cli("status", "--control", control, "--json")
+            (s,) = json.loads(status)["sessions"]
+            assert s["state"] in ("paused", "recovering") and s["pid"] == vmm.proc.pid
+            with SourceProcess(image, poison_list=poison) as second:
+                out = await _cli("set-source", "--control", control, second.address)
+                assert second.address in out
+                await d.wait_for("session-resumed")
+                check_touches(guest, await vmm.touch("all"))
+                await d.wait_for("session-completed")
+            text = await _cli("status", "--control", control)
+            assert "complete" in text and "100.0%" in text
+        finally:
+            await vmm.close()
+    err = await _cli("status", "--control", str(tmp_path / "nobody"), code=1)
+    assert "cannot reach" in err
+
+
+async def _cli(*argv: str, code: int = 0) -> str:
+    p = await trio.run_process(
+        [sys.executable, "-m", "uffdpoison", *argv], capture_stdout=True, capture_stderr=True,
+        check=False,
+    )  # fmt: skip
+    assert p.returncode == code, p.stderr.decode()
+    return (p.stdout if code == 0 else p.stderr).decode()
+
+
+async def test_a_source_that_never_comes_fails_the_handoff_at_the_deadline(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    d = Daemon(str(tmp_path / "h.sock"), f"127.0.0.1:{_free_port()}", resume_deadline=1.0)
+    await nursery.start(d.daemon.serve)
+    vmm = await ToyVMM.start(d.path, 16 * PS, timeout=0.5)
+    try:
+        (failed,) = await d.wait_for("session-failed")
+        assert "not reachable within 1 s" in failed["reason"]
+        assert not (await vmm.touch([0]))["done"]  # blocked, never zero-filled
+    finally:
+        await vmm.close()
+
+
+async def test_poison_learned_before_a_loss_is_told_to_the_new_source(
+    nursery: trio.Nursery,
+) -> None:
+    """The first source learned of a poisoned page only while serving (as from an EIO); the
+    replacement never read it. The resumed session's Have tells it, so it serves that page as
+    POISONED to every later session too."""
+    from uffdpoison.source.server import serve
+
+    guest = make_guest(64, poisoned=[], zero=[])
+    listen = f"127.0.0.1:{_free_port()}"
+    first_backend = guest.backend()
+    scope = trio.CancelScope()
+
+    async def source(backend: Any, task_status: trio.TaskStatus[Any]) -> None:
+        with scope:
+            await serve(backend, listen, max_bandwidth=64 << 10, task_status=task_status)
+
+    await nursery.start(source, first_backend)
+    events: list[dict[str, Any]] = []
+    with memory.anon(len(guest.image)) as m:
+        region = Region(m.addr, len(guest.image), 0)
+        async with serve_memory([region], listen, status=events.append) as server:
+            first_backend.add_poison([40 * PS])  # learned after the handshake
+            assert await server.ensure_present(m.addr + 40 * PS, PS) == [m.addr + 40 * PS]
+            scope.cancel()
+            await _until(lambda: any(e["event"] == "session-paused" for e in events))
+            second_backend = guest.backend()
+            assert second_backend.poisoned_count() == 0
+            scope = trio.CancelScope()
+            await nursery.start(source, second_backend)
+            await _until(lambda: any(e["event"] == "session-resumed" for e in events))
+            assert list(second_backend.poisoned_offsets()) == [40 * PS]
+            await server.wait_complete()
+            assert server.page_counts()["poisoned"] == 1

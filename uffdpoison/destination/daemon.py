@@ -44,7 +44,7 @@ from uffdpoison.destination.session import (
     StatusSink,
 )
 from uffdpoison.destination.state import SessionState, sweep
-from uffdpoison.kernel import Userfaultfd, errors as kerrors
+from uffdpoison.kernel import Feature, Userfaultfd, errors as kerrors, pagemap
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,12 @@ class HandoffDaemon:
             regions = RegionMap(parse_firecracker_regions(body))
             if not self._source_ready.is_set():
                 log.info("%s (pid %d): waits for the source; its vCPUs block", name, peer.pid)
-                await self._source_ready.wait()
+                with trio.move_on_after(self.resume_deadline):
+                    await self._source_ready.wait()
+                if not self._source_ready.is_set():
+                    raise SourceLost(
+                        f"source {self.source} not reachable within {self.resume_deadline:g} s"
+                    )
             assert self.source_info is not None
             regions.check_within(self.source_info.memory_size)
             if uffd.lacks:
@@ -203,9 +208,12 @@ class HandoffDaemon:
     ) -> None:
         state = SessionState(self.state_dir, peer.pid, regions) if self.state_dir else None
         try:
+            poisoned: list[int] = []
             if state is not None and state.adopted:
                 log.warning("%s (pid %d): resuming from %s", name, peer.pid, state.path)
-            session = await self._connect(name, peer, uffd, regions, state)
+            else:
+                poisoned = _account_for(peer.pid, uffd, regions)
+            session = await self._connect(name, peer, uffd, regions, state, poisoned)
             self.sessions[name], self.vmm_pids[name] = session, peer.pid
             try:
                 await self._serve_until_gone(session, peer)
@@ -225,6 +233,7 @@ class HandoffDaemon:
         uffd: Userfaultfd,
         regions: RegionMap,
         state: SessionState | None,
+        poisoned: list[int],
     ) -> Session:
         """A session with the source, retried (the source may have gone since it answered)."""
         delay = BACKOFF[0]
@@ -235,7 +244,7 @@ class HandoffDaemon:
                         uffd, regions, self.source, hugetlb=regions.page_size > 4096, name=name,
                         status=lambda d: self._status({**d, "pid": peer.pid}),
                         state_fds=state.fds if state else None,
-                        resumed=bool(state and state.adopted),
+                        resumed=bool(state and state.adopted), poisoned=poisoned,
                         resume_deadline=self.resume_deadline,
                         request_timeout=self.request_timeout,
                     )  # fmt: skip
@@ -269,3 +278,31 @@ class HandoffDaemon:
                 pages=session.page_counts(),
                 placed=session.stats,
             )
+
+
+def _account_for(pid: int, uffd: Userfaultfd, regions: RegionMap) -> list[int]:
+    """A handoff with no state to resume from: its memory should be untouched. If pagemap shows
+    pages there already (served by an earlier daemon whose state is lost), they are accounted
+    for only if the guest's discards were never tracked: then the poison markers (visible with
+    CAP_SYS_ADMIN) are returned, to be POISONED before anything is placed. With REMOVE events
+    a discarded page cannot be told from a missing one, so the handoff is refused rather than
+    let stale data replace a page that must read zero. Returns the marked host addresses."""
+    try:
+        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise HandoffError(f"cannot read the VMM's pagemap: {e.strerror}") from None
+    try:
+        if not any(pagemap.populated(fd, r.base, r.size) for r in regions):
+            return []
+        if uffd.features & Feature.EVENT_REMOVE:
+            raise HandoffError(
+                "the VMM's memory was partly served already and no state for it survives "
+                "(--state-dir): a page it discarded cannot be told from one never served; "
+                "refusing to guess (its vCPUs stay blocked)"
+            )
+        return [r.base + k * pagemap.PAGE_SIZE for r in regions
+                for k in pagemap.poison_markers(fd, r.base, r.size)]  # fmt: skip
+    except pagemap.ProcessGone:
+        raise HandoffError(f"process {pid} exited during the handoff") from None
+    finally:
+        os.close(fd)

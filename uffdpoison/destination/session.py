@@ -46,6 +46,7 @@ StatusSink = Callable[[dict[str, Any]], None]
 REQUEST_TIMEOUT = 10.0  # a demand request unanswered this long: the source is taken as lost
 RESUME_DEADLINE = 120.0  # a paused session that cannot resume this long fails
 BACKOFF = (0.05, 0.5)  # reconnect delays: first, most (doubling in between)
+_UNPLACED = (PageState.MISSING, PageState.REQUESTED, PageState.BACKGROUND, PageState.REMOVED)
 # Fatal Errors from a source that may well come back (the session pauses for them).
 _RESUMABLE = frozenset({"shutdown", "busy"})
 
@@ -148,14 +149,19 @@ class Session:
         hugetlb: bool = False,
         state_fds: Sequence[int] | None = None,
         resumed: bool = False,
+        poisoned: Sequence[int] = (),
         **kw: Any,
     ) -> Session:
         """Handshake with ``source`` (``HOST:PORT``) and set the session up; the link is
         closed again if that fails. ``bulk=False``: no push, pages come only when asked.
         ``state_fds``: a state file per region for the ledgers (``resumed``: adopted from an
-        earlier owner, and the source is told what they hold)."""
+        earlier owner, and the source is told what they hold). ``poisoned``: host addresses
+        known to hold poison markers already (POISONED before anything is placed)."""
         ledgers = _ledgers(uffd, regions, hugetlb, state_fds)
         try:
+            for addr in poisoned:
+                i, first, _ = next(regions.split_pages(addr, addr + 1))
+                ledgers[i].mark(first, 1, PageState.POISONED, only_from=_UNPLACED)
             held = partial(have, _dest_regions(regions, ledgers), regions.page_size)
             link = await SourceLink.connect(
                 source, page_size=regions.page_size, bulk=bulk, have=held if resumed else None
@@ -439,7 +445,6 @@ class Session:
             self.plane.notify(-1)
 
     async def _wait_placed(self, pending: list[tuple[int, int, int]]) -> list[int]:
-        unplaced = (PageState.MISSING, PageState.REQUESTED, PageState.BACKGROUND, PageState.REMOVED)
         poisoned: list[int] = []
         for i, first, last in pending:
             led = self.ledgers[i]
@@ -447,7 +452,7 @@ class Session:
             while True:
                 if self.failed:
                     raise SessionFailed(self.failed)
-                idx = led.find(idx, unplaced)  # pages before idx were placed already
+                idx = led.find(idx, _UNPLACED)  # pages before idx were placed already
                 if idx < 0 or idx >= last:
                     break
                 await self._progress.park()

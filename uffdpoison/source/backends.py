@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import re
 import stat
-import sys
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from uffdpoison.kernel import pagemap
 from uffdpoison.kernel.planes import Guest
 from uffdpoison.owned import Owned
 from uffdpoison.protocol import PageKind
@@ -36,12 +36,6 @@ __all__ = [
 
 DEFAULT_PAGE_SIZE = 4096
 
-# pagemap (Documentation/admin-guide/mm/pagemap.rst): bit 63 present, bit 62 swapped, bits 0-4
-# swap type, bits 5-54 swap offset. A uffd poison marker is PTE marker type 31, offset 2
-# (PTE_MARKER_POISONED): the low 55 bits read exactly 0x5f. Bit 55 (soft-dirty) and bits 56-61
-# may vary, bit 63 must be clear. Matched as raw little-endian bytes so a scan of millions of
-# entries runs in C.
-_PAGEMAP_POISON_RE = re.compile(rb"\x5f\x00\x00\x00\x00\x00[\x00\x80][\x40-\x7f]", re.DOTALL)
 _NONZERO_RE = re.compile(rb"[^\x00]")
 
 
@@ -377,22 +371,16 @@ class ProcessBackend(_FdBackend):
 
     def _scan_pagemap(self) -> int:
         """Mark pages whose pagemap entry is a uffd poison marker. Returns how many."""
-        if self._pagemap_fd < 0 or sys.byteorder != "little":
+        if self._pagemap_fd < 0:
             return 0  # unreadable pages are then found by EIO instead
         found = 0
-        sys_ps = os.sysconf("SC_PAGE_SIZE")
-        for goff, addr, length in self._ranges:
-            vpn0, npages, done = addr // sys_ps, length // sys_ps, 0
-            while done < npages:
-                n = min(1 << 16, npages - done)
-                data = os.pread(self._pagemap_fd, n * 8, (vpn0 + done) * 8)
-                if not data:
-                    raise SourceGone(f"process {self.pid} exited")
-                for m in _PAGEMAP_POISON_RE.finditer(data):
-                    if m.start() % 8 == 0:
-                        self.mark_poisoned(goff + (done + m.start() // 8) * sys_ps)
-                        found += 1
-                done += len(data) // 8
+        try:
+            for goff, addr, length in self._ranges:
+                for k in pagemap.poison_markers(self._pagemap_fd, addr, length):
+                    self.mark_poisoned(goff + k * pagemap.PAGE_SIZE)
+                    found += 1
+        except pagemap.ProcessGone:
+            raise SourceGone(f"process {self.pid} exited") from None
         return found
 
     def _where(self) -> dict[str, Any]:
