@@ -525,7 +525,9 @@ async def test_bad_push_fails_the_session_and_places_nothing(
         assert failed[0]["placed"]["copied"] == failed[0]["placed"]["push_pages"] == 0
 
 
-async def test_known_poison_is_in_the_ledger_before_any_data(nursery: trio.Nursery) -> None:
+async def test_known_poison_is_in_the_ledger_before_any_data(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
     """A source lists pages as poisoned in its Welcome and at once pushes DATA for them (and
     answers a demand for one with DATA): none of it is placed, every refusal is counted and
     logged, and each of those pages SIGBUSes."""
@@ -557,6 +559,9 @@ async def test_known_poison_is_in_the_ledger_before_any_data(nursery: trio.Nurse
             st = srv.stats
             assert st["refused"] == len(poison) and st["copied"] == 0
             assert st["last_refused"] in {i * PS for i in poison}
+    # Logged as the protocol violation it is, naming the session and a page (rate-limited).
+    lines = [r.getMessage() for r in caplog.records if "protocol violation" in r.getMessage()]
+    assert lines and all("embedded" in x and "guest offset 0x" in x for x in lines)
 
 
 async def test_faults_are_served_while_the_plane_places_a_large_push(

@@ -763,7 +763,6 @@ def scenarios(draw: Callable[..., Any]) -> tuple[p.Channel, int, list[tuple[p.Si
         SESSION if channel is BULK else None,
         draw(st.sampled_from([0, ps])),
         want,
-        draw(st.one_of(st.none(), st.binary(max_size=20))),
     )
     welcome = p.Welcome(p.PROTOCOL_VERSION, SESSION, ps, mem, draw(st.sampled_from([0, ps])),
                       len(plist), poison)  # fmt: skip

@@ -21,6 +21,7 @@ import trio
 from destination_helpers import Guest, ToyVMM, make_guest
 from test_daemon import Daemon, check_touches
 
+from uffdpoison.auth import Token
 from uffdpoison.bench.netns import NetnsPair, NetnsUnavailable
 from uffdpoison.destination.embed import SourceLost, serve_memory
 from uffdpoison.destination.regions import Region
@@ -155,13 +156,17 @@ async def test_cut_link_is_noticed_by_keepalive_then_resumed(tmp_path: Path) -> 
         image, poison = _files(tmp_path, guest)
         prefix = ["ip", "netns", "exec", pair.src]
         listen = f"{pair.src_addr}:{_free_port()}"
+        secret = tmp_path / "token"
+        secret.write_text("a secret both hosts were given")
+        token = Token.from_file(secret)
         src = SourceProcess(image, poison_list=poison, max_bandwidth="1M", listen=listen,
-                            prefix=prefix, options=["--insecure"])  # fmt: skip
+                            prefix=prefix, options=["--token-file", str(secret)])  # fmt: skip
         with src, memory.anon(len(guest.image)) as m:
             events: list[dict[str, Any]] = []
             with pair.enter_dst():  # this thread's sockets live in the destination namespace
                 region = Region(m.addr, len(guest.image), 0)
-                async with serve_memory([region], src.address, status=events.append) as server:
+                serving = serve_memory([region], src.address, status=events.append, token=token)
+                async with serving as server:
                     await server.ensure_present(m.addr, PS)
                     pair.set_source_link(False)  # the push stalls; nothing is in flight
                     t0 = time.monotonic()
@@ -221,15 +226,18 @@ async def test_dest_cli_bad_start_is_one_line(tmp_path: Path) -> None:
 class DestProcess:
     """``uffdpoison dest`` as a child process, its status lines collected."""
 
-    def __init__(self, nursery: trio.Nursery, argv: list[str]) -> None:
+    def __init__(self, nursery: trio.Nursery, argv: list[str], preexec: Any = None) -> None:
         self.argv = argv
+        self.preexec = preexec
         self.nursery = nursery
         self.records: list[dict[str, Any]] = []
         self.proc: trio.Process | None = None
 
     async def start(self) -> None:
         self.proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "uffdpoison", "dest", *self.argv], stdout=subprocess.PIPE
+            [sys.executable, "-m", "uffdpoison", "dest", *self.argv],
+            stdout=subprocess.PIPE,
+            preexec_fn=self.preexec,
         )
         records: list[dict[str, Any]] = []
         self.records = records

@@ -579,7 +579,7 @@ def test_cli_listening_line_first_and_sigterm_exits_zero(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--listen", "0.0.0.0:0", "--image", "{img}"], "--insecure"),
+        (["--listen", "0.0.0.0:0", "--image", "{img}"], "--token-file"),
         (["--listen", "127.0.0.1:0", "--image", "{tmp}/missing.img"], "missing.img"),
         (["--listen", "127.0.0.1", "--image", "{img}"], "--listen"),
         (["--listen", "127.0.0.1:0", "--pid", "1"], "--range"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import resource
 import sys
 from collections.abc import Sequence
 
@@ -41,7 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_fd_limit() -> None:
+    """Every fd the hard limit allows: each VMM and session holds several. Running out is
+    back-pressure, never a crash, but it should not come at the soft limit's 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _raise_fd_limit()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]

@@ -38,7 +38,7 @@ from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.source.spawn import SourceStartError, source_process
 from uffdpoison.stats import percentile
-from uffdpoison.units import size_arg
+from uffdpoison.units import count_arg, fraction_arg, size_arg
 
 log = logging.getLogger(__name__)
 
@@ -335,13 +335,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--poison-fraction",
-        type=float,
+        type=fraction_arg,
         default=0.01,
         help="fraction of pages poisoned at the source (default 0.01)",
     )
     p.add_argument(
         "--zero-fraction",
-        type=float,
+        type=fraction_arg,
         default=0.25,
         help="fraction of all-zero pages (default 0.25)",
     )
@@ -352,7 +352,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="kind of destination memory (default anon)",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="toucher (vCPU) threads (default 1)")
+    p.add_argument(
+        "--threads", type=count_arg, default=1, help="toucher (vCPU) threads (default 1)"
+    )
     p.add_argument(
         "--max-bandwidth",
         default=None,

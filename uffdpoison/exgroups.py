@@ -7,6 +7,14 @@ from typing import TypeVar
 E = TypeVar("E", bound=BaseException)
 
 
+def caught(exc: BaseException, types: type[E] | tuple[type[E], ...]) -> E | None:
+    """``exc`` itself if it is one of ``types``, else the first of them inside it (a group),
+    else None: where a command catches its expected failures, whether trio wrapped them or not."""
+    if isinstance(exc, types):
+        return exc
+    return leaf_of(exc, types) if isinstance(exc, BaseExceptionGroup) else None
+
+
 def leaf_of(group: BaseExceptionGroup, types: type[E] | tuple[type[E], ...]) -> E | None:
     """The first exception of ``types`` inside a (nested) exception group, or None.
 

@@ -75,7 +75,10 @@ async def open_tcp(host: str, port: int) -> socket.socket:
         raise ConnectionLost(f"cannot resolve {host}: {e.strerror or e}") from None
     last: OSError | None = None
     for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
+        try:
+            sock = socket.socket(family, type_, proto)
+        except OSError as e:  # out of fds: as unreachable as a refused connect, for now
+            raise ConnectionLost(f"cannot open a socket: {e.strerror}") from None
         sock.setblocking(False)
         try:
             try:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 import trio
 
 import uffdpoison
+from uffdpoison.auth import Token
 from uffdpoison.bench.netns import NetnsPair, NetnsUnavailable
 from uffdpoison.destination.embed import serve_memory
 from uffdpoison.destination.regions import Region
@@ -259,6 +261,11 @@ class Guest:
     page_size: int
     first_bytes: bytes  # byte 0 of every page
     poisoned: frozenset[int]
+    token_path: Path  # the source and the destination authenticate, as deployed
+
+    @property
+    def token(self) -> Token:
+        return Token.from_file(self.token_path)
 
 
 def make_guest(
@@ -279,7 +286,9 @@ def make_guest(
     )
     poison_path = workdir / f"{name}.poison"
     poison_path.write_text("".join(f"{i * page_size:#x}\n" for i in sorted(poisoned)))
-    return Guest(path, poison_path, pages, page_size, bytes(first), poisoned)
+    token_path = workdir / f"{name}.token"
+    token_path.write_text(secrets.token_hex(32))
+    return Guest(path, poison_path, pages, page_size, bytes(first), poisoned, token_path)
 
 
 def _pythonpath_env() -> dict[str, str]:
@@ -406,9 +415,8 @@ def start_sources(
     up_cmd = [
         sys.executable, "-P", "-m", "uffdpoison", "source", "--listen", f"{host}:0",
         "--image", str(guest.path), "--poison-list", str(guest.poison_path),
+        "--token-file", str(guest.token_path),
     ]  # fmt: skip
-    if host not in ("127.0.0.1", "::1"):
-        up_cmd.append("--insecure")  # only reachable inside our own namespaces
     if cap:
         up_cmd += ["--max-bandwidth", str(cap)]
     up = Process(up_cmd, pre, "uffdpoison source")
@@ -507,8 +515,9 @@ def up_round(
         async def main() -> tuple[float, set[int], dict[str, int]]:
             with trio.fail_after(cfg.timeout):
                 async with serve_memory(
-                    [region], source, hugetlb=cfg.memory == "hugetlb", background=bg
-                ) as server:
+                    [region], source, hugetlb=cfg.memory == "hugetlb", background=bg,
+                    token=guest.token,
+                ) as server:  # fmt: skip
                     cpus = {current_cpu()}
                     t0 = time.perf_counter()
                     toucher.start()
@@ -843,8 +852,9 @@ class Runner(Owned):
                 with trio.fail_after(cfg.timeout):
                     t0 = time.perf_counter()
                     async with serve_memory(
-                        [region], source, hugetlb=cfg.memory == "hugetlb", background=True
-                    ) as server:
+                        [region], source, hugetlb=cfg.memory == "hugetlb", background=True,
+                        token=guest.token,
+                    ) as server:  # fmt: skip
                         cpus = {current_cpu()}
                         await server.wait_complete()
                         secs = time.perf_counter() - t0

@@ -16,12 +16,15 @@ import sys
 
 import trio
 
+from uffdpoison.auth import token_arg
 from uffdpoison.console import emit
-from uffdpoison.destination.daemon import HandoffDaemon
+from uffdpoison.destination.daemon import MAX_HANDOFFS, MAX_SESSIONS, HandoffDaemon
+from uffdpoison.destination.handoff import HANDOFF_TIMEOUT
 from uffdpoison.destination.session import REQUEST_TIMEOUT, RESUME_DEADLINE
 from uffdpoison.destination.state import STATE_DIR
-from uffdpoison.exgroups import leaf_of
+from uffdpoison.exgroups import caught
 from uffdpoison.transport import parse_address
+from uffdpoison.units import count_arg
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default {REQUEST_TIMEOUT:g})",
     )
     p.add_argument(
+        "--token-file",
+        dest="token",
+        type=token_arg,
+        metavar="PATH",
+        help="the source's shared secret: each side proves it holds it before anything of a "
+        "guest crosses (docs/SECURITY.md)",
+    )
+    p.add_argument(
+        "--handoff-timeout",
+        type=_seconds,
+        default=HANDOFF_TIMEOUT,
+        metavar="SECONDS",
+        help=f"a connection that has not sent its whole handoff this long is dropped "
+        f"(default {HANDOFF_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--max-handoffs",
+        type=count_arg,
+        default=MAX_HANDOFFS,
+        metavar="N",
+        help=f"handoffs read at once; the next connections wait (default {MAX_HANDOFFS})",
+    )
+    p.add_argument(
+        "--max-sessions",
+        type=count_arg,
+        default=MAX_SESSIONS,
+        metavar="N",
+        help=f"VMMs served at once; the next is refused (default {MAX_SESSIONS})",
+    )
+    p.add_argument(
         "--control",
         metavar="PATH",
         help="a local control socket for 'uffdpoison status' and 'uffdpoison set-source'",
@@ -147,6 +180,10 @@ async def _amain(args: argparse.Namespace) -> None:
         control=args.control,
         resume_deadline=args.resume_deadline,
         request_timeout=args.request_timeout,
+        token=args.token,
+        handoff_timeout=args.handoff_timeout,
+        max_handoffs=args.max_handoffs,
+        max_sessions=args.max_sessions,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -165,13 +202,10 @@ async def _amain(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         trio.run(_amain, args)
-    except BaseExceptionGroup as group:
-        e = leaf_of(group, OSError)
+    except (OSError, BaseExceptionGroup) as exc:
+        e = caught(exc, OSError)
         if e is None:
             raise
-        print(f"uffdpoison dest: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
         print(f"uffdpoison dest: {e}", file=sys.stderr)
         return 1
     return 0

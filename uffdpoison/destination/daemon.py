@@ -13,6 +13,7 @@ their state, and leaves each VMM holding its userfaultfd.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 
 import trio
 
+from uffdpoison.auth import Token
 from uffdpoison.destination.admin import serve_control
 from uffdpoison.destination.handoff import (
     HANDOFF_TIMEOUT,
@@ -49,6 +51,9 @@ from uffdpoison.kernel import Feature, Userfaultfd, errors as kerrors, pagemap
 log = logging.getLogger(__name__)
 
 SOURCE_LOG_EVERY = 30.0  # seconds between "still waiting for the source" lines
+MAX_HANDOFFS = 64  # handoffs being received at once: a connection counts until its fd arrived
+MAX_SESSIONS = 1024
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class HandoffDaemon:
@@ -66,9 +71,14 @@ class HandoffDaemon:
         control: str | None = None,
         resume_deadline: float = RESUME_DEADLINE,
         request_timeout: float = REQUEST_TIMEOUT,
+        token: Token | None = None,
+        max_handoffs: int = MAX_HANDOFFS,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
         """``state_dir``: keep each session's ledgers there, for a restarted daemon to resume
-        (None: not kept). ``control``: a local control socket (``admin``)."""
+        (None: not kept). ``control``: a local control socket (``admin``). At most
+        ``max_handoffs`` connections are read at once (the next waits in the listen backlog)
+        and ``max_sessions`` VMMs served (the next is refused)."""
         self.path = path
         self.source = source
         self.allow_uids = frozenset(allow_uids or (os.getuid(),))
@@ -80,6 +90,10 @@ class HandoffDaemon:
         self.control = control
         self.resume_deadline = resume_deadline
         self.request_timeout = request_timeout
+        self.token = token
+        self.max_sessions = max_sessions
+        self._handoffs = trio.Semaphore(max_handoffs)
+        self._fds_short_said = -1e9
         self.source_info: SourceInfo | None = None
         self.sessions: dict[str, Session] = {}
         self.vmm_pids: dict[str, int] = {}
@@ -109,12 +123,8 @@ class HandoffDaemon:
                     await nursery.start(serve_control, self, self.control)
                 task_status.started()
                 while True:
-                    await trio.lowlevel.wait_readable(sock)
-                    try:
-                        conn, _ = sock.accept()
-                    except BlockingIOError:
-                        continue
-                    conn.setblocking(False)
+                    await self._handoffs.acquire()  # back-pressure: the rest wait in the backlog
+                    conn = await self._accept(sock)
                     self._counter += 1
                     nursery.start_soon(self._serve_vmm, conn, f"vmm-{self._counter}")
         finally:
@@ -127,12 +137,32 @@ class HandoffDaemon:
                             len(self.sessions), f", state kept in {self.state_dir}"
                             if self.state_dir else "")  # fmt: skip
 
+    async def _accept(self, sock: socket.socket) -> socket.socket:
+        """The next connection. Out of file descriptors (or memory) is back-pressure, never
+        fatal: the daemon keeps serving its VMMs and accepts again when fds are free."""
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                if e.errno not in _OUT_OF_FDS:
+                    raise
+                if trio.current_time() - self._fds_short_said >= 10.0:
+                    self._fds_short_said = trio.current_time()
+                    log.warning("cannot accept a handoff now (%s): retrying", e.strerror)
+                await trio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            return conn
+
     async def _find_source(self) -> None:
         """Until the source answers a handshake: backoff, and a line now and then."""
         delay, said = BACKOFF[0], -SOURCE_LOG_EVERY
         while True:
             try:
-                info = await probe(self.source)
+                info = await probe(self.source, self.token)
                 break
             except SourceUnavailable as e:
                 if trio.current_time() - said >= SOURCE_LOG_EVERY:
@@ -153,13 +183,18 @@ class HandoffDaemon:
         peer: Peer | None = None
         fd = -1
         try:
-            peer = peer_credentials(conn)
-            if peer.uid not in self.allow_uids:
-                raise HandoffError(
-                    f"peer pid {peer.pid} uid {peer.uid} is not allowed "
-                    f"(allowed uids: {sorted(self.allow_uids)})"
-                )
-            body, fd = await receive_handoff(conn, self.handoff_timeout)
+            try:
+                peer = peer_credentials(conn)
+                if peer.uid not in self.allow_uids:
+                    raise HandoffError(
+                        f"peer pid {peer.pid} uid {peer.uid} is not allowed "
+                        f"(allowed uids: {sorted(self.allow_uids)})"
+                    )
+                if len(self.sessions) >= self.max_sessions:
+                    raise HandoffError(f"the daemon serves {self.max_sessions} VMMs already")
+                body, fd = await receive_handoff(conn, self.handoff_timeout)
+            finally:
+                self._handoffs.release()
             try:
                 uffd = Userfaultfd.adopt(fd)
             except kerrors.NotAUserfaultfd as e:
@@ -246,7 +281,7 @@ class HandoffDaemon:
                         state_fds=state.fds if state else None,
                         resumed=bool(state and state.adopted), poisoned=poisoned,
                         resume_deadline=self.resume_deadline,
-                        request_timeout=self.request_timeout,
+                        request_timeout=self.request_timeout, token=self.token,
                     )  # fmt: skip
                 except SourceUnavailable as e:
                     log.info("%s: source not reachable: %s", name, e)

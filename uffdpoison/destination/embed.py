@@ -30,6 +30,8 @@ from typing import Any
 
 import trio
 
+from uffdpoison.auth import Token
+from uffdpoison.destination.link import AuthenticationFailed as AuthenticationFailed
 from uffdpoison.destination.regions import Region, RegionMap
 from uffdpoison.destination.session import (
     REQUEST_TIMEOUT,
@@ -82,6 +84,7 @@ async def serve_memory(
     name: str = "embedded",
     request_timeout: float = REQUEST_TIMEOUT,
     resume_deadline: float = RESUME_DEADLINE,
+    token: Token | None = None,
 ) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
@@ -98,6 +101,10 @@ async def serve_memory(
     (status events ``session-paused`` / ``session-resumed``). If the source is not back within
     ``resume_deadline`` seconds the block raises ``SourceLost`` (the pages not placed stay
     blocked until the range is unregistered on exit).
+
+    ``token`` (``uffdpoison.auth.Token``, e.g. ``Token.from_file(path)``): the source and we
+    prove we hold it before anything of the guest crosses; a source that cannot is refused
+    (``AuthenticationFailed``, a ``ConnectionError``).
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
@@ -106,7 +113,7 @@ async def serve_memory(
             uffd.register(r.base, r.size, RegisterMode.MISSING)
         session = await Session.connect(
             uffd, rmap, source, bulk=background, hugetlb=hugetlb, name=name, status=status,
-            request_timeout=request_timeout, resume_deadline=resume_deadline,
+            request_timeout=request_timeout, resume_deadline=resume_deadline, token=token,
         )  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:

@@ -6,6 +6,7 @@ frame at a time, so each socket is at a frame boundary when the session's data p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from array import array
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 
 import trio
 
-from uffdpoison import protocol
-from uffdpoison.protocol import Channel, Side
+from uffdpoison import auth, protocol
+from uffdpoison.auth import Token
+from uffdpoison.protocol import Channel, Hello, Side
 from uffdpoison.transport import ConnectionLost, FrameStream, open_tcp, parse_address
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,10 @@ HaveFn = Callable[[bool, int, int], bytes]
 
 class SourceUnavailable(ConnectionError):
     """The source could not be reached, or refused or broke the handshake."""
+
+
+class AuthenticationFailed(SourceUnavailable):
+    """Either side could not prove it holds the shared token (or had none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,25 +93,32 @@ class SourceLink:
         want_poison_list: bool = True,
         bulk: bool = True,
         have: HaveFn | None = None,
+        token: Token | None = None,
     ) -> SourceLink:
         """Open URGENT (creating a session), then BULK joining it. ``page_size`` asks the
         source for a unit (e.g. 2 MiB for hugetlb guests; 0 = its own). ``have``: this session
-        resumes; BULK tells the source what it holds before the push starts."""
+        resumes; BULK tells the source what it holds before the push starts. ``token``: both
+        sides prove they hold it before anything of the guest crosses (``uffdpoison.auth``);
+        a source that cannot is refused (``AuthenticationFailed``)."""
         try:
             host, port = parse_address(address, what="source address")
         except ValueError as e:
             raise SourceUnavailable(str(e)) from None
+        v = protocol.PROTOCOL_VERSION
         with trio.move_on_after(CONNECT_TIMEOUT) as scope:
             urgent = await cls._open(host, port, Channel.URGENT)
             try:
-                welcome = await cls._hello(urgent, None, page_size, want_poison_list)
+                hello = Hello(v, Channel.URGENT, None, page_size, want_poison_list)
+                welcome = await _handshake(urgent, hello, token)
                 bulk_s = None
                 if bulk:
                     bulk_s = await cls._open(host, port, Channel.BULK)
+                    hello = Hello(v, Channel.BULK, welcome.session, welcome.page_size, False,
+                                  resume=have is not None)  # fmt: skip
                     try:
-                        await cls._hello(
-                            bulk_s, welcome.session, welcome.page_size, False, welcome, have
-                        )
+                        _agrees(bulk_s, await _handshake(bulk_s, hello, token), welcome)
+                        if have is not None:
+                            await _send_have(bulk_s, welcome, have)
                     except BaseException:
                         bulk_s.close()
                         raise
@@ -125,57 +138,51 @@ class SourceLink:
         name = f"{channel.name.lower()} {host}:{port}"
         return FrameStream(sock, protocol.Connection(Side.DESTINATION, channel), name=name)
 
-    @staticmethod
-    async def _hello(
-        s: FrameStream,
-        session: bytes | None,
-        page_size: int,
-        want_poison_list: bool,
-        urgent: protocol.Welcome | None = None,
-        have: HaveFn | None = None,
-    ) -> protocol.Welcome:
-        """``urgent``: the URGENT channel's Welcome, which BULK's must agree with. ``have``:
-        BULK resumes, and the Have frames follow the Welcome."""
-        channel = Channel.URGENT if session is None else Channel.BULK
-        hello = protocol.Hello(
-            protocol.PROTOCOL_VERSION,
-            channel,
-            session,
-            page_size,
-            want_poison_list,
-            resume=have is not None,
-        )
-        try:
-            await s.send(hello)
-            ev = await s.receive()
-        except (ConnectionLost, protocol.ProtocolError) as e:
-            raise SourceUnavailable(f"{s.name}: handshake failed: {e}") from None
-        if isinstance(ev, protocol.Error):
-            raise SourceUnavailable(
-                f"{s.name}: source refused the session: {ev.code}: {ev.message}"
-            )
-        if not isinstance(ev, protocol.Welcome):
-            raise SourceUnavailable(f"{s.name}: expected Welcome, got {type(ev).__name__}")
-        if urgent is not None and (ev.page_size, ev.memory_size) != (
-            urgent.page_size,
-            urgent.memory_size,
-        ):
-            raise SourceUnavailable(
-                f"{s.name}: the BULK Welcome ({ev.memory_size} bytes in {ev.page_size}-byte "
-                f"pages) disagrees with URGENT's ({urgent.memory_size} in {urgent.page_size})"
-            )
-        if page_size and ev.page_size != page_size:
-            raise SourceUnavailable(
-                f"{s.name}: source serves {ev.page_size}-byte pages; this guest needs {page_size}"
-            )
-        if have is not None:
-            await _send_have(s, ev, have)
-        return ev
-
     def close(self) -> None:
         self.urgent.close()
         if self.bulk is not None:
             self.bulk.close()
+
+
+async def _handshake(s: FrameStream, hello: Hello, token: Token | None) -> protocol.Welcome:
+    """Hello, (with a token: the source's Challenge checked, our Proof), the Welcome."""
+    if token is not None:
+        hello = dataclasses.replace(hello, auth=auth.nonce())
+    try:
+        await s.send(hello)
+        ev = await s.receive()
+        transcript = b""
+        if token is not None and isinstance(ev, protocol.Challenge):
+            transcript = auth.transcript(hello, ev.nonce)
+            if not token.verify("source", transcript, ev.mac):
+                await s.send(protocol.Error(None, "auth-failed", "the source's proof is wrong"))
+                raise AuthenticationFailed(f"{s.name}: the source failed to authenticate")
+            await s.send(protocol.Proof(token.mac("destination", transcript)))
+            ev = await s.receive()
+    except (ConnectionLost, protocol.ProtocolError) as e:
+        raise SourceUnavailable(f"{s.name}: handshake failed: {e}") from None
+    if isinstance(ev, protocol.Error):
+        cls = AuthenticationFailed if ev.code == "auth-failed" else SourceUnavailable
+        raise cls(f"{s.name}: source refused the session: {ev.code}: {ev.message}")
+    if not isinstance(ev, protocol.Welcome):
+        raise SourceUnavailable(f"{s.name}: expected Welcome, got {type(ev).__name__}")
+    if token is not None and hello.session is None and ev.session != token.session(transcript):
+        raise AuthenticationFailed(f"{s.name}: the Welcome is not bound to this handshake")
+    if hello.page_size and ev.page_size != hello.page_size:
+        raise SourceUnavailable(
+            f"{s.name}: source serves {ev.page_size}-byte pages; this guest needs {hello.page_size}"
+        )
+    return ev
+
+
+def _agrees(s: FrameStream, bulk: protocol.Welcome, urgent: protocol.Welcome) -> None:
+    """BULK's Welcome must describe the same memory as URGENT's (each Connection knows only
+    its own channel)."""
+    if (bulk.page_size, bulk.memory_size) != (urgent.page_size, urgent.memory_size):
+        raise SourceUnavailable(
+            f"{s.name}: the BULK Welcome ({bulk.memory_size} bytes in {bulk.page_size}-byte "
+            f"pages) disagrees with URGENT's ({urgent.memory_size} in {urgent.page_size})"
+        )
 
 
 async def _send_have(s: FrameStream, welcome: protocol.Welcome, have: HaveFn) -> None:
@@ -196,9 +203,9 @@ async def _send_have(s: FrameStream, welcome: protocol.Welcome, have: HaveFn) ->
         raise SourceUnavailable(f"{s.name}: resuming failed: {e}") from None
 
 
-async def probe(address: str) -> SourceInfo:
+async def probe(address: str, token: Token | None = None) -> SourceInfo:
     """Handshake once (no push) to check a source is there."""
-    link = await SourceLink.connect(address, want_poison_list=False, bulk=False)
+    link = await SourceLink.connect(address, want_poison_list=False, bulk=False, token=token)
     try:
         return link.info
     finally:

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_HANDOFF_BYTES = 1 << 20
+# No process's address space reaches past 2^57 (x86-64 5-level paging, arm64 52-bit VA); the
+# guest memory space is addressed by u64 offsets on the wire.
+ADDRESS_LIMIT = 1 << 57
+OFFSET_LIMIT = 1 << 64
 _PAGE_SIZES = (4096, 2 << 20, 1 << 30)
 
 
@@ -51,6 +55,16 @@ class Region:
             )
         if self.size <= 0:
             raise RegionError(f"region at {self.base:#x}: size {self.size} must be positive")
+        if self.end > ADDRESS_LIMIT:
+            raise RegionError(
+                f"region at {self.base:#x}+{self.size:#x} ends past any process's address space "
+                f"({ADDRESS_LIMIT:#x})"
+            )
+        if self.offset_end > OFFSET_LIMIT:
+            raise RegionError(
+                f"region at {self.base:#x}: offset {self.offset:#x}+{self.size:#x} is past the "
+                "64-bit guest memory space"
+            )
         for name, value in (
             ("base_host_virt_addr", self.base),
             ("size", self.size),

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from uffdpoison import protocol
+from uffdpoison.auth import Token
 from uffdpoison.control import notes, run_loop
 from uffdpoison.destination.link import SourceLink, SourceUnavailable
 from uffdpoison.destination.regions import RegionMap
@@ -90,6 +91,7 @@ class Session:
         request_timeout: float = REQUEST_TIMEOUT,
         resume_deadline: float = RESUME_DEADLINE,
         resumed: bool = False,
+        token: Token | None = None,
     ) -> None:
         """``ledgers``: the regions' (made here if None); ``resumed``: they were kept by an
         earlier owner of this userfaultfd, whose unserved faults are woken to fault anew."""
@@ -106,6 +108,7 @@ class Session:
         self.page_size = regions.page_size
         self.resume_deadline = resume_deadline
         self.resumed = resumed
+        self.token = token  # a reconnection authenticates too
         self._status = status or (lambda _d: None)
         self.ledgers = list(ledgers) if ledgers is not None else _ledgers(uffd, regions, hugetlb)
         self._dest_regions = _dest_regions(regions, self.ledgers)
@@ -150,6 +153,7 @@ class Session:
         state_fds: Sequence[int] | None = None,
         resumed: bool = False,
         poisoned: Sequence[int] = (),
+        token: Token | None = None,
         **kw: Any,
     ) -> Session:
         """Handshake with ``source`` (``HOST:PORT``) and set the session up; the link is
@@ -164,10 +168,11 @@ class Session:
                 ledgers[i].mark(first, 1, PageState.POISONED, only_from=_UNPLACED)
             held = partial(have, _dest_regions(regions, ledgers), regions.page_size)
             link = await SourceLink.connect(
-                source, page_size=regions.page_size, bulk=bulk, have=held if resumed else None
-            )
+                source, page_size=regions.page_size, bulk=bulk, have=held if resumed else None,
+                token=token,
+            )  # fmt: skip
             try:
-                return cls(uffd, regions, link, ledgers=ledgers, resumed=resumed, **kw)
+                return cls(uffd, regions, link, ledgers=ledgers, resumed=resumed, token=token, **kw)
             except BaseException:
                 link.close()
                 raise
@@ -296,7 +301,7 @@ class Session:
                 try:
                     link = await SourceLink.connect(
                         self.source, page_size=self.page_size, bulk=self._bulk,
-                        have=held,
+                        have=held, token=self.token,
                     )  # fmt: skip
                 except SourceUnavailable as e:
                     if attempt == 1 or attempt % 20 == 0:
@@ -418,9 +423,10 @@ class Session:
         seen, at = self._logged.get("refused", (0, -2.0))
         if st["refused"] > seen and now - at >= 1.0:
             log.error(
-                "%s: refused to place data over %d poisoned page(s) (last at guest offset %#x): "
-                "poison is never overwritten",
+                "%s: protocol violation: source %s sent data for %d page(s) poisoned here (last "
+                "at guest offset %#x): refused, poison is never overwritten",
                 self.name,
+                self.link.address,
                 st["refused"] - seen,
                 st["last_refused"],
             )

@@ -14,6 +14,7 @@ from uffdpoison.protocol.events import (
     CLOSED as CLOSED,
     ERROR_CODES as ERROR_CODES,
     NEED_DATA as NEED_DATA,
+    Challenge as Challenge,
     Channel as Channel,
     Done as Done,
     Error as Error,
@@ -22,6 +23,7 @@ from uffdpoison.protocol.events import (
     Hello as Hello,
     PageKind as PageKind,
     Pages as Pages,
+    Proof as Proof,
     ProtocolError as ProtocolError,
     Request as Request,
     Side as Side,
@@ -29,6 +31,8 @@ from uffdpoison.protocol.events import (
     Welcome as Welcome,
 )
 from uffdpoison.protocol.layout import (
+    AUTH_MAC as AUTH_MAC,
+    AUTH_NONCE as AUTH_NONCE,
     BASE_PAGE_SIZE as BASE_PAGE_SIZE,
     MAGIC as MAGIC,
     MAX_AUTH as MAX_AUTH,

@@ -55,6 +55,13 @@ _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
         ("m", "message", "str", 0, layout.MAX_MESSAGE),
     )),
     events.Done: (layout.T_DONE, ()),
+    events.Challenge: (layout.T_CHALLENGE, (
+        ("n", "nonce", "bytes", layout.AUTH_NONCE, layout.AUTH_NONCE),
+        ("m", "mac", "bytes", layout.AUTH_MAC, layout.AUTH_MAC),
+    )),
+    events.Proof: (layout.T_PROOF, (
+        ("m", "mac", "bytes", layout.AUTH_MAC, layout.AUTH_MAC),
+    )),
     events.Have: (layout.T_HAVE, (
         ("p", "poisoned", "bool", 0, 0),
         ("o", "offset", "u64", 0, 0),

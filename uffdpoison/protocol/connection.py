@@ -21,6 +21,7 @@ from uffdpoison.protocol.events import (
     CLOSED,
     DATA_EVENTS,
     NEED_DATA,
+    Challenge,
     Channel,
     Done,
     Error,
@@ -29,6 +30,7 @@ from uffdpoison.protocol.events import (
     Hello,
     PageKind,
     Pages,
+    Proof,
     ProtocolError,
     Request,
     Side,
@@ -99,6 +101,8 @@ class Connection:
         self.huge_page_size = 0
         self.session: bytes | None = None
         self.hello: Hello | None = None
+        self.challenge: Challenge | None = None  # authenticated handshakes only
+        self.proof: Proof | None = None
         self.welcome: Welcome | None = None
         self._out: dict[int, _Out] = {}
         self.delegated = False
@@ -209,6 +213,9 @@ class Connection:
         if isinstance(ev, Welcome):
             self._check_welcome(ev, payload, sender)
             return
+        if isinstance(ev, Challenge | Proof):
+            self._check_auth(ev, sender)
+            return
         if self.welcome is None:
             if isinstance(ev, Error) and ev.id is None and self.hello is not None:
                 return  # the source refuses the Hello, or the destination gives up
@@ -249,7 +256,30 @@ class Connection:
             raise ProtocolError("Hello on the BULK channel must carry a session token")
         if ev.resume and ev.channel is not Channel.BULK:
             raise ProtocolError("Hello with resume on the URGENT channel (it is BULK's)")
+        if ev.auth is not None and len(ev.auth) != layout.AUTH_NONCE:
+            raise ProtocolError(
+                f"Hello auth nonce is {len(ev.auth)} bytes, expected {layout.AUTH_NONCE}"
+            )
         _page_size("Hello", "page_size", ev.page_size, allow_zero=True)
+
+    def _check_auth(self, ev: Challenge | Proof, sender: Side) -> None:
+        """Hello(auth) → Challenge (source) → Proof (destination) → Welcome."""
+        name, want = (
+            type(ev).__name__,
+            Side.SOURCE if isinstance(ev, Challenge) else Side.DESTINATION,
+        )
+        if sender is not want:
+            raise ProtocolError(
+                f"{name} sent by the {sender.value} (only the {want.value} sends it)"
+            )
+        if self.hello is None or self.hello.auth is None:
+            raise ProtocolError(f"{name} without a Hello asking to authenticate")
+        if self.welcome is not None or self.proof is not None:
+            raise ProtocolError(f"{name} after the handshake was authenticated")
+        if isinstance(ev, Challenge) and self.challenge is not None:
+            raise ProtocolError("duplicate Challenge")
+        if isinstance(ev, Proof) and self.challenge is None:
+            raise ProtocolError("Proof before the source's Challenge")
 
     def _check_welcome(self, ev: Welcome, payload: memoryview | None, sender: Side) -> None:
         if sender is not Side.SOURCE:
@@ -258,6 +288,11 @@ class Connection:
             raise ProtocolError("Welcome before the Hello")
         if self.welcome is not None:
             raise ProtocolError("duplicate Welcome")
+        if self.hello.auth is not None and self.proof is None:
+            raise ProtocolError(
+                "Welcome to a Hello that asked to authenticate, before the Proof (an "
+                "unauthenticated source)"
+            )
         _check_version("Welcome", ev.version)
         _page_size("Welcome", "page_size", ev.page_size, allow_zero=False)
         if self.hello.page_size and ev.page_size != self.hello.page_size:
@@ -385,6 +420,10 @@ class Connection:
             self._out[ev.id] = _Out(ev.offset, end, ev.digests is not None)
         elif isinstance(ev, Have):
             self.have_final = ev.final
+        elif isinstance(ev, Challenge):
+            self.challenge = ev
+        elif isinstance(ev, Proof):
+            self.proof = ev
         elif isinstance(ev, Hello):
             self.hello = ev
             self.channel = ev.channel

@@ -77,7 +77,7 @@ class Hello:
     session: bytes | None
     page_size: int = 0
     want_poison_list: bool = True
-    auth: bytes | None = None
+    auth: bytes | None = None  # the destination's nonce: it authenticates (Challenge, Proof)
     resume: bool = False  # BULK: Have frames follow the Welcome; the push waits for the last
 
 
@@ -134,5 +134,21 @@ class Have:
     final: bool
 
 
-Event = Hello | Welcome | Request | Pages | Error | Done | Have
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """The source's answer to a Hello with a nonce: its own nonce, and its proof that it holds
+    the shared secret (HMAC over the handshake; ``uffdpoison.auth``)."""
+
+    nonce: bytes
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """The destination's proof that it holds the shared secret, over the same handshake."""
+
+    mac: bytes
+
+
+Event = Hello | Welcome | Request | Pages | Error | Done | Have | Challenge | Proof
 DATA_EVENTS = (Request, Pages)  # the fixed-layout frames: the data planes' business

@@ -22,12 +22,15 @@ BASE_PAGE_SIZE = 4096
 MAX_PAGES = MAX_PAYLOAD // BASE_PAGE_SIZE  # `count` of one Request or Pages frame
 MAX_SESSION = 64  # session token bytes
 MAX_AUTH = 1024  # Hello `a` bytes
+AUTH_NONCE = 32  # the nonce each side contributes to an authenticated handshake
+AUTH_MAC = 32  # HMAC-SHA256
 MAX_CODE = 64  # Error `c` chars
 MAX_MESSAGE = 1024  # Error `m` chars
 PUSH_ID = 0  # Pages with this id are the source's unsolicited push (BULK); requests use 1..
 
 # Frame types (`t`), page kinds (`k`), channels (Hello `c`).
 T_HELLO, T_WELCOME, T_REQUEST, T_PAGES, T_ERROR, T_DONE, T_HAVE = 1, 2, 3, 4, 5, 6, 7
+T_CHALLENGE, T_PROOF = 8, 9
 KIND_DATA, KIND_ZERO, KIND_POISONED, KIND_CLEAN = 1, 2, 3, 4
 CHANNEL_URGENT, CHANNEL_BULK = 1, 2
 

@@ -14,7 +14,9 @@ import sys
 
 import trio
 
+from uffdpoison.auth import token_arg
 from uffdpoison.console import emit
+from uffdpoison.exgroups import caught
 from uffdpoison.source.backends import (
     Backend,
     ImageBackend,
@@ -107,10 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "CAP_SYS_NICE; without it the push runs at normal priority",
     )
     parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow a non-loopback --listen address (there is no authentication yet: anyone "
-        "who can connect can read the served memory)",
+        "--token-file",
+        dest="token",
+        type=token_arg,
+        metavar="PATH",
+        help="a shared secret (16+ bytes): serve only destinations that prove they hold it "
+        "(HMAC challenge-response, docs/SECURITY.md); required to listen beyond loopback",
     )
 
 
@@ -156,10 +160,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"uffdpoison source: --listen: {e}", file=sys.stderr)
         return 2
-    if not _is_loopback(host) and not args.insecure:
+    if not _is_loopback(host) and args.token is None:
         print(
             f"uffdpoison source: refusing to listen on non-loopback address {host!r} without "
-            "--insecure (no authentication yet: anyone who connects can read the served memory)",
+            "--token-file (anyone who could connect could read the served memory)",
             file=sys.stderr,
         )
         return 2
@@ -174,11 +178,15 @@ def main(args: argparse.Namespace) -> int:
             max_bandwidth=args.max_bandwidth,
             status=emit,
             push_nice=PUSH_NICE if args.push_nice is None else args.push_nice,
+            token=args.token,
         )
         try:
             trio.run(_run, server, args.listen)
-        except OSError as e:
-            print(f"uffdpoison source: cannot listen on {args.listen}: {e}", file=sys.stderr)
+        except (OSError, BaseExceptionGroup) as exc:
+            err = caught(exc, OSError)
+            if err is None:
+                raise
+            print(f"uffdpoison source: cannot listen on {args.listen}: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             pass

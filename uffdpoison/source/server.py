@@ -21,7 +21,8 @@ from typing import Any
 
 import trio
 
-from uffdpoison import protocol
+from uffdpoison import auth, protocol
+from uffdpoison.auth import Token
 from uffdpoison.kernel.planes import Pacer
 from uffdpoison.protocol import Channel, Hello, Side
 from uffdpoison.source.backends import Backend, SourceError
@@ -85,15 +86,18 @@ class SourceServer:
         status: StatusCallback | None = None,
         push_nice: int = PUSH_NICE,
         partial_timeout: float = PARTIAL_FRAME_TIMEOUT,
+        token: Token | None = None,
     ) -> None:
         """``push_nice``: how much lower (nice) the push runs than the demand replies; 0 = the
-        same. ``max_bandwidth``: bytes/s for every session's push together."""
+        same. ``max_bandwidth``: bytes/s for every session's push together. ``token``: serve
+        only destinations that prove they hold it (``uffdpoison.auth``)."""
         if max_bandwidth is not None and max_bandwidth <= 0:
             raise ValueError(f"max_bandwidth must be positive, got {max_bandwidth}")
         self.backend = backend
         self.max_bandwidth = max_bandwidth
         self.push_nice = max(0, min(push_nice, 39))
         self.partial_timeout = partial_timeout
+        self.token = token
         self._status = status
         self.sessions: dict[bytes, SourceSession] = {}
         self.gone: str | None = None  # set once the served process is gone
@@ -153,7 +157,9 @@ class SourceServer:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 hello = await stream.receive()
                 if isinstance(hello, Hello):
-                    handed = await self._start(nursery, stream, hello)
+                    bound = await self._authenticate(stream, hello)
+                    if bound is not None:
+                        handed = await self._start(nursery, stream, hello, bound)
         except protocol.ProtocolError as e:
             log.warning("%s: protocol error before the handshake: %s", peer, e)
             await _refuse(stream, "bad-request", str(e))
@@ -165,8 +171,35 @@ class SourceServer:
             if not handed:
                 stream.close()
 
-    async def _start(self, nursery: trio.Nursery, stream: FrameStream, hello: Hello) -> bool:
-        """Answer a Hello; True once the stream belongs to a session."""
+    async def _authenticate(self, stream: FrameStream, hello: Hello) -> bytes | None:
+        """The handshake's transcript once both sides proved they hold the token (b"" with no
+        token on either side); None if the destination was refused."""
+        if self.token is None and hello.auth is None:
+            return b""
+        if self.token is None:
+            await _refuse(stream, "auth-failed", "this source has no token to authenticate with")
+            return None
+        if hello.auth is None:
+            log.warning("%s: refused: did not authenticate", stream.name)
+            await _refuse(stream, "auth-failed", "this source serves authenticated peers only")
+            return None
+        nonce = auth.nonce()
+        transcript = auth.transcript(hello, nonce)
+        await stream.send(protocol.Challenge(nonce, self.token.mac("source", transcript)))
+        proof = await stream.receive()
+        if isinstance(proof, protocol.Proof) and self.token.verify(
+            "destination", transcript, proof.mac
+        ):
+            return transcript
+        log.warning("%s: refused: authentication failed", stream.name)
+        await _refuse(stream, "auth-failed", "authentication failed")
+        return None
+
+    async def _start(
+        self, nursery: trio.Nursery, stream: FrameStream, hello: Hello, transcript: bytes
+    ) -> bool:
+        """Answer a Hello; True once the stream belongs to a session. ``transcript``: of the
+        authenticated handshake (b"" without one), to which the session token is bound."""
         if self.gone is not None:
             await _refuse(stream, "read-failed", self.gone)
             return False
@@ -176,7 +209,7 @@ class SourceServer:
             except SourceError as e:
                 await _refuse(stream, "bad-page-size", str(e))
                 return False
-            token = secrets.token_bytes(16)
+            token = self.token.session(transcript) if self.token else secrets.token_bytes(16)
             session = self._session(token, unit, stream.name)
             self.sessions[token] = session  # before the Welcome: BULK may follow at once
             try:
@@ -311,9 +344,12 @@ async def serve(
     max_bandwidth: float | None = None,
     status: StatusCallback | None = None,
     push_nice: int = PUSH_NICE,
+    token: Token | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``backend`` on ``listen`` ('HOST:PORT', '[IPv6]:PORT'; port 0 = a free port)
     until cancelled. Calls task_status.started((host, port)) once bound."""
-    server = SourceServer(backend, max_bandwidth=max_bandwidth, status=status, push_nice=push_nice)
+    server = SourceServer(
+        backend, max_bandwidth=max_bandwidth, status=status, push_nice=push_nice, token=token
+    )
     await server.serve(listen, task_status=task_status)
