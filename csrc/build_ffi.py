@@ -13,7 +13,10 @@ array length that names a constant). ``wire.h`` is generated from
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +32,7 @@ COMPONENTS = [
     "memory",  # anonymous, shmem and hugetlb mappings
     "ledger",  # page states and every placement: the never-un-poison invariant
     "frame",  # frames on the wire: fixed layouts (wire.h) and the one C check
+    "tls",  # TLS through OpenSSL's libssl (built without it when its headers are missing)
     "chan",  # one channel's socket and buffers; the control plane's instructions
     "notes",  # what a data plane tells its control plane
     "guest",  # the source's guest memory reader
@@ -51,11 +55,32 @@ def cdef_of(header: Path) -> str:
     return _NAMED_LENGTH.sub("[...]", _NOT_LITERAL.sub(r"\1 ...", text))
 
 
+def openssl() -> list[str]:
+    """The libraries to link when OpenSSL's headers and libraries are here (pkg-config, else
+    the usual include directory), else []: TLS is then left out of the build, and asking for it
+    says so. UFFDPOISON_TLS=0 leaves it out regardless."""
+    if os.environ.get("UFFDPOISON_TLS") == "0":
+        return []
+    if shutil.which("pkg-config"):
+        pc = subprocess.run(["pkg-config", "--libs", "openssl"], capture_output=True, text=True)
+        if pc.returncode == 0:
+            return [flag[2:] for flag in pc.stdout.split() if flag.startswith("-l")]
+    if any(Path(d, "openssl", "ssl.h").exists() for d in ("/usr/include", "/usr/local/include")):
+        return ["ssl", "crypto"]
+    return []
+
+
 def extension(
-    module: str, folder: Path, components: Sequence[str], *, extra: Sequence[Path] = ()
+    module: str,
+    folder: Path,
+    components: Sequence[str],
+    *,
+    extra: Sequence[Path] = (),
+    libraries: Sequence[str] = (),
 ) -> FFI:
     """An FFI for ``module`` from ``components`` of ``folder`` (plus C-only sources
-    ``extra``); headers are searched in ``folder`` and in csrc/."""
+    ``extra``); headers are searched in ``folder`` and in csrc/. With ``libraries`` (OpenSSL's)
+    UP_HAVE_TLS is defined."""
     ffi = FFI()
     ffi.cdef(_PRELUDE + "\n".join(cdef_of(folder / f"{n}.h") for n in components))
     sources = [folder / f"{n}.c" for n in components] + list(extra)
@@ -64,8 +89,9 @@ def extension(
         "\n".join(f'#include "{n}.h"' for n in components),
         sources=[str(p.relative_to(ROOT)) for p in sources],
         include_dirs=sorted({str(folder), str(HERE)}),
-        extra_compile_args=[*COMPILE_ARGS, "-pthread"],
+        extra_compile_args=[*COMPILE_ARGS, "-pthread", *(["-DUP_HAVE_TLS"] if libraries else [])],
         extra_link_args=["-pthread"],
+        libraries=list(libraries),
     )
     return ffi
 
@@ -79,7 +105,7 @@ def _generate_wire_h() -> None:
 
 
 _generate_wire_h()
-ffibuilder = extension("uffdpoison._native", HERE, COMPONENTS)
+ffibuilder = extension("uffdpoison._native", HERE, COMPONENTS, libraries=openssl())
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -41,6 +41,39 @@ void up_chan_free(up_chan *c)
 	c->rx = c->tx = NULL;
 }
 
+/* The socket's I/O, through TLS when there is TLS: recv/send/sendmsg's return conventions. */
+static ssize_t chan_read(up_chan *c, void *buf, size_t n)
+{
+	if (!c->tls)
+		return recv(c->fd, buf, n, MSG_DONTWAIT);
+	long r = up_tls_read(c->tls, buf, n);
+	if (r < 0)
+		errno = (int)-r;
+	return r < 0 ? -1 : r;
+}
+
+static ssize_t chan_writev(up_chan *c, const struct iovec *iov, int cnt)
+{
+	if (!c->tls) {
+		struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)cnt};
+		return sendmsg(c->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+	}
+	ssize_t total = 0; /* TLS has no sendmsg: each buffer in turn, as far as it goes */
+	for (int k = 0; k < cnt; k++) {
+		long w = up_tls_write(c->tls, iov[k].iov_base, iov[k].iov_len);
+		if (w < 0) {
+			if (total)
+				return total;
+			errno = (int)-w;
+			return -1;
+		}
+		total += w;
+		if ((size_t)w < iov[k].iov_len)
+			break;
+	}
+	return total;
+}
+
 /* Bytes the frame at rpos still needs (0 if its prefix is not in yet: the prefix). */
 static size_t frame_end(const up_chan *c)
 {
@@ -72,7 +105,7 @@ int up_chan_recv(up_chan *c, size_t piece, int exact)
 		room = piece;
 	if (room == 0)
 		return 0; /* the buffer holds a whole frame already */
-	ssize_t got = recv(c->fd, c->rx + c->rlen, room, MSG_DONTWAIT);
+	ssize_t got = chan_read(c, c->rx + c->rlen, room);
 	if (got > 0) {
 		c->rlen += (size_t)got;
 		c->bytes_in += (uint64_t)got;
@@ -210,8 +243,9 @@ void up_chan_close(up_chan *c)
 	up_wake(c->wake_fd);
 }
 
-void up_chan_attach(up_chan *c, int fd)
+void up_chan_attach(up_chan *c, int fd, up_tls *tls)
 {
+	c->next_tls = tls; /* published by the store below */
 	__atomic_store_n(&c->next_fd, fd, __ATOMIC_RELEASE);
 	up_wake(c->wake_fd);
 }
@@ -219,6 +253,7 @@ void up_chan_attach(up_chan *c, int fd)
 void up_chan_detach(up_chan *c)
 {
 	c->fd = -1;
+	c->tls = NULL;
 	c->rlen = c->rpos = 0;
 	c->held = UP_HELD_NONE;
 	__atomic_store_n(&c->release, 0, __ATOMIC_RELEASE);
@@ -235,8 +270,15 @@ int up_chan_take_next(up_chan *c)
 		return 0;
 	__atomic_store_n(&c->closing, 0, __ATOMIC_RELEASE); /* a close meant the socket before */
 	c->fd = __atomic_exchange_n(&c->next_fd, -1, __ATOMIC_ACQ_REL);
+	c->tls = c->next_tls;
 	return 1;
 }
+
+int up_chan_pending(const up_chan *c)
+{
+	return c->tls && c->fd >= 0 && up_tls_pending(c->tls) > 0;
+}
+
 
 int up_chan_queued(up_chan *c)
 {
@@ -255,7 +297,8 @@ int up_chan_flush(up_chan *c)
 		return 0;
 	pthread_mutex_lock(&c->lock);
 	while (c->tpos < c->tlen) {
-		ssize_t w = send(c->fd, c->tx + c->tpos, c->tlen - c->tpos, MSG_DONTWAIT | MSG_NOSIGNAL);
+		struct iovec one = {c->tx + c->tpos, c->tlen - c->tpos};
+		ssize_t w = chan_writev(c, &one, 1);
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
@@ -331,9 +374,7 @@ static int sendv(up_chan *c, struct iovec *iov, int cnt, int wake_fd, const int 
 			return r;
 	}
 	while (cnt) {
-		struct msghdr mh = {.msg_iov = iov,
-				    .msg_iovlen = (size_t)(cnt < (int)UP_WIRE_IOV_MAX ? cnt : (int)UP_WIRE_IOV_MAX)};
-		ssize_t w = sendmsg(c->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+		ssize_t w = chan_writev(c, iov, cnt < (int)UP_WIRE_IOV_MAX ? cnt : (int)UP_WIRE_IOV_MAX);
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;

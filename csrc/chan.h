@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 #include "frame.h"
+#include "tls.h"
 
 #define UP_HELD_NONE 0
 #define UP_HELD_FRAME 1   /* the frame at rx + rpos awaits the control plane's verdict */
@@ -19,6 +20,8 @@
 typedef struct up_chan {
 	int fd;       /* -1: not attached */
 	int next_fd;  /* atomic: a socket to take when detached (up_chan_attach), or -1 */
+	up_tls *tls;  /* TLS on the socket (the control plane's object, borrowed), or NULL */
+	up_tls *next_tls;
 	int channel;  /* UP_WIRE_CHANNEL_URGENT or _BULK */
 	int wake_fd;  /* eventfd that wakes the loop owning the channel */
 	/* receive side: the loop's own */
@@ -56,6 +59,8 @@ int up_chan_queue(up_chan *c, const void *p, size_t n);
 void up_chan_detach(up_chan *c);
 /* Loop only: take the socket up_chan_attach left, if any (0: none). */
 int up_chan_take_next(up_chan *c);
+/* Bytes TLS already decrypted and nobody read: readable though poll says the socket is not. */
+int up_chan_pending(const up_chan *c);
 
 /* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
 /* The control plane's instructions for a channel, from any thread; each wakes its loop. */
@@ -67,9 +72,9 @@ void up_chan_release(up_chan *c);
 /* Send what is queued, then let go of the channel (the peer sees EOF, the control plane a
  * DETACHED note). */
 void up_chan_close(up_chan *c);
-/* A new socket (handshaken, at a frame boundary) for a channel that is detached or being
- * closed: the loop takes it once the old one is let go. */
-void up_chan_attach(up_chan *c, int fd);
+/* A new socket (handshaken, at a frame boundary; `tls` on it, or NULL) for a channel that is
+ * detached or being closed: the loop takes it once the old one is let go. */
+void up_chan_attach(up_chan *c, int fd, up_tls *tls);
 /* The held frame's bytes (prefix, header, payload), or 0 bytes if none. */
 size_t up_chan_held(up_chan *c, const uint8_t **out);
 /* --- end cffi --- */

@@ -180,11 +180,11 @@ up_notes *up_dest_notes(up_dest *d)
 	return &d->notes;
 }
 
-int up_dest_attach(up_dest *d, int channel, int fd)
+int up_dest_attach(up_dest *d, int channel, int fd, up_tls *tls)
 {
 	if ((channel != URGENT && channel != BULK) || fd < 0)
 		return -EINVAL;
-	up_chan_attach(&d->ch[channel], fd);
+	up_chan_attach(&d->ch[channel], fd, tls);
 	return 0;
 }
 
@@ -883,7 +883,8 @@ int up_dest_run(up_dest *d)
 		watch(d, BULK, (uint32_t)be);
 		const int bulk_busy = d->ch[BULK].fd >= 0 && (d->bk_active || d->bulk_more) &&
 				      d->ch[BULK].held == UP_HELD_NONE;
-		const int busy = bulk_busy || d->evhead < d->evlen;
+		const int tls_held = up_chan_pending(&d->ch[URGENT]) || up_chan_pending(&d->ch[BULK]);
+		const int busy = bulk_busy || d->evhead < d->evlen || tls_held;
 		const int stall_ms = check_stall(d);
 		struct epoll_event evs[4];
 		uint32_t ready[4] = {0, 0, 0, 0}; /* by data: uffd, wake, URGENT, BULK */
@@ -909,7 +910,7 @@ int up_dest_run(up_dest *d)
 		}
 		if (d->evhead < d->evlen && serve_queue(d))
 			continue; /* a failure was noted; faults on placed pages are still served */
-		if (ready[2] & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+		if ((ready[2] & (EPOLLIN | EPOLLHUP | EPOLLERR)) || up_chan_pending(&d->ch[URGENT])) {
 			up_chan *c = &d->ch[URGENT];
 			if (up_chan_recv(c, c->rcap, 0) < 0) {
 				c->held = UP_HELD_STOPPED;
@@ -919,7 +920,7 @@ int up_dest_run(up_dest *d)
 		}
 		if (take_replies(d)) /* also what waited behind a control frame just judged */
 			continue;
-		if (ready[3])
+		if (ready[3] || up_chan_pending(&d->ch[BULK]))
 			d->bulk_more = 1;
 		if (d->ch[BULK].fd >= 0 && d->ch[BULK].held == UP_HELD_NONE &&
 		    (d->bk_active || d->bulk_more))

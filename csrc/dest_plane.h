@@ -68,7 +68,7 @@ up_notes *up_dest_notes(up_dest *d);
 /* A channel's socket (handshaken, at a frame boundary, non-blocking): before run(), or while
  * it runs once the channel's old socket was let go (up_chan_close, then a DETACHED note). On
  * URGENT every unanswered request is sent again. */
-int up_dest_attach(up_dest *d, int channel, int fd);
+int up_dest_attach(up_dest *d, int channel, int fd, up_tls *tls);
 /* Serve until up_dest_stop(); a note says what went wrong, if anything did. Blocks: call it
  * in a thread of its own (cffi releases the GIL). 0, or -errno if it could not start. */
 int up_dest_run(up_dest *d);

@@ -210,11 +210,12 @@ up_notes *up_src_notes(up_src *s)
 	return &s->notes;
 }
 
-int up_src_attach(up_src *s, int channel, int fd)
+int up_src_attach(up_src *s, int channel, int fd, up_tls *tls)
 {
 	if (channel != URGENT && channel != BULK)
 		return -EINVAL;
 	s->ch[channel].c.fd = fd;
+	s->ch[channel].c.tls = tls;
 	return 0;
 }
 
@@ -479,7 +480,8 @@ int up_src_run(up_src *s, int channel, int nice, int base_nice)
 		}
 		if ((rc = take_frames(s, L)))
 			break;
-		const int work = !done && c->held == UP_HELD_NONE;
+		const int held_by_tls = c->held == UP_HELD_NONE && up_chan_pending(c);
+		const int work = (!done && c->held == UP_HELD_NONE) || held_by_tls;
 		struct pollfd p[2] = {
 			{.fd = c->fd, .events = (short)((c->held == UP_HELD_NONE ? POLLIN : 0) |
 							(q ? POLLOUT : 0))},
@@ -491,14 +493,14 @@ int up_src_run(up_src *s, int channel, int nice, int base_nice)
 		}
 		if (p[1].revents)
 			up_drain(L->wake_fd);
-		if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+		if ((p[0].revents & (POLLIN | POLLHUP | POLLERR)) || held_by_tls) {
 			int r = up_chan_recv(c, c->rcap, 0);
 			if (r < 0) {
 				note(s, L, errno ? UP_NOTE_SOCK_ERROR : UP_NOTE_EOF, errno, 0, 0, "receive");
 				break;
 			}
 		}
-		if (work && (rc = push_once(s, L, &cursor, &done)))
+		if (!done && c->held == UP_HELD_NONE && (rc = push_once(s, L, &cursor, &done)))
 			break;
 	}
 	if (rc < 0)

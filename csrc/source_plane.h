@@ -46,7 +46,7 @@ up_src *up_src_new(const up_guest *g, up_pacer *pacer, uint64_t unit, int partia
 void up_src_free(up_src *s);
 up_notes *up_src_notes(up_src *s);
 /* The channel's socket (handshaken, non-blocking), before its loop runs. */
-int up_src_attach(up_src *s, int channel, int fd);
+int up_src_attach(up_src *s, int channel, int fd, up_tls *tls);
 /* Serve `channel` until stopped, closed or the peer is gone (a note says which). Blocks: run it
  * in a thread of its own. `nice`: BULK lowers its thread to it and restores `base_nice` before
  * returning; URGENT sets `base_nice` (a pooled thread may have been lowered). INT32_MIN: leave. */

@@ -14,6 +14,7 @@ import socket
 import trio
 
 from uffdpoison import protocol
+from uffdpoison.kernel.tls import WANT_READ, WANT_WRITE, Tls, TlsContext
 from uffdpoison.protocol import layout
 
 
@@ -101,29 +102,62 @@ async def open_tcp(host: str, port: int) -> socket.socket:
 
 
 class FrameStream:
-    """One socket and the protocol ``Connection`` over it; owns the socket until closed."""
+    """One socket (and, after ``start_tls``, its TLS) and the protocol ``Connection`` over it;
+    owns both until closed: a data plane given them borrows them."""
 
     def __init__(self, sock: socket.socket, conn: protocol.Connection, *, name: str) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.conn = conn
         self.name = name
+        self.tls: Tls | None = None
         self._closed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    async def start_tls(self, ctx: TlsContext, host: str = "") -> None:
+        """The TLS handshake, first thing on the connection; from then on every byte is TLS.
+        A client checks the server's certificate for ``host``. Raises ``TlsError``."""
+        self.tls = Tls(ctx, self.sock.fileno(), host)
+        while step := self.tls.handshake():
+            await self._wait(step)
+
+    async def _wait(self, want: int) -> None:
+        if want == WANT_WRITE:
+            await trio.lowlevel.wait_writable(self.sock)
+        else:
+            await trio.lowlevel.wait_readable(self.sock)
+
+    def _write(self, views: list[memoryview]) -> int | None:
+        """Bytes written from ``views`` (at least one), or None if the socket is full."""
+        if self.tls is None:
+            try:
+                return self.sock.sendmsg(views[: layout.IOV_MAX])
+            except BlockingIOError:
+                return None
+        return self.tls.write(views[0])
+
+    def _read(self, n: int) -> bytes | None:
+        """Up to n bytes, b"" at EOF, None if there are none now."""
+        if self.tls is None:
+            try:
+                return self.sock.recv(n)
+            except BlockingIOError:
+                return None
+        return self.tls.read(n)
 
     async def send(self, event: protocol.Event) -> None:
         """Encode ``event`` and write it whole."""
         views = [memoryview(b).cast("B") for b in self.conn.send(event)]
         while views:
             try:
-                n = self.sock.sendmsg(views[: layout.IOV_MAX])
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
-                continue
+                n = self._write(views)
             except OSError as e:
                 raise ConnectionLost(f"{self.name}: send failed: {e}") from e
+            if n is None:
+                await self._wait(self.tls.want if self.tls else WANT_WRITE)
+                continue
             while n:
                 if n >= views[0].nbytes:
                     n -= views.pop(0).nbytes
@@ -142,16 +176,18 @@ class FrameStream:
             if ev is not protocol.NEED_DATA:
                 return ev  # type: ignore[return-value]
             try:
-                data = self.sock.recv(conn.bytes_wanted)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
-                continue
+                data = self._read(conn.bytes_wanted)
             except OSError as e:
                 raise ConnectionLost(f"{self.name}: receive failed: {e}") from e
+            if data is None:
+                await self._wait(self.tls.want if self.tls else WANT_READ)
+                continue
             conn.receive_data(data)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.sock)  # wake any task parked on this fd
+            if self.tls is not None:
+                self.tls.close()
             self.sock.close()

@@ -16,6 +16,7 @@ import sys
 
 import trio
 
+from uffdpoison import tls_options
 from uffdpoison.auth import token_arg
 from uffdpoison.console import emit
 from uffdpoison.destination.daemon import MAX_HANDOFFS, MAX_SESSIONS, HandoffDaemon
@@ -23,6 +24,7 @@ from uffdpoison.destination.handoff import HANDOFF_TIMEOUT
 from uffdpoison.destination.session import REQUEST_TIMEOUT, RESUME_DEADLINE
 from uffdpoison.destination.state import STATE_DIR
 from uffdpoison.exgroups import caught
+from uffdpoison.kernel.tls import TlsContext
 from uffdpoison.transport import parse_address
 from uffdpoison.units import count_arg
 
@@ -139,6 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the source's shared secret: each side proves it holds it before anything of a "
         "guest crosses (docs/SECURITY.md)",
     )
+    tls_options.add_arguments(p, server=False)
     p.add_argument(
         "--handoff-timeout",
         type=_seconds,
@@ -168,7 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-async def _amain(args: argparse.Namespace) -> None:
+async def _amain(args: argparse.Namespace, tls: TlsContext | None) -> None:
     daemon = HandoffDaemon(
         args.handoff,
         args.source,
@@ -181,6 +184,7 @@ async def _amain(args: argparse.Namespace) -> None:
         resume_deadline=args.resume_deadline,
         request_timeout=args.request_timeout,
         token=args.token,
+        tls=tls,
         handoff_timeout=args.handoff_timeout,
         max_handoffs=args.max_handoffs,
         max_sessions=args.max_sessions,
@@ -201,11 +205,16 @@ async def _amain(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        trio.run(_amain, args)
-    except (OSError, BaseExceptionGroup) as exc:
-        e = caught(exc, OSError)
-        if e is None:
-            raise
+        tls = tls_options.context(args, server=False)
+    except ValueError as e:
         print(f"uffdpoison dest: {e}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_amain, args, tls)
+    except (OSError, BaseExceptionGroup) as exc:
+        err = caught(exc, OSError)
+        if err is None:
+            raise
+        print(f"uffdpoison dest: {err}", file=sys.stderr)
         return 1
     return 0

@@ -47,6 +47,7 @@ from uffdpoison.destination.session import (
 )
 from uffdpoison.destination.state import SessionState, sweep
 from uffdpoison.kernel import Feature, Userfaultfd, errors as kerrors, pagemap
+from uffdpoison.kernel.tls import TlsContext
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class HandoffDaemon:
         resume_deadline: float = RESUME_DEADLINE,
         request_timeout: float = REQUEST_TIMEOUT,
         token: Token | None = None,
+        tls: TlsContext | None = None,
         max_handoffs: int = MAX_HANDOFFS,
         max_sessions: int = MAX_SESSIONS,
     ) -> None:
@@ -90,7 +92,7 @@ class HandoffDaemon:
         self.control = control
         self.resume_deadline = resume_deadline
         self.request_timeout = request_timeout
-        self.token = token
+        self.token, self.tls = token, tls
         self.max_sessions = max_sessions
         self._handoffs = trio.Semaphore(max_handoffs)
         self._fds_short_said = -1e9
@@ -162,7 +164,7 @@ class HandoffDaemon:
         delay, said = BACKOFF[0], -SOURCE_LOG_EVERY
         while True:
             try:
-                info = await probe(self.source, self.token)
+                info = await probe(self.source, self.token, self.tls)
                 break
             except SourceUnavailable as e:
                 if trio.current_time() - said >= SOURCE_LOG_EVERY:
@@ -281,7 +283,7 @@ class HandoffDaemon:
                         state_fds=state.fds if state else None,
                         resumed=bool(state and state.adopted), poisoned=poisoned,
                         resume_deadline=self.resume_deadline,
-                        request_timeout=self.request_timeout, token=self.token,
+                        request_timeout=self.request_timeout, token=self.token, tls=self.tls,
                     )  # fmt: skip
                 except SourceUnavailable as e:
                     log.info("%s: source not reachable: %s", name, e)

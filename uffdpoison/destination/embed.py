@@ -43,6 +43,7 @@ from uffdpoison.destination.session import (
 )
 from uffdpoison.exgroups import leaf_of
 from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd
+from uffdpoison.kernel.tls import TlsContext
 
 FEATURES = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.THREAD_ID
 
@@ -85,6 +86,7 @@ async def serve_memory(
     request_timeout: float = REQUEST_TIMEOUT,
     resume_deadline: float = RESUME_DEADLINE,
     token: Token | None = None,
+    tls: TlsContext | None = None,
 ) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
@@ -104,7 +106,9 @@ async def serve_memory(
 
     ``token`` (``uffdpoison.auth.Token``, e.g. ``Token.from_file(path)``): the source and we
     prove we hold it before anything of the guest crosses; a source that cannot is refused
-    (``AuthenticationFailed``, a ``ConnectionError``).
+    (``AuthenticationFailed``, a ``ConnectionError``). ``tls`` (a client
+    ``uffdpoison.kernel.tls.TlsContext``): every byte encrypted, the source's certificate
+    checked.
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
@@ -114,6 +118,7 @@ async def serve_memory(
         session = await Session.connect(
             uffd, rmap, source, bulk=background, hugetlb=hugetlb, name=name, status=status,
             request_timeout=request_timeout, resume_deadline=resume_deadline, token=token,
+            tls=tls,
         )  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:

@@ -17,6 +17,7 @@ import trio
 
 from uffdpoison import auth, protocol
 from uffdpoison.auth import Token
+from uffdpoison.kernel.tls import TlsContext, TlsError
 from uffdpoison.protocol import Channel, Hello, Side
 from uffdpoison.transport import ConnectionLost, FrameStream, open_tcp, parse_address
 
@@ -94,25 +95,27 @@ class SourceLink:
         bulk: bool = True,
         have: HaveFn | None = None,
         token: Token | None = None,
+        tls: TlsContext | None = None,
     ) -> SourceLink:
         """Open URGENT (creating a session), then BULK joining it. ``page_size`` asks the
         source for a unit (e.g. 2 MiB for hugetlb guests; 0 = its own). ``have``: this session
         resumes; BULK tells the source what it holds before the push starts. ``token``: both
         sides prove they hold it before anything of the guest crosses (``uffdpoison.auth``);
-        a source that cannot is refused (``AuthenticationFailed``)."""
+        a source that cannot is refused (``AuthenticationFailed``). ``tls``: every byte is
+        TLS, the source's certificate checked against the context's CA for its host."""
         try:
             host, port = parse_address(address, what="source address")
         except ValueError as e:
             raise SourceUnavailable(str(e)) from None
         v = protocol.PROTOCOL_VERSION
         with trio.move_on_after(CONNECT_TIMEOUT) as scope:
-            urgent = await cls._open(host, port, Channel.URGENT)
+            urgent = await cls._open(host, port, Channel.URGENT, tls)
             try:
                 hello = Hello(v, Channel.URGENT, None, page_size, want_poison_list)
                 welcome = await _handshake(urgent, hello, token)
                 bulk_s = None
                 if bulk:
-                    bulk_s = await cls._open(host, port, Channel.BULK)
+                    bulk_s = await cls._open(host, port, Channel.BULK, tls)
                     hello = Hello(v, Channel.BULK, welcome.session, welcome.page_size, False,
                                   resume=have is not None)  # fmt: skip
                     try:
@@ -130,13 +133,23 @@ class SourceLink:
         return cls(address, urgent, bulk_s, welcome)
 
     @staticmethod
-    async def _open(host: str, port: int, channel: Channel) -> FrameStream:
+    async def _open(host: str, port: int, channel: Channel, tls: TlsContext | None) -> FrameStream:
         try:
             sock = await open_tcp(host, port)
         except ConnectionLost as e:
             raise SourceUnavailable(f"source unreachable: {e}") from None
         name = f"{channel.name.lower()} {host}:{port}"
-        return FrameStream(sock, protocol.Connection(Side.DESTINATION, channel), name=name)
+        stream = FrameStream(sock, protocol.Connection(Side.DESTINATION, channel), name=name)
+        if tls is not None:
+            try:
+                await stream.start_tls(tls, host)
+            except TlsError as e:
+                stream.close()
+                raise AuthenticationFailed(f"{name}: {e.strerror}") from None
+            except OSError as e:
+                stream.close()
+                raise SourceUnavailable(f"{name}: TLS handshake: {e}") from None
+        return stream
 
     def close(self) -> None:
         self.urgent.close()
@@ -203,9 +216,13 @@ async def _send_have(s: FrameStream, welcome: protocol.Welcome, have: HaveFn) ->
         raise SourceUnavailable(f"{s.name}: resuming failed: {e}") from None
 
 
-async def probe(address: str, token: Token | None = None) -> SourceInfo:
+async def probe(
+    address: str, token: Token | None = None, tls: TlsContext | None = None
+) -> SourceInfo:
     """Handshake once (no push) to check a source is there."""
-    link = await SourceLink.connect(address, want_poison_list=False, bulk=False, token=token)
+    link = await SourceLink.connect(
+        address, want_poison_list=False, bulk=False, token=token, tls=tls
+    )
     try:
         return link.info
     finally:

@@ -38,6 +38,7 @@ from uffdpoison.exgroups import leaf_of
 from uffdpoison.kernel import Userfaultfd
 from uffdpoison.kernel.ledger import Ledger, PageState
 from uffdpoison.kernel.planes import DestPlane, DestRegion, Flag, Note, NoteKind, have
+from uffdpoison.kernel.tls import TlsContext
 from uffdpoison.protocol import Channel
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Session:
         resume_deadline: float = RESUME_DEADLINE,
         resumed: bool = False,
         token: Token | None = None,
+        tls: TlsContext | None = None,
     ) -> None:
         """``ledgers``: the regions' (made here if None); ``resumed``: they were kept by an
         earlier owner of this userfaultfd, whose unserved faults are woken to fault anew."""
@@ -108,7 +110,7 @@ class Session:
         self.page_size = regions.page_size
         self.resume_deadline = resume_deadline
         self.resumed = resumed
-        self.token = token  # a reconnection authenticates too
+        self.token, self.tls = token, tls  # a reconnection authenticates and encrypts too
         self._status = status or (lambda _d: None)
         self.ledgers = list(ledgers) if ledgers is not None else _ledgers(uffd, regions, hugetlb)
         self._dest_regions = _dest_regions(regions, self.ledgers)
@@ -154,6 +156,7 @@ class Session:
         resumed: bool = False,
         poisoned: Sequence[int] = (),
         token: Token | None = None,
+        tls: TlsContext | None = None,
         **kw: Any,
     ) -> Session:
         """Handshake with ``source`` (``HOST:PORT``) and set the session up; the link is
@@ -169,10 +172,19 @@ class Session:
             held = partial(have, _dest_regions(regions, ledgers), regions.page_size)
             link = await SourceLink.connect(
                 source, page_size=regions.page_size, bulk=bulk, have=held if resumed else None,
-                token=token,
+                token=token, tls=tls,
             )  # fmt: skip
             try:
-                return cls(uffd, regions, link, ledgers=ledgers, resumed=resumed, token=token, **kw)
+                return cls(
+                    uffd,
+                    regions,
+                    link,
+                    ledgers=ledgers,
+                    resumed=resumed,
+                    token=token,
+                    tls=tls,
+                    **kw,
+                )
             except BaseException:
                 link.close()
                 raise
@@ -185,8 +197,9 @@ class Session:
         """Give the link's sockets to the data plane (at a frame boundary, just handshaken)."""
         for ch in (Channel.URGENT, Channel.BULK):
             if ch is Channel.URGENT or link.bulk is not None:
-                link.stream(ch).conn.delegate_data()
-                self.plane.attach(ch, link.stream(ch).fileno())
+                stream = link.stream(ch)
+                stream.conn.delegate_data()
+                self.plane.attach(ch, stream.fileno(), stream.tls)
                 self._attached.add(ch)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -301,7 +314,7 @@ class Session:
                 try:
                     link = await SourceLink.connect(
                         self.source, page_size=self.page_size, bulk=self._bulk,
-                        have=held, token=self.token,
+                        have=held, token=self.token, tls=self.tls,
                     )  # fmt: skip
                 except SourceUnavailable as e:
                     if attempt == 1 or attempt % 20 == 0:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from uffdpoison.kernel._ffi import ffi, lib
 from uffdpoison.kernel.ledger import Ledger
+from uffdpoison.kernel.tls import Tls
 
 __all__ = [
     "DestPlane",
@@ -224,8 +225,9 @@ class DestPlane(_Plane):
             )
         )
 
-    def attach(self, channel: int, fd: int) -> None:
-        if lib.up_dest_attach(self._raw(), channel, fd) < 0:
+    def attach(self, channel: int, fd: int, tls: Tls | None = None) -> None:
+        """The channel's socket (and its TLS, which must outlive the plane's use of it)."""
+        if lib.up_dest_attach(self._raw(), channel, fd, tls.raw if tls else ffi.NULL) < 0:
             raise ValueError(f"cannot attach channel {channel} now")
 
     def run(self) -> None:
@@ -350,8 +352,8 @@ class SourcePlane(_Plane):
             )
         )
 
-    def attach(self, channel: int, fd: int) -> None:
-        if lib.up_src_attach(self._raw(), channel, fd) < 0:
+    def attach(self, channel: int, fd: int, tls: Tls | None = None) -> None:
+        if lib.up_src_attach(self._raw(), channel, fd, tls.raw if tls else ffi.NULL) < 0:
             raise ValueError(f"no channel {channel}")
 
     def run(self, channel: int, *, nice: int | None = None, base_nice: int | None = None) -> None:

@@ -14,6 +14,7 @@ import sys
 
 import trio
 
+from uffdpoison import tls_options
 from uffdpoison.auth import token_arg
 from uffdpoison.console import emit
 from uffdpoison.exgroups import caught
@@ -114,8 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=token_arg,
         metavar="PATH",
         help="a shared secret (16+ bytes): serve only destinations that prove they hold it "
-        "(HMAC challenge-response, docs/SECURITY.md); required to listen beyond loopback",
+        "(HMAC challenge-response, docs/SECURITY.md); required to listen beyond loopback "
+        "unless --tls --tls-ca asks for client certificates",
     )
+    tls_options.add_arguments(parser, server=True)
 
 
 def _is_loopback(host: str) -> bool:
@@ -160,10 +163,16 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"uffdpoison source: --listen: {e}", file=sys.stderr)
         return 2
-    if not _is_loopback(host) and args.token is None:
+    try:
+        tls = tls_options.context(args, server=True)
+    except ValueError as e:
+        print(f"uffdpoison source: {e}", file=sys.stderr)
+        return 2
+    if not _is_loopback(host) and args.token is None and not (tls and tls.requires_client_cert):
         print(
             f"uffdpoison source: refusing to listen on non-loopback address {host!r} without "
-            "--token-file (anyone who could connect could read the served memory)",
+            "--token-file or --tls --tls-ca (anyone who could connect could read the served "
+            "memory)",
             file=sys.stderr,
         )
         return 2
@@ -179,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
             status=emit,
             push_nice=PUSH_NICE if args.push_nice is None else args.push_nice,
             token=args.token,
+            tls=tls,
         )
         try:
             trio.run(_run, server, args.listen)

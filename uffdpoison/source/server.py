@@ -24,6 +24,7 @@ import trio
 from uffdpoison import auth, protocol
 from uffdpoison.auth import Token
 from uffdpoison.kernel.planes import Pacer
+from uffdpoison.kernel.tls import TlsContext
 from uffdpoison.protocol import Channel, Hello, Side
 from uffdpoison.source.backends import Backend, SourceError
 from uffdpoison.source.session import SourceSession
@@ -87,10 +88,12 @@ class SourceServer:
         push_nice: int = PUSH_NICE,
         partial_timeout: float = PARTIAL_FRAME_TIMEOUT,
         token: Token | None = None,
+        tls: TlsContext | None = None,
     ) -> None:
         """``push_nice``: how much lower (nice) the push runs than the demand replies; 0 = the
         same. ``max_bandwidth``: bytes/s for every session's push together. ``token``: serve
-        only destinations that prove they hold it (``uffdpoison.auth``)."""
+        only destinations that prove they hold it (``uffdpoison.auth``). ``tls``: a server
+        context; every connection is TLS (with client certificates if it has a CA)."""
         if max_bandwidth is not None and max_bandwidth <= 0:
             raise ValueError(f"max_bandwidth must be positive, got {max_bandwidth}")
         self.backend = backend
@@ -98,6 +101,7 @@ class SourceServer:
         self.push_nice = max(0, min(push_nice, 39))
         self.partial_timeout = partial_timeout
         self.token = token
+        self.tls = tls
         self._status = status
         self.sessions: dict[bytes, SourceSession] = {}
         self.gone: str | None = None  # set once the served process is gone
@@ -155,6 +159,8 @@ class SourceServer:
         handed = False
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if self.tls is not None:
+                    await stream.start_tls(self.tls)
                 hello = await stream.receive()
                 if isinstance(hello, Hello):
                     bound = await self._authenticate(stream, hello)
@@ -165,6 +171,8 @@ class SourceServer:
             await _refuse(stream, "bad-request", str(e))
         except ConnectionLost as e:
             log.info("%s: connection lost before the handshake: %s", peer, e)
+        except OSError as e:  # TlsError: the peer failed the TLS handshake or its checks
+            log.warning("%s: refused: %s", peer, e.strerror or e)
         except trio.TooSlowError:
             log.warning("%s: no handshake within %.0f s", peer, HANDSHAKE_TIMEOUT)
         finally:
@@ -345,11 +353,13 @@ async def serve(
     status: StatusCallback | None = None,
     push_nice: int = PUSH_NICE,
     token: Token | None = None,
+    tls: TlsContext | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``backend`` on ``listen`` ('HOST:PORT', '[IPv6]:PORT'; port 0 = a free port)
     until cancelled. Calls task_status.started((host, port)) once bound."""
     server = SourceServer(
-        backend, max_bandwidth=max_bandwidth, status=status, push_nice=push_nice, token=token
-    )
+        backend, max_bandwidth=max_bandwidth, status=status, push_nice=push_nice, token=token,
+        tls=tls,
+    )  # fmt: skip
     await server.serve(listen, task_status=task_status)

@@ -97,7 +97,7 @@ class SourceSession:
         assert self._nursery is not None
         stream.conn.delegate_data()
         self.streams[channel] = stream
-        self.plane.attach(channel, stream.fileno())
+        self.plane.attach(channel, stream.fileno(), stream.tls)
         self._open += 1
         self._nursery.start_soon(self._serve, channel)
 
