@@ -14,6 +14,7 @@ import sys
 
 import trio
 
+from uffdpoison import sdnotify
 from uffdpoison.console import emit
 from uffdpoison.source.backends import (
     Backend,
@@ -140,8 +141,11 @@ async def _run(server: SourceServer, listen: str) -> None:
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(server.serve, listen)
             emit({"event": "listening", "host": host, "port": port})
+            sdnotify.notify("READY=1")  # systemd: serving
+            nursery.start_soon(sdnotify.watchdog)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
 
