@@ -27,6 +27,7 @@ from uffdpoison.harness.cref import (
 )
 from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import RegisterMode, Userfaultfd, anon
+from uffdpoison.plotting import have_matplotlib
 
 IS_ROOT = os.geteuid() == 0
 LAT_KEYS = ("p50", "p90", "p99", "p999", "max", "mean")
@@ -217,7 +218,7 @@ def test_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     png = tmp_path / "cdf.png"
     argv = ["--scenarios", "loopback", "--pages", "30", "--rounds", "1", "--warmup", "0", "--quiet",
             "--plot", str(png)]  # fmt: skip
-    if command.have_matplotlib():
+    if have_matplotlib():
         assert command.main(parse(argv)) == 0
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from array import array
 from collections.abc import Iterator
 
@@ -252,6 +253,28 @@ def test_blocked_touch_is_pending_until_resolved(registered) -> None:
     assert (r.ok, r.pending) == (2, 0)
     assert list(r.value) == [0x5A, 0x5A]
     assert lib.up_toucher_sigbus_refs() == 0
+
+
+def test_done_ns_puts_touches_on_the_monotonic_clock(registered, holed) -> None:
+    """Each touch's completion time is on time.monotonic_ns()'s clock: a touch blocked in a
+    fault finishes after the fault is resolved, and done - latency is when it began."""
+    uffd, base = registered
+    _, hole = holed
+    t = Toucher([base, hole + PAGE, base + PAGE], threads=1)
+    before = time.monotonic_ns()
+    t.start()
+    assert t.join(0.2) is False
+    assert t.results.done_ns.tolist() == [0, 0, 0]  # none finished: the first one blocks
+    resolved = time.monotonic_ns()
+    with LocalHandler(uffd.fileno(), base, 4 * PAGE, src=bytes(4 * PAGE)):
+        assert t.join(10) is True
+    after = time.monotonic_ns()
+    r = t.results
+    assert list(r.outcome) == [OUTCOME_OK, OUTCOME_SIGBUS, OUTCOME_OK]
+    done = r.done_ns.tolist()
+    assert resolved < done[0] <= done[1] <= done[2] <= after  # one thread: in order
+    assert before <= done[0] - r.latency_ns[0] < resolved  # it began before, waited it out
+    assert all(done[k] - r.latency_ns[k] >= before for k in range(3))
 
 
 def test_run_timeout_names_pending_touches(registered) -> None:

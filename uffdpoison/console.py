@@ -1,9 +1,11 @@
 """What the commands print: status records on stdout (one JSON object a line, for a
-supervisor to read) and a progress line on stderr (redrawn on a terminal, throttled in a log)."""
+supervisor to read) and a progress line on stderr (redrawn in place, on a terminal only: a log
+or a pipe gets none)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -15,24 +17,23 @@ def emit(record: dict[str, Any]) -> None:
 
 
 class Progress:
-    def __init__(self, enabled: bool = True, every: float | None = None) -> None:
-        """``every``: at most one line in this many seconds (default 0.2 on a terminal, 2 in a
-        log); a line shown with ``force`` always goes out."""
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.every = every if every is not None else 0.2 if self.tty else 2.0
-        self._last = 0.0
+    def __init__(self, enabled: bool = True, every: float = 0.2) -> None:
+        """One line on stderr, redrawn at most every ``every`` seconds (a line shown with
+        ``force`` always is), when ``enabled`` and stderr is a terminal; otherwise nothing."""
+        self.enabled = enabled and sys.stderr.isatty()
+        self.every = every
+        self._last = -math.inf  # the first line is always drawn
 
     def show(self, text: str, *, force: bool = False) -> None:
         now = time.monotonic()
         if not self.enabled or (not force and now - self._last < self.every):
             return
         self._last = now
-        sys.stderr.write(f"\r\x1b[K{text}" if self.tty else text + "\n")
+        sys.stderr.write(f"\r\x1b[K{text}")
         sys.stderr.flush()
 
     def done(self) -> None:
-        """End the line, so what follows starts on its own."""
-        if self.enabled and self.tty:
+        """Clear the line, so what follows starts on its own."""
+        if self.enabled:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()

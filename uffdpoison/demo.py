@@ -4,7 +4,8 @@ Builds a synthetic guest (random pages, zero pages, ~1% poisoned), starts a sour
 loopback (a separate process, as on a real source host), serves it into this process's memory
 with the embedding API, touches every page in random order from C toucher threads, and checks
 every byte (XXH64 of each page, computed by the toucher in C) and that every poisoned page raises
-SIGBUS — again after the background stream has finished.
+SIGBUS — again after the background stream has finished. ``--plot`` draws the run's timeline
+(``uffdpoison.timeline``).
 
 Exit status: 0 everything held, 1 a mismatch, 2 a setup error (the reason is printed).
 """
@@ -18,6 +19,7 @@ import logging
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
@@ -33,11 +35,13 @@ from uffdpoison import __version__
 from uffdpoison.console import Progress
 from uffdpoison.destination.embed import serve_memory
 from uffdpoison.destination.regions import Region
-from uffdpoison.harness.toucher import Toucher
+from uffdpoison.harness.toucher import OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import memory
 from uffdpoison.kernel.digest import page_digests
+from uffdpoison.plotting import missing_matplotlib
 from uffdpoison.source.spawn import SourceStartError, source_process
 from uffdpoison.stats import percentile
+from uffdpoison.timeline import SAMPLE_S, Sampler, plot, touch_series
 from uffdpoison.units import count_arg, fraction_arg, size_arg
 
 log = logging.getLogger(__name__)
@@ -190,8 +194,10 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
         addrs = array("Q", (mapping.addr + i * page_size for i in order))
         t_session = time.monotonic()
         async with serve_memory([region], source, hugetlb=args.memory == "hugetlb") as server:
-            t_touch = time.monotonic()
             toucher = Toucher(addrs, threads=args.threads, page_size=page_size, digest=True)
+            origin_ns = time.monotonic_ns()  # the timeline's 0: the vCPU threads start
+            t_touch = origin_ns / 1e9
+            sampler = Sampler(origin_ns)
             done: dict[str, float] = {}  # when every page was touched / resident
 
             async def touched() -> None:
@@ -202,19 +208,23 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 await server.wait_complete()
                 done["resident"] = time.monotonic()
 
+            def take_sample() -> None:
+                stats, counts, n = server.stats, server.page_counts(), toucher.completed
+                sampler.sample(stats, counts, n)
+                progress.show(
+                    f"touched {n}/{len(addrs)} pages · present {counts['present']} · "
+                    f"poisoned {counts['poisoned']} · demand faults {stats['demand_requests']}"
+                )
+
             toucher.start()
             with trio.move_on_after(args.timeout) as scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(touched)
                     nursery.start_soon(resident)
                     while len(done) < 2:
-                        res, counts = toucher.results, server.page_counts()
-                        progress.show(
-                            f"touched {len(addrs) - res.pending}/{len(addrs)} pages · "
-                            f"present {counts['present']} · poisoned {counts['poisoned']} · "
-                            f"demand faults {server.stats['demand_requests']}"
-                        )
-                        await trio.sleep(0.05)
+                        take_sample()
+                        await trio.sleep(SAMPLE_S)
+            take_sample()
             if scope.cancelled_caught:
                 raise SetupError(
                     f"migration did not complete within {args.timeout} s: {server.page_counts()}"
@@ -260,6 +270,8 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
             mismatches.append(f"page {page}: changed after completion")
     lat_fault.sort()
     lat_all = sorted(first.latency_ns[k] for k in range(len(order)) if first.outcome[k] == 0)
+    touches = touch_series(origin_ns, first.done_ns, first.latency_ns, first.outcome,
+                           sigbus=OUTCOME_SIGBUS, fault_ns=FAULT_THRESHOLD_NS)  # fmt: skip
     out.update(
         {
             "schema": JSON_SCHEMA,
@@ -313,6 +325,7 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 "bulk_only_gb_s": round(size / bulk_only_s / 1e9, 3),
                 "ratio": round(bulk_only_s / resident_s, 2),
             },
+            "timeline": sampler.as_dict() | touches,
             "mismatches": mismatches[:50],
             "mismatch_count": len(mismatches),
             "environment": {
@@ -367,6 +380,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for the migration to complete (default 120)",
     )
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON to PATH")
+    p.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="draw the migration's timeline: resident pages, demand faults, fault latency, "
+        "poisoned pages touched (needs matplotlib)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -408,7 +427,18 @@ def _print_summary(out: dict[str, Any]) -> None:
             print(f"  {m}")
 
 
+_NUMBERS = re.compile(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]")
+
+
+def _json_text(out: dict[str, Any]) -> str:
+    """Indented JSON with each array of numbers (the timeline's) on one line."""
+    text = json.dumps(out, indent=2)
+    return _NUMBERS.sub(lambda m: "[" + ", ".join(v.strip() for v in m[1].split(",")) + "]", text)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.plot and missing_matplotlib("uffdpoison demo"):
+        return 2
     out: dict[str, Any] = {}
     try:
         ok = trio.run(_run, args, out)
@@ -424,5 +454,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     _print_summary(out)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(_json_text(out) + "\n")
+    if args.plot:
+        try:
+            plot(out, args.plot)
+        except (OSError, ValueError) as e:
+            print(f"uffdpoison demo: --plot {args.plot}: {e}", file=sys.stderr)
+            return 2
     return 0 if ok else 1

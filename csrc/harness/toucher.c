@@ -2,11 +2,12 @@
  *
  * N pthreads take indexes from one shared atomic cursor (so a thread blocked in a fault does not
  * hold back the others' work) and touch addrs[i] with a volatile one-byte access, timing it with
- * CLOCK_MONOTONIC. A SIGBUS on a toucher thread (poisoned page, file hole) is caught by a
- * process-wide SA_SIGINFO handler that siglongjmps out of the access and records si_code and
- * si_addr; a SIGBUS on any other thread goes to the handler that was installed before (pytest's
- * faulthandler) or kills the process as the default action would. The handler is installed while
- * at least one toucher runs (refcounted) and the previous one is restored by the last thread out.
+ * CLOCK_MONOTONIC (how long it took, and when it finished). A SIGBUS on a toucher thread
+ * (poisoned page, file hole) is caught by a process-wide SA_SIGINFO handler that siglongjmps out
+ * of the access and records si_code and si_addr; a SIGBUS on any other thread goes to the
+ * handler that was installed before (pytest's faulthandler) or kills the process as the default
+ * action would. The handler is installed while at least one toucher runs (refcounted) and the
+ * previous one is restored by the last thread out.
  */
 #include "toucher.h"
 
@@ -31,6 +32,7 @@ struct up_toucher {
     uint8_t value;
     uint64_t page_size;
     uint64_t *latency_ns;
+    uint64_t *done_ns;
     uint8_t *outcome;
     uint8_t *value_out;
     int32_t *sig_code;
@@ -153,8 +155,10 @@ static __attribute__((noinline)) void up_touch_one(up_toucher *t, size_t i)
 
     if (sigsetjmp(tl_jb, 0)) {
         uint64_t t1 = now_ns();
-        if (!in_digest)
+        if (!in_digest) {
             t->latency_ns[i] = t1 - t0;
+            t->done_ns[i] = t1;
+        }
         t->sig_code[i] = tl_code;
         t->sig_addr[i] = (uint64_t)tl_addr;
         t->outcome[i] = UP_TOUCH_SIGBUS;
@@ -170,7 +174,9 @@ static __attribute__((noinline)) void up_touch_one(up_toucher *t, size_t i)
         v = *p;
     }
     tl_armed = 0;
-    t->latency_ns[i] = now_ns() - t0;
+    uint64_t t1 = now_ns();
+    t->latency_ns[i] = t1 - t0;
+    t->done_ns[i] = t1;
     t->value_out[i] = v;
     if (t->digest) {
         /* The page holding the touched byte is now mapped; a page_size larger than the real
@@ -219,11 +225,12 @@ static void up_toucher_join_all(up_toucher *t)
 
 int up_toucher_start(up_toucher **out, const uint64_t *addrs, size_t n, int threads, int write,
                      uint8_t value, uint64_t page_size, const int32_t *cpus, size_t ncpus,
-                     uint64_t *latency_ns, uint8_t *outcome, uint8_t *value_out,
-                     int32_t *sig_code, uint64_t *sig_addr, uint64_t *digest, int32_t *thread_cpu)
+                     uint64_t *latency_ns, uint64_t *done_ns, uint8_t *outcome,
+                     uint8_t *value_out, int32_t *sig_code, uint64_t *sig_addr, uint64_t *digest,
+                     int32_t *thread_cpu)
 {
-    if (!out || threads < 1 || (n && !addrs) || !latency_ns || !outcome || !value_out ||
-        !sig_code || !sig_addr || !thread_cpu || (cpus == NULL) != (ncpus == 0))
+    if (!out || threads < 1 || (n && !addrs) || !latency_ns || !done_ns || !outcome ||
+        !value_out || !sig_code || !sig_addr || !thread_cpu || (cpus == NULL) != (ncpus == 0))
         return -EINVAL;
     if (page_size == 0 || (page_size & (page_size - 1)))
         return -EINVAL;
@@ -242,6 +249,7 @@ int up_toucher_start(up_toucher **out, const uint64_t *addrs, size_t n, int thre
     t->value = value;
     t->page_size = page_size;
     t->latency_ns = latency_ns;
+    t->done_ns = done_ns;
     t->outcome = outcome;
     t->value_out = value_out;
     t->sig_code = sig_code;

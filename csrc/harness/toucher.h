@@ -13,12 +13,15 @@ typedef struct up_toucher up_toucher;
 
 /* Result arrays are owned by the caller and must stay alive until up_toucher_join() returned 1.
  * Every array has n entries except thread_cpu (threads entries) and digest (NULL: no digests).
+ * done_ns[i]: when touch i finished, CLOCK_MONOTONIC ns (the access returned or raised SIGBUS;
+ * it began latency_ns[i] earlier), so a run's touches can be put on one timeline.
  * cpus (ncpus entries, may be NULL) pins thread i to cpus[i % ncpus].
  * Returns 0, or -errno (nothing started). */
 int up_toucher_start(up_toucher **out, const uint64_t *addrs, size_t n, int threads, int write,
                      uint8_t value, uint64_t page_size, const int32_t *cpus, size_t ncpus,
-                     uint64_t *latency_ns, uint8_t *outcome, uint8_t *value_out,
-                     int32_t *sig_code, uint64_t *sig_addr, uint64_t *digest, int32_t *thread_cpu);
+                     uint64_t *latency_ns, uint64_t *done_ns, uint8_t *outcome,
+                     uint8_t *value_out, int32_t *sig_code, uint64_t *sig_addr, uint64_t *digest,
+                     int32_t *thread_cpu);
 /* 1: all threads finished (and joined), 0: timeout. timeout_ms < 0 waits forever. */
 int up_toucher_join(up_toucher *t, int64_t timeout_ms);
 /* Touches finished so far (ok or sigbus). */

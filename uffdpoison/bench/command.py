@@ -29,6 +29,7 @@ from uffdpoison.bench.scenarios import (
 )
 from uffdpoison.console import Progress
 from uffdpoison.kernel import memory
+from uffdpoison.plotting import missing_matplotlib, pyplot
 from uffdpoison.units import size_arg
 
 JSON_SCHEMA = "uffdpoison.bench/1"
@@ -305,11 +306,7 @@ def print_table(doc: dict[str, Any], out: Any = None) -> None:
 
 
 def plot(records: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     recs = [r for r in records if r["status"] == "ok" and r.get("_samples", {}).get("c")]
     if not recs:
         raise BenchError("--plot: no scenario with latency samples to plot")
@@ -374,14 +371,6 @@ def _command_line() -> str:
     return " ".join(["uffdpoison", "bench", *rest])
 
 
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main(args: argparse.Namespace) -> int:
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -392,12 +381,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.plot and not have_matplotlib():
-        print(
-            "uffdpoison bench: --plot needs matplotlib, which is not installed "
-            "(pip install 'uffdpoison[plot]' or pip install matplotlib)",
-            file=sys.stderr,
-        )
+    if args.plot and missing_matplotlib("uffdpoison bench"):
         return 2
     try:
         cfg = config_from_args(args)

@@ -16,7 +16,7 @@ import sys
 
 import trio
 
-from uffdpoison import tls_options
+from uffdpoison import sdnotify, tls_options
 from uffdpoison.auth import token_arg
 from uffdpoison.console import emit
 from uffdpoison.destination.daemon import MAX_HANDOFFS, MAX_SESSIONS, HandoffDaemon
@@ -192,10 +192,13 @@ async def _amain(args: argparse.Namespace, tls: TlsContext | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve)
+            sdnotify.notify("READY=1")  # systemd: the handoff (and control) socket listens
+            nursery.start_soon(sdnotify.watchdog)
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
                     log.info("%s: stopping", signal.Signals(signum).name)
+                    sdnotify.notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     return
 

@@ -2,9 +2,10 @@
 
 A :class:`Toucher` starts ``threads`` C threads that take indexes from one shared atomic cursor
 (a thread blocked in a fault does not hold back the others) and touch each address with a
-volatile one-byte read or write, timing it with ``CLOCK_MONOTONIC``. A SIGBUS (poisoned page, file
-hole) is caught in C and recorded with its ``si_code`` and ``si_addr``; the process's previous
-SIGBUS handler (pytest's faulthandler) is restored when the last toucher finishes.
+volatile one-byte read or write, timing it with ``CLOCK_MONOTONIC`` (how long it took, and when
+it finished, on ``time.monotonic_ns()``'s clock). A SIGBUS (poisoned page, file hole) is caught
+in C and recorded with its ``si_code`` and ``si_addr``; the process's previous SIGBUS handler
+(pytest's faulthandler) is restored when the last toucher finishes.
 
 Python never touches the memory itself, and every call that waits for the threads runs in C with
 the GIL released, so a touch that blocks in a userfaultfd fault cannot deadlock a Python handler
@@ -85,6 +86,7 @@ class TouchResults:
     """Per-touch results, index-aligned with the addresses given to the toucher."""
 
     latency_ns: array  # 'Q'
+    done_ns: array  # 'Q': when the touch finished, CLOCK_MONOTONIC (time.monotonic_ns); 0: not run
     outcome: array  # 'B': OUTCOME_OK, OUTCOME_SIGBUS, OUTCOME_NOT_RUN
     value: array  # 'B': byte read (or written) by the touch
     si_code: array  # 'i': SIGBUS si_code (BUS_ADRERR=2 here, BUS_MCEERR_AR=4 with MEMORY_FAILURE)
@@ -170,6 +172,7 @@ class Toucher:
         if n:
             ffi.memmove(self._addrs, addrs, n * 8)
         self._latency = ffi.new("uint64_t[]", cap)
+        self._done_ns = ffi.new("uint64_t[]", cap)
         self._outcome = ffi.new("uint8_t[]", [OUTCOME_NOT_RUN] * cap)
         self._value_out = ffi.new("uint8_t[]", cap)
         self._si_code = ffi.new("int32_t[]", cap)
@@ -185,8 +188,8 @@ class Toucher:
 
     def _outputs(self) -> tuple[Any, ...]:
         """The buffers the threads write, in up_toucher_start's order."""
-        return (self._latency, self._outcome, self._value_out, self._si_code, self._si_addr,
-                self._digest, self._thread_cpu)  # fmt: skip
+        return (self._latency, self._done_ns, self._outcome, self._value_out, self._si_code,
+                self._si_addr, self._digest, self._thread_cpu)  # fmt: skip
 
     def start(self) -> None:
         """Start the threads and return at once."""
@@ -261,6 +264,7 @@ class Toucher:
 
         return TouchResults(
             latency_ns=copy("Q", self._latency),
+            done_ns=copy("Q", self._done_ns),
             outcome=copy("B", self._outcome),
             value=copy("B", self._value_out),
             si_code=copy("i", self._si_code),

@@ -14,7 +14,7 @@ import sys
 
 import trio
 
-from uffdpoison import tls_options
+from uffdpoison import sdnotify, tls_options
 from uffdpoison.auth import token_arg
 from uffdpoison.console import emit
 from uffdpoison.exgroups import caught
@@ -147,8 +147,11 @@ async def _run(server: SourceServer, listen: str) -> None:
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(server.serve, listen)
             emit({"event": "listening", "host": host, "port": port})
+            sdnotify.notify("READY=1")  # systemd: serving
+            nursery.start_soon(sdnotify.watchdog)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
 
