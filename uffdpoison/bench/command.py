@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from uffdpoison.bench.scenarios import (
@@ -97,6 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bytes/s of the background stream in the +bg scenarios (default 64M)",
     )
     p.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="encrypt the uffdpoison side (the C reference stays plain): DIR holds ca.pem, "
+        "server.pem and server.key",
+    )
+    p.add_argument(
         "--rate",
         type=size_arg,
         default=None,
@@ -152,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         warmup=args.warmup,
         pin=pin,
         bg_cap=args.bg_cap,
+        tls_dir=args.tls_dir,
         rate=args.rate,
         delay=args.delay,
         bulk_size=bulk_size,

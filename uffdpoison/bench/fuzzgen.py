@@ -27,6 +27,7 @@ import msgpack
 
 from uffdpoison.protocol import codec, events, layout
 from uffdpoison.protocol.events import (
+    Challenge,
     Channel,
     Done,
     Error,
@@ -34,6 +35,7 @@ from uffdpoison.protocol.events import (
     Hello,
     PageKind,
     Pages,
+    Proof,
     Request,
     Welcome,
 )
@@ -291,9 +293,11 @@ class _Gen:
         resume = ch is Channel.BULK and rng.random() < 0.3
         if handshake:
             session = SESSION if ch is Channel.BULK else None
-            auth = rng.choice((None, None, b"", b"token"))
+            auth = rng.choice((None, None, rng.randbytes(32), b"short nonce"))
             hello = Hello(V, ch, session, rng.choice((0, 0, ps)), rng.random() < 0.5, auth, resume)
             out.append(frame(hello))
+            if auth is not None:  # the Proof that answers the source's Challenge
+                out.append(frame(Proof(rng.randbytes(32))))
         if resume:  # a resuming destination's bitmaps: what not to push, what is poisoned
             for k in range(rng.randint(1, 3)):
                 first = rng.randrange(mem_pages)
@@ -345,7 +349,9 @@ class _Gen:
             return self.pages(rng.choice((0, 1, 2)), kind, rng.randrange(8) * ps, 1)
         if pick == 4:
             have = Have(False, 0, 8, memoryview(b"\xff"), True)
-            return frame(rng.choice((Done(), Error(None, "busy", ""), Error(1, "x", "y"), have)))
+            auth = (Challenge(rng.randbytes(32), rng.randbytes(32)), Proof(rng.randbytes(32)))
+            pick_from = (Done(), Error(None, "busy", ""), Error(1, "x", "y"), have, *auth)
+            return frame(rng.choice(pick_from))
         if pick == 5:  # a data frame as a general msgpack map
             h = {"t": rng.choice((3, 4)), "i": 1, "k": 1, "o": 0, "n": 1}
             return raw(h, _pages_data(rng, 1, ps) if rng.random() < 0.5 else b"")

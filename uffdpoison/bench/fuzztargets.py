@@ -38,6 +38,7 @@ from uffdpoison.protocol.connection import Connection, open_pair
 from uffdpoison.protocol.events import (
     CLOSED,
     NEED_DATA,
+    Challenge,
     Channel,
     Done,
     Error,
@@ -45,6 +46,7 @@ from uffdpoison.protocol.events import (
     Hello,
     PageKind,
     Pages,
+    Proof,
     ProtocolError,
     Request,
     Side,
@@ -176,10 +178,16 @@ class ProtocolTarget:
     @staticmethod
     def _react(conn: Connection, ev: Event, case: Case) -> None:
         replies: list[Event] = []
-        if isinstance(ev, Hello):
-            ps = ev.page_size or PS
-            plist = memoryview(b"") if ev.want_poison_list else None
-            replies.append(Welcome(V, ev.session or SESSION, ps, MEM_PAGES * ps, 0, 0, plist))
+        if isinstance(ev, Hello) and ev.auth is not None:  # any MAC: this target checks rules
+            replies.append(Challenge(bytes(32), bytes(32)))
+        elif isinstance(ev, Challenge):
+            replies.append(Proof(bytes(32)))
+        elif isinstance(ev, Hello | Proof):
+            hello = conn.hello
+            assert hello is not None
+            ps = hello.page_size or PS
+            plist = memoryview(b"") if hello.want_poison_list else None
+            replies.append(Welcome(V, hello.session or SESSION, ps, MEM_PAGES * ps, 0, 0, plist))
         elif isinstance(ev, Welcome):
             for rid, off, n, digests in case.requests:
                 replies.append(Request(rid, off, n, memoryview(bytes(8 * n)) if digests else None))

@@ -38,6 +38,7 @@ from uffdpoison.harness.bulkpull import BulkPuller
 from uffdpoison.harness.cref import RemoteHandler
 from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, current_cpu
 from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
+from uffdpoison.kernel.tls import TlsContext
 from uffdpoison.owned import Owned
 from uffdpoison.stats import percentile
 
@@ -91,6 +92,10 @@ class Config:
     bulk_rounds: int = 3
     seed: int = 1
     timeout: float = 120.0
+    tls_dir: Path | None = None  # ca.pem, server.pem, server.key: the uffdpoison side is TLS
+
+    def client_tls(self) -> TlsContext | None:
+        return TlsContext(server=False, ca=self.tls_dir / "ca.pem") if self.tls_dir else None
 
     @property
     def page_size(self) -> int:
@@ -417,6 +422,9 @@ def start_sources(
         "--image", str(guest.path), "--poison-list", str(guest.poison_path),
         "--token-file", str(guest.token_path),
     ]  # fmt: skip
+    if cfg.tls_dir is not None:
+        up_cmd += ["--tls", "--tls-cert", str(cfg.tls_dir / "server.pem"),
+                   "--tls-key", str(cfg.tls_dir / "server.key")]  # fmt: skip
     if cap:
         up_cmd += ["--max-bandwidth", str(cap)]
     up = Process(up_cmd, pre, "uffdpoison source")
@@ -516,7 +524,7 @@ def up_round(
             with trio.fail_after(cfg.timeout):
                 async with serve_memory(
                     [region], source, hugetlb=cfg.memory == "hugetlb", background=bg,
-                    token=guest.token,
+                    token=guest.token, tls=cfg.client_tls(),
                 ) as server:  # fmt: skip
                     cpus = {current_cpu()}
                     t0 = time.perf_counter()
@@ -853,7 +861,7 @@ class Runner(Owned):
                     t0 = time.perf_counter()
                     async with serve_memory(
                         [region], source, hugetlb=cfg.memory == "hugetlb", background=True,
-                        token=guest.token,
+                        token=guest.token, tls=cfg.client_tls(),
                     ) as server:  # fmt: skip
                         cpus = {current_cpu()}
                         await server.wait_complete()
