@@ -8,6 +8,7 @@
  * receive) per loop turn, so a fault waits behind one slice at most.
  */
 #include "dest_plane.h"
+#include "digest.h"
 #include "uffd.h"
 
 #include <errno.h>
@@ -44,6 +45,7 @@ struct out_entry {
 	uint64_t next;    /* next byte offset a reply must start at */
 	uint64_t end;     /* 0: answered (slot free) */
 	uint64_t sent_ns; /* when it was queued (the deadline runs from here); 0: no source yet */
+	int digests;      /* it carried the digest of a cached copy: CLEAN may answer it */
 };
 
 struct up_dest {
@@ -288,8 +290,10 @@ static int connected(const up_chan *c)
 }
 
 /* One Request for `count` pages at guest `offset`, recorded and queued on URGENT. With no
- * source now (the session is paused), only recorded: it goes out when one is attached. */
-static int request_locked(up_dest *d, uint64_t offset, uint64_t count)
+ * source now (the session is paused), only recorded: it goes out when one is attached.
+ * `cached` (MINOR mode, one page): the page-cache copy, whose digest goes with the request so
+ * the source can answer CLEAN; on a new socket it is asked for again without (DATA, safe). */
+static int request_locked(up_dest *d, uint64_t offset, uint64_t count, const uint8_t *cached)
 {
 	if (d->next_id - d->out_base == d->out_cap) {
 		int r = ring_grow(d);
@@ -299,14 +303,23 @@ static int request_locked(up_dest *d, uint64_t offset, uint64_t count)
 	const uint64_t id = d->next_id;
 	uint64_t sent = 0;
 	if (connected(&d->ch[URGENT])) {
-		uint8_t frame[UP_FRAME_REQUEST];
-		up_frame_put_request(frame, id, offset, count, 0);
-		int r = up_chan_queue(&d->ch[URGENT], frame, sizeof(frame));
+		uint8_t frame[UP_FRAME_REQUEST + 8];
+		uint32_t pl = cached ? 8 : 0;
+		up_frame_put_request(frame, id, offset, count, pl);
+		if (cached) {
+			uint64_t h = up_xxh64(cached, d->ps, 0);
+			for (int b = 0; b < 8; b++) /* the wire's digests are little-endian */
+				frame[UP_FRAME_REQUEST + b] = (uint8_t)(h >> (8 * b));
+		}
+		int r = up_chan_queue(&d->ch[URGENT], frame, UP_FRAME_REQUEST + pl);
 		if (r)
 			return r;
 		sent = now_ns();
+	} else {
+		cached = NULL; /* sent later, without a digest */
 	}
-	d->out[id & (d->out_cap - 1)] = (struct out_entry){offset, offset + count * d->ps, sent};
+	d->out[id & (d->out_cap - 1)] =
+		(struct out_entry){offset, offset + count * d->ps, sent, cached != NULL};
 	d->next_id = id + 1;
 	CNT(d, demand_requests, 1);
 	return 0;
@@ -326,6 +339,7 @@ static void resend_locked(up_dest *d)
 		if (up_chan_queue(&d->ch[URGENT], frame, sizeof(frame)))
 			break; /* cannot happen: the queue holds MAX_OUTSTANDING requests */
 		o->sent_ns = now;
+		o->digests = 0;
 		CNT(d, resent, 1);
 	}
 }
@@ -594,21 +608,27 @@ static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags)
 		up_uffd_wake(d->uffd, page, ps); /* woken unserved: it faults again, logged */
 		return 0;
 	}
-	if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
-		/* MINOR mode needs the digest/CLEAN/CONTINUE exchange: the vCPU stays blocked */
-		CNT(d, minor_faults, 1);
-		STORE(&d->st.last_fault, addr);
-		up_notes_flag(&d->notes, UP_FLAG_LOG);
-		return 0;
-	}
 	const up_dest_region *r = &d->regions[ri];
 	const uint64_t idx = (page - r->base) / ps;
+	/* A MINOR fault: the page is in the page cache (precopied). Is that copy current, and is
+	 * the page poisoned at the source? Its digest goes with the request. */
+	const uint8_t *cached = NULL;
+	if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
+		CNT(d, minor_faults, 1);
+		if (!r->ledger->alias) { /* registered MINOR without the file: cannot be served */
+			CNT(d, minor_unservable, 1);
+			STORE(&d->st.last_fault, addr);
+			up_notes_flag(&d->notes, UP_FLAG_LOG);
+			return 0;
+		}
+		cached = (const uint8_t *)(uintptr_t)(r->ledger->alias + idx * ps);
+	}
 	int placed = 0;
 	switch (up_ledger_claim(r->ledger, idx)) {
 	case UP_MISSING:
 	case UP_BACKGROUND: {
 		pthread_mutex_lock(&d->lock);
-		int rc = request_locked(d, r->offset + idx * ps, 1);
+		int rc = request_locked(d, r->offset + idx * ps, 1, cached);
 		pthread_mutex_unlock(&d->lock);
 		if (!rc && d->evhead == d->evlen && d->ch[URGENT].fd >= 0)
 			up_chan_flush(&d->ch[URGENT]); /* the last fault of a batch: on the wire now */
@@ -692,7 +712,7 @@ static int reply_ok(up_dest *d, const up_frame *f, char *why)
 			 "answered" : "skips pages", (unsigned long long)o->next);
 	else if (end > o->end)
 		snprintf(why, UP_WHY, "Pages reply for id %llu runs past the end of its request", id);
-	else if (f->kind == UP_WIRE_KIND_CLEAN)
+	else if (f->kind == UP_WIRE_KIND_CLEAN && !o->digests)
 		snprintf(why, UP_WHY, "CLEAN reply for id %llu, whose request had no digests", id);
 	else {
 		ok = 1;
@@ -937,7 +957,7 @@ int up_dest_run(up_dest *d)
 static int send_run(up_dest *d, const up_dest_region *r, uint64_t first, uint64_t n)
 {
 	pthread_mutex_lock(&d->lock);
-	int rc = request_locked(d, r->offset + first * d->ps, n);
+	int rc = request_locked(d, r->offset + first * d->ps, n, NULL);
 	pthread_mutex_unlock(&d->lock);
 	up_wake(d->wake_fd); /* the engine sends what was queued */
 	if (rc)

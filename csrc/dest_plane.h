@@ -26,6 +26,7 @@ typedef struct up_dest_region {
 typedef struct up_dest_stats {
 	uint64_t faults;
 	uint64_t minor_faults;
+	uint64_t minor_unservable; /* MINOR faults in a region without its memory file */
 	uint64_t demand_requests;
 	uint64_t coalesced;
 	uint64_t woken_present;
@@ -51,7 +52,7 @@ typedef struct up_dest_stats {
 	uint64_t known_poison; /* pages the handshake's poison list named */
 	uint64_t stalls;     /* requests older than the deadline, noted */
 	uint64_t resent;     /* requests sent again on a new URGENT socket */
-	uint64_t last_fault;   /* address of the last fault counted as unknown or minor */
+	uint64_t last_fault;   /* address of the last fault counted as unknown or unservable */
 	uint64_t last_refused; /* guest offset of the last data refused over poison */
 } up_dest_stats;
 

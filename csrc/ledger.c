@@ -114,7 +114,27 @@ void up_ledger_free(up_ledger *l)
 	munmap(l->states, l->map_len);
 	if (l->zero_src)
 		munmap((void *)(uintptr_t)l->zero_src, l->page_size);
+	if (l->alias)
+		munmap((void *)(uintptr_t)l->alias, l->npages * l->page_size);
 	free(l);
+}
+
+int up_ledger_minor(up_ledger *l, int memfd, uint64_t file_offset)
+{
+	struct stat st;
+	const uint64_t len = l->npages * l->page_size;
+	if (l->alias || !len || file_offset % l->page_size)
+		return -EINVAL;
+	if (fstat(memfd, &st))
+		return -errno;
+	/* a write through the alias past the file's end would SIGBUS this process */
+	if ((uint64_t)st.st_size < file_offset || (uint64_t)st.st_size - file_offset < len)
+		return -EINVAL;
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, (off_t)file_offset);
+	if (p == MAP_FAILED)
+		return -errno;
+	l->alias = (uint64_t)(uintptr_t)p;
+	return 0;
 }
 
 static int zero_source(up_ledger *l)
@@ -134,6 +154,19 @@ static int issue(up_ledger *l, int op, uint64_t addr, uint64_t src, uint64_t len
 		 int64_t *prog)
 {
 	uint64_t mode = wake ? 0 : 1; /* every *_MODE_DONTWAKE is bit 0 */
+	if (l->alias) { /* MINOR mode: the bytes go into the page cache, CONTINUE maps them */
+		uint8_t *to = (uint8_t *)(uintptr_t)(l->alias + (addr - l->base));
+		if (op == UP_OP_COPY)
+			memcpy(to, (const void *)(uintptr_t)src, len);
+		else if (op == UP_OP_ZERO)
+			memset(to, 0, len);
+		if (l->fd < 0) { /* precopy: nothing is registered yet */
+			*prog = (int64_t)len;
+			return 0;
+		}
+		if (op != UP_OP_POISON)
+			op = UP_OP_CONTINUE;
+	}
 	switch (op) {
 	case UP_OP_COPY:
 		return up_uffd_copy(l->fd, addr, src, len, mode, prog);
@@ -175,7 +208,7 @@ static int place_locked(up_ledger *l, int op, uint64_t first, uint64_t count, ui
 			return UP_REFUSED_POISON;
 		}
 	}
-	if (op == UP_OP_ZERO && l->hugetlb) {
+	if (op == UP_OP_ZERO && l->hugetlb && !l->alias) {
 		int zr = zero_source(l);
 		if (zr)
 			return zr;
@@ -198,7 +231,7 @@ static int place_locked(up_ledger *l, int op, uint64_t first, uint64_t count, ui
 		}
 		uint64_t j = i + 1;
 		/* hugetlb ZERO copies from a single zero huge page: one page per ioctl */
-		if (!(op == UP_OP_ZERO && l->hugetlb))
+		if (!(op == UP_OP_ZERO && l->hugetlb && !l->alias))
 			while (j < end && classify(op, l->states[j]) == PLACE)
 				j++;
 		while (i < j) {

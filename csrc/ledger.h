@@ -40,6 +40,8 @@ typedef struct up_ledger {
 	uint64_t dropped;
 	uint64_t raced;
 	uint64_t zero_src;    /* hugetlb: page_size bytes of never-written anon memory, or 0 */
+	uint64_t alias;       /* MINOR mode: an unregistered shared mapping of the same file
+			       * pages (up_ledger_minor), or 0 */
 	uint64_t map_len;
 	/* Held by every state-changing op (place, mark, claim), so check-state -> ioctl -> record
 	 * is atomic per ledger: the data plane's thread and another (ensure_present's, a test's)
@@ -63,6 +65,13 @@ typedef struct up_place_result {
 up_ledger *up_ledger_new(int fd, uint64_t base, uint64_t size, uint64_t page_size, int hugetlb,
 			 int state_fd);
 void up_ledger_free(up_ledger *l);
+/* MINOR mode (shmem or hugetlbfs registered MISSING|MINOR): the region's pages are the file
+ * memfd's from file_offset on, mapped here a second time, unregistered (the alias). DATA and
+ * ZERO are written through the alias, then UFFDIO_CONTINUE maps that page-cache page; CLEAN
+ * is CONTINUE alone; POISON as ever. Only the ledger writes the alias, and only for a page it
+ * may place (never PRESENT, never POISONED). Without a userfaultfd (fd < 0: precopy, before
+ * the switchover) the write is all. -EINVAL: the file ends before the region does. */
+int up_ledger_minor(up_ledger *l, int memfd, uint64_t file_offset);
 int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
 		    int flags, up_place_result *res);
 int up_ledger_get(const up_ledger *l, uint64_t index);

@@ -25,7 +25,8 @@ from uffdpoison.destination.embed import AuthenticationFailed, serve_memory
 from uffdpoison.destination.link import SourceLink, SourceUnavailable
 from uffdpoison.destination.regions import Region
 from uffdpoison.kernel import memory
-from uffdpoison.protocol import Channel, Side
+from uffdpoison.protocol import Channel, Side, codec, layout
+from uffdpoison.source.spawn import SourceProcess
 
 PS = 4096
 TOKEN = Token(b"the shared secret, 32 bytes long")
@@ -286,3 +287,41 @@ async def test_a_flood_of_connections_at_a_low_fd_limit_is_back_pressure(
     finally:
         await vmm.close()
         assert await dest.stop(15) == 0
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_unauthenticated_peers_cannot_make_a_source_allocate(tmp_path: Path) -> None:
+    """100 connections, each announcing a 64 MiB payload and sending 64 KiB of it, before any
+    handshake: the source holds what arrived, not what was announced (it allocated 64 MiB a
+    connection before), bounds the handshakes it reads at once, and serves a real peer after."""
+    image = tmp_path / "guest.img"
+    image.write_bytes(make_guest(16).image)
+    (tmp_path / "token").write_bytes(b"the shared secret, 32 bytes long")
+    with SourceProcess(image, options=["--token-file", str(tmp_path / "token")]) as sp:
+        assert sp.proc is not None
+        before = _rss_kib(sp.proc.pid)
+        host, port = sp.address.rsplit(":", 1)
+        prefix = codec.PREFIX.pack(layout.MAGIC, 16, layout.MAX_PAYLOAD)
+        flood = []
+        for _ in range(100):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(prefix + bytes(16) + bytes(64 << 10))
+            flood.append(s)
+        time.sleep(1.0)
+        grown = _rss_kib(sp.proc.pid) - before
+        for s in flood:
+            s.close()
+        assert grown < 64 << 10, f"the source grew by {grown} KiB"
+        trio.run(_served_with_token, sp.address)
+
+
+async def _served_with_token(source: str) -> None:
+    with memory.anon(16 * PS) as m:
+        async with serve_memory([Region(m.addr, 16 * PS, 0)], source, token=TOKEN) as server:
+            await server.ensure_present(m.addr, PS)

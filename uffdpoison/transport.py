@@ -8,8 +8,12 @@ control plane read has to be handed over with it.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
@@ -62,6 +66,29 @@ def keep_alive(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(USER_TIMEOUT * 1000))
+
+
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_T = TypeVar("_T")
+
+
+async def accept_patiently(accept: Callable[[], Awaitable[_T]], what: str) -> _T:
+    """``accept()`` until it succeeds. Out of file descriptors (or memory) is back-pressure,
+    never fatal: a server keeps serving what it has and accepts again when fds are free; one
+    log line every 10 s says so."""
+    said = -1e9
+    while True:
+        try:
+            return await accept()
+        except OSError as e:
+            if e.errno not in _OUT_OF_FDS:
+                raise
+            if trio.current_time() - said >= 10.0:
+                said = trio.current_time()
+                logging.getLogger("uffdpoison").warning(
+                    "cannot accept %s now (%s): retrying", what, e.strerror
+                )
+            await trio.sleep(0.1)
 
 
 def format_address(host: str, port: int) -> str:

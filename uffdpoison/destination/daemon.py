@@ -13,7 +13,6 @@ their state, and leaves each VMM holding its userfaultfd.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -48,13 +47,13 @@ from uffdpoison.destination.session import (
 from uffdpoison.destination.state import SessionState, sweep
 from uffdpoison.kernel import Feature, Userfaultfd, errors as kerrors, pagemap
 from uffdpoison.kernel.tls import TlsContext
+from uffdpoison.transport import accept_patiently
 
 log = logging.getLogger(__name__)
 
 SOURCE_LOG_EVERY = 30.0  # seconds between "still waiting for the source" lines
 MAX_HANDOFFS = 64  # handoffs being received at once: a connection counts until its fd arrived
 MAX_SESSIONS = 1024
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class HandoffDaemon:
@@ -95,7 +94,6 @@ class HandoffDaemon:
         self.token, self.tls = token, tls
         self.max_sessions = max_sessions
         self._handoffs = trio.Semaphore(max_handoffs)
-        self._fds_short_said = -1e9
         self.source_info: SourceInfo | None = None
         self.sessions: dict[str, Session] = {}
         self.vmm_pids: dict[str, int] = {}
@@ -140,24 +138,17 @@ class HandoffDaemon:
                             if self.state_dir else "")  # fmt: skip
 
     async def _accept(self, sock: socket.socket) -> socket.socket:
-        """The next connection. Out of file descriptors (or memory) is back-pressure, never
-        fatal: the daemon keeps serving its VMMs and accepts again when fds are free."""
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                conn, _ = sock.accept()
-            except BlockingIOError:
-                continue
-            except OSError as e:
-                if e.errno not in _OUT_OF_FDS:
-                    raise
-                if trio.current_time() - self._fds_short_said >= 10.0:
-                    self._fds_short_said = trio.current_time()
-                    log.warning("cannot accept a handoff now (%s): retrying", e.strerror)
-                await trio.sleep(0.1)
-                continue
-            conn.setblocking(False)
-            return conn
+        async def once() -> socket.socket:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                return conn
+
+        return await accept_patiently(once, "a handoff")
 
     async def _find_source(self) -> None:
         """Until the source answers a handshake: backoff, and a line now and then."""

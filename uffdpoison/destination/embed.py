@@ -87,6 +87,7 @@ async def serve_memory(
     resume_deadline: float = RESUME_DEADLINE,
     token: Token | None = None,
     tls: TlsContext | None = None,
+    memory_file: int | None = None,
 ) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
@@ -109,16 +110,25 @@ async def serve_memory(
     (``AuthenticationFailed``, a ``ConnectionError``). ``tls`` (a client
     ``uffdpoison.kernel.tls.TlsContext``): every byte encrypted, the source's certificate
     checked.
+
+    ``memory_file`` (MINOR mode): the fd of the shmem or hugetlbfs file the regions map
+    (MAP_SHARED), each region at its ``offset`` in it, its page cache filled before (precopy):
+    the regions are registered MISSING|MINOR; a page in the cache is served by asking the
+    source whether it is poisoned or changed (CLEAN: mapped as it is, no page data on the
+    wire; changed: the new bytes; poisoned: a marker), an absent one is fetched.
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
+    mode = RegisterMode.MISSING
+    if memory_file is not None:
+        mode |= RegisterMode.MINOR  # MINOR alone maps zeros for a page not in the cache
     try:
         for r in rmap:
-            uffd.register(r.base, r.size, RegisterMode.MISSING)
+            uffd.register(r.base, r.size, mode)
         session = await Session.connect(
             uffd, rmap, source, bulk=background, hugetlb=hugetlb, name=name, status=status,
             request_timeout=request_timeout, resume_deadline=resume_deadline, token=token,
-            tls=tls,
+            tls=tls, memory_file=memory_file,
         )  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:

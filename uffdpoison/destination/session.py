@@ -56,8 +56,8 @@ _RESUMABLE = frozenset({"shutdown", "busy"})
 # could only count.
 _LOGGED = (
     ("unknown_address", logging.ERROR, "fault(s) in no region, woken unserved"),
-    ("minor_faults", logging.ERROR, "MINOR fault(s): MINOR-mode sessions are not supported; "
-     "those vCPUs stay blocked (register MISSING only)"),
+    ("minor_unservable", logging.ERROR, "MINOR fault(s) in a region handed over without its "
+     "memory file; those vCPUs stay blocked (hand over the file, or register MISSING only)"),
     ("forks", logging.WARNING, "VMM fork(s); the child's memory is not served"),
     ("remaps", logging.ERROR, "VMM mremap(s) of guest memory; not supported, pages there will "
      "not be served"),
@@ -157,14 +157,17 @@ class Session:
         poisoned: Sequence[int] = (),
         token: Token | None = None,
         tls: TlsContext | None = None,
+        memory_file: int | None = None,
         **kw: Any,
     ) -> Session:
         """Handshake with ``source`` (``HOST:PORT``) and set the session up; the link is
         closed again if that fails. ``bulk=False``: no push, pages come only when asked.
         ``state_fds``: a state file per region for the ledgers (``resumed``: adopted from an
         earlier owner, and the source is told what they hold). ``poisoned``: host addresses
-        known to hold poison markers already (POISONED before anything is placed)."""
-        ledgers = _ledgers(uffd, regions, hugetlb, state_fds)
+        known to hold poison markers already (POISONED before anything is placed).
+        ``memory_file``: MINOR mode (regions registered MISSING|MINOR over this shmem or
+        hugetlbfs file, each at its offset in it): a cached page is confirmed, not fetched."""
+        ledgers = _ledgers(uffd, regions, hugetlb, state_fds, memory_file)
         try:
             for addr in poisoned:
                 i, first, _ = next(regions.split_pages(addr, addr + 1))
@@ -486,13 +489,20 @@ def _dest_regions(regions: RegionMap, ledgers: Sequence[Ledger]) -> list[DestReg
 
 
 def _ledgers(
-    uffd: Userfaultfd, regions: RegionMap, hugetlb: bool, state_fds: Sequence[int] | None = None
+    uffd: Userfaultfd,
+    regions: RegionMap,
+    hugetlb: bool,
+    state_fds: Sequence[int] | None = None,
+    memory_file: int | None = None,
 ) -> list[Ledger]:
+    """``memory_file``: MINOR mode, every region's pages are that file's at its offset."""
     fds = state_fds or [-1] * len(regions)
     out: list[Ledger] = []
     try:
         for r, fd in zip(regions, fds, strict=True):
-            out.append(Ledger(uffd, r.base, r.size, r.page_size, hugetlb=hugetlb, state_fd=fd))
+            mf = None if memory_file is None else (memory_file, r.offset)
+            out.append(Ledger(uffd, r.base, r.size, r.page_size, hugetlb=hugetlb, state_fd=fd,
+                              memory_file=mf))  # fmt: skip
     except BaseException:
         for led in out:
             led.close()

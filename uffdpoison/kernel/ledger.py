@@ -82,7 +82,8 @@ class Ledger(Owned):
     retry) with ``.result`` (what was done, all recorded) and ``.stop_page`` attached. Thread
     safe (the C holds a mutex across check → ioctl → record)."""
 
-    __slots__ = ("_l", "_owner", "_res", "base", "hugetlb", "npages", "page_size", "size", "uffd")
+    __slots__ = ("_l", "_owner", "_res", "base", "hugetlb", "minor", "npages", "page_size",
+                 "size", "uffd")  # fmt: skip
 
     def __init__(
         self,
@@ -93,10 +94,13 @@ class Ledger(Owned):
         *,
         hugetlb: bool = False,
         state_fd: int = -1,
+        memory_file: tuple[int, int] | None = None,
     ) -> None:
         """``state_fd``: keep the states in that file (see ``up_ledger_new``): an empty file
         starts all MISSING, one left by an earlier owner is adopted (what was in flight is
-        MISSING again). The mapping outlives the fd."""
+        MISSING again). The mapping outlives the fd. ``memory_file``: (fd, offset) of the
+        shmem or hugetlbfs file behind a region registered MISSING|MINOR: pages are placed
+        through the page cache and CONTINUE (``up_ledger_minor``); the fd may be closed after."""
         if page_size <= 0 or page_size & (page_size - 1):
             raise LedgerError(f"page size {page_size:#x} is not a power of two")
         if base % page_size or size % page_size:
@@ -113,6 +117,15 @@ class Ledger(Owned):
         self._l: Any = ptr
         self.uffd, self.base, self.size, self.page_size = uffd, base, size, page_size
         self.hugetlb = hugetlb
+        self.minor = memory_file is not None
+        if memory_file is not None:
+            rc = lib.up_ledger_minor(ptr, memory_file[0], memory_file[1])
+            if rc:
+                lib.up_ledger_free(ptr)
+                self._l = None
+                what = "the memory file ends before the region does" if rc == -errno.EINVAL else ""
+                raise OSError(-rc, f"memory file for {base:#x}+{size:#x} at offset "
+                              f"{memory_file[1]:#x}: {what or os.strerror(-rc)}")  # fmt: skip
         self.npages: int = ptr.npages
         # The preallocated result serves the creating thread; any other thread gets its own.
         self._res = ffi.new("up_place_result *")

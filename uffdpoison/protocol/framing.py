@@ -20,8 +20,9 @@ class FrameSplitter:
     def __init__(self) -> None:
         self._frames: deque[tuple[bytes, bytearray | None]] = deque()
         self._stash = bytearray()  # a prefix or header split across chunks
-        self._pending: tuple[bytes, memoryview] | None = None  # header, payload being filled
-        self._fill = 0
+        # header, payload so far, its announced length: the buffer grows with the bytes that
+        # arrive, so a prefix announcing MAX_PAYLOAD costs nothing until the peer sends them
+        self._pending: tuple[bytes, bytearray, int] | None = None
         self._error: ProtocolError | None = None
         self.eof = False
 
@@ -40,7 +41,7 @@ class FrameSplitter:
     def bytes_wanted(self) -> int:
         """Bytes that would complete the frame being received (or the next prefix)."""
         if self._pending is not None:
-            return len(self._pending[1]) - self._fill
+            return self._pending[2] - len(self._pending[1])
         have = len(self._stash)
         if have < layout.PREFIX_SIZE:
             return layout.PREFIX_SIZE - have
@@ -64,13 +65,12 @@ class FrameSplitter:
         pos, n = 0, mv.nbytes
         while pos < n:
             if self._pending is not None:
-                header, pview = self._pending
-                take = min(len(pview) - self._fill, n - pos)
-                pview[self._fill : self._fill + take] = mv[pos : pos + take]
-                self._fill += take
+                header, buf, pl = self._pending
+                take = min(pl - len(buf), n - pos)
+                buf += mv[pos : pos + take]
                 pos += take
-                if self._fill == len(pview):
-                    self._frames.append((header, pview.obj))  # type: ignore[arg-type]
+                if len(buf) == pl:
+                    self._frames.append((header, buf))
                     self._pending = None
                 continue
             stash = self._stash
@@ -122,8 +122,7 @@ class FrameSplitter:
         return True
 
     def _start_payload(self, header: bytes, pl: int) -> None:
-        self._pending = (header, memoryview(bytearray(pl)))
-        self._fill = 0
+        self._pending = (header, bytearray(), pl)
 
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None (need more data, or EOF at a frame boundary: see
@@ -137,7 +136,8 @@ class FrameSplitter:
             return None
         if self._pending is not None:
             raise ProtocolError(
-                f"truncated frame at EOF: payload has {self._fill} of {len(self._pending[1])} bytes"
+                f"truncated frame at EOF: payload has {len(self._pending[1])} of "
+                f"{self._pending[2]} bytes"
             )
         if len(self._stash) >= layout.PREFIX_SIZE:
             _, hl, _ = PREFIX.unpack_from(self._stash)

@@ -31,6 +31,7 @@ from uffdpoison.source.session import SourceSession
 from uffdpoison.transport import (
     ConnectionLost,
     FrameStream,
+    accept_patiently,
     format_address,
     keep_alive,
     parse_address,
@@ -47,6 +48,10 @@ StatusCallback = Callable[[dict[str, Any]], None]
 # demand p99 under a 64 MiB/s push 138-176 µs at nice 0 or 10, 49-127 µs at 19.
 PUSH_NICE = 19
 HANDSHAKE_TIMEOUT = 10.0  # a connection that sends no Hello in this long is dropped
+# Connections in their handshake at once (unauthenticated, so bounded): the next waits in the
+# listen backlog. Sessions served at once: the next is refused "busy".
+MAX_HANDSHAKES = 64
+MAX_SESSIONS = 64
 # Once part of a frame is on the wire, how long the rest may take before the peer is dropped.
 PARTIAL_FRAME_TIMEOUT = 30.0
 
@@ -89,6 +94,7 @@ class SourceServer:
         partial_timeout: float = PARTIAL_FRAME_TIMEOUT,
         token: Token | None = None,
         tls: TlsContext | None = None,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
         """``push_nice``: how much lower (nice) the push runs than the demand replies; 0 = the
         same. ``max_bandwidth``: bytes/s for every session's push together. ``token``: serve
@@ -102,6 +108,8 @@ class SourceServer:
         self.partial_timeout = partial_timeout
         self.token = token
         self.tls = tls
+        self.max_sessions = max_sessions
+        self._handshakes = trio.Semaphore(MAX_HANDSHAKES)
         self._status = status
         self.sessions: dict[bytes, SourceSession] = {}
         self.gone: str | None = None  # set once the served process is gone
@@ -147,8 +155,14 @@ class SourceServer:
 
     async def _accept(self, nursery: trio.Nursery, listener: trio.SocketListener) -> None:
         while True:
-            tsock = (await listener.accept()).socket
-            peer = _peer_name(tsock.getpeername())
+            await self._handshakes.acquire()  # back-pressure: the rest wait in the backlog
+            tsock = (await accept_patiently(listener.accept, "a destination")).socket
+            try:
+                peer = _peer_name(tsock.getpeername())
+            except OSError:  # reset before we looked
+                tsock.close()
+                self._handshakes.release()
+                continue
             sock = socket.socket(tsock.family, tsock.type, tsock.proto, tsock.detach())
             keep_alive(sock)
             nursery.start_soon(self._handle, nursery, sock, peer)
@@ -176,6 +190,7 @@ class SourceServer:
         except trio.TooSlowError:
             log.warning("%s: no handshake within %.0f s", peer, HANDSHAKE_TIMEOUT)
         finally:
+            self._handshakes.release()
             if not handed:
                 stream.close()
 
@@ -212,6 +227,9 @@ class SourceServer:
             await _refuse(stream, "read-failed", self.gone)
             return False
         if hello.channel is Channel.URGENT:
+            if len(self.sessions) >= self.max_sessions:
+                await _refuse(stream, "busy", f"this source serves {self.max_sessions} sessions")
+                return False
             try:
                 unit = self.backend.check_unit(hello.page_size)
             except SourceError as e:
