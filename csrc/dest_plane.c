@@ -30,6 +30,7 @@
 #define NOTES 64
 #define MAX_OUTSTANDING (1u << 20) /* requests in flight; each at least one blocked vCPU */
 #define MAX_IN (UP_FRAME_PAGES + UP_WIRE_MAX_PAYLOAD)
+#define DIGEST_RUN 64u /* pages a Request with digests covers: the source hashes them at once */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define cpu_relax() __builtin_ia32_pause()
@@ -45,7 +46,7 @@ struct out_entry {
 	uint64_t next;    /* next byte offset a reply must start at */
 	uint64_t end;     /* 0: answered (slot free) */
 	uint64_t sent_ns; /* when it was queued (the deadline runs from here); 0: no source yet */
-	int digests;      /* it carried the digest of a cached copy: CLEAN may answer it */
+	int digests;      /* it carries the digests of cached copies: CLEAN may answer it */
 };
 
 struct up_dest {
@@ -289,12 +290,35 @@ static int connected(const up_chan *c)
 	return c->fd >= 0 && c->held != UP_HELD_STOPPED && !LOAD(&c->closing);
 }
 
-/* One Request for `count` pages at guest `offset`, recorded and queued on URGENT. With no
- * source now (the session is paused), only recorded: it goes out when one is attached.
- * `cached` (MINOR mode, one page): the page-cache copy, whose digest goes with the request so
- * the source can answer CLEAN; on a new socket it is asked for again without (DATA, safe). */
-static int request_locked(up_dest *d, uint64_t offset, uint64_t count, const uint8_t *cached)
+/* A Request frame into `frame` (UP_FRAME_REQUEST + 8 * DIGEST_RUN bytes); its length. With
+ * `digests` (MINOR mode, at most DIGEST_RUN pages): the digests of the page-cache copies,
+ * read through the region's alias, so the source can answer CLEAN. */
+static size_t put_request(const up_dest *d, uint8_t *frame, uint64_t id, uint64_t offset,
+			  uint64_t count, int digests)
 {
+	const uint32_t pl = digests ? (uint32_t)(8 * count) : 0;
+	up_frame_put_request(frame, id, offset, count, pl);
+	if (digests) {
+		const up_dest_region *r = &d->regions[region_by_offset(d, offset)];
+		const uint8_t *cached = (const uint8_t *)(uintptr_t)(r->ledger->alias + offset -
+								     r->offset);
+		for (uint64_t k = 0; k < count; k++) {
+			uint64_t h = up_xxh64(cached + k * d->ps, d->ps, 0);
+			for (int b = 0; b < 8; b++) /* the wire's digests are little-endian */
+				frame[UP_FRAME_REQUEST + 8 * k + b] = (uint8_t)(h >> (8 * b));
+		}
+	}
+	return UP_FRAME_REQUEST + pl;
+}
+
+/* One Request for `count` pages at guest `offset`, recorded and queued on URGENT. With no
+ * source now (the session is paused, or its socket not taken yet), only recorded: it goes out
+ * when one is attached. `digests`: see put_request; the pages stay as cached until answered
+ * (only a placement writes them, and they are REQUESTED), so a re-send hashes them again. */
+static int request_locked(up_dest *d, uint64_t offset, uint64_t count, int digests)
+{
+	if (digests && count > DIGEST_RUN)
+		return -EINVAL;
 	if (d->next_id - d->out_base == d->out_cap) {
 		int r = ring_grow(d);
 		if (r)
@@ -303,23 +327,15 @@ static int request_locked(up_dest *d, uint64_t offset, uint64_t count, const uin
 	const uint64_t id = d->next_id;
 	uint64_t sent = 0;
 	if (connected(&d->ch[URGENT])) {
-		uint8_t frame[UP_FRAME_REQUEST + 8];
-		uint32_t pl = cached ? 8 : 0;
-		up_frame_put_request(frame, id, offset, count, pl);
-		if (cached) {
-			uint64_t h = up_xxh64(cached, d->ps, 0);
-			for (int b = 0; b < 8; b++) /* the wire's digests are little-endian */
-				frame[UP_FRAME_REQUEST + b] = (uint8_t)(h >> (8 * b));
-		}
-		int r = up_chan_queue(&d->ch[URGENT], frame, UP_FRAME_REQUEST + pl);
+		uint8_t frame[UP_FRAME_REQUEST + 8 * DIGEST_RUN];
+		size_t len = put_request(d, frame, id, offset, count, digests);
+		int r = up_chan_queue(&d->ch[URGENT], frame, len);
 		if (r)
 			return r;
 		sent = now_ns();
-	} else {
-		cached = NULL; /* sent later, without a digest */
 	}
 	d->out[id & (d->out_cap - 1)] =
-		(struct out_entry){offset, offset + count * d->ps, sent, cached != NULL};
+		(struct out_entry){offset, offset + count * d->ps, sent, digests};
 	d->next_id = id + 1;
 	CNT(d, demand_requests, 1);
 	return 0;
@@ -334,12 +350,12 @@ static void resend_locked(up_dest *d)
 		struct out_entry *o = &d->out[id & (d->out_cap - 1)];
 		if (!o->end)
 			continue;
-		uint8_t frame[UP_FRAME_REQUEST];
-		up_frame_put_request(frame, id, o->next, (o->end - o->next) / d->ps, 0);
-		if (up_chan_queue(&d->ch[URGENT], frame, sizeof(frame)))
+		uint8_t frame[UP_FRAME_REQUEST + 8 * DIGEST_RUN];
+		size_t len = put_request(d, frame, id, o->next, (o->end - o->next) / d->ps,
+					 o->digests);
+		if (up_chan_queue(&d->ch[URGENT], frame, len))
 			break; /* cannot happen: the queue holds MAX_OUTSTANDING requests */
 		o->sent_ns = now;
-		o->digests = 0;
 		CNT(d, resent, 1);
 	}
 }
@@ -612,7 +628,7 @@ static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags)
 	const uint64_t idx = (page - r->base) / ps;
 	/* A MINOR fault: the page is in the page cache (precopied). Is that copy current, and is
 	 * the page poisoned at the source? Its digest goes with the request. */
-	const uint8_t *cached = NULL;
+	int cached = 0;
 	if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
 		CNT(d, minor_faults, 1);
 		if (!r->ledger->alias) { /* registered MINOR without the file: cannot be served */
@@ -621,7 +637,7 @@ static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags)
 			up_notes_flag(&d->notes, UP_FLAG_LOG);
 			return 0;
 		}
-		cached = (const uint8_t *)(uintptr_t)(r->ledger->alias + idx * ps);
+		cached = 1;
 	}
 	int placed = 0;
 	switch (up_ledger_claim(r->ledger, idx)) {
@@ -954,10 +970,11 @@ int up_dest_run(up_dest *d)
 
 /* ---- ensure_present ------------------------------------------------------------------------ */
 
-static int send_run(up_dest *d, const up_dest_region *r, uint64_t first, uint64_t n)
+static int send_run(up_dest *d, const up_dest_region *r, uint64_t first, uint64_t n,
+		    int digests)
 {
 	pthread_mutex_lock(&d->lock);
-	int rc = request_locked(d, r->offset + first * d->ps, n, NULL);
+	int rc = request_locked(d, r->offset + first * d->ps, n, digests);
 	pthread_mutex_unlock(&d->lock);
 	up_wake(d->wake_fd); /* the engine sends what was queued */
 	if (rc)
@@ -965,7 +982,8 @@ static int send_run(up_dest *d, const up_dest_region *r, uint64_t first, uint64_
 	return rc;
 }
 
-int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint64_t max_run)
+int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint64_t max_run,
+		    int digests)
 {
 	if (region < 0 || region >= d->nregions)
 		return -EINVAL;
@@ -975,6 +993,9 @@ int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint
 		return -EINVAL;
 	if (max_run == 0 || max_run > UP_WIRE_MAX_PAGES)
 		max_run = UP_WIRE_MAX_PAGES;
+	digests = digests && l->alias;
+	if (digests && max_run > DIGEST_RUN)
+		max_run = DIGEST_RUN;
 	uint64_t run = 0, run_len = 0;
 	int rc = 0;
 	for (uint64_t i = first; i < first + count && !rc; i++) {
@@ -984,7 +1005,7 @@ int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint
 				run_len++;
 				continue;
 			}
-			if (run_len && (rc = send_run(d, r, run, run_len))) {
+			if (run_len && (rc = send_run(d, r, run, run_len, digests))) {
 				unclaim(r, i, 1);
 				break;
 			}
@@ -993,7 +1014,7 @@ int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint
 			continue;
 		}
 		if (run_len) {
-			rc = send_run(d, r, run, run_len);
+			rc = send_run(d, r, run, run_len, digests);
 			run_len = 0;
 		}
 		if (!rc && (s == UP_REMOVED || s == UP_POISONED)) {
@@ -1005,6 +1026,6 @@ int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint
 		}
 	}
 	if (!rc && run_len)
-		rc = send_run(d, r, run, run_len);
+		rc = send_run(d, r, run, run_len, digests);
 	return rc;
 }

@@ -81,9 +81,12 @@ up_chan *up_dest_chan(up_dest *d, int channel);
 void up_dest_notify(up_dest *d, int delta);
 /* For ensure_present: claim pages [first, first + count) of region `region`; request the
  * missing ones (runs of at most max_run pages; while no source is attached they go out when
- * one is), zero the removed ones, re-poison the poisoned ones. 0 or -errno (-EAGAIN: a
- * placement met a pending event, call again). */
-int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint64_t max_run);
+ * one is), zero the removed ones, re-poison the poisoned ones. `digests` (MINOR mode): with
+ * the digests of the page-cache copies, so the source confirms what is current (CLEAN) and
+ * sends only what changed. 0 or -errno (-EAGAIN: a placement met a pending event, call
+ * again). */
+int up_dest_request(up_dest *d, int region, uint64_t first, uint64_t count, uint64_t max_run,
+		    int digests);
 void up_dest_get_stats(up_dest *d, up_dest_stats *out);
 /* What a resuming session tells the source (a Have), from its regions' ledgers, for units
  * [first, first + n) of the guest memory space (ps bytes each): bit i (LSB first) set when

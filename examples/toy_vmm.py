@@ -3,8 +3,11 @@
 
 It creates a userfaultfd with Firecracker's feature set (EVENT_REMOVE only), maps guest memory,
 registers it MISSING, and sends the region table as JSON with the fd attached (SCM_RIGHTS) to
-the daemon's handoff socket. Its "vCPUs" are C toucher threads, so a poisoned page raises
-SIGBUS in C and is reported, instead of killing this process.
+the daemon's handoff socket. With ``--minor IMAGE`` (shmem or hugetlb) it first fills the
+memory file's page cache from IMAGE (a precopy done by the VMM itself), registers
+MISSING|MINOR and attaches the memory file as a second fd. Its "vCPUs" are C toucher
+threads, so a poisoned page raises SIGBUS in C and is reported, instead of killing this
+process.
 
 It keeps the handoff connection open while it lives: if the daemon closes it without a word
 (the daemon stopped or died) it hands the same userfaultfd over again to whichever daemon
@@ -18,6 +21,7 @@ It then reads commands on stdin, one per line, and answers each with one JSON li
     exit
 
 Usage: toy_vmm.py --handoff PATH --size BYTES [--memory anon|shmem|hugetlb] [--offset BYTES]
+                  [--minor IMAGE]
 """
 
 from __future__ import annotations
@@ -45,19 +49,28 @@ def main() -> int:
     p.add_argument("--offset", type=int, default=0, help="region offset in the source's memory")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds a touch command may take")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--minor", metavar="IMAGE", help="MINOR mode, the page cache filled from IMAGE")
     args = p.parse_args()
 
     page_size = HUGE if args.memory == "hugetlb" else 4096
     mapping = memory.of_kind(args.memory, args.size)
     # Firecracker negotiates only EVENT_REMOVE: no thread ids, no UNMAP/REMAP/FORK events.
     uffd = Userfaultfd.create(Feature.EVENT_REMOVE)
-    uffd.register(mapping.addr, mapping.size, RegisterMode.MISSING)
+    mode, fds = RegisterMode.MISSING, [uffd.fileno()]
+    if args.minor:
+        with open(args.minor, "rb") as f:  # the precopy: into the page cache, unregistered
+            f.seek(args.offset)
+            mapping.write(0, f.read(args.size), alias=True)
+        assert mapping.fd is not None, "MINOR mode needs --memory shmem or hugetlb"
+        mode |= RegisterMode.MINOR  # MINOR alone would map zeros where the cache has no page
+        fds.append(mapping.fd)
+    uffd.register(mapping.addr, mapping.size, mode)
     region = Region(base=mapping.addr, size=args.size, offset=args.offset, page_size=page_size)
 
     body = regions_to_json([region])
-    sock = _hand_over(args.handoff, body, uffd.fileno(), retry=False)
+    sock = _hand_over(args.handoff, body, fds, retry=False)
     threading.Thread(
-        target=_keep_handed_over, args=(sock, args.handoff, body, uffd.fileno()), daemon=True
+        target=_keep_handed_over, args=(sock, args.handoff, body, fds), daemon=True
     ).start()
     print(
         json.dumps({"event": "handed-off", "base": mapping.addr, "page_size": page_size}),
@@ -104,12 +117,12 @@ def main() -> int:
     return 0
 
 
-def _hand_over(path: str, body: bytes, fd: int, *, retry: bool) -> socket.socket:
+def _hand_over(path: str, body: bytes, fds: list[int], *, retry: bool) -> socket.socket:
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
-            socket.send_fds(sock, [body], [fd])
+            socket.send_fds(sock, [body], fds)
             return sock
         except OSError:
             sock.close()
@@ -118,7 +131,7 @@ def _hand_over(path: str, body: bytes, fd: int, *, retry: bool) -> socket.socket
             time.sleep(0.05)  # no daemon listening yet: a restarted one will be
 
 
-def _keep_handed_over(sock: socket.socket, path: str, body: bytes, fd: int) -> None:
+def _keep_handed_over(sock: socket.socket, path: str, body: bytes, fds: list[int]) -> None:
     """The restart contract: a close without a word means hand over again; a reply, refused."""
     while True:
         try:
@@ -130,7 +143,7 @@ def _keep_handed_over(sock: socket.socket, path: str, body: bytes, fd: int) -> N
             print(f"toy VMM: handoff refused: {reply.decode(errors='replace').strip()}",
                   file=sys.stderr)  # fmt: skip
             return
-        sock = _hand_over(path, body, fd, retry=True)
+        sock = _hand_over(path, body, fds, retry=True)
 
 
 if __name__ == "__main__":

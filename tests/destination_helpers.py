@@ -95,7 +95,10 @@ class ToyVMM:
         memory: str = "anon",
         offset: int = 0,
         timeout: float = 20.0,
+        minor: str | None = None,
     ) -> ToyVMM:
+        """``minor``: an image file the VMM fills its memory file's page cache from (MINOR
+        mode: the memory file is handed over too)."""
         proc = await trio.lowlevel.open_process(
             [
                 sys.executable,
@@ -110,6 +113,7 @@ class ToyVMM:
                 str(offset),
                 "--timeout",
                 str(timeout),
+                *(["--minor", minor] if minor else []),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -4,13 +4,17 @@ mode"). Real memfds, a real source on loopback, C toucher threads."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from array import array
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from destination_helpers import make_guest, start_source
+from destination_helpers import ToyVMM, make_guest, start_source
+from test_daemon import Daemon, check_touches
 
 from uffdpoison.destination.embed import serve_memory
 from uffdpoison.destination.regions import Region
@@ -29,14 +33,16 @@ def _kind(kind: str, hugepages: Callable[[int], int], n: int) -> int:
     return 4096
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["faults", "confirmed"])
 @pytest.mark.parametrize("kind", ["shmem", "hugetlb"])
 async def test_cached_pages_are_confirmed_changed_ones_sent_poisoned_ones_marked(
-    nursery: trio.Nursery, kind: str, hugepages: Callable[[int], int]
+    nursery: trio.Nursery, kind: str, hugepages: Callable[[int], int], background: bool
 ) -> None:
     """The file holds the precopy; then the source changed some pages and some were poisoned,
-    and some never reached the cache. Every page touched: changed and absent pages arrive
-    byte-exact (DATA), poisoned ones SIGBUS (again after completion), the rest are mapped as
-    they are (CLEAN) with no page data on the wire."""
+    and some never reached the cache. Every page touched (after the background confirmed
+    them all, or each on its fault): changed and absent pages arrive byte-exact (DATA),
+    poisoned ones SIGBUS (again after completion), the rest are mapped as they are (CLEAN)
+    with no page data on the wire."""
     n = 32 if kind == "shmem" else 8
     ps = _kind(kind, hugepages, n)
     guest = make_guest(n, ps, poisoned=[3, 6], zero=[])
@@ -53,8 +59,11 @@ async def test_cached_pages_are_confirmed_changed_ones_sent_poisoned_ones_marked
                 m.write(i * ps, bytes(cached[i * ps : (i + 1) * ps]), alias=True)
         region = Region(m.addr, n * ps, 0, page_size=ps)
         async with serve_memory(
-            [region], source, memory_file=m.fd, background=False, hugetlb=kind == "hugetlb"
+            [region], source, memory_file=m.fd, background=background, hugetlb=kind == "hugetlb"
         ) as server:
+            if background:
+                with trio.fail_after(20):
+                    await server.wait_complete()
             t = Toucher(array("Q", (m.addr + i * ps for i in range(n))), digest=True, page_size=ps)
             t.start()
             await t.wait()
@@ -70,7 +79,8 @@ async def test_cached_pages_are_confirmed_changed_ones_sent_poisoned_ones_marked
         assert st["continued"] == clean  # mapped as cached: CLEAN
         assert st["copied"] == len(changed) + len(absent)  # only those crossed the wire
         assert st["poisoned"] == len(guest.poisoned)
-        assert st["minor_faults"] == n - len(absent) - len(guest.poisoned)  # poison: known
+        faults = n - len(absent) - len(guest.poisoned)  # poison: known from the handshake
+        assert st["minor_faults"] == (0 if background else faults)
         assert counts["poisoned"] == len(guest.poisoned)
         assert counts["present"] == n - len(guest.poisoned)
         # Touched again, the poisoned pages still SIGBUS.
@@ -129,3 +139,79 @@ def test_continue_on_a_page_not_in_the_cache_is_an_error(uffd: Userfaultfd) -> N
             assert led.copy(1, 1, b"\x33" * 4096).placed == 1
             assert m.read(4096, 4096) == b"\x33" * 4096
         uffd.unregister(m.addr, m.size)
+
+
+# -- the handoff: [uffd] is MISSING mode, [uffd, memory file] MINOR mode ----------------------
+
+# argv: handoff path, region bytes, then what follows the uffd: "memfd:BYTES" or "pipe" each.
+HANDOFF_FDS = """
+import json, os, socket, sys
+from uffdpoison.kernel import Feature, Userfaultfd
+u = Userfaultfd.create(Feature.EVENT_REMOVE)
+fds = [u.fileno()]
+for spec in sys.argv[3:]:
+    if spec == "pipe":
+        fds.append(os.pipe()[0])
+    else:
+        fd = os.memfd_create("guest"); os.ftruncate(fd, int(spec.split(":")[1])); fds.append(fd)
+region = {"base_host_virt_addr": 1 << 40, "size": int(sys.argv[2]), "offset": 0,
+          "page_size": 4096}
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+socket.send_fds(s, [json.dumps([region]).encode()], fds)
+s.recv(4096)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["memfd:8192"], "holds 8192 bytes; the regions need 16384"),
+        (["pipe"], "not a file"),
+        (["memfd:16384", "memfd:16384"], "carried 3 file descriptors"),
+    ],
+)
+async def test_handoffs_that_do_not_fit_minor_mode_are_refused(
+    nursery: trio.Nursery, tmp_path: Path, extra: list[str], words: str
+) -> None:
+    guest = make_guest(16)
+    d = Daemon(str(tmp_path / "h.sock"), await start_source(nursery, guest.backend()))
+    await nursery.start(d.daemon.serve)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", HANDOFF_FDS, d.path, str(4 * 4096), *extra],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        (rejected,) = await d.wait_for("handoff-rejected")
+        assert words in rejected["reason"], rejected
+        assert not d.events("session-failed")
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+@pytest.mark.parametrize("kind", ["shmem", "hugetlb"])
+async def test_a_vmm_hands_over_its_memory_file_and_is_served_in_minor_mode(
+    nursery: trio.Nursery, tmp_path: Path, kind: str, hugepages: Callable[[int], int]
+) -> None:
+    """Firecracker's guest_memfd shape: the VMM precopied into its memory file, registered
+    MISSING|MINOR and handed over the uffd and the file. The source has since changed pages
+    and poisoned some: every touch reads the source's bytes or SIGBUSes."""
+    n = 48 if kind == "shmem" else 6
+    ps = _kind(kind, hugepages, n)
+    guest = make_guest(n, ps, poisoned=[2, 5], zero=[4])
+    precopy = bytearray(guest.image)
+    for i in (1, 3):
+        precopy[i * ps : i * ps + 8] = b"old data"
+    image = tmp_path / "precopy.img"
+    image.write_bytes(precopy)
+    d = Daemon(str(tmp_path / "h.sock"), await start_source(nursery, guest.backend()))
+    await nursery.start(d.daemon.serve)
+    vmm = await ToyVMM.start(d.path, n * ps, memory=kind, minor=str(image))
+    try:
+        check_touches(guest, await vmm.touch("all"))
+        (session,) = d.daemon.sessions.values()
+        st = session.stats  # by the fault or by the background, each page once
+        assert (st["continued"], st["copied"], st["minor_unservable"]) == (n - 4, 2, 0)
+    finally:
+        await vmm.close()

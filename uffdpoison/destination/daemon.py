@@ -27,6 +27,7 @@ from uffdpoison.destination.handoff import (
     HANDOFF_TIMEOUT,
     HandoffError,
     Peer,
+    check_memory_file,
     peer_credentials,
     prepare_socket,
     receive_handoff,
@@ -174,7 +175,7 @@ class HandoffDaemon:
     async def _serve_vmm(self, conn: socket.socket, name: str) -> None:
         uffd: Userfaultfd | None = None
         peer: Peer | None = None
-        fd = -1
+        fds: list[int] = []
         try:
             try:
                 peer = peer_credentials(conn)
@@ -185,15 +186,16 @@ class HandoffDaemon:
                     )
                 if len(self.sessions) >= self.max_sessions:
                     raise HandoffError(f"the daemon serves {self.max_sessions} VMMs already")
-                body, fd = await receive_handoff(conn, self.handoff_timeout)
+                body, fds = await receive_handoff(conn, self.handoff_timeout)
             finally:
                 self._handoffs.release()
             try:
-                uffd = Userfaultfd.adopt(fd)
+                uffd = Userfaultfd.adopt(fds[0])
             except kerrors.NotAUserfaultfd as e:
                 raise HandoffError(str(e)) from None
-            fd = -1  # owned by uffd now
+            fds = fds[1:]  # the first is owned by uffd now
             regions = RegionMap(parse_firecracker_regions(body))
+            memory_file = check_memory_file(fds[0], regions) if fds else None
             if not self._source_ready.is_set():
                 log.info("%s (pid %d): waits for the source; its vCPUs block", name, peer.pid)
                 with trio.move_on_after(self.resume_deadline):
@@ -206,7 +208,7 @@ class HandoffDaemon:
             regions.check_within(self.source_info.memory_size)
             if uffd.lacks:
                 log.info("%s (pid %d): the userfaultfd lacks: %s", name, peer.pid, uffd.lacks)
-            await self._run_session(name, peer, uffd, regions)
+            await self._run_session(name, peer, uffd, regions, memory_file)
         except (HandoffError, RegionError, kerrors.UffdError) as e:
             log.error("%s: handoff rejected: %s", name, e)
             self._emit("handoff-rejected", session=name, reason=str(e))
@@ -218,7 +220,7 @@ class HandoffDaemon:
             log.exception("%s: session error", name)
             self._emit("session-failed", session=name, reason=f"{type(e).__name__}: {e}")
         finally:
-            if fd >= 0:
+            for fd in fds:
                 os.close(fd)
             conn.close()
             try:
@@ -232,7 +234,7 @@ class HandoffDaemon:
                     uffd.close()
 
     async def _run_session(
-        self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap
+        self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap, memory_file: int | None
     ) -> None:
         state = SessionState(self.state_dir, peer.pid, regions) if self.state_dir else None
         try:
@@ -241,7 +243,7 @@ class HandoffDaemon:
                 log.warning("%s (pid %d): resuming from %s", name, peer.pid, state.path)
             else:
                 poisoned = _account_for(peer.pid, uffd, regions)
-            session = await self._connect(name, peer, uffd, regions, state, poisoned)
+            session = await self._connect(name, peer, uffd, regions, state, poisoned, memory_file)
             self.sessions[name], self.vmm_pids[name] = session, peer.pid
             try:
                 await self._serve_until_gone(session, peer)
@@ -262,6 +264,7 @@ class HandoffDaemon:
         regions: RegionMap,
         state: SessionState | None,
         poisoned: list[int],
+        memory_file: int | None,
     ) -> Session:
         """A session with the source, retried (the source may have gone since it answered)."""
         delay = BACKOFF[0]
@@ -275,6 +278,7 @@ class HandoffDaemon:
                         resumed=bool(state and state.adopted), poisoned=poisoned,
                         resume_deadline=self.resume_deadline,
                         request_timeout=self.request_timeout, token=self.token, tls=self.tls,
+                        memory_file=memory_file,
                     )  # fmt: skip
                 except SourceUnavailable as e:
                     log.info("%s: source not reachable: %s", name, e)

@@ -25,6 +25,7 @@ import trio
 
 from uffdpoison.destination.regions import (
     MAX_HANDOFF_BYTES,
+    RegionMap,
 )
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,10 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-async def receive_handoff(sock: socket.socket, timeout: float) -> tuple[bytes, int]:
+async def receive_handoff(sock: socket.socket, timeout: float) -> tuple[bytes, list[int]]:
     """Read one handoff: a JSON array of regions (at most MAX_HANDOFF_BYTES) with the
-    userfaultfd as SCM_RIGHTS on its first message. Bytes are read until they hold one whole
+    userfaultfd as SCM_RIGHTS on its first message, and in MINOR mode the guest memory's
+    file after it (so [uffd] or [uffd, memory file]). Bytes are read until they hold one whole
     JSON document, the VMM closes the socket (some Firecracker releases keep it open) or
     ``timeout`` passes; then the text is judged once, by its parser."""
     buf = bytearray()
@@ -75,15 +77,35 @@ async def receive_handoff(sock: socket.socket, timeout: float) -> tuple[bytes, i
             raise HandoffError(f"no handoff within {timeout:.0f} s")
         if scope.cancelled_caught and not _whole_json(buf):
             raise HandoffError(f"handoff incomplete after {timeout:.0f} s ({len(buf)} bytes)")
-        for extra in fds[1:]:
-            os.close(extra)
-        if fds[1:]:
-            log.warning("handoff carried %d extra fds; closed them", len(fds) - 1)
-        return bytes(buf), fds[0]
+        if len(fds) > 2:
+            raise HandoffError(
+                f"handoff carried {len(fds)} file descriptors; expected the userfaultfd, and "
+                "in MINOR mode the guest memory file after it"
+            )
+        return bytes(buf), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
+
+
+def check_memory_file(fd: int, regions: RegionMap) -> int:
+    """A MINOR-mode handoff's guest memory file, checked against its regions (each at its
+    ``offset`` in the file): a file long enough for all of them. Its kind (a shmem memfd or a
+    hugetlbfs file) the VMM's MINOR registration already required."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise HandoffError(
+            "the second file descriptor is not a file; in MINOR mode it is the guest memory "
+            "file (a shmem memfd or a hugetlbfs file)"
+        )
+    end = max(r.offset_end for r in regions)
+    if st.st_size < end:
+        raise HandoffError(
+            f"the guest memory file holds {st.st_size} bytes; the regions need {end} "
+            "(each region's offset is its offset in that file)"
+        )
+    return fd
 
 
 async def _receive(sock: socket.socket, buf: bytearray, fds: list[int]) -> None:

@@ -48,6 +48,7 @@ StatusSink = Callable[[dict[str, Any]], None]
 REQUEST_TIMEOUT = 10.0  # a demand request unanswered this long: the source is taken as lost
 RESUME_DEADLINE = 120.0  # a paused session that cannot resume this long fails
 BACKOFF = (0.05, 0.5)  # reconnect delays: first, most (doubling in between)
+CONFIRM_BYTES = 4 << 20  # MINOR mode: cached pages confirmed at a time in the background
 _UNPLACED = (PageState.MISSING, PageState.REQUESTED, PageState.BACKGROUND, PageState.REMOVED)
 # Fatal Errors from a source that may well come back (the session pauses for them).
 _RESUMABLE = frozenset({"shutdown", "busy"})
@@ -94,9 +95,11 @@ class Session:
         resumed: bool = False,
         token: Token | None = None,
         tls: TlsContext | None = None,
+        confirm: bool = False,
     ) -> None:
         """``ledgers``: the regions' (made here if None); ``resumed``: they were kept by an
-        earlier owner of this userfaultfd, whose unserved faults are woken to fault anew."""
+        earlier owner of this userfaultfd, whose unserved faults are woken to fault anew.
+        ``confirm`` (MINOR mode): the background confirms the cached pages (``_confirm``)."""
         if link.info.page_size != regions.page_size:
             raise ValueError(
                 f"source serves {link.info.page_size}-byte pages, regions use {regions.page_size}"
@@ -111,6 +114,7 @@ class Session:
         self.resume_deadline = resume_deadline
         self.resumed = resumed
         self.token, self.tls = token, tls  # a reconnection authenticates and encrypts too
+        self.confirm = confirm
         self._status = status or (lambda _d: None)
         self.ledgers = list(ledgers) if ledgers is not None else _ledgers(uffd, regions, hugetlb)
         self._dest_regions = _dest_regions(regions, self.ledgers)
@@ -174,7 +178,8 @@ class Session:
                 ledgers[i].mark(first, 1, PageState.POISONED, only_from=_UNPLACED)
             held = partial(have, _dest_regions(regions, ledgers), regions.page_size)
             link = await SourceLink.connect(
-                source, page_size=regions.page_size, bulk=bulk, have=held if resumed else None,
+                source, page_size=regions.page_size, bulk=bulk and memory_file is None,
+                have=held if resumed else None,
                 token=token, tls=tls,
             )  # fmt: skip
             try:
@@ -186,6 +191,7 @@ class Session:
                     resumed=resumed,
                     token=token,
                     tls=tls,
+                    confirm=bulk and memory_file is not None,  # MINOR: confirm, not push
                     **kw,
                 )
             except BaseException:
@@ -227,6 +233,8 @@ class Session:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(run_loop, self.plane.run, self.plane.stop)
+                    if self.confirm:
+                        nursery.start_soon(self._confirm)
                     task_status.started()
                     async for flags, got in notes(self.plane.notes_fd, self.plane.take_notes):
                         self._on_flags(flags)
@@ -463,6 +471,28 @@ class Session:
                     name = errno.errorcode.get(-rc, str(-rc))
                     raise SessionFailed(self.failed or f"cannot ask the source for pages: {name}")
             return await self._wait_placed(pending)
+        finally:
+            self.plane.notify(-1)
+
+    async def _confirm(self) -> None:
+        """MINOR mode's background, instead of a push: the cached pages nobody touched yet are
+        confirmed with the source, CONFIRM_BYTES at a time (their digests, hashed off the
+        event loop: CLEAN maps a page as cached, a changed one arrives as DATA), until every
+        page is resident. Only what changed crosses the wire; a fault waits behind at most
+        one chunk's replies."""
+        chunk = max(1, CONFIRM_BYTES // self.page_size)
+        self.plane.notify(1)
+        try:
+            for i, led in enumerate(self.ledgers):
+                for first in range(0, led.npages, chunk):
+                    n = min(chunk, led.npages - first)
+                    ask = partial(self.plane.request, i, first, n, digests=True)
+                    while (rc := await trio.to_thread.run_sync(ask)) == -errno.EAGAIN:
+                        await trio.sleep(0.0005)
+                    if rc < 0:
+                        name = errno.errorcode.get(-rc, str(-rc))
+                        raise SessionFailed(f"cannot ask the source to confirm pages: {name}")
+                    await self._wait_placed([(i, first, first + n)])
         finally:
             self.plane.notify(-1)
 

@@ -244,10 +244,14 @@ class DestPlane(_Plane):
         """+1 while a waiter wants Flag.PROGRESS on every placement, -1 after."""
         lib.up_dest_notify(self._raw(), delta)
 
-    def request(self, region: int, first: int, count: int, max_run: int = 0) -> int:
+    def request(
+        self, region: int, first: int, count: int, max_run: int = 0, *, digests: bool = False
+    ) -> int:
         """Claim pages [first, first+count) of region ``region`` and ask for what is missing
-        (runs of at most ``max_run`` pages). 0, or -errno (-EAGAIN: call again soon)."""
-        return int(lib.up_dest_request(self._raw(), region, first, count, max_run))
+        (runs of at most ``max_run`` pages; ``digests``, MINOR mode: with the digests of the
+        cached copies, hashed here, so call it off the event loop). 0, or -errno (-EAGAIN:
+        call again soon)."""
+        return int(lib.up_dest_request(self._raw(), region, first, count, max_run, digests))
 
     def stats(self) -> dict[str, int]:
         return self._stats("up_dest_stats")
