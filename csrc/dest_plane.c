@@ -128,7 +128,8 @@ up_dest *up_dest_new(int uffd, uint64_t page_size, uint64_t memory_size,
 	int rc = (!d->regions || !d->out || !d->evq || !d->poison) ? -ENOMEM
 		 : d->wake_fd < 0 || d->epfd < 0		   ? -errno
 								   : up_notes_init(&d->notes, NOTES);
-	for (int i = 0; !rc && i < 2; i++) { /* the userfaultfd (data 0) and the wake fd (data 1) */
+	/* the userfaultfd (data 0; none during a precopy) and the wake fd (data 1) */
+	for (int i = uffd < 0; !rc && i < 2; i++) {
 		struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
 		if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, i ? d->wake_fd : uffd, &ev))
 			rc = -errno;
@@ -302,8 +303,10 @@ static size_t put_request(const up_dest *d, uint8_t *frame, uint64_t id, uint64_
 		const up_dest_region *r = &d->regions[region_by_offset(d, offset)];
 		const uint8_t *cached = (const uint8_t *)(uintptr_t)(r->ledger->alias + offset -
 								     r->offset);
+		const uint64_t *known = r->ledger->digests + (offset - r->offset) / d->ps;
 		for (uint64_t k = 0; k < count; k++) {
-			uint64_t h = up_xxh64(cached + k * d->ps, d->ps, 0);
+			/* as written (the precopy, or a placement), else hashed now */
+			uint64_t h = known[k] ? known[k] : up_xxh64(cached + k * d->ps, d->ps, 0);
 			for (int b = 0; b < 8; b++) /* the wire's digests are little-endian */
 				frame[UP_FRAME_REQUEST + 8 * k + b] = (uint8_t)(h >> (8 * b));
 		}

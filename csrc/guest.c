@@ -37,6 +37,43 @@ static const up_guest_range *range_of(const up_guest *g, uint64_t off)
 	return NULL;
 }
 
+#define SOFT_DIRTY (1ull << 55)
+
+int up_guest_changed(const up_guest *g, uint64_t off, uint64_t len)
+{
+	if (g->mem)
+		return 1;
+	if (!g->is_process)
+		return 0;
+	if (g->pagemap_fd < 0)
+		return 1;
+	uint64_t entries[512];
+	while (len) {
+		const up_guest_range *r = range_of(g, off);
+		if (!r)
+			return 1;
+		uint64_t take = r->len - (off - r->goff), addr = r->foff + (off - r->goff);
+		if (take > len)
+			take = len;
+		if (take > 512 * g->sys_ps)
+			take = 512 * g->sys_ps;
+		const uint64_t n = (take + g->sys_ps - 1) / g->sys_ps;
+		ssize_t got = pread(g->pagemap_fd, entries, n * 8, (off_t)(addr / g->sys_ps * 8));
+		if (got == 0)
+			return UP_GUEST_GONE;
+		if (got != (ssize_t)(n * 8))
+			return 1;
+		/* written since the epoch, or not present: swapped, discarded, or a poison marker
+		 * put there since (a marker is no write): read it to know */
+		for (uint64_t k = 0; k < n; k++)
+			if ((entries[k] & SOFT_DIRTY) || !(entries[k] >> 63))
+				return 1;
+		off += take;
+		len -= take;
+	}
+	return 0;
+}
+
 /* A base page that cannot be read. pagemap (bit 62 swapped: a poison marker or hardware poison;
  * bit 63 present) says whether it is poison; an entry with neither is a hole. Without a pagemap
  * every unreadable page is poison. */

@@ -40,5 +40,9 @@ typedef struct up_guest {
 int up_guest_read(const up_guest *g, uint64_t off, uint64_t n, uint64_t unit, uint8_t *buf,
 		  const uint8_t **data, uint8_t *kinds, char *why);
 int up_guest_unit_poisoned(const up_guest *g, uint64_t off, uint64_t unit);
+/* Whether guest [off, off + len) may have changed since the precopy epoch began (a live
+ * process: the kernel's soft-dirty bit, pagemap bit 55, after `4 > clear_refs`): 0 no, 1 yes
+ * or cannot tell (an in-memory guest), UP_GUEST_GONE. An image never changes while served. */
+int up_guest_changed(const up_guest *g, uint64_t off, uint64_t len);
 /* --- end cffi --- */
 #endif

@@ -10,6 +10,7 @@
  * count, the counters) take no lock: they see each byte either before or after a change.
  */
 #include "ledger.h"
+#include "digest.h"
 #include "uffd_place.h"
 
 #include <stdlib.h>
@@ -116,6 +117,8 @@ void up_ledger_free(up_ledger *l)
 		munmap((void *)(uintptr_t)l->zero_src, l->page_size);
 	if (l->alias)
 		munmap((void *)(uintptr_t)l->alias, l->npages * l->page_size);
+	if (l->digests)
+		munmap(l->digests, l->npages * 8);
 	free(l);
 }
 
@@ -133,8 +136,21 @@ int up_ledger_minor(up_ledger *l, int memfd, uint64_t file_offset)
 	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, (off_t)file_offset);
 	if (p == MAP_FAILED)
 		return -errno;
+	void *dg = mmap(NULL, l->npages * 8, PROT_READ | PROT_WRITE,
+			MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (dg == MAP_FAILED) {
+		int err = errno;
+		munmap(p, len);
+		return -err;
+	}
 	l->alias = (uint64_t)(uintptr_t)p;
+	l->digests = dg;
 	return 0;
+}
+
+uint64_t *up_ledger_digests(up_ledger *l)
+{
+	return l->digests;
 }
 
 static int zero_source(up_ledger *l)
@@ -160,6 +176,9 @@ static int issue(up_ledger *l, int op, uint64_t addr, uint64_t src, uint64_t len
 			memcpy(to, (const void *)(uintptr_t)src, len);
 		else if (op == UP_OP_ZERO)
 			memset(to, 0, len);
+		if (op == UP_OP_COPY || op == UP_OP_ZERO) /* hashed while in the CPU's cache */
+			up_page_digests(to, len, l->page_size,
+					l->digests + (addr - l->base) / l->page_size);
 		if (l->fd < 0) { /* precopy: nothing is registered yet */
 			*prog = (int64_t)len;
 			return 0;

@@ -42,6 +42,8 @@ typedef struct up_ledger {
 	uint64_t zero_src;    /* hugetlb: page_size bytes of never-written anon memory, or 0 */
 	uint64_t alias;       /* MINOR mode: an unregistered shared mapping of the same file
 			       * pages (up_ledger_minor), or 0 */
+	uint64_t *digests;    /* MINOR mode, or NULL: XXH64 of each page as the ledger wrote it
+			       * through the alias (0: not known), npages entries */
 	uint64_t map_len;
 	/* Held by every state-changing op (place, mark, claim), so check-state -> ioctl -> record
 	 * is atomic per ledger: the data plane's thread and another (ensure_present's, a test's)
@@ -72,6 +74,10 @@ void up_ledger_free(up_ledger *l);
  * may place (never PRESENT, never POISONED). Without a userfaultfd (fd < 0: precopy, before
  * the switchover) the write is all. -EINVAL: the file ends before the region does. */
 int up_ledger_minor(up_ledger *l, int memfd, uint64_t file_offset);
+/* The digests of the pages the ledger wrote through its alias (MINOR mode; else NULL), so a
+ * precopy's can be handed to the session that serves the same file: a fault then sends the
+ * digest instead of hashing the page. Writable: entries not 0 must match the page. */
+uint64_t *up_ledger_digests(up_ledger *l);
 int up_ledger_place(up_ledger *l, int op, uint64_t first, uint64_t count, uint64_t src,
 		    int flags, up_place_result *res);
 int up_ledger_get(const up_ledger *l, uint64_t index);

@@ -29,6 +29,7 @@ typedef struct up_src_stats {
 	uint64_t zero_pages;
 	uint64_t poisoned_pages;
 	uint64_t clean_pages;
+	uint64_t vouched_pages; /* CLEAN from the epoch alone: not read, not hashed */
 	uint64_t push_pages; /* units offered by the push */
 	uint64_t pushes;     /* push frames */
 	uint64_t read_failures;
@@ -60,5 +61,9 @@ void up_src_get_stats(up_src *s, up_src_stats *out);
  * means unit first + i is not to be pushed; with `poisoned`, it is also poisoned (the guest's
  * poison bitmap learns it, for every session). */
 void up_src_mark(up_src *s, int poisoned, uint64_t first, uint64_t n, const uint8_t *bits);
+/* MINOR mode: this session's destination holds the precopy of the epoch the guest tracks
+ * changes since (up_guest_changed): a unit asked for with a digest that has not changed is
+ * CLEAN without being read or hashed. Before the loops run. */
+void up_src_vouch(up_src *s);
 /* --- end cffi --- */
 #endif

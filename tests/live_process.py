@@ -39,8 +39,22 @@ for i in sorted(poison):
 if sys.argv[5:] != ["keep"]:
     os.close(fd)  # markers survive it; untouched pages then read as zeros
 print(addr, flush=True)
-sys.stdin.read()
+for line in sys.stdin:  # "poison I": page I is poisoned now (keep only), "ok" once it is
+    i = int(line.split()[1])
+    assert libc.madvise(ctypes.c_void_p(addr + i * PS), PS, 4) == 0  # MADV_DONTNEED
+    arg = (ctypes.c_uint64 * 4)(addr + i * PS, PS, 0, 0)
+    assert libc.ioctl(fd, 0xC020AA08, arg) == 0, ctypes.get_errno()
+    print("ok", flush=True)
 """
+
+
+def poison_now(proc: subprocess.Popen[str], page: int) -> None:
+    """Poison ``page`` of a live process started with ``keep`` (a page going bad while the
+    guest runs)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(f"poison {page}\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "ok"
 
 
 def page_bytes(i: int) -> bytes:

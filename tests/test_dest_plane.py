@@ -287,14 +287,16 @@ async def test_fault_in_no_region_is_counted_and_logged(
     with memory.anon(16 * PS) as m:
         # serve_memory registers only the region; register the rest of the mapping ourselves
         async with serve_memory([Region(m.addr, 8 * PS, 0)], source, background=False) as srv:
-            srv.session.uffd.register(m.addr + 8 * PS, 8 * PS, RegisterMode.MISSING)
+            uffd = srv.session.uffd
+            assert uffd is not None
+            uffd.register(m.addr + 8 * PS, 8 * PS, RegisterMode.MISSING)
             t = _touch([m.addr + 12 * PS])
             with trio.fail_after(5):
                 while srv.stats["unknown_address"] == 0:
                     await trio.sleep(0.005)
                 while not any("in no region" in r.message for r in caplog.records):
                     await trio.sleep(0.005)
-            srv.session.uffd.unregister(m.addr + 8 * PS, 8 * PS)  # lets the touch finish
+            uffd.unregister(m.addr + 8 * PS, 8 * PS)  # lets the touch finish
             assert t.join(5)
 
 

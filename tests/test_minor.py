@@ -14,16 +14,27 @@ from typing import Any
 import pytest
 import trio
 from destination_helpers import ToyVMM, make_guest, start_source
+from live_process import live_process, page_bytes, poison_now
 from test_daemon import Daemon, check_touches
 
-from uffdpoison.destination.embed import serve_memory
+from uffdpoison.destination.embed import precopy, serve_memory
 from uffdpoison.destination.regions import Region
 from uffdpoison.harness.toucher import Toucher
-from uffdpoison.kernel import Ledger, PageState, RegisterMode, Userfaultfd, memory
+from uffdpoison.kernel import Ledger, PageState, RegisterMode, Userfaultfd, memory, pagemap
+from uffdpoison.kernel.digest import page_digests
 from uffdpoison.kernel.ledger import PoisonOverwriteRefused
 from uffdpoison.kernel.uffd import UffdError
+from uffdpoison.source.backends import ImageBackend, ProcessBackend
 
 HUGE = 2 << 20
+
+
+async def _ended(statuses: list[dict[str, Any]], count: int) -> dict[str, Any]:
+    """The source's ``count``-th session-ended status (the session's own summary)."""
+    with trio.fail_after(10):
+        while len(ended := [s for s in statuses if s["event"] == "session-ended"]) < count:
+            await trio.sleep(0.01)
+    return ended[count - 1]
 
 
 def _kind(kind: str, hugepages: Callable[[int], int], n: int) -> int:
@@ -88,12 +99,11 @@ async def test_cached_pages_are_confirmed_changed_ones_sent_poisoned_ones_marked
         again.start()
         await again.wait()
         assert list(again.results.outcome) == [1] * len(guest.poisoned)
-    await trio.sleep(0.1)
-    ended = [s for s in statuses if s["event"] == "session-ended"]
-    assert ended and ended[0]["data_pages"] == len(changed) + len(absent)
-    assert ended[0]["clean_pages"] == clean
+    ended = await _ended(statuses, 1)
+    assert ended["data_pages"] == len(changed) + len(absent)
+    assert ended["clean_pages"] == clean
     # The page data on the wire is the changed and absent pages, and a header per reply.
-    assert ended[0]["bytes_urgent"] <= (len(changed) + len(absent)) * ps + 64 * n
+    assert ended["bytes_urgent"] <= (len(changed) + len(absent)) * ps + 64 * n
 
 
 def test_continue_over_poison_is_refused(uffd: Userfaultfd) -> None:
@@ -215,3 +225,87 @@ async def test_a_vmm_hands_over_its_memory_file_and_is_served_in_minor_mode(
         assert (st["continued"], st["copied"], st["minor_unservable"]) == (n - 4, 2, 0)
     finally:
         await vmm.close()
+
+
+# -- the precopy, and a source that knows what changed since ---------------------------------
+
+
+async def test_precopy_then_a_live_source_changes_and_poisons_pages(nursery: trio.Nursery) -> None:
+    """The guest keeps running at the source after the precopy: two pages are written, one is
+    poisoned. The changed ones arrive byte-exact, the poisoned ones SIGBUS (the one poisoned
+    later too), the rest are CLEAN. Where the kernel tracks soft-dirty bits the source vouches
+    for its epoch and reads none of the unchanged pages; where it does not (this machine:
+    CONFIG_MEM_SOFT_DIRTY unset) it compares the digests the precopy kept."""
+    n, ps = 64, 4096
+    changed, late_poison = [5, 9], 12
+    with live_process(n, [3], keep=True) as (proc, addr):
+        statuses: list[dict[str, Any]] = []
+        backend = ProcessBackend(proc.pid, [(addr, n * ps)])
+        source = await start_source(nursery, backend, status=statuses.append)
+        with memory.shmem(n * ps) as m:
+            assert m.fd is not None
+            region = Region(m.addr, n * ps, 0)
+            pc = await precopy([region], source, m.fd)
+            assert (pc.epoch is not None) == pagemap.soft_dirty_works()
+            assert (pc.pages, pc.poisoned) == (n - 1, 1)
+            with open(f"/proc/{proc.pid}/mem", "r+b") as mem:  # the guest runs on
+                for i in changed:
+                    mem.seek(addr + i * ps)
+                    mem.write(bytes([i]) * ps)
+            poison_now(proc, late_poison)
+            async with serve_memory(
+                [region], source, memory_file=m.fd, precopy=pc, background=False
+            ) as server:
+                t = Toucher(array("Q", (m.addr + i * ps for i in range(n))), digest=True)
+                t.start()
+                await t.wait()
+                st = server.stats
+        for i in range(n):
+            if i in (3, late_poison):
+                assert t.results.outcome[i] == 1, f"page {i} did not SIGBUS"
+                continue
+            want = bytes([i]) * ps if i in changed else page_bytes(i)
+            assert t.results.outcome[i] == 0 and t.results.digest[i] == page_digests(want, ps)[0], i
+        assert (st["copied"], st["continued"]) == (len(changed), n - len(changed) - 2)
+    serving = await _ended(statuses, 2)  # the precopy's, then the serving session's
+    unchanged = n - len(changed) - 2
+    assert serving["clean_pages"] == unchanged
+    assert serving["vouched_pages"] == (unchanged if pc.epoch else 0)  # neither read nor hashed
+    assert serving["data_pages"] == len(changed) and serving["poisoned_pages"] == 1
+
+
+@pytest.mark.parametrize("kind", ["shmem", "hugetlb"])
+async def test_an_image_source_vouches_for_its_epoch(
+    nursery: trio.Nursery, tmp_path: Path, kind: str, hugepages: Callable[[int], int]
+) -> None:
+    """An image does not change while served, so after a precopy every page nobody poisoned is
+    confirmed CLEAN from the epoch alone: the source reads and hashes none of them, the
+    destination hashes none at fault time (it kept the digests as written), and the wire
+    carries no page data, only a header per reply."""
+    n = 64 if kind == "shmem" else 6
+    ps = _kind(kind, hugepages, n)
+    guest = make_guest(n, ps, poisoned=[1], zero=[2])
+    image = tmp_path / "guest.img"
+    image.write_bytes(guest.image)
+    statuses: list[dict[str, Any]] = []
+    backend = ImageBackend(image, [i * ps for i in guest.poisoned])
+    source = await start_source(nursery, backend, status=statuses.append)
+    with memory.of_kind(kind, n * ps) as m:
+        assert m.fd is not None
+        region = Region(m.addr, n * ps, 0, page_size=ps)
+        hugetlb = kind == "hugetlb"
+        pc = await precopy([region], source, m.fd, hugetlb=hugetlb)
+        assert pc.epoch is not None and pc.pages == n - 1
+        async with serve_memory(
+            [region], source, memory_file=m.fd, precopy=pc, background=False, hugetlb=hugetlb
+        ) as server:
+            t = Toucher(array("Q", (m.addr + i * ps for i in range(n))), digest=True, page_size=ps)
+            t.start()
+            await t.wait()
+            assert server.stats["continued"] == n - 1
+    check = {"done": True, "pending": 0, "outcome": list(t.results.outcome),
+             "digest": list(t.results.digest), "si_code": list(t.results.si_code)}  # fmt: skip
+    check_touches(guest, check)
+    serving = await _ended(statuses, 2)
+    assert serving["vouched_pages"] == serving["clean_pages"] == n - 1
+    assert serving["data_pages"] == 0 and serving["bytes_urgent"] <= 64 * n

@@ -87,5 +87,6 @@ def nonce() -> bytes:
 
 def transcript(hello: Hello, source_nonce: bytes) -> bytes:
     fields = [hello.version, int(hello.channel), hello.session, hello.page_size,
-              hello.want_poison_list, hello.resume, hello.auth, source_nonce]  # fmt: skip
+              hello.want_poison_list, hello.resume, hello.auth, source_nonce,
+              *([hello.epoch] if hello.epoch is not None else [])]  # fmt: skip
     return msgpack.packb(fields, use_bin_type=True)

@@ -32,6 +32,7 @@ import trio
 
 from uffdpoison.auth import Token
 from uffdpoison.destination.link import AuthenticationFailed as AuthenticationFailed
+from uffdpoison.destination.precopy import Precopy as Precopy, precopy as precopy
 from uffdpoison.destination.regions import Region, RegionMap
 from uffdpoison.destination.session import (
     REQUEST_TIMEOUT,
@@ -88,6 +89,7 @@ async def serve_memory(
     token: Token | None = None,
     tls: TlsContext | None = None,
     memory_file: int | None = None,
+    precopy: Precopy | None = None,
 ) -> AsyncIterator[PageServer]:
     """Register ``regions`` of this process with a new userfaultfd and serve them from
     ``source`` (``HOST:PORT``) until the block exits.
@@ -115,7 +117,10 @@ async def serve_memory(
     (MAP_SHARED), each region at its ``offset`` in it, its page cache filled before (precopy):
     the regions are registered MISSING|MINOR; a page in the cache is served by asking the
     source whether it is poisoned or changed (CLEAN: mapped as it is, no page data on the
-    wire; changed: the new bytes; poisoned: a marker), an absent one is fetched.
+    wire; changed: the new bytes; poisoned: a marker), an absent one is fetched. ``precopy``
+    (what ``precopy()`` into that file returned, for the same regions): a fault sends the
+    digest it kept instead of hashing the page, and a source that still tracks its epoch
+    confirms an unchanged page without reading it.
     """
     rmap = RegionMap(regions)
     uffd = Userfaultfd.create(FEATURES)
@@ -129,6 +134,8 @@ async def serve_memory(
             uffd, rmap, source, bulk=background, hugetlb=hugetlb, name=name, status=status,
             request_timeout=request_timeout, resume_deadline=resume_deadline, token=token,
             tls=tls, memory_file=memory_file,
+            epoch=precopy.epoch if precopy else None,
+            digests=precopy.digests if precopy else None,
         )  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:

@@ -46,6 +46,7 @@ class SourceInfo:
     memory_size: int
     huge_page_size: int
     poisoned_count: int
+    epoch: bytes | None = None  # the precopy epoch the source vouches for (MINOR mode)
 
 
 class SourceLink:
@@ -68,6 +69,7 @@ class SourceLink:
             welcome.memory_size,
             welcome.huge_page_size,
             welcome.poisoned_count,
+            welcome.epoch,
         )
 
     def stream(self, channel: int) -> FrameStream:
@@ -96,13 +98,16 @@ class SourceLink:
         have: HaveFn | None = None,
         token: Token | None = None,
         tls: TlsContext | None = None,
+        epoch: bytes | None = None,
     ) -> SourceLink:
         """Open URGENT (creating a session), then BULK joining it. ``page_size`` asks the
         source for a unit (e.g. 2 MiB for hugetlb guests; 0 = its own). ``have``: this session
         resumes; BULK tells the source what it holds before the push starts. ``token``: both
         sides prove they hold it before anything of the guest crosses (``uffdpoison.auth``);
         a source that cannot is refused (``AuthenticationFailed``). ``tls``: every byte is
-        TLS, the source's certificate checked against the context's CA for its host."""
+        TLS, the source's certificate checked against the context's CA for its host.
+        ``epoch`` (MINOR mode): b"" starts a precopy epoch at the source; a token says this
+        destination's page cache holds that epoch's precopy (``info.epoch``: vouched or not)."""
         try:
             host, port = parse_address(address, what="source address")
         except ValueError as e:
@@ -111,7 +116,7 @@ class SourceLink:
         with trio.move_on_after(CONNECT_TIMEOUT) as scope:
             urgent = await cls._open(host, port, Channel.URGENT, tls)
             try:
-                hello = Hello(v, Channel.URGENT, None, page_size, want_poison_list)
+                hello = Hello(v, Channel.URGENT, None, page_size, want_poison_list, epoch=epoch)
                 welcome = await _handshake(urgent, hello, token)
                 bulk_s = None
                 if bulk:

@@ -82,7 +82,7 @@ class Session:
 
     def __init__(
         self,
-        uffd: Userfaultfd,
+        uffd: Userfaultfd | None,
         regions: RegionMap,
         link: SourceLink,
         *,
@@ -96,6 +96,7 @@ class Session:
         token: Token | None = None,
         tls: TlsContext | None = None,
         confirm: bool = False,
+        epoch: bytes | None = None,
     ) -> None:
         """``ledgers``: the regions' (made here if None); ``resumed``: they were kept by an
         earlier owner of this userfaultfd, whose unserved faults are woken to fault anew.
@@ -115,12 +116,15 @@ class Session:
         self.resumed = resumed
         self.token, self.tls = token, tls  # a reconnection authenticates and encrypts too
         self.confirm = confirm
+        # asked for again on reconnecting (vouched only by the same source process); a precopy
+        # keeps the epoch its first source started
+        self.epoch = link.info.epoch if epoch == b"" else epoch
         self._status = status or (lambda _d: None)
         self.ledgers = list(ledgers) if ledgers is not None else _ledgers(uffd, regions, hugetlb)
         self._dest_regions = _dest_regions(regions, self.ledgers)
         # Known poison goes into the ledgers here, before any byte from the source is read.
         self.plane = DestPlane(
-            uffd.fileno(),
+            -1 if uffd is None else uffd.fileno(),
             self.page_size,
             link.info.memory_size,
             self._dest_regions,
@@ -130,7 +134,7 @@ class Session:
         self._attached: set[Channel] = set()
         self._bulk = link.bulk is not None  # a push was asked for (asked again on resuming)
         self._attach(link)
-        if resumed:
+        if resumed and uffd is not None:
             for r in regions:  # faults the earlier owner read unserved: they fault again
                 uffd.wake(r.base, r.size)
         self.state = "active"  # → paused → recovering → active; complete; failed
@@ -150,7 +154,7 @@ class Session:
     @classmethod
     async def connect(
         cls,
-        uffd: Userfaultfd,
+        uffd: Userfaultfd | None,
         regions: RegionMap,
         source: str,
         *,
@@ -162,6 +166,8 @@ class Session:
         token: Token | None = None,
         tls: TlsContext | None = None,
         memory_file: int | None = None,
+        epoch: bytes | None = None,
+        digests: Sequence[bytes | memoryview] | None = None,
         **kw: Any,
     ) -> Session:
         """Handshake with ``source`` (``HOST:PORT``) and set the session up; the link is
@@ -170,17 +176,24 @@ class Session:
         earlier owner, and the source is told what they hold). ``poisoned``: host addresses
         known to hold poison markers already (POISONED before anything is placed).
         ``memory_file``: MINOR mode (regions registered MISSING|MINOR over this shmem or
-        hugetlbfs file, each at its offset in it): a cached page is confirmed, not fetched."""
+        hugetlbfs file, each at its offset in it): a cached page is confirmed, not fetched;
+        ``uffd`` None: a precopy, the push written into the file. ``epoch``: the source's
+        precopy epoch (b"": start one); ``digests``: a precopy's, per region (``Precopy``)."""
         ledgers = _ledgers(uffd, regions, hugetlb, state_fds, memory_file)
+        serving = uffd is not None
         try:
             for addr in poisoned:
                 i, first, _ = next(regions.split_pages(addr, addr + 1))
                 ledgers[i].mark(first, 1, PageState.POISONED, only_from=_UNPLACED)
+            for led, known in zip(ledgers, digests or (), strict=False):
+                view = led.digests
+                if view is not None:
+                    view[:] = memoryview(known).cast("B").cast("Q")
             held = partial(have, _dest_regions(regions, ledgers), regions.page_size)
             link = await SourceLink.connect(
-                source, page_size=regions.page_size, bulk=bulk and memory_file is None,
-                have=held if resumed else None,
-                token=token, tls=tls,
+                source, page_size=regions.page_size,
+                bulk=bulk and (memory_file is None or not serving),  # MINOR: confirm instead
+                have=held if resumed else None, token=token, tls=tls, epoch=epoch,
             )  # fmt: skip
             try:
                 return cls(
@@ -191,7 +204,8 @@ class Session:
                     resumed=resumed,
                     token=token,
                     tls=tls,
-                    confirm=bulk and memory_file is not None,  # MINOR: confirm, not push
+                    confirm=bulk and memory_file is not None and serving,
+                    epoch=epoch,
                     **kw,
                 )
             except BaseException:
@@ -325,7 +339,7 @@ class Session:
                 try:
                     link = await SourceLink.connect(
                         self.source, page_size=self.page_size, bulk=self._bulk,
-                        have=held, token=self.token, tls=self.tls,
+                        have=held, token=self.token, tls=self.tls, epoch=self.epoch,
                     )  # fmt: skip
                 except SourceUnavailable as e:
                     if attempt == 1 or attempt % 20 == 0:
@@ -519,7 +533,7 @@ def _dest_regions(regions: RegionMap, ledgers: Sequence[Ledger]) -> list[DestReg
 
 
 def _ledgers(
-    uffd: Userfaultfd,
+    uffd: Userfaultfd | None,
     regions: RegionMap,
     hugetlb: bool,
     state_fds: Sequence[int] | None = None,

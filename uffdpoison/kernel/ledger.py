@@ -87,7 +87,7 @@ class Ledger(Owned):
 
     def __init__(
         self,
-        uffd: Userfaultfd,
+        uffd: Userfaultfd | None,
         base: int,
         size: int,
         page_size: int,
@@ -100,14 +100,18 @@ class Ledger(Owned):
         starts all MISSING, one left by an earlier owner is adopted (what was in flight is
         MISSING again). The mapping outlives the fd. ``memory_file``: (fd, offset) of the
         shmem or hugetlbfs file behind a region registered MISSING|MINOR: pages are placed
-        through the page cache and CONTINUE (``up_ledger_minor``); the fd may be closed after."""
+        through the page cache and CONTINUE (``up_ledger_minor``); the fd may be closed after.
+        ``uffd`` None (a precopy, MINOR mode only): pages are only written into the cache."""
+        if uffd is None and memory_file is None:
+            raise LedgerError("a ledger without a userfaultfd places through a memory file only")
         if page_size <= 0 or page_size & (page_size - 1):
             raise LedgerError(f"page size {page_size:#x} is not a power of two")
         if base % page_size or size % page_size:
             raise LedgerError(
                 f"region {base:#x}+{size:#x} is not aligned to the page size {page_size:#x}"
             )
-        ptr = lib.up_ledger_new(uffd.fileno(), base, size, page_size, int(hugetlb), state_fd)
+        fd = -1 if uffd is None else uffd.fileno()
+        ptr = lib.up_ledger_new(fd, base, size, page_size, int(hugetlb), state_fd)
         if ptr == ffi.NULL:
             err = ffi.errno
             what = (
@@ -142,6 +146,16 @@ class Ledger(Owned):
         if self._l is not None:
             lib.up_ledger_free(self._l)
             self._l = None
+
+    @property
+    def digests(self) -> memoryview | None:
+        """MINOR mode: XXH64 of each page as written through the page cache (0: not known),
+        one u64 a page, writable (``up_ledger_digests``); a view of the ledger's own memory:
+        do not keep it past ``close()``."""
+        p = lib.up_ledger_digests(self.raw)
+        if p == ffi.NULL:
+            return None
+        return memoryview(ffi.buffer(p, self.npages * 8)).cast("Q")
 
     def __del__(self) -> None:
         if getattr(self, "_l", None) is not None:

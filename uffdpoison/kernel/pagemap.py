@@ -11,8 +11,12 @@ runs in C (the ``re`` module), never a Python loop per page.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 import os
 import re
+import struct
 import sys
 from collections.abc import Iterator
 
@@ -51,3 +55,19 @@ def poison_markers(fd: int, addr: int, length: int) -> Iterator[int]:
 def populated(fd: int, addr: int, length: int) -> bool:
     """Whether any page of the range is present, swapped out or holds a marker."""
     return any(_POPULATED_RE.search(data[7::8]) for _, data in _entries(fd, addr, length))
+
+
+@functools.cache
+def soft_dirty_works() -> bool:
+    """Whether this kernel tracks soft-dirty bits (CONFIG_MEM_SOFT_DIRTY): a page this process
+    just wrote must show pagemap bit 55. Without it ``4 > clear_refs`` is accepted and bit 55
+    reads 0 for every page, written or not: a source must then not trust it."""
+    with mmap.mmap(-1, PAGE_SIZE) as m:
+        m[0] = 1
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        try:
+            with open("/proc/self/pagemap", "rb") as f:
+                (entry,) = struct.unpack("<Q", os.pread(f.fileno(), 8, addr // PAGE_SIZE * 8))
+        finally:
+            del addr  # the buffer export ends before the mapping is closed
+        return bool(entry >> 55 & 1)

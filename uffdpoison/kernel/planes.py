@@ -376,6 +376,11 @@ class SourcePlane(_Plane):
     def stats(self) -> dict[str, int]:
         return self._stats("up_src_stats")
 
+    def vouch(self) -> None:
+        """MINOR mode: the destination holds the guest's current precopy epoch; a unit asked
+        for with a digest that has not changed since is CLEAN unread (``up_src_vouch``)."""
+        lib.up_src_vouch(self._raw())
+
     def mark(self, poisoned: bool, first: int, count: int, bits: bytes | memoryview) -> None:
         """A resuming destination's Have: units not to push (``poisoned``: and poisoned)."""
         if len(bits) * 8 < count:

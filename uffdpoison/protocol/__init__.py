@@ -34,6 +34,7 @@ from uffdpoison.protocol.layout import (
     AUTH_MAC as AUTH_MAC,
     AUTH_NONCE as AUTH_NONCE,
     BASE_PAGE_SIZE as BASE_PAGE_SIZE,
+    EPOCH as EPOCH,
     MAGIC as MAGIC,
     MAX_AUTH as MAX_AUTH,
     MAX_CODE as MAX_CODE,

@@ -39,6 +39,7 @@ _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
         ("w", "want_poison_list", "bool", 0, 0),
         ("a", "auth", "bytes?", 0, layout.MAX_AUTH),  # optional key: absent is nil
         ("r", "resume", "bool", 0, 0),  # optional key: absent is false
+        ("e", "epoch", "bytes?", 0, layout.EPOCH),  # optional key: absent is nil
     )),
     events.Welcome: (layout.T_WELCOME, (
         ("v", "version", "u64", 0, 0),
@@ -48,6 +49,7 @@ _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
         ("h", "huge_page_size", "u64", 0, 0),
         ("n", "poisoned_count", "u64", 0, 0),
         ("l", "poison_list", "bool", 0, 0),  # whether the payload is the poison list
+        ("e", "epoch", "bytes?", layout.EPOCH, layout.EPOCH),  # optional key: absent is nil
     )),
     events.Error: (layout.T_ERROR, (
         ("i", "id", "u64?", 0, 0),
@@ -70,7 +72,7 @@ _FIELDS: dict[type, tuple[int, tuple[_Field, ...]]] = {
     )),
 }  # fmt: skip
 # Keys a frame may leave out, and what their absence means (sent only when they say more).
-_OPTIONAL: dict[str, object] = {"a": None, "r": False}
+_OPTIONAL: dict[str, object] = {"a": None, "r": False, "e": None}
 _BY_TYPE = {t: (cls, fields) for cls, (t, fields) in _FIELDS.items()}
 _PAYLOAD_ATTR = {events.Pages: "data", events.Request: "digests", events.Welcome: "poison_list",
                  events.Have: "bits"}  # fmt: skip

@@ -260,6 +260,10 @@ class Connection:
             raise ProtocolError(
                 f"Hello auth nonce is {len(ev.auth)} bytes, expected {layout.AUTH_NONCE}"
             )
+        if ev.epoch is not None and ev.channel is not Channel.URGENT:
+            raise ProtocolError("Hello with an epoch on the BULK channel (it is URGENT's)")
+        if ev.epoch and len(ev.epoch) != layout.EPOCH:
+            raise ProtocolError(f"Hello epoch is {len(ev.epoch)} bytes, expected {layout.EPOCH}")
         _page_size("Hello", "page_size", ev.page_size, allow_zero=True)
 
     def _check_auth(self, ev: Challenge | Proof, sender: Side) -> None:
@@ -294,6 +298,9 @@ class Connection:
                 "unauthenticated source)"
             )
         _check_version("Welcome", ev.version)
+        if ev.epoch is not None and (self.hello.epoch is None or ev.epoch != (
+                self.hello.epoch or ev.epoch)):  # fmt: skip
+            raise ProtocolError("Welcome epoch that answers no epoch the Hello named")
         _page_size("Welcome", "page_size", ev.page_size, allow_zero=False)
         if self.hello.page_size and ev.page_size != self.hello.page_size:
             raise ProtocolError(

@@ -79,6 +79,9 @@ class Hello:
     want_poison_list: bool = True
     auth: bytes | None = None  # the destination's nonce: it authenticates (Challenge, Proof)
     resume: bool = False  # BULK: Have frames follow the Welcome; the push waits for the last
+    # MINOR mode, URGENT: b"" asks the source to start a precopy epoch; EPOCH bytes say the
+    # destination's page cache holds that epoch's precopy (docs/PROTOCOL.md, "MINOR mode")
+    epoch: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,7 @@ class Welcome:
     huge_page_size: int
     poisoned_count: int
     poison_list: memoryview | None  # u64 LE byte offsets (the payload), or None
+    epoch: bytes | None = None  # the epoch the source vouches for (answering a Hello's)
 
 
 @dataclass(frozen=True, slots=True)

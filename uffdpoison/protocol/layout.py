@@ -24,6 +24,7 @@ MAX_SESSION = 64  # session token bytes
 MAX_AUTH = 1024  # Hello `a` bytes
 AUTH_NONCE = 32  # the nonce each side contributes to an authenticated handshake
 AUTH_MAC = 32  # HMAC-SHA256
+EPOCH = 16  # a precopy epoch token (MINOR mode: what a source vouches changes since)
 MAX_CODE = 64  # Error `c` chars
 MAX_MESSAGE = 1024  # Error `m` chars
 PUSH_ID = 0  # Pages with this id are the source's unsolicited push (BULK); requests use 1..

@@ -11,6 +11,7 @@ have hundreds of millions of pages.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -23,6 +24,8 @@ from uffdpoison.kernel.planes import Guest
 from uffdpoison.owned import Owned
 from uffdpoison.protocol import PageKind
 from uffdpoison.units import parse_int
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Backend",
@@ -195,6 +198,12 @@ class Backend(Owned):
         """Where the bytes are, as Guest's keyword arguments."""
         raise NotImplementedError
 
+    def start_epoch(self) -> bool:
+        """Begin a precopy epoch: from now on the guest can tell which pages changed
+        (``up_guest_changed``). False if this memory cannot tell (then every CLEAN is decided
+        by comparing digests)."""
+        return False
+
     def read(
         self, offset: int, count: int, unit: int | None = None
     ) -> tuple[list[PageKind], bytes]:
@@ -286,6 +295,9 @@ class ImageBackend(_FdBackend):
     def _where(self) -> dict[str, Any]:
         return {"data_fd": self._fd, "ranges": [(0, 0, self.size)]}
 
+    def start_epoch(self) -> bool:
+        return True  # an image does not change while it is served
+
 
 def _read_maps(pid: int) -> list[tuple[int, int]]:
     try:
@@ -368,6 +380,24 @@ class ProcessBackend(_FdBackend):
         except BaseException:
             self.close()
             raise
+
+    def start_epoch(self) -> bool:
+        """Clear the process's soft-dirty bits (``4 > /proc/PID/clear_refs``): a page written
+        from now on has pagemap bit 55 set. Nothing else may clear them while served."""
+        if self._pagemap_fd < 0:
+            return False
+        if not pagemap.soft_dirty_works():
+            log.info("this kernel tracks no soft-dirty bits (CONFIG_MEM_SOFT_DIRTY): CLEAN "
+                     "answers compare digests")  # fmt: skip
+            return False
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("4")
+        except OSError as e:
+            log.warning("process %d: cannot start a precopy epoch (clear_refs): %s; CLEAN "
+                        "answers compare digests", self.pid, e.strerror)  # fmt: skip
+            return False
+        return True
 
     def _scan_pagemap(self) -> int:
         """Mark pages whose pagemap entry is a uffd poison marker. Returns how many."""

@@ -113,6 +113,7 @@ class SourceServer:
         self._status = status
         self.sessions: dict[bytes, SourceSession] = {}
         self.gone: str | None = None  # set once the served process is gone
+        self.epoch: bytes | None = None  # the precopy epoch the backend tracks changes since
         self._pacer: Pacer | None = None
         self._nice: tuple[int | None, int | None] = (None, None)
 
@@ -237,9 +238,12 @@ class SourceServer:
                 return False
             token = self.token.session(transcript) if self.token else secrets.token_bytes(16)
             session = self._session(token, unit, stream.name)
+            epoch = self._epoch(hello.epoch)
+            if epoch is not None and hello.epoch:
+                session.plane.vouch()  # its cache is that epoch's: unchanged pages are CLEAN
             self.sessions[token] = session  # before the Welcome: BULK may follow at once
             try:
-                await stream.send(self._welcome(token, unit, hello))
+                await stream.send(self._welcome(token, unit, hello, epoch))
             except BaseException:
                 del self.sessions[token]
                 session.plane.close()
@@ -306,7 +310,20 @@ class SourceServer:
         finally:
             self.sessions.pop(session.token, None)
 
-    def _welcome(self, token: bytes, unit: int, hello: Hello) -> protocol.Welcome:
+    def _epoch(self, asked: bytes | None) -> bytes | None:
+        """The epoch a Welcome vouches for: a new one when the Hello asks to start one (b"")
+        and the backend can tell changes; the Hello's own if it is the current one; else None
+        (CLEAN answers then compare digests)."""
+        if asked == b"":
+            self.epoch = secrets.token_bytes(protocol.EPOCH) if self.backend.start_epoch() else None
+            if self.epoch is not None:
+                log.info("precopy epoch %s started", self.epoch.hex()[:8])
+            return self.epoch
+        return asked if asked is not None and asked == self.epoch else None
+
+    def _welcome(
+        self, token: bytes, unit: int, hello: Hello, epoch: bytes | None = None
+    ) -> protocol.Welcome:
         offsets = self.backend.poisoned_offsets(unit)
         plist: memoryview | None = None
         if hello.want_poison_list and len(offsets) * 8 <= protocol.MAX_PAYLOAD:
@@ -321,6 +338,7 @@ class SourceServer:
             self.backend.huge_page_size,
             len(offsets),
             plist,
+            epoch,
         )
 
     def _source_gone(self, message: str) -> None:
