@@ -6,10 +6,14 @@
  *   reply    one or more runs covering the count pages in order, each
  *            16 bytes {u64 offset, u32 count, u32 kind} + count * page_size bytes when kind DATA.
  *   kind ERROR (count 0) answers a request outside the served buffer.
+ *   MINOR mode: flag DIGESTS, and count u64 digests (XXH64 of the requester's cached copies)
+ *   follow the request; a page whose digest matches (or any page, when the source vouches
+ *   that nothing changed: UP_CREF_SOURCE_VOUCH) is answered CLEAN, no data.
  */
 #include "cref.h"
 #include "common.h"
 #include "uffd_place.h" /* the kernel boundary's ioctl wrappers and newer-uapi definitions */
+#include "digest.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -163,6 +167,8 @@ struct up_cref_handler {
     uint8_t *scratch;  /* remote: one page of received data */
     uint8_t *zeros;    /* a zero page for COPY where ZEROPAGE does not exist (hugetlb) */
     int huge;
+    uint8_t *alias;           /* MINOR: the cache's unregistered mapping, or NULL */
+    const uint64_t *digests;  /* MINOR: digests kept at precopy, or NULL (hash at fault) */
     pthread_t tid;
     int stopping;
     up_cref_stats st;
@@ -176,7 +182,7 @@ static void place_wake_on_eexist(up_cref_handler *h, uint64_t page)
     ioctl(h->uffd, UFFDIO_WAKE, &r);
 }
 
-enum { OP_COPY, OP_ZERO, OP_POISON };
+enum { OP_COPY, OP_ZERO, OP_POISON, OP_CONTINUE };
 
 /* Place one page with the kernel boundary's wrappers (no ledger: this is the floor the
  * product is measured against). Zero pages of huge pages are COPYs of a zero page. */
@@ -184,15 +190,18 @@ static void place_page(up_cref_handler *h, int op, uint64_t page, const void *fr
 {
     int64_t done;
     uint64_t ps = h->page_size;
-    uint64_t *count = op == OP_COPY ? &h->st.copies : op == OP_ZERO ? &h->st.zeropages : &h->st.poisons;
+    uint64_t *count = op == OP_COPY || op == OP_CONTINUE ? &h->st.copies
+                      : op == OP_ZERO                   ? &h->st.zeropages
+                                                        : &h->st.poisons;
     if (op == OP_ZERO && h->huge) {
         op = OP_COPY;
         from = h->zeros;
     }
     for (;;) {
-        int rc = op == OP_COPY   ? up_uffd_copy(h->uffd, page, (uint64_t)(uintptr_t)from, ps, 0, &done)
-                 : op == OP_ZERO ? up_uffd_zeropage(h->uffd, page, ps, 0, &done)
-                                 : up_uffd_poison(h->uffd, page, ps, 0, &done);
+        int rc = op == OP_COPY       ? up_uffd_copy(h->uffd, page, (uint64_t)(uintptr_t)from, ps, 0, &done)
+                 : op == OP_ZERO     ? up_uffd_zeropage(h->uffd, page, ps, 0, &done)
+                 : op == OP_CONTINUE ? up_uffd_continue(h->uffd, page, ps, 0, &done)
+                                     : up_uffd_poison(h->uffd, page, ps, 0, &done);
         if (rc == 0) {
             stat_add(count, 1);
             return;
@@ -216,13 +225,20 @@ static void resolve_local(up_cref_handler *h, uint64_t page)
         place_page(h, OP_COPY, page, (const void *)(uintptr_t)(h->src + idx * h->page_size));
 }
 
-/* 0, or -errno when the connection to the source is unusable (the handler then stops). */
+/* 0, or -errno when the connection to the source is unusable (the handler then stops). In
+ * MINOR mode the request carries the cached copy's digest; the page is mapped with CONTINUE
+ * after any new bytes were written into the cache through the alias. */
 static int resolve_remote(up_cref_handler *h, uint64_t page)
 {
+    const uint64_t idx = (page - h->base) / h->page_size;
+    uint8_t *cached = h->alias ? h->alias + idx * h->page_size : NULL;
     struct up_cref_req req = {
-        .offset = page - h->base, .count = 1, .flags = UP_CREF_FLAG_ZERO_DETECT};
-    struct iovec iov = {.iov_base = &req, .iov_len = sizeof req};
-    int rc = write_all(h->sock, &iov, 1);
+        .offset = page - h->base, .count = 1,
+        .flags = UP_CREF_FLAG_ZERO_DETECT | (cached ? UP_CREF_FLAG_DIGESTS : 0)};
+    uint64_t digest = !cached ? 0 : h->digests ? h->digests[idx] : up_xxh64(cached, h->page_size, 0);
+    struct iovec iov[2] = {{.iov_base = &req, .iov_len = sizeof req},
+                           {.iov_base = &digest, .iov_len = sizeof digest}};
+    int rc = write_all(h->sock, iov, cached ? 2 : 1);
     if (rc)
         return rc;
     stat_add(&h->st.requests, 1);
@@ -238,13 +254,20 @@ static int resolve_remote(up_cref_handler *h, uint64_t page)
             uint64_t at = h->base + rep.offset + (uint64_t)k * h->page_size;
             switch (rep.kind) {
             case UP_CREF_KIND_DATA:
-                rc = up_cref_read_all(h->sock, h->scratch, h->page_size);
+                rc = up_cref_read_all(h->sock, cached ? cached : h->scratch, h->page_size);
                 if (rc)
                     return rc;
-                place_page(h, OP_COPY, at, h->scratch);
+                place_page(h, cached ? OP_CONTINUE : OP_COPY, at, h->scratch);
                 break;
             case UP_CREF_KIND_ZERO:
-                place_page(h, OP_ZERO, at, NULL);
+                if (cached)
+                    memset(cached, 0, h->page_size);
+                place_page(h, cached ? OP_CONTINUE : OP_ZERO, at, NULL);
+                break;
+            case UP_CREF_KIND_CLEAN:
+                if (!cached)
+                    return -EPROTO;
+                place_page(h, OP_CONTINUE, at, NULL);
                 break;
             case UP_CREF_KIND_POISONED:
                 place_page(h, OP_POISON, at, NULL);
@@ -381,6 +404,20 @@ int up_cref_remote_start(up_cref_handler **out, int uffd, uint64_t base, uint64_
     return handler_start(out, uffd, base, size, page_size, 0, NULL, sock_fd, cpu);
 }
 
+int up_cref_minor_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t size,
+                        uint64_t page_size, int sock_fd, uint64_t alias,
+                        const uint64_t *digests, int cpu)
+{
+    if (sock_fd < 0 || !alias)
+        return -EINVAL;
+    int rc = handler_start(out, uffd, base, size, page_size, 0, NULL, sock_fd, cpu);
+    if (!rc) { /* before its first fault: nothing can fault until a page is touched */
+        __atomic_store_n(&(*out)->digests, digests, __ATOMIC_RELEASE);
+        __atomic_store_n(&(*out)->alias, (uint8_t *)(uintptr_t)alias, __ATOMIC_RELEASE);
+    }
+    return rc;
+}
+
 void up_cref_handler_stats_get(up_cref_handler *h, up_cref_stats *out) { st_copy(&h->st, out); }
 
 int up_cref_handler_stop(up_cref_handler *h, up_cref_stats *final_out)
@@ -415,6 +452,7 @@ struct up_cref_source {
     pthread_t tid;
     int cpu;
     int threaded;                                /* a thread per connection */
+    int vouch;                                   /* UP_CREF_SOURCE_VOUCH */
     struct up_cref_conn *conns[UP_CREF_MAX_CONNS];
     int nconns;
     up_cref_stats st;
@@ -450,6 +488,16 @@ static uint32_t page_kind(up_cref_source *s, uint64_t idx, uint32_t flags)
     return UP_CREF_KIND_DATA;
 }
 
+/* With digests: CLEAN where the requester's copy is current (vouched, or the digest matches). */
+static uint32_t page_kind_minor(up_cref_source *s, uint64_t idx, uint32_t flags, uint64_t digest)
+{
+    if (!(flags & UP_CREF_FLAG_DIGESTS) || bit_set(s->poison, idx))
+        return page_kind(s, idx, flags);
+    if (s->vouch || up_xxh64(s->buf + idx * s->page_size, s->page_size, 0) == digest)
+        return UP_CREF_KIND_CLEAN;
+    return page_kind(s, idx, flags);
+}
+
 /* Serve one request on fd; -errno closes the connection. */
 static int serve_one(up_cref_source *s, int fd, uint8_t *discard)
 {
@@ -474,10 +522,19 @@ static int serve_one(up_cref_source *s, int fd, uint8_t *discard)
     uint64_t first = req.offset / ps;
     uint64_t end = first + req.count;
     uint64_t i = first;
+    uint64_t digests[64];
+    if (req.flags & UP_CREF_FLAG_DIGESTS) {
+        if (req.count > 64)
+            return -EPROTO;
+        rc = up_cref_read_all(fd, digests, 8u * req.count);
+        if (rc)
+            return rc;
+    }
+#define KIND(k) page_kind_minor(s, (k), req.flags, digests[(k) - first])
     while (i < end) {
-        uint32_t kind = page_kind(s, i, req.flags);
+        uint32_t kind = KIND(i);
         uint64_t j = i + 1;
-        while (j < end && page_kind(s, j, req.flags) == kind)
+        while (j < end && KIND(j) == kind)
             j++;
         struct up_cref_rep rep = {.offset = i * ps, .count = (uint32_t)(j - i), .kind = kind};
         struct iovec iov[2] = {{.iov_base = &rep, .iov_len = sizeof rep},
@@ -639,6 +696,7 @@ int up_cref_source_start_ex(up_cref_source **out, int listen_fd, uint64_t buf, u
     s->poison = poison_bitmap;
     s->cpu = cpu;
     s->threaded = (flags & UP_CREF_SOURCE_THREADED) != 0;
+    s->vouch = (flags & UP_CREF_SOURCE_VOUCH) != 0;
     s->st.cpu = -1;
     s->stop_fd = -1;
     s->listen_fd = listen_fd;

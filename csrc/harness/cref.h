@@ -11,9 +11,11 @@
 #define UP_CREF_KIND_ZERO 1
 #define UP_CREF_KIND_POISONED 2
 #define UP_CREF_KIND_ERROR 3
+#define UP_CREF_KIND_CLEAN 4
 /* Request flags: bit 0 asks the source to send all-zero pages as ZERO; bits 16-31 give the
  * number of padding bytes that follow the 16-byte request (ignored by the source). */
 #define UP_CREF_FLAG_ZERO_DETECT 1u
+#define UP_CREF_FLAG_DIGESTS 2u /* MINOR: count u64 digests follow (count <= 64) */
 
 typedef struct up_cref_stats {
     uint64_t faults;      /* handler: page-fault messages read */
@@ -46,6 +48,13 @@ int up_cref_local_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t
  * COPY / ZEROPAGE / POISON according to the reply. 0 or -errno. */
 int up_cref_remote_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t size,
                          uint64_t page_size, int sock_fd, int cpu);
+/* (c') MINOR remote handler: the memory is a file's mapping registered MISSING|MINOR; `alias` an
+ * unregistered mapping of the same pages (their cache filled). Each fault's request carries the
+ * cached copy's digest (digests[page] if given, else hashed at the fault); CLEAN is CONTINUE,
+ * DATA is read into the cache through the alias then CONTINUE. 0 or -errno. */
+int up_cref_minor_start(up_cref_handler **out, int uffd, uint64_t base, uint64_t size,
+                        uint64_t page_size, int sock_fd, uint64_t alias,
+                        const uint64_t *digests, int cpu);
 void up_cref_handler_stats_get(up_cref_handler *h, up_cref_stats *out);
 /* Stops the thread, joins it, stores its final counters in final_out (may be NULL) and frees
  * it. Fds given to it are not closed. */
@@ -59,6 +68,9 @@ int up_cref_source_start(up_cref_source **out, int listen_fd, uint64_t buf, uint
  * a thread of its own (pinned like the source), so a request on one connection never waits
  * behind a reply on another (a demand request behind a bulk one). */
 #define UP_CREF_SOURCE_THREADED 1u
+/* MINOR: the buffer has not changed since the requester's copy was made (an epoch): a page
+ * asked for with a digest is CLEAN without being hashed, unless poisoned. */
+#define UP_CREF_SOURCE_VOUCH 2u
 int up_cref_source_start_ex(up_cref_source **out, int listen_fd, uint64_t buf, uint64_t size,
                             uint64_t page_size, const uint8_t *poison_bitmap, int cpu,
                             uint32_t flags);

@@ -267,6 +267,33 @@ class RemoteHandler(_Handler):
         self._start("up_cref_remote_start", uffd, base, size, page_size, fd, _cpu(cpu))
 
 
+class MinorHandler(_Handler):
+    """(c') MINOR mode: ``[base, base+size)`` maps a file registered MISSING|MINOR, ``alias``
+    an unregistered mapping of the same pages, their cache filled. Each fault asks the source
+    with the cached copy's digest (``digests``, one u64 a page, kept at precopy; None: hashed
+    at the fault) and maps the page with CONTINUE (after writing new bytes through the alias).
+    """
+
+    def __init__(
+        self,
+        uffd: int,
+        base: int,
+        size: int,
+        *,
+        sock: socket.socket | int,
+        alias: int,
+        digests: Any = None,
+        page_size: int = 4096,
+        cpu: int | None = None,
+    ) -> None:
+        _check_geometry(base, size, page_size)
+        self._sock, self._keep = sock, [digests]
+        dg = ffi.NULL if digests is None else ffi.cast("uint64_t *", ffi.from_buffer(digests))
+        self._keep.append(dg)
+        self._start("up_cref_minor_start", uffd, base, size, page_size, _blocking_fd(sock),
+                    alias, dg, _cpu(cpu))  # fmt: skip
+
+
 class PageSource(_CThread[CrefStats]):
     """(b) Serve ``buf`` (address with ``size``, or a buffer object) over TCP; pages whose bit
     is set in ``poison`` are answered POISONED. ``listen``: a listening socket to accept on
@@ -274,7 +301,9 @@ class PageSource(_CThread[CrefStats]):
 
     ``threaded``: serve each connection on a thread of its own (pinned to ``cpu`` too), so a
     request on one connection never waits behind a reply on another (demand behind bulk);
-    default: one thread serving every connection in turn.
+    default: one thread serving every connection in turn. ``vouch`` (MINOR): the buffer is
+    what the requester's cache was filled from, so a page asked for with a digest is CLEAN
+    unhashed.
     """
 
     _HANDLE, _STATS, _WHAT = "up_cref_source", CrefStats, "page source"  # stop closes its conns
@@ -289,6 +318,7 @@ class PageSource(_CThread[CrefStats]):
         listen: socket.socket | None = None,
         cpu: int | None = None,
         threaded: bool = False,
+        vouch: bool = False,
     ) -> None:
         self._keep: list[Any] = []
         addr, length = _address(buf, self._keep)
@@ -304,7 +334,9 @@ class PageSource(_CThread[CrefStats]):
         bm = _bitmap(poison, size // page_size, self._keep)
         self._listen = listen
         lfd = -1 if listen is None else listen.fileno()
-        flags = lib.UP_CREF_SOURCE_THREADED if threaded else 0
+        flags = (lib.UP_CREF_SOURCE_THREADED if threaded else 0) | (
+            lib.UP_CREF_SOURCE_VOUCH if vouch else 0
+        )
         self._start("up_cref_source_start_ex", lfd, addr, size, page_size, bm, _cpu(cpu), flags)
         self.port: int = int(lib.up_cref_source_port(self._c))
 
