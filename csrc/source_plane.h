@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include "chan.h"
 #include "guest.h"
+#include "hist.h"
 #include "notes.h"
 
 /* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
@@ -60,5 +61,9 @@ void up_src_get_stats(up_src *s, up_src_stats *out);
  * means unit first + i is not to be pushed; with `poisoned`, it is also poisoned (the guest's
  * poison bitmap learns it, for every session). */
 void up_src_mark(up_src *s, int poisoned, uint64_t first, uint64_t n, const uint8_t *bits);
+/* metrics (hist.h): the request service latencies, copied out for a scrape; recording on (the
+ * default) or off (only to measure what it costs). */
+void up_src_get_timing(up_src *s, up_timing *out);
+void up_src_set_timing(up_src *s, int on);
 /* --- end cffi --- */
 #endif

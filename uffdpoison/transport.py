@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import trio
 
@@ -62,6 +63,21 @@ def keep_alive(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(USER_TIMEOUT * 1000))
+
+
+_TCPI_RTT = 68  # offset of tcpi_rtt (µs) in struct tcp_info (linux/tcp.h)
+
+
+def tcp_rtt(sock: socket.socket) -> float | None:
+    """The kernel's smoothed round-trip time of a connected TCP socket, in seconds (None: not
+    connected). Only reads TCP_INFO: safe while a data plane owns the socket."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _TCPI_RTT + 4:
+        return None
+    return int.from_bytes(info[_TCPI_RTT : _TCPI_RTT + 4], sys.byteorder) / 1e6
 
 
 def format_address(host: str, port: int) -> str:
