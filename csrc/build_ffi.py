@@ -36,6 +36,7 @@ COMPONENTS = [
     "chan",  # one channel's socket and buffers; the control plane's instructions
     "notes",  # what a data plane tells its control plane
     "guest",  # the source's guest memory reader
+    "hist",  # latency histograms of the data planes (metrics), read on a scrape
     "source_plane",  # the source's data plane
     "dest_plane",  # the destination's data plane
 ]

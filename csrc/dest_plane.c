@@ -47,6 +47,7 @@ struct out_entry {
 	uint64_t end;     /* 0: answered (slot free) */
 	uint64_t sent_ns; /* when it was queued (the deadline runs from here); 0: no source yet */
 	int digests;      /* it carries the digests of cached copies: CLEAN may answer it */
+	uint64_t fault_ns; /* metrics: when its fault was read (0: not a fault's, or not timed) */
 };
 
 struct up_dest {
@@ -76,6 +77,7 @@ struct up_dest {
 
 	int stop, notify, running; /* atomics */
 	up_dest_stats st;
+	up_hists hists; /* metrics: fault-serve latencies (hist.c) */
 };
 
 static int pump(up_dest *d);
@@ -119,6 +121,7 @@ up_dest *up_dest_new(int uffd, uint64_t page_size, uint64_t memory_size,
 	d->out_cap = 64;
 	d->evcap = 256;
 	pthread_mutex_init(&d->lock, NULL);
+	up_hists_init(&d->hists); /* metrics */
 	d->regions = malloc(sizeof(*regions) * (size_t)nregions);
 	d->out = calloc(d->out_cap, sizeof(*d->out));
 	d->evq = malloc(sizeof(*d->evq) * d->evcap);
@@ -237,6 +240,19 @@ void up_dest_have(const up_dest_region *regions, int nregions, uint64_t ps, int 
 		bits[n >> 3] &= (uint8_t)((1u << (n & 7)) - 1); /* no bits past the last unit */
 }
 
+/* metrics: read on a scrape (hist.h) */
+void up_dest_get_timing(up_dest *d, up_timing *out)
+{
+	up_hists_copy(&d->hists, &out->h);
+	out->bytes_urgent = LOAD(&d->ch[URGENT].bytes_in);
+	out->bytes_bulk = LOAD(&d->ch[BULK].bytes_in);
+}
+
+void up_dest_set_timing(up_dest *d, int on)
+{
+	STORE(&d->hists.on, on);
+}
+
 int64_t up_dest_outstanding(up_dest *d)
 {
 	int64_t n = 0;
@@ -317,8 +333,10 @@ static size_t put_request(const up_dest *d, uint8_t *frame, uint64_t id, uint64_
 /* One Request for `count` pages at guest `offset`, recorded and queued on URGENT. With no
  * source now (the session is paused, or its socket not taken yet), only recorded: it goes out
  * when one is attached. `digests`: see put_request; the pages stay as cached until answered
- * (only a placement writes them, and they are REQUESTED), so a re-send hashes them again. */
-static int request_locked(up_dest *d, uint64_t offset, uint64_t count, int digests)
+ * (only a placement writes them, and they are REQUESTED), so a re-send hashes them again.
+ * `fault_ns` (metrics): when the fault behind it was read, 0 for none. */
+static int request_locked(up_dest *d, uint64_t offset, uint64_t count, int digests,
+			  uint64_t fault_ns)
 {
 	if (digests && count > DIGEST_RUN)
 		return -EINVAL;
@@ -338,7 +356,7 @@ static int request_locked(up_dest *d, uint64_t offset, uint64_t count, int diges
 		sent = now_ns();
 	}
 	d->out[id & (d->out_cap - 1)] =
-		(struct out_entry){offset, offset + count * d->ps, sent, digests};
+		(struct out_entry){offset, offset + count * d->ps, sent, digests, fault_ns};
 	d->next_id = id + 1;
 	CNT(d, demand_requests, 1);
 	return 0;
@@ -572,6 +590,7 @@ static int pump(up_dest *d)
 		int n = up_uffd_read_events(d->uffd, batch, EVENT_BATCH);
 		if (n < 0)
 			return n;
+		const uint64_t read_ns = up_hists_now(&d->hists); /* metrics */
 		total += n;
 		for (int i = 0; i < n; i++) {
 			const up_event *ev = &batch[i];
@@ -591,7 +610,8 @@ static int pump(up_dest *d)
 						d->evcap *= 2;
 					}
 				}
-				d->evq[d->evlen++] = *ev;
+				d->evq[d->evlen] = *ev;
+				d->evq[d->evlen++].read_ns = read_ns; /* metrics */
 				break;
 			case UFFD_EVENT_REMOVE:
 			case UFFD_EVENT_UNMAP:
@@ -615,7 +635,15 @@ static int pump(up_dest *d)
 	}
 }
 
-static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags)
+/* metrics: a fault served without the source, timed once placed (rc 0) */
+static int served_locally(up_dest *d, uint64_t read_ns, int rc)
+{
+	if (!rc)
+		up_hist_add(&d->hists, UP_CLASS_LOCAL, read_ns);
+	return rc;
+}
+
+static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags, uint64_t read_ns)
 {
 	const uint64_t ps = d->ps, page = addr & ~(ps - 1);
 	CNT(d, faults, 1);
@@ -647,7 +675,7 @@ static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags)
 	case UP_MISSING:
 	case UP_BACKGROUND: {
 		pthread_mutex_lock(&d->lock);
-		int rc = request_locked(d, r->offset + idx * ps, 1, cached);
+		int rc = request_locked(d, r->offset + idx * ps, 1, cached, read_ns);
 		pthread_mutex_unlock(&d->lock);
 		if (!rc && d->evhead == d->evlen && d->ch[URGENT].fd >= 0)
 			up_chan_flush(&d->ch[URGENT]); /* the last fault of a batch: on the wire now */
@@ -663,13 +691,14 @@ static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags)
 	case UP_PRESENT: /* placed by the push between the fault and now */
 		CNT(d, woken_present, 1);
 		up_uffd_wake(d->uffd, page, ps);
+		up_hist_add(&d->hists, UP_CLASS_PRESENT, read_ns); /* metrics */
 		return 0;
 	case UP_POISONED: /* the marker was discarded, or not placed yet: the page stays poisoned */
 		CNT(d, repoisoned, 1);
-		return place(d, ri, UP_OP_POISON, idx, 1, 0, 1, &placed);
+		return served_locally(d, read_ns, place(d, ri, UP_OP_POISON, idx, 1, 0, 1, &placed));
 	case UP_REMOVED:
 		CNT(d, zero_after_remove, 1);
-		return place(d, ri, UP_OP_ZERO, idx, 1, 0, 1, &placed);
+		return served_locally(d, read_ns, place(d, ri, UP_OP_ZERO, idx, 1, 0, 1, &placed));
 	default:
 		return 0;
 	}
@@ -679,7 +708,7 @@ static int serve_queue(up_dest *d)
 {
 	while (d->evhead < d->evlen) {
 		up_event ev = d->evq[d->evhead++]; /* by value: place() may grow the queue */
-		int rc = serve_fault(d, ev.address, ev.flags);
+		int rc = serve_fault(d, ev.address, ev.flags, ev.read_ns);
 		if (rc)
 			return rc;
 	}
@@ -716,7 +745,7 @@ static int next_frame(up_dest *d, int ch, up_frame *f)
 }
 
 /* A reply must continue its request where the last one stopped and not run past its end. */
-static int reply_ok(up_dest *d, const up_frame *f, char *why)
+static int reply_ok(up_dest *d, const up_frame *f, char *why, uint64_t *fault_ns)
 {
 	pthread_mutex_lock(&d->lock);
 	struct out_entry *o = lookup_locked(d, f->id);
@@ -736,6 +765,7 @@ static int reply_ok(up_dest *d, const up_frame *f, char *why)
 	else {
 		ok = 1;
 		o->next = end;
+		*fault_ns = o->next == o->end ? o->fault_ns : 0; /* metrics: timed when whole */
 		if (o->next == o->end)
 			answered_locked(d, o);
 	}
@@ -749,13 +779,15 @@ static int take_replies(up_dest *d)
 	up_frame f;
 	char why[UP_WHY];
 	while (next_frame(d, URGENT, &f)) {
-		if (!reply_ok(d, &f, why)) {
+		uint64_t fault_ns = 0;
+		if (!reply_ok(d, &f, why, &fault_ns)) {
 			d->ch[URGENT].held = UP_HELD_STOPPED;
 			note(d, UP_NOTE_BAD_FRAME, URGENT, 0, 0, 0, why);
 			return 0;
 		}
 		CNT(d, replies, 1);
 		int rc = place_run(d, f.kind, f.off, f.n, up_chan_payload(&d->ch[URGENT]), 1);
+		up_hist_reply(&d->hists, f.kind, f.n, rc ? 0 : fault_ns); /* metrics */
 		up_chan_consume(&d->ch[URGENT], &f);
 		if (rc)
 			return rc;
@@ -977,7 +1009,7 @@ static int send_run(up_dest *d, const up_dest_region *r, uint64_t first, uint64_
 		    int digests)
 {
 	pthread_mutex_lock(&d->lock);
-	int rc = request_locked(d, r->offset + first * d->ps, n, digests);
+	int rc = request_locked(d, r->offset + first * d->ps, n, digests, 0);
 	pthread_mutex_unlock(&d->lock);
 	up_wake(d->wake_fd); /* the engine sends what was queued */
 	if (rc)

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "chan.h"
+#include "hist.h"
 #include "ledger.h"
 #include "notes.h"
 
@@ -95,5 +96,9 @@ void up_dest_get_stats(up_dest *d, up_dest_stats *out);
 void up_dest_have(const up_dest_region *regions, int nregions, uint64_t ps, int poisoned,
 		  uint64_t first, uint64_t n, uint8_t *bits);
 int64_t up_dest_outstanding(up_dest *d);
+/* metrics (hist.h): the fault-serve latencies and bytes received, copied out for a scrape;
+ * recording on (the default) or off (only to measure what it costs). */
+void up_dest_get_timing(up_dest *d, up_timing *out);
+void up_dest_set_timing(up_dest *d, int on);
 /* --- end cffi --- */
 #endif

@@ -45,6 +45,7 @@ struct loop {
 	int wake_fd;
 	int stop; /* atomic */
 	struct work w;
+	uint64_t recv_ns; /* metrics: when the last bytes were received */
 };
 
 struct up_src {
@@ -59,6 +60,7 @@ struct up_src {
 	up_notes notes;
 	struct loop ch[3]; /* URGENT (1) and BULK (2) */
 	up_src_stats st;
+	up_hists hists; /* metrics: request service latencies (hist.c) */
 };
 
 /* ---- the pacer ---------------------------------------------------------------------------- */
@@ -167,6 +169,7 @@ up_src *up_src_new(const up_guest *g, up_pacer *pacer, uint64_t unit, int partia
 	s->unit = unit;
 	s->nunits = g->size / unit;
 	s->timeout_ms = partial_timeout_ms;
+	up_hists_init(&s->hists); /* metrics */
 	s->offered = calloc((s->nunits + 7) / 8 + 8, 1); /* + 8: find_clear reads whole words */
 	uint8_t *zero = calloc(1, unit);
 	int rc = !s->offered || !zero ? -ENOMEM : up_notes_init(&s->notes, NOTES);
@@ -239,6 +242,18 @@ void up_src_get_stats(up_src *s, up_src_stats *out)
 		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
 	out->bytes_urgent = s->ch[URGENT].c.bytes_out;
 	out->bytes_bulk = s->ch[BULK].c.bytes_out;
+}
+
+/* metrics: read on a scrape (hist.h) */
+void up_src_get_timing(up_src *s, up_timing *out)
+{
+	up_hists_copy(&s->hists, &out->h);
+	out->bytes_urgent = out->bytes_bulk = 0; /* the source's are in its stats */
+}
+
+void up_src_set_timing(up_src *s, int on)
+{
+	STORE(&s->hists.on, on);
 }
 
 void up_src_mark(up_src *s, int poisoned, uint64_t first, uint64_t n, const uint8_t *bits)
@@ -382,6 +397,7 @@ static int serve_request(up_src *s, struct loop *L, const up_frame *f, const uin
 	STORE(&s->hint, first + f->n + 1);
 	CNT(s, requests, 1);
 	CNT(s, request_pages, f->n);
+	int cls = -1; /* metrics: the reply's class */
 	for (uint64_t done = 0; done < f->n;) {
 		uint64_t k = f->n - done < L->w.max_units ? f->n - done : L->w.max_units;
 		uint64_t off = f->off + done * s->unit;
@@ -391,8 +407,10 @@ static int serve_request(up_src *s, struct loop *L, const up_frame *f, const uin
 		rc = up_chan_sendv(&L->c, L->w.iov, L->w.cnt, L->wake_fd, &L->stop, s->timeout_ms);
 		if (rc)
 			return rc;
+		cls = up_hist_merge(cls, L->w.kinds, k); /* metrics */
 		done += k;
 	}
+	up_hist_add(&s->hists, cls, L->recv_ns); /* metrics: received -> reply written */
 	return 0;
 }
 
@@ -522,6 +540,8 @@ int up_src_run(up_src *s, int channel, int nice, int base_nice)
 			up_drain(L->wake_fd);
 		if ((p[0].revents & (POLLIN | POLLHUP | POLLERR)) || held_by_tls) {
 			int r = up_chan_recv(c, c->rcap, 0);
+			if (r > 0)
+				L->recv_ns = up_hists_now(&s->hists); /* metrics */
 			if (r < 0) {
 				note(s, L, errno ? UP_NOTE_SOCK_ERROR : UP_NOTE_EOF, errno, 0, 0, "receive");
 				break;

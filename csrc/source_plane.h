@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include "chan.h"
 #include "guest.h"
+#include "hist.h"
 #include "notes.h"
 
 /* --- cffi: what Python sees (csrc/build_ffi.py reads it from here) --- */
@@ -65,5 +66,9 @@ void up_src_mark(up_src *s, int poisoned, uint64_t first, uint64_t n, const uint
  * changes since (up_guest_changed): a unit asked for with a digest that has not changed is
  * CLEAN without being read or hashed. Before the loops run. */
 void up_src_vouch(up_src *s);
+/* metrics (hist.h): the request service latencies, copied out for a scrape; recording on (the
+ * default) or off (only to measure what it costs). */
+void up_src_get_timing(up_src *s, up_timing *out);
+void up_src_set_timing(up_src *s, int on);
 /* --- end cffi --- */
 #endif

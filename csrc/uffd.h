@@ -20,6 +20,7 @@ typedef struct up_event {
 	uint64_t from_;   /* REMAP: from_, to, len */
 	uint64_t to;
 	uint64_t len;
+	uint64_t read_ns; /* pagefault: when read, for a reader that times it (dest_plane), else 0 */
 } up_event;
 
 int up_uffd_open_syscall(int user_mode_only);

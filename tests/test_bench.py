@@ -121,6 +121,9 @@ def test_every_scenario_tiny_and_cleans_up() -> None:
                 f = by[name][side]
                 assert f["touches"] == f["faults"] == 150  # every touch was a demand fault
     assert by["loopback+bg"]["params"]["background"] is True
+    on, off = by["metrics"]["uffdpoison"]["counters"], by["metrics"]["c"]["counters"]
+    assert on["scrapes"] >= 2 and on["scraped_bytes"] > 0 and off["scrapes"] == 0
+    assert on["faults"] == off["faults"] == 150  # both sides are uffdpoison, each fault served
     assert by["bulk"]["uffdpoison"]["bytes_per_s"] > 0
     # Raw samples stay available for --plot, one per counted fault.
     raw = {r["name"]: r for r in doc["scenarios"]}["loopback"]

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -89,6 +90,21 @@ async def accept_patiently(accept: Callable[[], Awaitable[_T]], what: str) -> _T
                     "cannot accept %s now (%s): retrying", what, e.strerror
                 )
             await trio.sleep(0.1)
+
+
+_TCPI_RTT = 68  # offset of tcpi_rtt (µs) in struct tcp_info (linux/tcp.h)
+
+
+def tcp_rtt(sock: socket.socket) -> float | None:
+    """The kernel's smoothed round-trip time of a connected TCP socket, in seconds (None: not
+    connected). Only reads TCP_INFO: safe while a data plane owns the socket."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _TCPI_RTT + 4:
+        return None
+    return int.from_bytes(info[_TCPI_RTT : _TCPI_RTT + 4], sys.byteorder) / 1e6
 
 
 def format_address(host: str, port: int) -> str:

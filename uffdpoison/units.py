@@ -37,6 +37,17 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def seconds_arg(text: str) -> float:
+    """A positive number of seconds, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} seconds is out of range")
+    return value
+
+
 def fraction_arg(text: str) -> float:
     """A fraction from 0 to 1, for argparse."""
     try:

@@ -40,6 +40,7 @@ GOALS = (
     ("loopback demand p99 <= 1.25x C", "loopback", "ratio.p99", 1.25),
     ("demand p99 with background <= 1.5x idle", "loopback+bg", "bg_vs_idle.p99", 1.5),
     ("bulk >= 2 GB/s on loopback", "bulk", "uffdpoison.bytes_per_s", 2e9),
+    ("metrics on <= 1.02x off, loopback demand p50", "metrics", "ratio.p50", 1.02),
 )
 
 
@@ -259,6 +260,11 @@ def _cpus(fig: dict[str, Any]) -> str:
     return f"{one('toucher')}/{one('handler')}/{one('source')}"
 
 
+def side_names(rec: dict[str, Any]) -> dict[str, str]:
+    """What a scenario's two sides are (the metrics scenario's are uffdpoison both times)."""
+    return dict(rec["params"].get("sides") or {"uffdpoison": "uffdpoison", "c": "C"})
+
+
 def print_table(doc: dict[str, Any], out: Any = None) -> None:
     out = out or sys.stdout
     env = doc["environment"]
@@ -282,12 +288,13 @@ def print_table(doc: dict[str, Any], out: Any = None) -> None:
         if rec["status"] != "ok":
             print(f"{rec['name']:<12} {rec['status'].upper()}: {rec['reason']}", file=out)
             continue
+        names = side_names(rec)
         for side in ("uffdpoison", "c"):
             f = rec[side]
             lat = f["latency_us"]
             print(
                 f"{rec['name'] if side == 'uffdpoison' else '':<12} "
-                f"{'C' if side == 'c' else side:<10} {f['faults']:>7} {_us(lat['p50']):>8} "
+                f"{names[side]:<10} {f['faults']:>7} {_us(lat['p50']):>8} "
                 f"{_us(lat['p90']):>8} {_us(lat['p99']):>8} {_us(lat['p999']):>8} "
                 f"{_us(lat['max']):>8} {f['faults_per_s'] or '-':>9} {_rate(f['bytes_per_s']):>7}"
                 f"  {_cpus(f)}",
@@ -323,13 +330,16 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
     rows = -(-len(recs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, rec in zip(axes.flat, recs, strict=False):
+        names = side_names(rec)
+        if "sides" not in rec["params"]:
+            names["c"] = "C reference"
         for side, style in (("uffdpoison", "-"), ("c", "--")):
             s = sorted(rec["_samples"][side])
             if not s:
                 continue
             n = len(s)
             ax.plot([v / 1000 for v in s], [(i + 1) / n for i in range(n)], style,
-                    label="uffdpoison" if side == "uffdpoison" else "C reference")  # fmt: skip
+                    label=names[side])  # fmt: skip
         ax.set_xscale("log")
         ax.set_title(rec["name"])
         ax.set_xlabel("demand-fault latency (µs)")

@@ -21,8 +21,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,14 @@ import trio
 import uffdpoison
 from uffdpoison.auth import Token
 from uffdpoison.bench.netns import NetnsPair, NetnsUnavailable
-from uffdpoison.destination.embed import serve_memory
+from uffdpoison.destination.embed import PageServer, serve_memory
 from uffdpoison.destination.regions import Region
 from uffdpoison.harness.bulkpull import BulkPuller
 from uffdpoison.harness.cref import RemoteHandler
 from uffdpoison.harness.toucher import OUTCOME_OK, OUTCOME_SIGBUS, Toucher, current_cpu
 from uffdpoison.kernel import RegisterMode, Userfaultfd, memory
 from uffdpoison.kernel.tls import TlsContext
+from uffdpoison.metrics import http_endpoint
 from uffdpoison.owned import Owned
 from uffdpoison.stats import percentile
 
@@ -62,8 +64,12 @@ SCENARIOS: dict[str, str] = {
     "netns+bg": "netns with the background stream at the --bg-cap rate",
     "bulk": "background stream throughput on loopback, uncapped, no touches: bytes/s until "
     "every page of --bulk-size is placed",
+    "metrics": "the cost of metrics: loopback demand faults with metrics on (latency histograms "
+    "recorded in C at both ends, both endpoints scraped every 100 ms) against off (nothing "
+    "recorded, nothing scraped); the 'C' side is uffdpoison with metrics off",
 }
-DEFAULT_SCENARIOS = tuple(SCENARIOS)
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s != "metrics")
+SCRAPE_EVERY = 0.1  # seconds between two scrapes of each endpoint in the metrics scenario
 
 
 class BenchError(Exception):
@@ -342,6 +348,7 @@ class Process:
             status = json.loads(line)
             self.host: str = status["host"]
             self.port: int = int(status["port"])
+            self.metrics: str | None = status.get("metrics")  # with --metrics: where
         except BaseException:
             # Not yet in anyone's list of processes to close (a Ctrl-C while it starts, a bad
             # first line): close it here or it outlives the benchmark, in its namespace.
@@ -407,15 +414,12 @@ def _processes() -> Iterator[list[Process]]:
             p.close()
 
 
-def start_sources(
-    procs: list[Process],
-    cfg: Config,
-    guest: Guest,
-    host: str,
-    cap: int | None,
-    pair: NetnsPair | None = None,
-) -> tuple[Process, Process]:
-    """The uffdpoison source and the C source for ``guest``, each in its own process."""
+def start_up_source(
+    procs: list[Process], cfg: Config, guest: Guest, host: str, *, cap: int | None = None,
+    pair: NetnsPair | None = None, options: Sequence[str] = (),
+) -> Process:  # fmt: skip
+    """The uffdpoison source for ``guest`` in its own process (``options``: more of its own);
+    ``cap``: its push's bandwidth."""
     pre = _affinity(cfg.scpu, pair.preexec_src() if pair else None)
     up_cmd = [
         sys.executable, "-P", "-m", "uffdpoison", "source", "--listen", f"{host}:0",
@@ -427,8 +431,16 @@ def start_sources(
                    "--tls-key", str(cfg.tls_dir / "server.key")]  # fmt: skip
     if cap:
         up_cmd += ["--max-bandwidth", str(cap)]
-    up = Process(up_cmd, pre, "uffdpoison source")
+    up = Process([*up_cmd, *options], pre, "uffdpoison source")
     procs.append(up)
+    return up
+
+
+def start_c_source(
+    procs: list[Process], cfg: Config, guest: Guest, host: str, pair: NetnsPair | None = None
+) -> Process:
+    """The C reference's source for ``guest`` in its own process."""
+    pre = _affinity(cfg.scpu, pair.preexec_src() if pair else None)
     c_cmd = [
         sys.executable, "-P", "-m", "uffdpoison.bench.csource", "--listen", f"{host}:0",
         "--image", str(guest.path), "--poison-list", str(guest.poison_path),
@@ -438,7 +450,7 @@ def start_sources(
         c_cmd += ["--cpu", str(cfg.scpu)]
     c = Process(c_cmd, pre, "C source")
     procs.append(c)
-    return up, c
+    return c
 
 
 def start_delay(
@@ -505,9 +517,18 @@ def _verify(res: Any, order: Sequence[int], guest: Guest, side: str) -> None:
 
 
 def up_round(
-    cfg: Config, source: str, guest: Guest, order: Sequence[int], bg: bool
+    cfg: Config,
+    source: str,
+    guest: Guest,
+    order: Sequence[int],
+    bg: bool,
+    *,
+    timing: bool = True,
+    scrape: Sequence[str] = (),
 ) -> tuple[Any, float, set[int], dict[str, int]]:
-    """uffdpoison destination (embedded, same process) touching ``order``."""
+    """uffdpoison destination (embedded, same process) touching ``order``. ``timing``: the
+    data plane records fault latencies (as it does unless measured); ``scrape``: metrics
+    endpoints (``HOST:PORT``) to scrape while it touches, with this session's own added."""
     ps = guest.page_size
     size = guest.pages * ps
     with memory.of_kind(cfg.memory, size) as m:
@@ -526,14 +547,16 @@ def up_round(
                     [region], source, hugetlb=cfg.memory == "hugetlb", background=bg,
                     token=guest.token, tls=cfg.client_tls(),
                 ) as server:  # fmt: skip
-                    cpus = {current_cpu()}
-                    t0 = time.perf_counter()
-                    toucher.start()
-                    started.append(True)
-                    await _join(toucher)
-                    seconds = time.perf_counter() - t0
-                    cpus.add(current_cpu())
-                    return seconds, cpus, dict(server.stats)
+                    server.session.plane.set_timing(timing)
+                    async with _scraping(server, scrape) as scrapes:
+                        cpus = {current_cpu()}
+                        t0 = time.perf_counter()
+                        toucher.start()
+                        started.append(True)
+                        await _join(toucher)
+                        seconds = time.perf_counter() - t0
+                        cpus.add(current_cpu())
+                    return seconds, cpus, dict(server.stats) | scrapes
 
         try:
             with _pinned_thread(cfg.hcpu):
@@ -542,6 +565,44 @@ def up_round(
             if started and not toucher.join(cfg.timeout):
                 raise BenchError(f"uffdpoison: toucher hung ({toucher.pending} pending)")
         return toucher.results, seconds, cpus, stats
+
+
+@contextlib.asynccontextmanager
+async def _scraping(server: PageServer, endpoints: Sequence[str]) -> AsyncIterator[dict[str, int]]:
+    """With ``endpoints``: this session's metrics served over HTTP as the daemon serves them,
+    and a thread that scrapes it and ``endpoints`` every SCRAPE_EVERY s; on exit the scrapes
+    made and the bytes read, in the dict yielded."""
+    counts = {"scrapes": 0, "scraped_bytes": 0}
+    if not endpoints:
+        yield counts
+        return
+    async with http_endpoint(("127.0.0.1", 0), server.registry) as own:
+        assert own is not None
+        stop = threading.Event()
+        failed: list[str] = []
+
+        def scrape() -> None:
+            while True:  # the first at once: a short round is scraped too
+                for where in (own, *endpoints):
+                    try:
+                        with urllib.request.urlopen(f"http://{where}/metrics", timeout=10) as r:
+                            counts["scraped_bytes"] += len(r.read())
+                    except OSError as e:
+                        failed.append(f"scraping {where}: {e}")
+                        return
+                    counts["scrapes"] += 1
+                if stop.wait(SCRAPE_EVERY):
+                    return
+
+        scraper = threading.Thread(target=scrape, name="uffdpoison-bench-scraper", daemon=True)
+        scraper.start()
+        try:
+            yield counts
+        finally:
+            stop.set()
+            await trio.to_thread.run_sync(scraper.join)
+        if failed:
+            raise BenchError(failed[0])
 
 
 async def _join(toucher: Toucher) -> None:
@@ -622,32 +683,41 @@ def _finish(rec: dict[str, Any], up: Samples, c: Samples, ps: int) -> dict[str, 
     return rec
 
 
+# One round of one side: the toucher's results, seconds, handler CPUs, counters.
+Round = Callable[[Sequence[int]], tuple[Any, float, set[int], dict[str, int]]]
+
+
+def _versus_c(
+    cfg: Config, guest: Guest, up_src: Process, c_src: Process, up_addr: str, bg: bool
+) -> dict[str, tuple[Round, Process]]:
+    """The two sides of a demand scenario: uffdpoison and the C reference."""
+    return {
+        "uffdpoison": (lambda order: up_round(cfg, up_addr, guest, order, bg), up_src),
+        "c": (lambda order: c_round(cfg, c_src.host, c_src.port, guest, order, bg), c_src),
+    }
+
+
 def _demand(
     name: str,
     cfg: Config,
     guest: Guest,
-    up_src: Process,
-    c_src: Process,
-    c_addr: tuple[str, int],
-    up_addr: str,
+    sides: dict[str, tuple[Round, Process]],
     bg: bool,
     params: dict[str, Any],
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
+    """Rounds of both ``sides`` ("uffdpoison" and "c", each a round and its source), the order
+    alternating, on the same touch orders."""
     rec = _record(name, cfg, params)
     hit = HIT_NS if bg else 0
     up, c = Samples(hit_ns=hit), Samples(hit_ns=hit)
     for r in range(cfg.warmup + cfg.rounds):
         order = touch_order(cfg, r)
-        sides = ("uffdpoison", "c") if r % 2 == 0 else ("c", "uffdpoison")
-        for side in sides:
+        for side in ("uffdpoison", "c") if r % 2 == 0 else ("c", "uffdpoison"):
             progress(f"{name}: round {r + 1}/{cfg.warmup + cfg.rounds} {side}")
-            if side == "uffdpoison":
-                res, secs, cpus, stats = up_round(cfg, up_addr, guest, order, bg)
-                src, acc = up_src, up
-            else:
-                res, secs, cpus, stats = c_round(cfg, *c_addr, guest, order, bg)
-                src, acc = c_src, c
+            one_round, src = sides[side]
+            res, secs, cpus, stats = one_round(order)
+            acc = up if side == "uffdpoison" else c
             src.check_alive()
             _verify(res, order, guest, side)
             if r < cfg.warmup:
@@ -737,6 +807,7 @@ class Runner(Owned):
             "netns": lambda: self.netns(False),
             "netns+bg": lambda: self.netns(True),
             "bulk": self.bulk,
+            "metrics": self.metrics,
         }.get(name)
         if fn is None:
             raise BenchError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
@@ -763,11 +834,29 @@ class Runner(Owned):
         guest = self.guest
         with _processes() as procs:
             self.progress(f"{name}: starting sources")
-            up, c = start_sources(procs, cfg, guest, "127.0.0.1", cfg.bg_cap if bg else None)
-            return _demand(
-                name, cfg, guest, up, c, (c.host, c.port), up.address, bg,
-                _demand_params(cfg, bg), self.progress,
-            )  # fmt: skip
+            up = start_up_source(procs, cfg, guest, "127.0.0.1", cap=cfg.bg_cap if bg else None)
+            c = start_c_source(procs, cfg, guest, "127.0.0.1")
+            sides = _versus_c(cfg, guest, up, c, up.address, bg)
+            return _demand(name, cfg, guest, sides, bg, _demand_params(cfg, bg), self.progress)
+
+    def metrics(self) -> dict[str, Any]:
+        """Loopback demand faults, metrics on ("uffdpoison") against off ("c")."""
+        cfg, guest = self.cfg, self.guest
+        with _processes() as procs:
+            self.progress("metrics: starting sources")
+            on = start_up_source(procs, cfg, guest, "127.0.0.1", options=["--metrics", "0"])
+            off = start_up_source(procs, cfg, guest, "127.0.0.1")
+            assert on.metrics is not None
+            sides: dict[str, tuple[Round, Process]] = {
+                "uffdpoison": (lambda o: up_round(cfg, on.address, guest, o, False,
+                                                  scrape=[on.metrics or ""]), on),
+                "c": (lambda o: up_round(cfg, off.address, guest, o, False, timing=False), off),
+            }  # fmt: skip
+            params = _demand_params(cfg, False) | {
+                "sides": {"uffdpoison": "metrics on", "c": "metrics off"},
+                "scrape_every_s": SCRAPE_EVERY,
+            }
+            return _demand("metrics", cfg, guest, sides, False, params, self.progress)
 
     def netns(self, bg: bool) -> dict[str, Any]:
         cfg = self.cfg
@@ -783,18 +872,16 @@ class Runner(Owned):
         try:
             with _processes() as procs:
                 self.progress(f"{name}: starting sources in {pair.src}")
-                up, c = start_sources(
-                    procs, cfg, guest, pair.src_addr, cfg.bg_cap if bg else None, pair
-                )
+                cap = cfg.bg_cap if bg else None
+                up = start_up_source(procs, cfg, guest, pair.src_addr, cap=cap, pair=pair)
+                c = start_c_source(procs, cfg, guest, pair.src_addr, pair)
                 if cfg.delay > 0:
                     up = start_delay(procs, up, cfg.delay, pair, cfg.scpu)
                     c = start_delay(procs, c, cfg.delay, pair, cfg.scpu)
                 params.update(namespaces=[pair.src, pair.dst], source_addr=pair.src_addr)
                 with pair.enter_dst():
-                    return _demand(
-                        name, cfg, guest, up, c, (c.host, c.port), up.address, bg, params,
-                        self.progress,
-                    )  # fmt: skip
+                    sides = _versus_c(cfg, guest, up, c, up.address, bg)
+                    return _demand(name, cfg, guest, sides, bg, params, self.progress)
         finally:
             pair.close()
 
@@ -819,7 +906,8 @@ class Runner(Owned):
         check = random.Random(cfg.seed).sample(range(guest.pages), min(guest.pages, 256))
         with _processes() as procs:
             self.progress("bulk: starting sources")
-            up_src, c_src = start_sources(procs, cfg, guest, "127.0.0.1", None)
+            up_src = start_up_source(procs, cfg, guest, "127.0.0.1")
+            c_src = start_c_source(procs, cfg, guest, "127.0.0.1")
             for r in range(cfg.warmup + cfg.bulk_rounds):
                 for side in ("uffdpoison", "c") if r % 2 == 0 else ("c", "uffdpoison"):
                     self.progress(f"bulk: round {r + 1}/{cfg.warmup + cfg.bulk_rounds} {side}")

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from uffdpoison.destination.handoff import prepare_socket
+from uffdpoison.kernel.hist import combined
+from uffdpoison.metrics import resident_pages
 from uffdpoison.transport import parse_address
 
 if TYPE_CHECKING:
@@ -33,24 +35,32 @@ TIMEOUT = 5.0
 
 
 def status(daemon: HandoffDaemon) -> dict[str, Any]:
-    """What ``status`` answers: the source, and per session its VMM, state and progress."""
+    """What ``status`` answers: the source, and per session its VMM, state, progress and the
+    fault-serve latency so far (from the data plane's histogram)."""
     sessions = []
     for name, s in daemon.sessions.items():
-        pages = s.page_counts()
-        total = sum(pages.values())
+        x = s.sample()
+        served = combined(x.timing.latency)
         sessions.append({
             "session": name,
             "pid": daemon.vmm_pids.get(name),
-            "state": s.state,
+            "state": x.state,
             "source": s.source,
-            "pauses": s.pauses,
-            "pages": pages,
-            "resident": total - pages["missing"] - pages["requested"] - pages["background"],
-            "total": total,
-            "placed": s.stats,
+            "pauses": x.pauses,
+            "pages": x.pages,
+            "resident": resident_pages(x.pages),
+            "total": sum(x.pages.values()),
+            "placed": x.placed,
+            "faults_served": served.count,
+            "latency_us": {q: _us(served.quantile(v)) for q, v in (("p50", 0.5), ("p99", 0.99))},
+            "rtt_us": _us(x.rtt_s),
         })  # fmt: skip
     ready = daemon.source_info is not None
     return {"ok": True, "source": daemon.source, "source_ready": ready, "sessions": sessions}
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e6, 1)
 
 
 def _answer(daemon: HandoffDaemon, raw: bytes) -> dict[str, Any]:

@@ -25,8 +25,9 @@ from uffdpoison.destination.session import REQUEST_TIMEOUT, RESUME_DEADLINE
 from uffdpoison.destination.state import STATE_DIR
 from uffdpoison.exgroups import caught
 from uffdpoison.kernel.tls import TlsContext
+from uffdpoison.metrics import metrics_arg
 from uffdpoison.transport import parse_address
-from uffdpoison.units import count_arg
+from uffdpoison.units import count_arg, seconds_arg
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,6 @@ def _address(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"{text!r} seconds is out of range")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--resume-deadline",
-        type=_seconds,
+        type=seconds_arg,
         default=RESUME_DEADLINE,
         metavar="SECONDS",
         help=f"how long a session waits for a lost source before it fails "
@@ -127,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--request-timeout",
-        type=_seconds,
+        type=seconds_arg,
         default=REQUEST_TIMEOUT,
         metavar="SECONDS",
         help=f"a demand request unanswered this long means the source is lost "
@@ -144,7 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tls_options.add_arguments(p, server=False)
     p.add_argument(
         "--handoff-timeout",
-        type=_seconds,
+        type=seconds_arg,
         default=HANDOFF_TIMEOUT,
         metavar="SECONDS",
         help=f"a connection that has not sent its whole handoff this long is dropped "
@@ -169,6 +160,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a local control socket for 'uffdpoison status' and 'uffdpoison set-source'",
     )
+    p.add_argument(
+        "--metrics",
+        type=metrics_arg,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics over HTTP (/metrics) on PORT of loopback, or of HOST; "
+        "off by default",
+    )
 
 
 async def _amain(args: argparse.Namespace, tls: TlsContext | None) -> None:
@@ -188,6 +186,7 @@ async def _amain(args: argparse.Namespace, tls: TlsContext | None) -> None:
         handoff_timeout=args.handoff_timeout,
         max_handoffs=args.max_handoffs,
         max_sessions=args.max_sessions,
+        metrics=args.metrics,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:

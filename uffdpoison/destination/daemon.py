@@ -48,6 +48,13 @@ from uffdpoison.destination.session import (
 from uffdpoison.destination.state import SessionState, sweep
 from uffdpoison.kernel import Feature, Userfaultfd, errors as kerrors, pagemap
 from uffdpoison.kernel.tls import TlsContext
+from uffdpoison.metrics import (
+    DestCollector,
+    DestSnapshot,
+    from_any_thread,
+    http_endpoint,
+    registry_of,
+)
 from uffdpoison.transport import accept_patiently
 
 log = logging.getLogger(__name__)
@@ -76,11 +83,13 @@ class HandoffDaemon:
         tls: TlsContext | None = None,
         max_handoffs: int = MAX_HANDOFFS,
         max_sessions: int = MAX_SESSIONS,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         """``state_dir``: keep each session's ledgers there, for a restarted daemon to resume
         (None: not kept). ``control``: a local control socket (``admin``). At most
         ``max_handoffs`` connections are read at once (the next waits in the listen backlog)
-        and ``max_sessions`` VMMs served (the next is refused)."""
+        and ``max_sessions`` VMMs served (the next is refused). ``metrics``: serve Prometheus
+        metrics over HTTP there (``uffdpoison.metrics``)."""
         self.path = path
         self.source = source
         self.allow_uids = frozenset(allow_uids or (os.getuid(),))
@@ -94,6 +103,7 @@ class HandoffDaemon:
         self.request_timeout = request_timeout
         self.token, self.tls = token, tls
         self.max_sessions = max_sessions
+        self.metrics = metrics
         self._handoffs = trio.Semaphore(max_handoffs)
         self.source_info: SourceInfo | None = None
         self.sessions: dict[str, Session] = {}
@@ -111,12 +121,23 @@ class HandoffDaemon:
         for s in self.sessions.values():
             s.set_source(address)
 
+    def snapshot(self) -> DestSnapshot:
+        """Every session as a metrics scrape sees it (read now)."""
+        ready = self.source_info is not None
+        return DestSnapshot([s.sample() for s in self.sessions.values()], ready)
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.state_dir is not None:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
             sweep(self.state_dir)
+        registry = registry_of(DestCollector(from_any_thread(self.snapshot)))
+        async with http_endpoint(self.metrics, registry) as metrics:
+            await self._serve(metrics, task_status)
+
+    async def _serve(self, metrics: str | None, task_status: trio.TaskStatus[None]) -> None:
         sock = prepare_socket(self.path, self.mode, self.owner)
-        self._emit("listening", path=self.path, source=self.source, state_dir=self.state_dir)
+        self._emit("listening", path=self.path, source=self.source, state_dir=self.state_dir,
+                   metrics=metrics)  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._find_source)

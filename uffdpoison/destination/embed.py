@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
 
 from uffdpoison.auth import Token
 from uffdpoison.destination.link import AuthenticationFailed as AuthenticationFailed
@@ -45,6 +46,7 @@ from uffdpoison.destination.session import (
 from uffdpoison.exgroups import leaf_of
 from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd
 from uffdpoison.kernel.tls import TlsContext
+from uffdpoison.metrics import DestCollector, DestSnapshot, from_any_thread, registry_of
 
 FEATURES = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.THREAD_ID
 
@@ -54,6 +56,24 @@ class PageServer:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._registry = registry_of(DestCollector(from_any_thread(self._snapshot)))
+
+    def _snapshot(self) -> DestSnapshot | None:
+        try:
+            return DestSnapshot([self.session.sample()])
+        except ValueError:  # closed: the serve_memory block has exited
+            return None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This session's Prometheus metrics (the daemon's, labelled with the session's
+        ``name``), read when scraped, from any thread: e.g.
+        ``prometheus_client.start_http_server(9100, registry=server.registry)``."""
+        return self._registry
+
+    def metrics_text(self) -> str:
+        """The metrics now, in Prometheus's text format."""
+        return generate_latest(self._registry).decode()
 
     @property
     def completed(self) -> bool:
@@ -222,6 +242,16 @@ class ThreadedPageServer:
         """Pages in each ledger state (``missing`` ... ``poisoned``); read without a lock."""
         assert self._server is not None
         return self._server.page_counts()
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """``PageServer.registry``: scraped from any thread, read on the page server's."""
+        assert self._server is not None
+        return self._server.registry
+
+    def metrics_text(self) -> str:
+        assert self._server is not None
+        return self._server.metrics_text()
 
     def close(self) -> None:
         if self._thread is None:

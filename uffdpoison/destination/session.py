@@ -39,7 +39,9 @@ from uffdpoison.kernel import Userfaultfd
 from uffdpoison.kernel.ledger import Ledger, PageState
 from uffdpoison.kernel.planes import DestPlane, DestRegion, Flag, Note, NoteKind, have
 from uffdpoison.kernel.tls import TlsContext
+from uffdpoison.metrics import DestSample
 from uffdpoison.protocol import Channel
+from uffdpoison.transport import tcp_rtt
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +291,16 @@ class Session:
             for state, n in led.counts.items():
                 total[state.name.lower()] += n
         return total
+
+    def sample(self) -> DestSample:
+        """What a scrape or ``status`` shows of this session, read now (C counters and
+        histograms copied out). ValueError once the session is closed."""
+        timing = self.plane.timing()  # first: it raises once closed, before the ledgers are read
+        connected = self.state in ("active", "complete") and Channel.URGENT in self._attached
+        return DestSample(
+            self.name, self.state, self.page_counts(), self.stats, timing, self.pauses,
+            self.plane.outstanding, tcp_rtt(self.link.urgent.sock) if connected else None,
+        )  # fmt: skip
 
     def _emit(self, event: str, **fields: Any) -> None:
         self._status({"event": event, "session": self.name, **fields})

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from uffdpoison.kernel._ffi import ffi, lib
+from uffdpoison.kernel.hist import Timing, read_timing
 from uffdpoison.kernel.ledger import Ledger
 from uffdpoison.kernel.tls import Tls
 
@@ -138,6 +139,14 @@ class _Plane:
         s = ffi.new(f"{ctype} *")
         self._fn("get_stats")(self._raw(), s)
         return {name: getattr(s, name) for name, _ in ffi.typeof(ctype).fields}
+
+    def timing(self) -> Timing:
+        """Latency histograms (and, destination, bytes received), copied out of C now."""
+        return read_timing(self._fn("get_timing"), self._raw())
+
+    def set_timing(self, on: bool) -> None:
+        """Record latencies (the default) or not: off only to measure what recording costs."""
+        self._fn("set_timing")(self._raw(), int(on))
 
     def _loop(self, *args: int) -> int:
         ptr = self._raw()

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -18,6 +19,13 @@ from uffdpoison import sdnotify, tls_options
 from uffdpoison.auth import token_arg
 from uffdpoison.console import emit
 from uffdpoison.exgroups import caught
+from uffdpoison.metrics import (
+    SourceCollector,
+    from_any_thread,
+    http_endpoint,
+    metrics_arg,
+    registry_of,
+)
 from uffdpoison.source.backends import (
     Backend,
     ImageBackend,
@@ -119,6 +127,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unless --tls --tls-ca asks for client certificates",
     )
     tls_options.add_arguments(parser, server=True)
+    parser.add_argument(
+        "--metrics",
+        type=metrics_arg,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics over HTTP (/metrics) on PORT of loopback, or of HOST; "
+        "off by default",
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -142,18 +157,26 @@ def _open_backend(args: argparse.Namespace) -> Backend:
     )
 
 
-async def _run(server: SourceServer, listen: str) -> None:
+async def _run(server: SourceServer, listen: str, metrics: tuple[str, int] | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            host, port = await nursery.start(server.serve, listen)
-            emit({"event": "listening", "host": host, "port": port})
-            sdnotify.notify("READY=1")  # systemd: serving
-            nursery.start_soon(sdnotify.watchdog)
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                sdnotify.notify("STOPPING=1")
-                nursery.cancel_scope.cancel()
-                break
+        registry = registry_of(SourceCollector(from_any_thread(server.sample)))
+        async with http_endpoint(metrics, registry) as where:
+            await _serve(server, listen, where, signals)
+
+
+async def _serve(
+    server: SourceServer, listen: str, metrics: str | None, signals: AsyncIterator[int]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(server.serve, listen)
+        emit({"event": "listening", "host": host, "port": port, "metrics": metrics})
+        sdnotify.notify("READY=1")  # systemd: serving
+        nursery.start_soon(sdnotify.watchdog)
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            sdnotify.notify("STOPPING=1")
+            nursery.cancel_scope.cancel()
+            break
 
 
 def main(args: argparse.Namespace) -> int:
@@ -192,14 +215,16 @@ def main(args: argparse.Namespace) -> int:
             push_nice=PUSH_NICE if args.push_nice is None else args.push_nice,
             token=args.token,
             tls=tls,
+            timing=args.metrics is not None,  # service times are seen only in the metrics
         )
         try:
-            trio.run(_run, server, args.listen)
+            trio.run(_run, server, args.listen, args.metrics)
         except (OSError, BaseExceptionGroup) as exc:
             err = caught(exc, OSError)
             if err is None:
                 raise
-            print(f"uffdpoison source: cannot listen on {args.listen}: {err}", file=sys.stderr)
+            where = "" if str(err).startswith("--metrics") else f"cannot listen on {args.listen}: "
+            print(f"uffdpoison source: {where}{err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             pass

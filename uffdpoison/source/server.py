@@ -25,6 +25,7 @@ from uffdpoison import auth, protocol
 from uffdpoison.auth import Token
 from uffdpoison.kernel.planes import Pacer
 from uffdpoison.kernel.tls import TlsContext
+from uffdpoison.metrics import SourceSample, SourceTotals
 from uffdpoison.protocol import Channel, Hello, Side
 from uffdpoison.source.backends import Backend, SourceError
 from uffdpoison.source.session import SourceSession
@@ -95,11 +96,13 @@ class SourceServer:
         token: Token | None = None,
         tls: TlsContext | None = None,
         max_sessions: int = MAX_SESSIONS,
+        timing: bool = True,
     ) -> None:
         """``push_nice``: how much lower (nice) the push runs than the demand replies; 0 = the
         same. ``max_bandwidth``: bytes/s for every session's push together. ``token``: serve
         only destinations that prove they hold it (``uffdpoison.auth``). ``tls``: a server
-        context; every connection is TLS (with client certificates if it has a CA)."""
+        context; every connection is TLS (with client certificates if it has a CA).
+        ``timing``: record each request's service time (for the metrics)."""
         if max_bandwidth is not None and max_bandwidth <= 0:
             raise ValueError(f"max_bandwidth must be positive, got {max_bandwidth}")
         self.backend = backend
@@ -116,6 +119,17 @@ class SourceServer:
         self.epoch: bytes | None = None  # the precopy epoch the backend tracks changes since
         self._pacer: Pacer | None = None
         self._nice: tuple[int | None, int | None] = (None, None)
+        self._ended = SourceTotals()  # the metrics of sessions that ended
+        self.timing = timing
+
+    def sample(self) -> SourceSample:
+        """What a scrape shows: every session's counters and latencies, ended ones included."""
+        totals = self._ended.copied()
+        for s in self.sessions.values():
+            totals.add(s.plane.stats(), s.plane.timing())
+        return SourceSample(
+            len(self.sessions), self.backend.poisoned_count(), totals.stats, totals.latency
+        )
 
     def status(self, fields: dict[str, Any]) -> None:
         if self._status is not None:
@@ -297,6 +311,7 @@ class SourceServer:
             partial_timeout=self.partial_timeout,
             status=self.status,
             on_gone=self._source_gone,
+            timing=self.timing,
         )
 
     async def _run_session(
@@ -309,6 +324,8 @@ class SourceServer:
             await session.run(task_status=task_status)
         finally:
             self.sessions.pop(session.token, None)
+            if session.final is not None:
+                self._ended.add(*session.final)
 
     def _epoch(self, asked: bytes | None) -> bytes | None:
         """The epoch a Welcome vouches for: a new one when the Hello asks to start one (b"")

@@ -18,6 +18,7 @@ import trio
 
 from uffdpoison import protocol
 from uffdpoison.control import notes, run_loop
+from uffdpoison.kernel.hist import Timing
 from uffdpoison.kernel.planes import Guest, Note, NoteKind, Pacer, SourcePlane
 from uffdpoison.protocol import Channel
 from uffdpoison.transport import FrameStream
@@ -43,11 +44,13 @@ class SourceSession:
         partial_timeout: float,
         status: StatusCallback,
         on_gone: Callable[[str], None],
+        timing: bool = True,
     ) -> None:
         self.token = token
         self.unit = unit
         self.peer = peer
         self.plane = SourcePlane(guest, unit, pacer=pacer, partial_timeout=partial_timeout)
+        self.plane.set_timing(timing)
         self.streams: dict[Channel, FrameStream] = {}
         self._nice = (push_nice, base_nice)
         self._status = status
@@ -57,6 +60,7 @@ class SourceSession:
         self._open = 0
         self.reasons: list[str] = []
         self.bulk_done = False
+        self.final: tuple[dict[str, int], Timing] | None = None  # the plane's, once it ended
 
     @property
     def name(self) -> str:
@@ -77,6 +81,7 @@ class SourceSession:
             for s in self.streams.values():
                 s.close()
             counts = self.plane.stats()
+            self.final = (counts, self.plane.timing())  # for the server's metrics
             self.plane.close()
             why = "; ".join(self.reasons) or "closed"
             log.info("%s ended (%s): %s", self.name, why, counts)

@@ -65,6 +65,7 @@ class SourceProcess(Owned):
             raise SourceStartError(f"source process exited ({proc.wait()}) before listening")
         status = json.loads(line)
         self.address = format_address(status["host"], status["port"])
+        self.metrics: str | None = status.get("metrics")  # with --metrics: where it serves
         # The rest of the status stream is read and dropped: a pipe nobody reads fills after
         # some hundred sessions and the source would block writing to it.
         threading.Thread(
