@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from uffdpoison.bench import command, netns
+from uffdpoison.bench import command, minor, netns
 from uffdpoison.bench.scenarios import RATIO_KEYS, SCENARIOS, BenchError, Config, Runner
 from uffdpoison.harness.bulkpull import BulkPuller
 from uffdpoison.harness.cref import (
@@ -397,3 +397,31 @@ def test_threaded_c_source_serves_connections_independently() -> None:
                 assert len(pingpong(c, req, REPLY.size + 4096, 1)) == 1
         st = src.stats()
     assert st.connections == 82 and st.errors == 0
+
+
+def test_minor_mode_measures_every_class_against_the_c_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--mode minor``: every class measured on both sides, one touch per page per round
+    (poisoned pages in the MINOR rounds only), and no helper process left behind."""
+    out = tmp_path / "minor.json"
+    before = children()
+    args = parse(["--mode", "minor", "--pages", "96", "--rounds", "1", "--json", str(out)])
+    assert command.main(args) == 0
+    assert "clean-epoch" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    poisoned, stale = 3, 9  # pages 1, 33, 65; a tenth of the rest
+    assert res["memory"] == "shmem" and res["pages"] == 96
+    touches = {k: res[k]["touches"] for k in minor.CLASSES}
+    assert touches == {"missing": 96 - poisoned, "clean-epoch": 96 - poisoned,
+                       "clean-digest": 96 - poisoned - stale, "data": stale,
+                       "poisoned": 2 * poisoned}  # fmt: skip
+    for k in minor.CLASSES:
+        assert 0 < res[k]["p50_us"] <= res[k]["p99_us"]
+        assert 0 < res[k]["cref"]["p50_us"] <= res[k]["cref"]["p99_us"]
+    assert children() <= before
+
+
+def test_minor_mode_needs_a_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert command.main(parse(["--mode", "minor", "--memory", "anon"])) == 2
+    assert "needs --memory shmem or hugetlb" in capsys.readouterr().err

@@ -29,6 +29,13 @@ from uffdpoison.source.backends import ImageBackend, ProcessBackend
 HUGE = 2 << 20
 
 
+def _as_reply(t: Toucher) -> dict[str, Any]:
+    """A toucher's results as the toy VMM's touch reply (for ``check_touches``)."""
+    r = t.results
+    return {"done": True, "pending": r.pending, "outcome": list(r.outcome),
+            "digest": list(r.digest), "si_code": list(r.si_code)}  # fmt: skip
+
+
 async def _ended(statuses: list[dict[str, Any]], count: int) -> dict[str, Any]:
     """The source's ``count``-th session-ended status (the session's own summary)."""
     with trio.fail_after(10):
@@ -303,9 +310,42 @@ async def test_an_image_source_vouches_for_its_epoch(
             t.start()
             await t.wait()
             assert server.stats["continued"] == n - 1
-    check = {"done": True, "pending": 0, "outcome": list(t.results.outcome),
-             "digest": list(t.results.digest), "si_code": list(t.results.si_code)}  # fmt: skip
-    check_touches(guest, check)
+    check_touches(guest, _as_reply(t))
     serving = await _ended(statuses, 2)
     assert serving["vouched_pages"] == serving["clean_pages"] == n - 1
     assert serving["data_pages"] == 0 and serving["bytes_urgent"] <= 64 * n
+
+
+async def test_the_switchover_cuts_the_precopy_short(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The switchover comes while the precopy still streams (the source's push capped): what
+    reached the cache is confirmed (MINOR faults), what did not is fetched (MISSING faults),
+    and every page reads the source's bytes or SIGBUSes."""
+    n, ps = 256, 4096
+    guest = make_guest(n, ps, poisoned=[200], zero=[7])
+    statuses: list[dict[str, Any]] = []
+    source = await start_source(
+        nursery, guest.backend(), status=statuses.append, max_bandwidth=256 << 10
+    )
+    with memory.shmem(n * ps) as m:
+        assert m.fd is not None
+        region = Region(m.addr, n * ps, 0)
+        switchover = trio.Event()
+        nursery.start_soon(_set_after, switchover, 1.0)
+        pc = await precopy([region], source, m.fd, switchover=switchover)
+        assert 0 < pc.pages < n - 1, pc.pages
+        async with serve_memory(
+            [region], source, memory_file=m.fd, precopy=pc, background=False
+        ) as server:
+            t = Toucher(array("Q", (m.addr + i * ps for i in range(n))), digest=True)
+            t.start()
+            await t.wait()
+            st = server.stats
+    check_touches(guest, _as_reply(t))
+    assert st["minor_faults"] == pc.pages  # cached: confirmed
+    assert st["faults"] - st["minor_faults"] == n - 1 - pc.pages  # absent: fetched
+    assert st["continued"] == pc.pages and st["copied"] + st["zeroed"] == n - 1 - pc.pages
+
+
+async def _set_after(event: trio.Event, seconds: float) -> None:
+    await trio.sleep(seconds)
+    event.set()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from uffdpoison.bench import minor
 from uffdpoison.bench.scenarios import (
     DEFAULT_SCENARIOS,
     SCENARIOS,
@@ -45,6 +46,13 @@ GOALS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mode",
+        choices=("missing", "minor"),
+        default="missing",
+        help="minor: MINOR-mode faults (CLEAN, DATA, POISONED) against MISSING and a C "
+        "reference (python -m uffdpoison.bench.minor --help for its options)",
+    )
     p.add_argument(
         "--scenarios",
         default=",".join(DEFAULT_SCENARIOS),
@@ -72,8 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory",
         choices=memory.KINDS,
-        default="anon",
-        help="destination memory (default anon)",
+        default=None,
+        help="destination memory (default anon; shmem with --mode minor)",
     )
     p.add_argument(
         "--pattern",
@@ -131,6 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    args.memory = args.memory or "anon"
     huge = args.memory == "hugetlb"
     page = (2 << 20) if huge else 4096
     if args.pages is not None and args.size is not None:
@@ -391,6 +400,9 @@ def _command_line() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.mode == "minor":
+        return _minor(args)
+    args.memory = args.memory or "anon"
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown or not scenarios:
@@ -436,3 +448,19 @@ def main(args: argparse.Namespace) -> int:
         except BenchError as e:
             print(f"uffdpoison bench: {e}", file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in doc["scenarios"]) else 0
+
+
+def _minor(args: argparse.Namespace) -> int:
+    """``--mode minor``: the MINOR-mode benchmark, with the options it shares."""
+    args.memory = args.memory or "shmem"
+    if args.memory not in ("shmem", "hugetlb"):
+        print("uffdpoison bench: --mode minor needs --memory shmem or hugetlb (a file's page "
+              "cache)", file=sys.stderr)  # fmt: skip
+        return 2
+    argv = ["--memory", args.memory, "--rounds", str(args.rounds)]
+    argv += ["--pages", str(args.pages)] if args.pages else []
+    argv += ["--seed", str(args.seed)] if args.seed is not None else []
+    argv += ["--json", str(args.json)] if args.json else []
+    if args.pin:
+        argv += ["--pin", args.pin.split(",")[0]]
+    return minor.main(argv)

@@ -1,9 +1,10 @@
-"""MINOR mode, measured: faults on pages whose cached copy is current (CLEAN) or stale (DATA
-through the page cache), against the MISSING fault of the same page size, all served from one
-child ``uffdpoison source`` (an image) over loopback in one run.
+"""MINOR mode, measured (``uffdpoison bench --mode minor``): faults on pages whose cached copy
+is current (CLEAN) or stale (DATA through the page cache), touches of poisoned pages, against
+the MISSING fault of the same page size, all served from one child ``uffdpoison source`` (an
+image) over loopback, and the same work done by a C reference, in one run.
 
-    python -m uffdpoison.bench.minor [--memory shmem|hugetlb] [--pages N] [--rounds R]
-                                     [--json PATH]
+    uffdpoison bench --mode minor [--memory shmem|hugetlb] [--pages N] [--rounds R]
+                                  [--pin CPU] [--seed S] [--json PATH]
 
 Each round maps fresh guest memory three ways, and a C toucher thread reads every page in
 random order, with no background:
@@ -13,13 +14,15 @@ random order, with no background:
   image never changes): a fault sends the digest kept at precopy, the source answers CLEAN
   without reading the page;
 * ``clean-digest`` and ``data``: the cache filled by the VMM itself (no epoch), a tenth of the
-  pages stale: each fault hashes the cached page, the source reads and hashes its own.
+  pages stale: each fault hashes the cached page, the source reads and hashes its own;
+* ``poisoned``: the pages poisoned at the source (1 in 32), touched in the MINOR rounds: the
+  touch's SIGBUS. uffdpoison knows them from the handshake and has the markers in place before
+  the guest runs; the C reference learns each on its fault (a round trip, then POISON).
 
-The C reference does the same in the same run (``harness/cref.c``: a C handler thread asking
-a C page source over loopback; MINOR: the digest with the request, CONTINUE, the source
-vouching or hashing). Reported: per-fault latency p50/p99 per class, uffdpoison's and the C
-reference's, and their ratio. Exit status 0; 2 bad options or setup (e.g. huge pages
-unavailable).
+The C reference (``harness/cref.c``: a C handler thread asking a C page source over loopback;
+MINOR: the digest with the request, CONTINUE, the source vouching or hashing) does each round
+right after uffdpoison's. ``--pin CPU`` runs everything (both sides, both sources) on one CPU.
+Exit status 0; 2 bad options or setup (e.g. huge pages unavailable).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import random
 import sys
 import tempfile
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +42,11 @@ import trio
 
 from uffdpoison.destination.embed import precopy, serve_memory
 from uffdpoison.destination.regions import Region
-from uffdpoison.harness.cref import MinorHandler, PageSource, RemoteHandler
-from uffdpoison.harness.toucher import Toucher, current_cpu
+from uffdpoison.harness.cref import MinorHandler, PageSource, RemoteHandler, poison_bitmap
+from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import (
     HugePagesUnavailable,
+    Mapping,
     RegisterMode,
     Userfaultfd,
     memory,
@@ -52,29 +57,63 @@ from uffdpoison.source.spawn import SourceProcess
 from uffdpoison.stats import percentile
 
 HUGE = 2 << 20
+CLASSES = ("missing", "clean-epoch", "clean-digest", "data", "poisoned")
+FILLS = ("none", "precopy", "vmm")  # how the cache is filled before the touches
 
 
-CLASSES = ("missing", "clean-epoch", "clean-digest", "data")
+@dataclass(frozen=True, slots=True)
+class Plan:
+    memory: str  # shmem or hugetlb
+    page_size: int
+    image: bytes
+    stale: frozenset[int]  # cached pages the VMM's own fill gets wrong
+    poisoned: frozenset[int]
+
+    @property
+    def pages(self) -> int:
+        return len(self.image) // self.page_size
+
+    def mapping(self, fill: str) -> Mapping:
+        kind = self.memory if fill != "none" or self.memory == "hugetlb" else "anon"
+        return memory.of_kind(kind, len(self.image))
+
+    def fill_as_vmm(self, m: Mapping) -> None:
+        m.write(0, self.image, alias=True)
+        for i in self.stale:
+            m.write(i * self.page_size, b"stale" * 8, alias=True)
+
+    def order(self, seed: int) -> list[int]:
+        order = list(range(self.pages))
+        random.Random(seed).shuffle(order)
+        return order
+
+    def by_class(self, t: Toucher, order: list[int], fill: str) -> dict[str, list[int]]:
+        """Latencies (ns) of the round's touches, by class."""
+        out: dict[str, list[int]] = {k: [] for k in CLASSES}
+        for k, i in enumerate(order):
+            if i in self.poisoned:
+                cls = "poisoned" if fill != "none" else ""
+            elif fill != "vmm":
+                cls = "missing" if fill == "none" else "clean-epoch"
+            else:
+                cls = "data" if i in self.stale else "clean-digest"
+            if cls:
+                out[cls].append(int(t.results.latency_ns[k]))
+        return out
 
 
-async def one_round(
-    source: str, kind: str, ps: int, image: bytes, fill: str, stale: set[int], seed: int
-) -> dict[str, list[int]]:
-    """Latencies (ns) of one touch per page, by class. ``fill``: "none", "precopy", "vmm"."""
-    n = len(image) // ps
-    with memory.of_kind(kind if fill != "none" or kind == "hugetlb" else "anon", len(image)) as m:
-        region = Region(m.addr, len(image), 0, page_size=ps)
-        hugetlb = kind == "hugetlb"
+async def one_round(source: str, plan: Plan, fill: str, seed: int) -> dict[str, list[int]]:
+    ps = plan.page_size
+    with plan.mapping(fill) as m:
+        region = Region(m.addr, m.size, 0, page_size=ps)
+        hugetlb = plan.memory == "hugetlb"
         pc = None
         if fill == "precopy":
             assert m.fd is not None
             pc = await precopy([region], source, m.fd, hugetlb=hugetlb)
         elif fill == "vmm":
-            m.write(0, image, alias=True)
-            for i in stale:
-                m.write(i * ps, b"stale" * 8, alias=True)
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
+            plan.fill_as_vmm(m)
+        order = plan.order(seed)
         async with serve_memory(
             [region], source, background=False, hugetlb=hugetlb,
             memory_file=m.fd if fill != "none" else None, precopy=pc,
@@ -82,39 +121,25 @@ async def one_round(
             t = Toucher(array("Q", (m.addr + i * ps for i in order)), page_size=ps)
             t.start()
             await t.wait()
-    return _by_class(t, order, fill, stale)
+    return plan.by_class(t, order, fill)
 
 
-def _by_class(t: Toucher, order: list[int], fill: str, stale: set[int]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {k: [] for k in CLASSES}
-    for k, i in enumerate(order):
-        cls = {"none": "missing", "precopy": "clean-epoch"}.get(fill)
-        cls = cls or ("data" if i in stale else "clean-digest")
-        out[cls].append(int(t.results.latency_ns[k]))
-    return out
-
-
-def cref_round(
-    kind: str, ps: int, image: bytes, fill: str, stale: set[int], seed: int
-) -> dict[str, list[int]]:
-    """The same round against the C reference (its source serves ``image`` from memory)."""
-    n = len(image) // ps
-    with memory.of_kind(kind if fill != "none" or kind == "hugetlb" else "anon", len(image)) as m:
+def cref_round(plan: Plan, fill: str, seed: int) -> dict[str, list[int]]:
+    """The same round against the C reference (its source serves the image from memory)."""
+    ps = plan.page_size
+    with plan.mapping(fill) as m:
         digests = None
-        if fill != "none":
-            assert m.alias_addr is not None
-            m.write(0, image, alias=True)
-            if fill == "precopy":
-                digests = page_digests(image, ps)
-            else:
-                for i in stale:
-                    m.write(i * ps, b"stale" * 8, alias=True)
+        if fill == "precopy":  # what a precopy leaves: the image in the cache, its digests
+            m.write(0, plan.image, alias=True)
+            digests = page_digests(plan.image, ps)
+        elif fill == "vmm":
+            plan.fill_as_vmm(m)
         uffd = Userfaultfd.create()
-        mode = RegisterMode.MISSING | (RegisterMode.MINOR if fill != "none" else 0)
-        uffd.register(m.addr, m.size, mode)
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        with PageSource(image, page_size=ps, vouch=fill == "precopy") as src:
+        uffd.register(m.addr, m.size, RegisterMode.MISSING | (RegisterMode.MINOR if fill != "none"
+                                                               else 0))  # fmt: skip
+        order = plan.order(seed)
+        bitmap = poison_bitmap(plan.pages, plan.poisoned)
+        with PageSource(plan.image, page_size=ps, poison=bitmap, vouch=fill == "precopy") as src:
             sock = src.connect()
             args = (uffd.fileno(), m.addr, m.size)
             handler: RemoteHandler | MinorHandler
@@ -129,28 +154,25 @@ def cref_round(
             sock.close()
         uffd.unregister(m.addr, m.size)
         uffd.close()
-    return _by_class(t, order, fill, stale)
+    return plan.by_class(t, order, fill)
 
 
-async def run(args: argparse.Namespace, image_path: Path, image: bytes, ps: int) -> dict:
-    n = len(image) // ps
-    stale = set(random.Random(args.seed).sample(range(n), max(1, n // 10)))
-    lat: dict[str, list[int]] = {k: [] for k in CLASSES}
+async def run(plan: Plan, image_path: Path, poison_path: Path, rounds: int) -> dict[str, Any]:
+    ours: dict[str, list[int]] = {k: [] for k in CLASSES}
     ref: dict[str, list[int]] = {k: [] for k in CLASSES}
-    with SourceProcess(image_path) as src:
-        for r in range(args.rounds):
-            for fill in ("none", "precopy", "vmm"):
-                got = await one_round(src.address, args.memory, ps, image, fill, stale, r)
-                cgot = cref_round(args.memory, ps, image, fill, stale, r)
+    with SourceProcess(image_path, poison_list=poison_path) as src:
+        for r in range(rounds):
+            for fill in FILLS:
+                got = await one_round(src.address, plan, fill, r)
+                cgot = cref_round(plan, fill, r)
                 for k in CLASSES:
-                    lat[k] += got[k]
+                    ours[k] += got[k]
                     ref[k] += cgot[k]
-    res: dict[str, Any] = {"memory": args.memory, "page_size": ps, "pages": n,
-                           "rounds": args.rounds, "cpus": sorted(os.sched_getaffinity(0)),
-                           "cpu": current_cpu()}  # fmt: skip
+    res: dict[str, Any] = {"memory": plan.memory, "page_size": plan.page_size,
+                           "pages": plan.pages, "rounds": rounds,
+                           "cpus": sorted(os.sched_getaffinity(0))}  # fmt: skip
     for k in CLASSES:
-        res[k] = {"faults": len(lat[k]), **_pcts(lat[k]),
-                  "cref": _pcts(ref[k])}  # fmt: skip
+        res[k] = {"touches": len(ours[k]), **_pcts(ours[k]), "cref": _pcts(ref[k])}
         res[k]["ratio_p50"] = res[k]["p50_us"] / res[k]["cref"]["p50_us"]
     res["clean_speedup_p50"] = res["missing"]["p50_us"] / res["clean-epoch"]["p50_us"]
     return res
@@ -161,43 +183,69 @@ def _pcts(v: list[int]) -> dict[str, float]:
     return {"p50_us": percentile(v, 50) / 1e3, "p99_us": percentile(v, 99) / 1e3}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m uffdpoison.bench.minor", description=__doc__)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uffdpoison bench --mode minor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--memory", choices=("shmem", "hugetlb"), default="shmem")
     p.add_argument("--pages", type=int, default=None, help="default 2048 (16 with hugetlb)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--pin", type=int, metavar="CPU", help="run everything on this CPU")
     p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     ps = HUGE if args.memory == "hugetlb" else 4096
     n = args.pages or (16 if args.memory == "hugetlb" else 2048)
-    if n < 1 or args.rounds < 1:
-        print("uffdpoison bench.minor: --pages and --rounds must be at least 1", file=sys.stderr)
+    if n < 4 or args.rounds < 1:
+        print("uffdpoison bench: --mode minor needs --pages >= 4 and --rounds >= 1",
+              file=sys.stderr)  # fmt: skip
         return 2
-    image = random.Random(args.seed).randbytes(n * ps)
+    if args.pin is not None:
+        try:
+            os.sched_setaffinity(0, {args.pin})  # the source process inherits it
+        except OSError as e:
+            print(f"uffdpoison bench: --pin {args.pin}: {e.strerror}", file=sys.stderr)
+            return 2
+    rng = random.Random(args.seed)
+    image = rng.randbytes(n * ps)
+    poisoned = frozenset(range(1, n, 32))
+    stale = frozenset(rng.sample(sorted(set(range(n)) - poisoned), max(1, n // 10)))
+    plan = Plan(args.memory, ps, image, stale, poisoned)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "guest.img"
-        path.write_bytes(image)
+        image_path, poison_path = Path(tmp) / "guest.img", Path(tmp) / "poison.txt"
+        image_path.write_bytes(image)
+        poison_path.write_text("".join(f"{i * ps}\n" for i in sorted(poisoned)))
         try:
             if args.memory == "hugetlb":
                 with reserve_hugepages(2 * n + 4):
-                    res = trio.run(run, args, path, image, ps)
+                    res = trio.run(run, plan, image_path, poison_path, args.rounds)
             else:
-                res = trio.run(run, args, path, image, ps)
+                res = trio.run(run, plan, image_path, poison_path, args.rounds)
         except HugePagesUnavailable as e:
-            print(f"uffdpoison bench.minor: {e}", file=sys.stderr)
+            print(f"uffdpoison bench: {e}", file=sys.stderr)
             return 2
-    print(f"{args.memory}, {ps // 1024} KiB pages, CPUs {res['cpus']}; uffdpoison | C reference")
+    print_table(res)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+def print_table(res: dict[str, Any]) -> None:
+    print(f"MINOR mode, {res['memory']}, {res['page_size'] // 1024} KiB pages, CPUs "
+          f"{res['cpus']}: uffdpoison | C reference, per touch")  # fmt: skip
     for k in CLASSES:
         r, c = res[k], res[k]["cref"]
-        print(f"{k:12} {r['faults']:6} faults  p50 {r['p50_us']:8.1f} µs  p99 {r['p99_us']:8.1f} "
-              f"µs | p50 {c['p50_us']:8.1f} µs  p99 {c['p99_us']:8.1f} µs  "
-              f"({r['ratio_p50']:.2f}x)")  # fmt: skip
-    print(f"CLEAN (epoch) fault {res['clean_speedup_p50']:.1f}x faster than MISSING (p50), "
-          f"{args.memory}, {ps // 1024} KiB pages")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
-    return 0
+        print(
+            f"  {k:12} {r['touches']:6}  p50 {r['p50_us']:8.1f} µs  p99 {r['p99_us']:8.1f} µs"
+            f" | p50 {c['p50_us']:8.1f} µs  p99 {c['p99_us']:8.1f} µs  ({r['ratio_p50']:.2f}x)"
+        )
+    print(
+        f"  a CLEAN (epoch) fault is {res['clean_speedup_p50']:.1f}x faster than a MISSING "
+        "fault (p50)"
+    )
 
 
 if __name__ == "__main__":

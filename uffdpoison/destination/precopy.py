@@ -44,11 +44,14 @@ async def precopy(
     token: Token | None = None,
     tls: TlsContext | None = None,
     status: StatusSink | None = None,
+    switchover: trio.Event | None = None,
 ) -> Precopy:
     """Fill ``memory_file`` (shmem or hugetlbfs, each region at its ``offset`` in it) with the
-    guest from ``source``; returns when every page is in it (or known poisoned). Nothing is
-    registered: the regions' addresses only name the pages (they may be the VMM's mapping of
-    the file, as later for ``serve_memory``). Raises ``SessionFailed`` or ``SourceLost``."""
+    guest from ``source``; returns when every page is in it (or known poisoned), or as soon
+    as ``switchover`` is set: the pages not written yet are then absent from the cache, and
+    fault as MISSING once served. Nothing is registered: the regions' addresses only name the
+    pages (they may be the VMM's mapping of the file, as later for ``serve_memory``). Raises
+    ``SessionFailed`` or ``SourceLost``."""
     rmap = RegionMap(regions)
     session = await Session.connect(
         None, rmap, source, memory_file=memory_file, epoch=b"", hugetlb=hugetlb,
@@ -58,6 +61,8 @@ async def precopy(
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)
+                if switchover is not None:
+                    nursery.start_soon(_cancel_on, switchover, nursery.cancel_scope)
                 await session.completed.wait()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -70,3 +75,8 @@ async def precopy(
         return Precopy(session.epoch, digests, counts["present"], counts["poisoned"])
     finally:
         session.close()
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
