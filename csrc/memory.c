@@ -14,32 +14,33 @@ int64_t up_map_anon(uint64_t size, int noreserve)
 	return p == MAP_FAILED ? -errno : (int64_t)(uintptr_t)p;
 }
 
+int64_t up_map_file(int fd, uint64_t size, uint64_t *alias_out)
+{
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		return -errno;
+	void *alias = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (alias == MAP_FAILED) {
+		int err = errno;
+		munmap(p, size);
+		return -err;
+	}
+	*alias_out = (uint64_t)(uintptr_t)alias;
+	return (int64_t)(uintptr_t)p;
+}
+
 int64_t up_map_memfd(uint64_t size, int hugetlb, int *fd_out, uint64_t *alias_out)
 {
 	unsigned mfd = MFD_CLOEXEC | (hugetlb ? MFD_HUGETLB | MFD_HUGE_2MB : 0);
 	int fd = memfd_create(hugetlb ? "uffdpoison-hugetlb" : "uffdpoison-shmem", mfd);
 	if (fd < 0)
 		return -errno;
-	int err;
-	if (ftruncate(fd, (off_t)size) < 0)
-		goto fail;
-	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (p == MAP_FAILED)
-		goto fail;
-	void *alias = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (alias == MAP_FAILED) {
-		err = errno;
-		munmap(p, size);
+	int64_t addr = ftruncate(fd, (off_t)size) < 0 ? -errno : up_map_file(fd, size, alias_out);
+	if (addr < 0)
 		close(fd);
-		return -err;
-	}
-	*fd_out = fd;
-	*alias_out = (uint64_t)(uintptr_t)alias;
-	return (int64_t)(uintptr_t)p;
-fail:
-	err = errno;
-	close(fd);
-	return -err;
+	else
+		*fd_out = fd;
+	return addr;
 }
 
 int up_unmap(uint64_t addr, uint64_t size)

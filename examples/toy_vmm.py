@@ -50,10 +50,19 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=20.0, help="seconds a touch command may take")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minor", metavar="IMAGE", help="MINOR mode, the page cache filled from IMAGE")
+    p.add_argument(
+        "--memory-file",
+        metavar="PATH",
+        help="MINOR mode: map this file, which the daemon precopied (dest --precopy)",
+    )
     args = p.parse_args()
 
     page_size = HUGE if args.memory == "hugetlb" else 4096
-    mapping = memory.of_kind(args.memory, args.size)
+    mapping = (
+        memory.of_file(args.memory_file, args.size, page_size)
+        if args.memory_file
+        else memory.of_kind(args.memory, args.size)
+    )
     # Firecracker negotiates only EVENT_REMOVE: no thread ids, no UNMAP/REMAP/FORK events.
     uffd = Userfaultfd.create(Feature.EVENT_REMOVE)
     mode, fds = RegisterMode.MISSING, [uffd.fileno()]
@@ -61,6 +70,7 @@ def main() -> int:
         with open(args.minor, "rb") as f:  # the precopy: into the page cache, unregistered
             f.seek(args.offset)
             mapping.write(0, f.read(args.size), alias=True)
+    if args.minor or args.memory_file:
         assert mapping.fd is not None, "MINOR mode needs --memory shmem or hugetlb"
         mode |= RegisterMode.MINOR  # MINOR alone would map zeros where the cache has no page
         fds.append(mapping.fd)

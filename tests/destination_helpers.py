@@ -96,9 +96,11 @@ class ToyVMM:
         offset: int = 0,
         timeout: float = 20.0,
         minor: str | None = None,
+        memory_file: str | None = None,
     ) -> ToyVMM:
         """``minor``: an image file the VMM fills its memory file's page cache from (MINOR
-        mode: the memory file is handed over too)."""
+        mode: the memory file is handed over too); ``memory_file``: map that file instead (a
+        daemon's precopy)."""
         proc = await trio.lowlevel.open_process(
             [
                 sys.executable,
@@ -114,6 +116,7 @@ class ToyVMM:
                 "--timeout",
                 str(timeout),
                 *(["--minor", minor] if minor else []),
+                *(["--memory-file", memory_file] if memory_file else []),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

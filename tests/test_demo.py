@@ -25,10 +25,14 @@ def run_demo(*args: str, quiet: bool = True) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.parametrize(("memory", "size"), [("anon", "16M"), ("shmem", "8M"), ("hugetlb", "16M")])
-def test_demo_verifies_every_page(tmp_path: Path, memory: str, size: str) -> None:
+@pytest.mark.parametrize(
+    ("memory", "size", "mode"),
+    [("anon", "16M", "missing"), ("shmem", "8M", "missing"), ("hugetlb", "16M", "missing"),
+     ("shmem", "8M", "minor"), ("hugetlb", "16M", "minor")],
+)  # fmt: skip
+def test_demo_verifies_every_page(tmp_path: Path, memory: str, size: str, mode: str) -> None:
     out = tmp_path / "summary.json"
-    proc = run_demo("--memory", memory, "--size", size, "--json", str(out))
+    proc = run_demo("--memory", memory, "--size", size, "--mode", mode, "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(out.read_text())
     assert summary["schema"] == "uffdpoison.demo/1"
@@ -39,6 +43,15 @@ def test_demo_verifies_every_page(tmp_path: Path, memory: str, size: str) -> Non
     assert summary["pages"]["present"] + summary["pages"]["poisoned"] == g["pages"]
     assert summary["placed"]["refused"] == 0
     assert "every byte matched" in proc.stdout
+    if mode == "minor":  # precopied: every page confirmed, none sent again
+        pl = summary["placed"]
+        assert summary["precopy"]["pages"] == pl["confirmed"] == g["pages"] - g["poisoned"]
+        assert pl["copied"] == pl["zero"] == 0
+
+
+def test_demo_minor_mode_needs_a_file() -> None:
+    proc = run_demo("--mode", "minor", "--memory", "anon")
+    assert proc.returncode == 2 and "needs --memory shmem or hugetlb" in proc.stderr
 
 
 def test_demo_setup_error_exits_2() -> None:

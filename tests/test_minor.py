@@ -349,3 +349,48 @@ async def test_the_switchover_cuts_the_precopy_short(nursery: trio.Nursery, tmp_
 async def _set_after(event: trio.Event, seconds: float) -> None:
     await trio.sleep(seconds)
     event.set()
+
+
+@pytest.mark.parametrize("kind", ["shmem", "hugetlb"])
+async def test_the_daemon_precopies_into_the_file_the_vmm_then_hands_over(
+    nursery: trio.Nursery, tmp_path: Path, kind: str, hugepages: Callable[[int], int]
+) -> None:
+    """``dest --precopy PATH``: the daemon fills the file as soon as the source answers; a VMM
+    maps that very file, registers MISSING|MINOR and hands it over with its userfaultfd. Every
+    page is confirmed from the precopy's epoch (nothing read at the source, nothing sent
+    again), every poisoned page SIGBUSes."""
+    n = 64 if kind == "shmem" else 6
+    ps = _kind(kind, hugepages, 2 * n)
+    guest = make_guest(n, ps, poisoned=[3], zero=[4])
+    image = tmp_path / "guest.img"
+    image.write_bytes(guest.image)
+    statuses: list[dict[str, Any]] = []
+    backend = ImageBackend(image, [i * ps for i in guest.poisoned])
+    source = await start_source(nursery, backend, status=statuses.append)
+    where = tmp_path / "fs"
+    where.mkdir()
+    fs = "hugetlbfs" if kind == "hugetlb" else "tmpfs"
+    mount = subprocess.run(["mount", "-t", fs, "none", str(where)], capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a {fs} for the test: {mount.stderr.strip()}")
+    path = where / "guest.mem"
+    try:
+        d = Daemon(str(tmp_path / "h.sock"), source, precopy=str(path))
+        async with trio.open_nursery() as daemon:  # stopped before the file system goes
+            await daemon.start(d.daemon.serve)
+            (done,) = await d.wait_for("precopy-done")
+            assert done["pages"] == n - 1 and done["epoch"] and not done["cut_short"]
+            vmm = await ToyVMM.start(d.path, n * ps, memory=kind, memory_file=str(path))
+            try:
+                check_touches(guest, await vmm.touch("all"))
+                (session,) = d.daemon.sessions.values()
+                st = session.stats
+                assert (st["continued"], st["copied"], st["zeroed"]) == (n - 1, 0, 0)
+            finally:
+                await vmm.close()
+            serving = await _ended(statuses, 3)  # the daemon's probe, the precopy, the VMM's
+            assert serving["vouched_pages"] == n - 1 and serving["data_pages"] == 0
+            daemon.cancel_scope.cancel()
+    finally:
+        path.unlink(missing_ok=True)
+        subprocess.run(["umount", str(where)], check=True)

@@ -5,7 +5,9 @@ loopback (a separate process, as on a real source host), serves it into this pro
 with the embedding API, touches every page in random order from C toucher threads, and checks
 every byte (XXH64 of each page, computed by the toucher in C) and that every poisoned page raises
 SIGBUS — again after the background stream has finished. ``--plot`` draws the run's timeline
-(``uffdpoison.timeline``).
+(``uffdpoison.timeline``). ``--mode minor``: the guest memory is a shmem or hugetlbfs file
+whose page cache a precopy filled first; after the switchover every fault is confirmed with the
+source (CLEAN, no page data) and the background confirms the rest.
 
 Exit status: 0 everything held, 1 a mismatch, 2 a setup error (the reason is printed).
 """
@@ -33,7 +35,7 @@ import trio
 
 from uffdpoison import __version__
 from uffdpoison.console import Progress
-from uffdpoison.destination.embed import serve_memory
+from uffdpoison.destination.embed import Precopy, precopy, serve_memory
 from uffdpoison.destination.regions import Region
 from uffdpoison.harness.toucher import OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import memory
@@ -184,16 +186,28 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 raise SetupError(f"cannot reserve {size // HUGE} huge pages: {e}") from e
         source = stack.enter_context(_source_process(guest, workdir, args.max_bandwidth))
         del guest.image  # the source process has it; keep only digests here
-        # The same migration with nobody faulting: what the stream alone moves, for the
-        # residency rate under faulting to be compared with (the same source, this run).
-        bulk_only_s = await _bulk_only(source, args.memory, size, page_size, args.timeout)
         mapping = stack.enter_context(_mapping(args.memory, size))
         region = Region(base=mapping.addr, size=size, offset=0, page_size=page_size)
+        minor = args.mode == "minor"
+        pc: Precopy | None = None
+        if minor:  # before the switchover: the guest's memory into the file's page cache
+            progress.show("precopy into the page cache ...", force=True)
+            t_pre = time.monotonic()
+            assert mapping.fd is not None
+            pc = await precopy([region], source, mapping.fd, hugetlb=args.memory == "hugetlb")
+            precopy_s = time.monotonic() - t_pre
+        else:
+            # The same migration with nobody faulting: what the stream alone moves, for the
+            # residency rate under faulting to be compared with (the same source, this run).
+            bulk_only_s = await _bulk_only(source, args.memory, size, page_size, args.timeout)
         order = list(range(size // page_size))
         random.Random(args.seed + 1).shuffle(order)
         addrs = array("Q", (mapping.addr + i * page_size for i in order))
         t_session = time.monotonic()
-        async with serve_memory([region], source, hugetlb=args.memory == "hugetlb") as server:
+        async with serve_memory(
+            [region], source, hugetlb=args.memory == "hugetlb",
+            memory_file=mapping.fd if minor else None, precopy=pc,
+        ) as server:  # fmt: skip
             toucher = Toucher(addrs, threads=args.threads, page_size=page_size, digest=True)
             origin_ns = time.monotonic_ns()  # the timeline's 0: the vCPU threads start
             t_touch = origin_ns / 1e9
@@ -285,6 +299,7 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 "seed": args.seed,
                 "threads": args.threads,
                 "max_bandwidth": args.max_bandwidth,
+                "mode": args.mode,
             },
             "guest": {
                 "pages": len(order),
@@ -295,6 +310,7 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 "copied": stats["copied"],
                 "zero": stats["zeroed"],
                 "poisoned": stats["poisoned"],
+                "confirmed": stats["continued"],  # MINOR mode: CLEAN, mapped as cached
                 "refused": stats["refused"],
             },
             "pages": counts,
@@ -322,8 +338,15 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
             "throughput_mb_s": round(size / total_s / 1e6, 1) if total_s else None,
             "residency": {
                 "under_faulting_gb_s": round(size / resident_s / 1e9, 3),
-                "bulk_only_gb_s": round(size / bulk_only_s / 1e9, 3),
-                "ratio": round(bulk_only_s / resident_s, 2),
+                "bulk_only_gb_s": None if minor else round(size / bulk_only_s / 1e9, 3),
+                "ratio": None if minor else round(bulk_only_s / resident_s, 2),
+            },
+            "precopy": None
+            if pc is None
+            else {
+                "seconds": round(precopy_s, 3),
+                "pages": pc.pages,
+                "epoch": pc.epoch is not None,  # the source vouches for unchanged pages
             },
             "timeline": sampler.as_dict() | touches,
             "mismatches": mismatches[:50],
@@ -361,8 +384,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory",
         choices=memory.KINDS,
-        default="anon",
-        help="kind of destination memory (default anon)",
+        default=None,
+        help="kind of destination memory (default anon; shmem with --mode minor)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("missing", "minor"),
+        default="missing",
+        help="missing: pages fetched on first touch; minor: a precopy fills the memory "
+        "file's page cache first, then each fault is confirmed with the source",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument(
@@ -395,9 +425,15 @@ def _print_summary(out: dict[str, Any]) -> None:
         f"guest       {g['pages']} pages ({out['config']['size'] >> 20} MiB, "
         f"{out['config']['memory']}), {g['zero']} zero, {g['poisoned']} poisoned"
     )
+    pre = out["precopy"]
+    if pre is not None:
+        vouched = "the source vouches for its epoch" if pre["epoch"] else "no epoch: digests"
+        print(f"precopy     {pre['pages']} pages into the page cache in {pre['seconds']} s "
+              f"({vouched})")  # fmt: skip
+    confirmed = f"{pl['confirmed']} confirmed (CLEAN, no page data), " if pre else ""
     print(
-        f"placed      {pl['copied']} copied, {pl['zero']} zero, {pl['poisoned']} poisoned, "
-        f"{pl['refused']} refused overwrites"
+        f"placed      {confirmed}{pl['copied']} copied, {pl['zero']} zero, "
+        f"{pl['poisoned']} poisoned, {pl['refused']} refused overwrites"
     )
     f = out["faults"]
     print(
@@ -415,10 +451,9 @@ def _print_summary(out: dict[str, Any]) -> None:
         f"complete {sec['to_completion']} s ({out['throughput_mb_s']} MB/s)"
     )
     res = out["residency"]
-    print(
-        f"residency   {res['under_faulting_gb_s']} GB/s while the guest faults, "
-        f"{res['bulk_only_gb_s']} GB/s for the stream alone ({res['ratio']}x)"
-    )
+    alone = f", {res['bulk_only_gb_s']} GB/s for the stream alone ({res['ratio']}x)"
+    print(f"residency   {res['under_faulting_gb_s']} GB/s while the guest faults"
+          f"{alone if res['ratio'] is not None else ''}")  # fmt: skip
     if out["ok"]:
         print("result      OK: every byte matched and every poisoned page raised SIGBUS")
     else:
@@ -438,6 +473,11 @@ def _json_text(out: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.plot and missing_matplotlib("uffdpoison demo"):
+        return 2
+    args.memory = args.memory or ("shmem" if args.mode == "minor" else "anon")
+    if args.mode == "minor" and args.memory == "anon":
+        print("uffdpoison demo: --mode minor needs --memory shmem or hugetlb (a file's page "
+              "cache to precopy into)", file=sys.stderr)  # fmt: skip
         return 2
     out: dict[str, Any] = {}
     try:

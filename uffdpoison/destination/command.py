@@ -156,6 +156,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"VMMs served at once; the next is refused (default {MAX_SESSIONS})",
     )
     p.add_argument(
+        "--precopy",
+        metavar="PATH",
+        help="MINOR mode: precopy the guest into this file (on tmpfs, e.g. /dev/shm, or "
+        "hugetlbfs) as soon as the source answers, until a VMM that maps it hands it over "
+        "with its userfaultfd (docs/FIRECRACKER.md)",
+    )
+    p.add_argument(
         "--control",
         metavar="PATH",
         help="a local control socket for 'uffdpoison status' and 'uffdpoison set-source'",
@@ -178,6 +185,7 @@ async def _amain(args: argparse.Namespace, tls: TlsContext | None) -> None:
         owner=args.handoff_owner,
         status=emit,
         state_dir=None if args.state_dir == "none" else args.state_dir,
+        precopy=args.precopy,
         control=args.control,
         resume_deadline=args.resume_deadline,
         request_timeout=args.request_timeout,

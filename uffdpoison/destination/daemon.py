@@ -35,6 +35,7 @@ from uffdpoison.destination.handoff import (
     wait_process_gone,
 )
 from uffdpoison.destination.link import SourceInfo, SourceUnavailable, probe
+from uffdpoison.destination.precopy import MemoryFile, PrecopyFile
 from uffdpoison.destination.regions import RegionError, RegionMap, parse_firecracker_regions
 from uffdpoison.destination.session import (
     BACKOFF,
@@ -84,12 +85,15 @@ class HandoffDaemon:
         max_handoffs: int = MAX_HANDOFFS,
         max_sessions: int = MAX_SESSIONS,
         metrics: tuple[str, int] | None = None,
+        precopy: str | None = None,
     ) -> None:
         """``state_dir``: keep each session's ledgers there, for a restarted daemon to resume
         (None: not kept). ``control``: a local control socket (``admin``). At most
         ``max_handoffs`` connections are read at once (the next waits in the listen backlog)
         and ``max_sessions`` VMMs served (the next is refused). ``metrics``: serve Prometheus
-        metrics over HTTP there (``uffdpoison.metrics``)."""
+        metrics over HTTP there (``uffdpoison.metrics``). ``precopy``: MINOR mode, precopy
+        the guest into that file (tmpfs or hugetlbfs) until a VMM hands it over
+        (``PrecopyFile``)."""
         self.path = path
         self.source = source
         self.allow_uids = frozenset(allow_uids or (os.getuid(),))
@@ -104,6 +108,7 @@ class HandoffDaemon:
         self.token, self.tls = token, tls
         self.max_sessions = max_sessions
         self.metrics = metrics
+        self.precopy = PrecopyFile(precopy, owner) if precopy else None
         self._handoffs = trio.Semaphore(max_handoffs)
         self.source_info: SourceInfo | None = None
         self.sessions: dict[str, Session] = {}
@@ -192,6 +197,9 @@ class HandoffDaemon:
         self._emit("source-ready", source=self.source, memory_size=info.memory_size,
                    page_size=info.page_size)  # fmt: skip
         self._source_ready.set()
+        if self.precopy is not None:  # MINOR mode: fill the file before a VMM hands it over
+            await self.precopy.run(self.source, info.memory_size, token=self.token,
+                                   tls=self.tls, status=self._status)  # fmt: skip
 
     async def _serve_vmm(self, conn: socket.socket, name: str) -> None:
         uffd: Userfaultfd | None = None
@@ -216,7 +224,7 @@ class HandoffDaemon:
                 raise HandoffError(str(e)) from None
             fds = fds[1:]  # the first is owned by uffd now
             regions = RegionMap(parse_firecracker_regions(body))
-            memory_file = check_memory_file(fds[0], regions) if fds else None
+            memory_fd = check_memory_file(fds[0], regions) if fds else None
             if not self._source_ready.is_set():
                 log.info("%s (pid %d): waits for the source; its vCPUs block", name, peer.pid)
                 with trio.move_on_after(self.resume_deadline):
@@ -229,7 +237,11 @@ class HandoffDaemon:
             regions.check_within(self.source_info.memory_size)
             if uffd.lacks:
                 log.info("%s (pid %d): the userfaultfd lacks: %s", name, peer.pid, uffd.lacks)
-            await self._run_session(name, peer, uffd, regions, memory_file)
+            memfile = None
+            if memory_fd is not None:  # MINOR mode: the switchover ends a precopy into it
+                pc = await self.precopy.switchover(memory_fd, regions) if self.precopy else None
+                memfile = MemoryFile(memory_fd, pc)
+            await self._run_session(name, peer, uffd, regions, memfile)
         except (HandoffError, RegionError, kerrors.UffdError) as e:
             log.error("%s: handoff rejected: %s", name, e)
             self._emit("handoff-rejected", session=name, reason=str(e))
@@ -255,7 +267,12 @@ class HandoffDaemon:
                     uffd.close()
 
     async def _run_session(
-        self, name: str, peer: Peer, uffd: Userfaultfd, regions: RegionMap, memory_file: int | None
+        self,
+        name: str,
+        peer: Peer,
+        uffd: Userfaultfd,
+        regions: RegionMap,
+        memfile: MemoryFile | None,
     ) -> None:
         state = SessionState(self.state_dir, peer.pid, regions) if self.state_dir else None
         try:
@@ -264,7 +281,7 @@ class HandoffDaemon:
                 log.warning("%s (pid %d): resuming from %s", name, peer.pid, state.path)
             else:
                 poisoned = _account_for(peer.pid, uffd, regions)
-            session = await self._connect(name, peer, uffd, regions, state, poisoned, memory_file)
+            session = await self._connect(name, peer, uffd, regions, state, poisoned, memfile)
             self.sessions[name], self.vmm_pids[name] = session, peer.pid
             try:
                 await self._serve_until_gone(session, peer)
@@ -285,10 +302,11 @@ class HandoffDaemon:
         regions: RegionMap,
         state: SessionState | None,
         poisoned: list[int],
-        memory_file: int | None,
+        memfile: MemoryFile | None,
     ) -> Session:
         """A session with the source, retried (the source may have gone since it answered)."""
         delay = BACKOFF[0]
+        pc = memfile.precopy if memfile else None
         with trio.move_on_after(self.resume_deadline):
             while True:
                 try:
@@ -299,7 +317,8 @@ class HandoffDaemon:
                         resumed=bool(state and state.adopted), poisoned=poisoned,
                         resume_deadline=self.resume_deadline,
                         request_timeout=self.request_timeout, token=self.token, tls=self.tls,
-                        memory_file=memory_file,
+                        memory_file=memfile.fd if memfile else None,
+                        epoch=pc.epoch if pc else None, digests=pc.digests if pc else None,
                     )  # fmt: skip
                 except SourceUnavailable as e:
                     log.info("%s: source not reachable: %s", name, e)

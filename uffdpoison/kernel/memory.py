@@ -121,6 +121,20 @@ def hugetlb(size: int) -> Mapping:
     return _memfd(size, True)
 
 
+def of_file(path: str | os.PathLike[str], size: int, page_size: int = PAGE_SIZE) -> Mapping:
+    """An existing file on tmpfs or hugetlbfs (``page_size``: its page), shared, with an
+    alias; the Mapping owns the fd it opened."""
+    kind = "hugetlb" if page_size > PAGE_SIZE else "shmem"
+    _check_size(size, page_size, kind)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    alias = ffi.new("uint64_t *")
+    addr = lib.up_map_file(fd, size, alias)
+    if addr < 0:
+        os.close(fd)
+        raise OSError(-addr, f"mmap {os.fspath(path)} {size:#x}: {os.strerror(-addr)}")
+    return Mapping(addr, size, page_size, kind, alias[0], fd)
+
+
 KINDS = ("anon", "shmem", "hugetlb")
 
 
