@@ -294,7 +294,11 @@ class _Gen:
         if handshake:
             session = SESSION if ch is Channel.BULK else None
             auth = rng.choice((None, None, rng.randbytes(32), b"short nonce"))
-            hello = Hello(V, ch, session, rng.choice((0, 0, ps)), rng.random() < 0.5, auth, resume)
+            epoch = (
+                rng.choice((None, None, b"", rng.randbytes(16))) if ch is Channel.URGENT else None
+            )
+            hello = Hello(V, ch, session, rng.choice((0, 0, ps)), rng.random() < 0.5, auth, resume,
+                          epoch)  # fmt: skip
             out.append(frame(hello))
             if auth is not None:  # the Proof that answers the source's Challenge
                 out.append(frame(Proof(rng.randbytes(32))))

@@ -187,7 +187,10 @@ class ProtocolTarget:
             assert hello is not None
             ps = hello.page_size or PS
             plist = memoryview(b"") if hello.want_poison_list else None
-            replies.append(Welcome(V, hello.session or SESSION, ps, MEM_PAGES * ps, 0, 0, plist))
+            epoch = hello.epoch or (bytes(16) if hello.epoch == b"" else None)  # vouched
+            replies.append(
+                Welcome(V, hello.session or SESSION, ps, MEM_PAGES * ps, 0, 0, plist, epoch)
+            )
         elif isinstance(ev, Welcome):
             for rid, off, n, digests in case.requests:
                 replies.append(Request(rid, off, n, memoryview(bytes(8 * n)) if digests else None))
