@@ -40,6 +40,18 @@ class Daemon:
         return self.events(name)
 
 
+async def expect_rejected(d: Daemon, proc: trio.Process, words: str) -> None:
+    """The handoff ``proc`` made is refused with ``words`` in the reason, and nothing failed;
+    ``proc`` is killed either way."""
+    try:
+        (rejected,) = await d.wait_for("handoff-rejected")
+        assert words in rejected["reason"], rejected
+        assert not d.events("session-failed")
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
 async def start_daemon(nursery: trio.Nursery, tmp_path: Path, source: str) -> Daemon:
     d = Daemon(str(tmp_path / "handoff.sock"), source)
     await nursery.start(d.daemon.serve)

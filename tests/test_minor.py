@@ -15,18 +15,51 @@ import pytest
 import trio
 from destination_helpers import ToyVMM, make_guest, start_source
 from live_process import live_process, page_bytes, poison_now
-from test_daemon import Daemon, check_touches
+from test_daemon import Daemon, check_touches, expect_rejected
 
-from uffdpoison.destination.embed import precopy, serve_memory
+from uffdpoison.destination.embed import Precopy, precopy, serve_memory
 from uffdpoison.destination.regions import Region
 from uffdpoison.harness.toucher import Toucher
-from uffdpoison.kernel import Ledger, PageState, RegisterMode, Userfaultfd, memory, pagemap
+from uffdpoison.kernel import (
+    Ledger,
+    Mapping,
+    PageState,
+    RegisterMode,
+    Userfaultfd,
+    memory,
+    pagemap,
+)
 from uffdpoison.kernel.digest import page_digests
 from uffdpoison.kernel.ledger import PoisonOverwriteRefused
 from uffdpoison.kernel.uffd import UffdError
 from uffdpoison.source.backends import ImageBackend, ProcessBackend
 
 HUGE = 2 << 20
+
+
+async def _serve_and_touch(
+    region: Region,
+    source: str,
+    m: Mapping,
+    *,
+    precopy: Precopy | None = None,
+    background: bool = False,
+) -> tuple[Toucher, dict[str, int], dict[str, int]]:
+    """Serve ``m`` (MINOR mode, its file) and touch every page once (after the background
+    confirmed them all, with ``background``); the toucher, the counters, the page counts."""
+    ps = region.page_size
+    async with serve_memory(
+        [region], source, memory_file=m.fd, precopy=precopy, background=background,
+        hugetlb=ps > 4096,
+    ) as server:  # fmt: skip
+        if background:
+            with trio.fail_after(20):
+                await server.wait_complete()
+        t = Toucher(array("Q", (m.addr + i * ps for i in range(m.size // ps))), digest=True,
+                    page_size=ps)  # fmt: skip
+        t.start()
+        await t.wait()
+        return t, server.stats, server.page_counts()
 
 
 def _as_reply(t: Toucher) -> dict[str, Any]:
@@ -76,17 +109,7 @@ async def test_cached_pages_are_confirmed_changed_ones_sent_poisoned_ones_marked
             if i not in absent:
                 m.write(i * ps, bytes(cached[i * ps : (i + 1) * ps]), alias=True)
         region = Region(m.addr, n * ps, 0, page_size=ps)
-        async with serve_memory(
-            [region], source, memory_file=m.fd, background=background, hugetlb=kind == "hugetlb"
-        ) as server:
-            if background:
-                with trio.fail_after(20):
-                    await server.wait_complete()
-            t = Toucher(array("Q", (m.addr + i * ps for i in range(n))), digest=True, page_size=ps)
-            t.start()
-            await t.wait()
-            st = server.stats
-            counts = server.page_counts()
+        t, st, counts = await _serve_and_touch(region, source, m, background=background)
         digests = guest.digests()
         for i in range(n):
             if i in guest.poisoned:
@@ -198,13 +221,7 @@ async def test_handoffs_that_do_not_fit_minor_mode_are_refused(
         [sys.executable, "-c", HANDOFF_FDS, d.path, str(4 * 4096), *extra],
         stdin=subprocess.PIPE,
     )
-    try:
-        (rejected,) = await d.wait_for("handoff-rejected")
-        assert words in rejected["reason"], rejected
-        assert not d.events("session-failed")
-    finally:
-        proc.kill()
-        await proc.wait()
+    await expect_rejected(d, proc, words)
 
 
 @pytest.mark.parametrize("kind", ["shmem", "hugetlb"])
@@ -260,13 +277,7 @@ async def test_precopy_then_a_live_source_changes_and_poisons_pages(nursery: tri
                     mem.seek(addr + i * ps)
                     mem.write(bytes([i]) * ps)
             poison_now(proc, late_poison)
-            async with serve_memory(
-                [region], source, memory_file=m.fd, precopy=pc, background=False
-            ) as server:
-                t = Toucher(array("Q", (m.addr + i * ps for i in range(n))), digest=True)
-                t.start()
-                await t.wait()
-                st = server.stats
+            t, st, _ = await _serve_and_touch(region, source, m, precopy=pc)
         for i in range(n):
             if i in (3, late_poison):
                 assert t.results.outcome[i] == 1, f"page {i} did not SIGBUS"
@@ -303,13 +314,8 @@ async def test_an_image_source_vouches_for_its_epoch(
         hugetlb = kind == "hugetlb"
         pc = await precopy([region], source, m.fd, hugetlb=hugetlb)
         assert pc.epoch is not None and pc.pages == n - 1
-        async with serve_memory(
-            [region], source, memory_file=m.fd, precopy=pc, background=False, hugetlb=hugetlb
-        ) as server:
-            t = Toucher(array("Q", (m.addr + i * ps for i in range(n))), digest=True, page_size=ps)
-            t.start()
-            await t.wait()
-            assert server.stats["continued"] == n - 1
+        t, st, _ = await _serve_and_touch(region, source, m, precopy=pc)
+        assert st["continued"] == n - 1
     check_touches(guest, _as_reply(t))
     serving = await _ended(statuses, 2)
     assert serving["vouched_pages"] == serving["clean_pages"] == n - 1
@@ -333,13 +339,7 @@ async def test_the_switchover_cuts_the_precopy_short(nursery: trio.Nursery, tmp_
         nursery.start_soon(_set_after, switchover, 1.0)
         pc = await precopy([region], source, m.fd, switchover=switchover)
         assert 0 < pc.pages < n - 1, pc.pages
-        async with serve_memory(
-            [region], source, memory_file=m.fd, precopy=pc, background=False
-        ) as server:
-            t = Toucher(array("Q", (m.addr + i * ps for i in range(n))), digest=True)
-            t.start()
-            await t.wait()
-            st = server.stats
+        t, st, _ = await _serve_and_touch(region, source, m, precopy=pc)
     check_touches(guest, _as_reply(t))
     assert st["minor_faults"] == pc.pages  # cached: confirmed
     assert st["faults"] - st["minor_faults"] == n - 1 - pc.pages  # absent: fetched

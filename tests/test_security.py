@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 from destination_helpers import ToyVMM, make_guest, start_source
-from test_daemon import Daemon, check_touches
+from test_daemon import Daemon, check_touches, expect_rejected
 from test_reliability import DestProcess
 
 from uffdpoison import auth, protocol
@@ -239,14 +239,7 @@ async def test_absurd_handoffs_are_rejected_with_a_reason(
     guest = make_guest(16)
     d = Daemon(str(tmp_path / "h.sock"), await start_source(nursery, guest.backend()))
     await nursery.start(d.daemon.serve)
-    proc = await _hand(d.path, body, "whole")
-    try:
-        (rejected,) = await d.wait_for("handoff-rejected")
-        assert words in rejected["reason"], rejected
-        assert not d.events("session-failed")
-    finally:
-        proc.kill()
-        await proc.wait()
+    await expect_rejected(d, await _hand(d.path, body, "whole"), words)
 
 
 async def test_a_flood_of_connections_at_a_low_fd_limit_is_back_pressure(

@@ -39,11 +39,11 @@ from uffdpoison.destination.session import (
     REQUEST_TIMEOUT,
     RESUME_DEADLINE,
     Session,
-    SessionFailed,
+    SessionFailed as SessionFailed,
     SourceLost as SourceLost,
     StatusSink,
+    serving,
 )
-from uffdpoison.exgroups import leaf_of
 from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd
 from uffdpoison.kernel.tls import TlsContext
 from uffdpoison.metrics import DestCollector, DestSnapshot, from_any_thread, registry_of
@@ -158,15 +158,8 @@ async def serve_memory(
             digests=precopy.digests if precopy else None,
         )  # fmt: skip
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(session.run)
+            async with serving(session):
                 yield PageServer(session)
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            failed = leaf_of(group, SessionFailed)
-            if failed is None:
-                raise
-            raise failed from None
         finally:
             for r in rmap:
                 with suppress(OSError):

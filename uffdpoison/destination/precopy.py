@@ -19,8 +19,7 @@ import trio
 
 from uffdpoison.auth import Token
 from uffdpoison.destination.regions import Region, RegionMap
-from uffdpoison.destination.session import Session, SessionFailed, StatusSink
-from uffdpoison.exgroups import leaf_of
+from uffdpoison.destination.session import Session, SessionFailed, StatusSink, serving
 from uffdpoison.kernel.tls import TlsContext
 
 log = logging.getLogger(__name__)
@@ -70,18 +69,10 @@ async def precopy(
         token=token, tls=tls, status=status, name="precopy",
     )  # fmt: skip
     try:
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(session.run)
-                if switchover is not None:
-                    nursery.start_soon(_cancel_on, switchover, nursery.cancel_scope)
-                await session.completed.wait()
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            failed = leaf_of(group, SessionFailed)
-            if failed is None:
-                raise
-            raise failed from None
+        async with serving(session) as nursery:
+            if switchover is not None:
+                nursery.start_soon(_cancel_on, switchover, nursery.cancel_scope)
+            await session.completed.wait()
         counts = session.page_counts()
         digests = tuple(bytes(led.digests or b"") for led in session.ledgers)
         return Precopy(session.epoch, digests, counts["present"], counts["poisoned"])

@@ -23,7 +23,8 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -564,3 +565,19 @@ def _ledgers(
             led.close()
         raise
     return out
+
+
+@asynccontextmanager
+async def serving(session: Session) -> AsyncIterator[trio.Nursery]:
+    """``session`` running in a nursery of its own for the block (cancelled after it); a
+    failure comes out as the ``SessionFailed`` (or ``SourceLost``) itself, not in a group."""
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.run)
+            yield nursery
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        failed = leaf_of(group, SessionFailed)
+        if failed is None:
+            raise
+        raise failed from None
