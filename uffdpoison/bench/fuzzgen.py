@@ -130,6 +130,9 @@ class Case:
     requests: list[tuple[int, int, int, bool]] = field(default_factory=list)
     want_poison_list: bool = True  # protocol target, destination: its Hello's
     poison: list[int] = field(default_factory=list)  # dest target: the handshake's list (pages)
+    # dest target: MINOR mode, a shmem region whose page cache holds cached_page(p), its
+    # requests carrying those pages' digests (CLEAN may answer them)
+    minor: bool = False
     mutations: list[str] = field(default_factory=list)
 
     def chunks(self) -> list[bytes]:
@@ -260,7 +263,7 @@ class _Gen:
         if case.target == "dest":
             base = REGION_FIRST * self.ps
             return [
-                (i, base + f * self.ps, n, False) for i, (f, n, _, _) in enumerate(case.requests, 1)
+                (i, base + f * self.ps, n, d) for i, (f, n, _, d) in enumerate(case.requests, 1)
             ]
         return case.requests
 
@@ -281,7 +284,7 @@ class _Gen:
                 continue
             taken.update(range(first, first + n))
             if case.target == "dest":
-                case.requests.append((first, n, 0, False))
+                case.requests.append((first, n, 0, case.minor))
             else:
                 case.requests.append((ids[k], first * self.ps, n, rng.random() < 0.3))
 
@@ -603,6 +606,11 @@ def case_rng(seed: int, target: str, index: int) -> random.Random:
     return random.Random((seed << 40) ^ (TARGETS.index(target) << 36) ^ index)
 
 
+def cached_page(p: int, page_size: int) -> bytes:
+    """What a MINOR-mode dest case's page cache holds for region page ``p``."""
+    return bytes([(p * 7 + 1) & 0xFF]) * page_size
+
+
 def make_case(target: str, seed: int, index: int, digests: list[int] | None = None) -> Case:
     """Input number ``index`` of ``target`` for ``seed``. ``digests``: the source target's
     guest pages' XXH64 (some Requests carry the right ones)."""
@@ -619,6 +627,7 @@ def make_case(target: str, seed: int, index: int, digests: list[int] | None = No
         mem = MEM_PAGES if handshake else DEST_MEM_PAGES
         if target == "dest":
             case.poison = sorted(rng.sample(range(REGION_PAGES), rng.randint(0, 3)))
+            case.minor = rng.random() < 0.3
         if case.channel == Channel.URGENT:
             g.plan_requests(mem)
         frames = g.to_destination(mem, handshake)

@@ -31,6 +31,7 @@ from uffdpoison.bench.fuzzgen import (
     SRC_ZERO,
     Case,
     V,
+    cached_page,
     source_image,
 )
 from uffdpoison.protocol import codec, layout
@@ -207,6 +208,16 @@ class ProtocolTarget:
 # ---------------------------------------------------------------- the C data planes
 
 
+def _cached_digests(case: Case, first: int, n: int) -> memoryview | None:
+    """A MINOR-mode dest case's Request digests: its cached pages' (u64 LE), else None."""
+    if not case.minor:
+        return None
+    from uffdpoison.kernel.digest import page_digests
+
+    cached = b"".join(cached_page(p, PS) for p in range(first, first + n))
+    return memoryview(page_digests(cached, PS).tobytes())
+
+
 def _reference(case: Case, side: Side, memory: int) -> tuple[list[Event], str]:
     """The protocol's verdict on the stream the plane is fed, after the same handshake: the
     data events it accepts before it stops, and why it stopped ("ok": every byte accepted;
@@ -218,7 +229,7 @@ def _reference(case: Case, side: Side, memory: int) -> tuple[list[Event], str]:
     if side is Side.DESTINATION:
         base = REGION_FIRST * PS
         for rid, (first, n, _, _) in enumerate(case.requests, 1):
-            dst.send(Request(rid, base + first * PS, n))
+            dst.send(Request(rid, base + first * PS, n, _cached_digests(case, first, n)))
     accepted: list[Event] = []
     done = False
     for chunk in [*case.chunks(), b""]:
@@ -334,7 +345,7 @@ class DestTarget(_Plane):
         from uffdpoison.kernel import Feature, RegisterMode, Userfaultfd
 
         self.uffd = Userfaultfd.create(Feature.POISON)
-        self._missing = RegisterMode.MISSING
+        self._missing, self._minor = RegisterMode.MISSING, RegisterMode.MINOR
 
     def close(self) -> None:
         self.uffd.close()
@@ -345,9 +356,13 @@ class DestTarget(_Plane):
         from uffdpoison.kernel.planes import DestPlane, DestRegion
 
         ch = case.channel
-        with memory.anon(REGION_PAGES * PS) as m:
-            self.uffd.register(m.addr, m.size, self._missing)
-            led = Ledger(self.uffd, m.addr, m.size, PS)
+        with (memory.shmem if case.minor else memory.anon)(REGION_PAGES * PS) as m:
+            mode, memory_file = self._missing, None
+            if case.minor:  # the precopied cache, registered MISSING|MINOR
+                m.write(0, b"".join(cached_page(p, PS) for p in range(REGION_PAGES)), alias=True)
+                mode, memory_file = mode | self._minor, (m.fd or -1, 0)
+            self.uffd.register(m.addr, m.size, mode)
+            led = Ledger(self.uffd, m.addr, m.size, PS, memory_file=memory_file)
             try:
                 poison = array("Q", [(REGION_FIRST + p) * PS for p in case.poison])
                 region = DestRegion(m.addr, m.size, REGION_FIRST * PS, led)
@@ -373,7 +388,7 @@ class DestTarget(_Plane):
             peer.setblocking(False)
             self.plane.attach(ch, ours.fileno())
             for first, n, _, _ in case.requests:
-                rc = self.plane.request(0, first, n, n)
+                rc = self.plane.request(0, first, n, n, digests=case.minor)
                 if rc:
                     raise Violation(f"request({first}, {n}) = {rc}")
             self.control = open_pair(Channel(ch), memory_size=DEST_MEM_PAGES * PS)[1]
@@ -412,7 +427,8 @@ class DestTarget(_Plane):
         if self.received:
             src.receive_data(bytes(self.received))
         base = REGION_FIRST * PS
-        want = [Request(i, base + f * PS, n) for i, (f, n, _, _) in enumerate(case.requests, 1)]
+        want = [Request(i, base + f * PS, n, _cached_digests(case, f, n))
+                for i, (f, n, _, _) in enumerate(case.requests, 1)]  # fmt: skip
         got = []
         while (ev := src.next_event()) not in (NEED_DATA, CLOSED):
             got.append(ev)
@@ -436,6 +452,9 @@ class DestTarget(_Plane):
                     continue
                 if ev.kind is PageKind.POISONED:
                     state[p] = PageState.POISONED
+                elif ev.kind is PageKind.CLEAN:  # MINOR mode: the cached copy, mapped
+                    state[p] = PageState.PRESENT
+                    content[p] = cached_page(p, PS)
                 elif ev.kind in (PageKind.DATA, PageKind.ZERO):
                     state[p] = PageState.PRESENT
                     data = ev.data[k * PS : (k + 1) * PS] if ev.data is not None else None
