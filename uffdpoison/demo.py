@@ -9,7 +9,8 @@ SIGBUS — again after the background stream has finished. ``--plot`` draws the 
 whose page cache a precopy filled first; after the switchover every fault is confirmed with the
 source (CLEAN, no page data) and the background confirms the rest.
 
-Exit status: 0 everything held, 1 a mismatch, 2 a setup error (the reason is printed).
+Exit status: 0 everything held, 1 a mismatch, 2 a setup error or a failed migration (the
+reason is printed).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import trio
 
 from uffdpoison import __version__
 from uffdpoison.console import Progress
-from uffdpoison.destination.embed import Precopy, precopy, serve_memory
+from uffdpoison.destination.embed import Precopy, SessionFailed, precopy, serve_memory
 from uffdpoison.destination.regions import Region
 from uffdpoison.harness.toucher import OUTCOME_SIGBUS, Toucher
 from uffdpoison.kernel import memory
@@ -484,6 +485,9 @@ def main(args: argparse.Namespace) -> int:
         ok = trio.run(_run, args, out)
     except SetupError as e:
         print(f"uffdpoison demo: setup error: {e}", file=sys.stderr)
+        return 2
+    except SessionFailed as e:  # the source process died, or broke the protocol
+        print(f"uffdpoison demo: the migration failed: {e}", file=sys.stderr)
         return 2
     except PermissionError as e:
         print(
