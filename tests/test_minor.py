@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from destination_helpers import ToyVMM, make_guest, start_source
+from destination_helpers import Guest, ToyVMM, make_guest, start_source
 from live_process import live_process, page_bytes, poison_now
 from test_daemon import Daemon, check_touches, expect_rejected
 
@@ -67,6 +67,17 @@ def _as_reply(t: Toucher) -> dict[str, Any]:
     r = t.results
     return {"done": True, "pending": r.pending, "outcome": list(r.outcome),
             "digest": list(r.digest), "si_code": list(r.si_code)}  # fmt: skip
+
+
+async def _image_source(
+    nursery: trio.Nursery, tmp_path: Path, guest: Guest, statuses: list[dict[str, Any]]
+) -> str:
+    """A source serving ``guest`` from an image file (which never changes while served: it
+    vouches for a precopy's epoch), its status events into ``statuses``."""
+    image = tmp_path / "guest.img"
+    image.write_bytes(guest.image)
+    poison = [i * guest.page_size for i in guest.poisoned]
+    return await start_source(nursery, ImageBackend(image, poison), status=statuses.append)
 
 
 async def _ended(statuses: list[dict[str, Any]], count: int) -> dict[str, Any]:
@@ -303,11 +314,8 @@ async def test_an_image_source_vouches_for_its_epoch(
     n = 64 if kind == "shmem" else 6
     ps = _kind(kind, hugepages, n)
     guest = make_guest(n, ps, poisoned=[1], zero=[2])
-    image = tmp_path / "guest.img"
-    image.write_bytes(guest.image)
     statuses: list[dict[str, Any]] = []
-    backend = ImageBackend(image, [i * ps for i in guest.poisoned])
-    source = await start_source(nursery, backend, status=statuses.append)
+    source = await _image_source(nursery, tmp_path, guest, statuses)
     with memory.of_kind(kind, n * ps) as m:
         assert m.fd is not None
         region = Region(m.addr, n * ps, 0, page_size=ps)
@@ -362,11 +370,8 @@ async def test_the_daemon_precopies_into_the_file_the_vmm_then_hands_over(
     n = 64 if kind == "shmem" else 6
     ps = _kind(kind, hugepages, 2 * n)
     guest = make_guest(n, ps, poisoned=[3], zero=[4])
-    image = tmp_path / "guest.img"
-    image.write_bytes(guest.image)
     statuses: list[dict[str, Any]] = []
-    backend = ImageBackend(image, [i * ps for i in guest.poisoned])
-    source = await start_source(nursery, backend, status=statuses.append)
+    source = await _image_source(nursery, tmp_path, guest, statuses)
     where = tmp_path / "fs"
     where.mkdir()
     fs = "hugetlbfs" if kind == "hugetlb" else "tmpfs"

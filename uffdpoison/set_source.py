@@ -7,9 +7,8 @@ Exit status: 0 done, 1 the daemon could not be reached or refused it.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from uffdpoison.destination.admin import request
+from uffdpoison.destination.admin import ask
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,13 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        answer = request(args.control, {"cmd": "set-source", "source": args.source})
-    except OSError as e:
-        print(f"uffdpoison set-source: cannot reach {args.control}: {e}", file=sys.stderr)
-        return 1
-    if not answer.get("ok"):
-        print(f"uffdpoison set-source: {answer.get('error')}", file=sys.stderr)
+    cmd = {"cmd": "set-source", "source": args.source}
+    answer = ask(args.control, cmd, "uffdpoison set-source")
+    if answer is None:
         return 1
     print(f"source is now {answer['source']}")
     return 0

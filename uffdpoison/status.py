@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from uffdpoison.destination.admin import request
+from uffdpoison.destination.admin import ask
 from uffdpoison.units import seconds_arg
 
 
@@ -52,13 +52,8 @@ def _us(v: float | None) -> str:
 def main(args: argparse.Namespace) -> int:
     redraw = bool(args.watch) and not args.json and sys.stdout.isatty()
     while True:
-        try:
-            answer = request(args.control, {"cmd": "status"})
-        except OSError as e:
-            print(f"uffdpoison status: cannot reach {args.control}: {e}", file=sys.stderr)
-            return 1
-        if not answer.get("ok"):
-            print(f"uffdpoison status: {answer.get('error')}", file=sys.stderr)
+        answer = ask(args.control, {"cmd": "status"}, "uffdpoison status")
+        if answer is None:
             return 1
         if redraw:
             print("\x1b[H\x1b[J", end="")  # a terminal: the screen shows the latest only

@@ -42,7 +42,7 @@ import trio
 
 from uffdpoison.destination.embed import precopy, serve_memory
 from uffdpoison.destination.regions import Region
-from uffdpoison.harness.cref import MinorHandler, PageSource, RemoteHandler, poison_bitmap
+from uffdpoison.harness.cref import PageSource, RemoteHandler, poison_bitmap
 from uffdpoison.harness.toucher import Toucher
 from uffdpoison.kernel import (
     HugePagesUnavailable,
@@ -141,14 +141,9 @@ def cref_round(plan: Plan, fill: str, seed: int) -> dict[str, list[int]]:
         bitmap = poison_bitmap(plan.pages, plan.poisoned)
         with PageSource(plan.image, page_size=ps, poison=bitmap, vouch=fill == "precopy") as src:
             sock = src.connect()
-            args = (uffd.fileno(), m.addr, m.size)
-            handler: RemoteHandler | MinorHandler
-            if fill == "none":
-                handler = RemoteHandler(*args, sock=sock, page_size=ps)
-            else:
-                alias = m.alias_addr or 0
-                handler = MinorHandler(*args, sock=sock, alias=alias, digests=digests, page_size=ps)
-            with handler:
+            alias = (m.alias_addr or 0) if fill != "none" else 0  # MINOR: CONTINUE from the cache
+            with RemoteHandler(uffd.fileno(), m.addr, m.size, sock=sock, page_size=ps,
+                               alias=alias, digests=digests):  # fmt: skip
                 t = Toucher(array("Q", (m.addr + i * ps for i in order)), page_size=ps)
                 t.run(60)
             sock.close()

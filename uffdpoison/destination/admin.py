@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -138,4 +139,18 @@ def request(path: str, cmd: dict[str, Any], timeout: float = TIMEOUT) -> dict[st
         raise OSError(f"control socket {path}: not a JSON answer: {e}") from None
     if not isinstance(answer, dict):
         raise OSError(f"control socket {path}: not a JSON object")
+    return answer
+
+
+def ask(path: str, cmd: dict[str, Any], who: str) -> dict[str, Any] | None:
+    """``request`` for a command line (``who``: its name): the answer, or None after one line
+    on stderr saying why there is none (the daemon unreachable, or refusing)."""
+    try:
+        answer = request(path, cmd)
+    except OSError as e:
+        print(f"{who}: cannot reach {path}: {e}", file=sys.stderr)
+        return None
+    if not answer.get("ok"):
+        print(f"{who}: {answer.get('error')}", file=sys.stderr)
+        return None
     return answer

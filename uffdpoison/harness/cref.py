@@ -249,6 +249,12 @@ class RemoteHandler(_Handler):
     """(c) Resolve each fault of ``[base, base+size)`` by asking a :class:`PageSource` (or any
     server of the same wire format) over ``sock`` (connected socket or fd; not closed here) for
     that one page, with zero detection on. Starts at once; ``cpu`` pins the thread.
+
+    (c') MINOR mode, with ``alias``: ``[base, base+size)`` maps a file registered
+    MISSING|MINOR, ``alias`` an unregistered mapping of the same pages, their cache filled.
+    Each fault asks with the cached copy's digest (``digests``, one u64 a page, kept at
+    precopy; None: hashed at the fault) and maps the page with CONTINUE (after writing new
+    bytes through the alias).
     """
 
     def __init__(
@@ -260,38 +266,19 @@ class RemoteHandler(_Handler):
         sock: socket.socket | int,
         page_size: int = 4096,
         cpu: int | None = None,
+        alias: int = 0,
+        digests: Any = None,
     ) -> None:
         _check_geometry(base, size, page_size)
         self._sock = sock  # kept alive: the C thread uses its fd
         fd = _blocking_fd(sock)
-        self._start("up_cref_remote_start", uffd, base, size, page_size, fd, _cpu(cpu))
-
-
-class MinorHandler(_Handler):
-    """(c') MINOR mode: ``[base, base+size)`` maps a file registered MISSING|MINOR, ``alias``
-    an unregistered mapping of the same pages, their cache filled. Each fault asks the source
-    with the cached copy's digest (``digests``, one u64 a page, kept at precopy; None: hashed
-    at the fault) and maps the page with CONTINUE (after writing new bytes through the alias).
-    """
-
-    def __init__(
-        self,
-        uffd: int,
-        base: int,
-        size: int,
-        *,
-        sock: socket.socket | int,
-        alias: int,
-        digests: Any = None,
-        page_size: int = 4096,
-        cpu: int | None = None,
-    ) -> None:
-        _check_geometry(base, size, page_size)
-        self._sock, self._keep = sock, [digests]
+        if not alias:
+            self._start("up_cref_remote_start", uffd, base, size, page_size, fd, _cpu(cpu))
+            return
         dg = ffi.NULL if digests is None else ffi.cast("uint64_t *", ffi.from_buffer(digests))
-        self._keep.append(dg)
-        self._start("up_cref_minor_start", uffd, base, size, page_size, _blocking_fd(sock),
-                    alias, dg, _cpu(cpu))  # fmt: skip
+        self._keep = [digests, dg]
+        self._start("up_cref_minor_start", uffd, base, size, page_size, fd, alias, dg,
+                    _cpu(cpu))  # fmt: skip
 
 
 class PageSource(_CThread[CrefStats]):
