@@ -157,11 +157,13 @@ def _write_nr(n: int) -> None:
 
 @contextlib.contextmanager
 def reserve_hugepages(count: int) -> Iterator[int]:
-    """Raise vm.nr_hugepages by ``count`` 2 MiB pages; put the previous count back on exit."""
+    """Raise vm.nr_hugepages by ``count`` 2 MiB pages; take as many back on exit (relative,
+    so two users at once, a test run and a benchmark, each give back only their own)."""
     try:
         prev = _read_nr()
     except OSError as e:
         raise HugePagesUnavailable(e.errno, f"cannot read {NR_HUGEPAGES}: {e.strerror}") from e
+    added = 0
     try:
         try:
             _write_nr(prev + count)
@@ -169,13 +171,13 @@ def reserve_hugepages(count: int) -> Iterator[int]:
             raise HugePagesUnavailable(
                 e.errno, f"cannot set {NR_HUGEPAGES} to {prev + count}: {e.strerror}"
             ) from e
-        got = _read_nr() - prev
-        if got < count:
+        added = max(0, _read_nr() - prev)
+        if added < count:
             raise HugePagesUnavailable(
-                0, f"asked the kernel for {count} more huge pages, it found only {got}"
+                0, f"asked the kernel for {count} more huge pages, it found only {added}"
             )
         yield count
     finally:
         with contextlib.suppress(OSError):
-            if _read_nr() != prev:
-                _write_nr(prev)
+            if added:
+                _write_nr(max(0, _read_nr() - added))
