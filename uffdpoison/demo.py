@@ -187,9 +187,14 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
                 raise SetupError(f"cannot reserve {size // HUGE} huge pages: {e}") from e
         source = stack.enter_context(_source_process(guest, workdir, args.max_bandwidth))
         del guest.image  # the source process has it; keep only digests here
+        minor = args.mode == "minor"
+        if not minor:
+            # The same migration with nobody faulting: what the stream alone moves, for the
+            # residency rate under faulting to be compared with (the same source, this run;
+            # before the guest's own mapping: hugetlb reserves pages for one at a time).
+            bulk_only_s = await _bulk_only(source, args.memory, size, page_size, args.timeout)
         mapping = stack.enter_context(_mapping(args.memory, size))
         region = Region(base=mapping.addr, size=size, offset=0, page_size=page_size)
-        minor = args.mode == "minor"
         pc: Precopy | None = None
         if minor:  # before the switchover: the guest's memory into the file's page cache
             progress.show("precopy into the page cache ...", force=True)
@@ -197,10 +202,6 @@ async def _run(args: argparse.Namespace, out: dict[str, Any]) -> bool:
             assert mapping.fd is not None
             pc = await precopy([region], source, mapping.fd, hugetlb=args.memory == "hugetlb")
             precopy_s = time.monotonic() - t_pre
-        else:
-            # The same migration with nobody faulting: what the stream alone moves, for the
-            # residency rate under faulting to be compared with (the same source, this run).
-            bulk_only_s = await _bulk_only(source, args.memory, size, page_size, args.timeout)
         order = list(range(size // page_size))
         random.Random(args.seed + 1).shuffle(order)
         addrs = array("Q", (mapping.addr + i * page_size for i in order))
