@@ -214,10 +214,12 @@ class Toucher:
         self._done = bool(lib.up_toucher_join(self._handle, ms))
         return self._done
 
-    async def wait(self, poll: float = 0.001) -> None:
-        """Wait without blocking the trio event loop (polls ``join(0)`` every ``poll`` s)."""
-        while not self.join(0):
-            await trio.sleep(poll)
+    async def wait(self) -> None:
+        """Wait without blocking the trio event loop: ``join`` in a worker thread (in C, the
+        GIL released), so nothing in this process wakes until the touches are done (polling
+        would, every millisecond, on the CPUs the touches are measured on)."""
+        if not self.join(0):
+            await trio.to_thread.run_sync(self.join, None, abandon_on_cancel=True)
 
     def run(self, timeout: float | None = None) -> TouchResults:
         """Start, wait up to ``timeout`` s, return the results; TimeoutError if not all done."""
