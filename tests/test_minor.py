@@ -399,3 +399,15 @@ async def test_the_daemon_precopies_into_the_file_the_vmm_then_hands_over(
     finally:
         path.unlink(missing_ok=True)
         subprocess.run(["umount", str(where)], check=True)
+
+
+async def test_a_precopy_of_other_regions_is_refused(nursery: trio.Nursery) -> None:
+    guest = make_guest(4, poisoned=[], zero=[])
+    source = await start_source(nursery, guest.backend())
+    with memory.shmem(4 * 4096) as m:
+        assert m.fd is not None
+        other = Precopy(None, (bytes(8),), 1, 0)  # a one-page region's
+        with pytest.raises(ValueError, match=r"cover 1 pages, the region at 0x[0-9a-f]+ has 4"):
+            async with serve_memory([Region(m.addr, m.size, 0)], source, memory_file=m.fd,
+                                    precopy=other):  # fmt: skip
+                pass

@@ -189,9 +189,15 @@ class Session:
                 i, first, _ = next(regions.split_pages(addr, addr + 1))
                 ledgers[i].mark(first, 1, PageState.POISONED, only_from=_UNPLACED)
             for led, known in zip(ledgers, digests or (), strict=False):
-                view = led.digests
-                if view is not None:
-                    view[:] = memoryview(known).cast("B").cast("Q")
+                view, kept = led.digests, memoryview(known).cast("B")
+                if view is None:
+                    continue
+                if kept.nbytes != 8 * led.npages:
+                    raise ValueError(
+                        f"a precopy's digests cover {kept.nbytes // 8} pages, the "
+                        f"region at {led.base:#x} has {led.npages}: not its precopy"
+                    )
+                view[:] = kept.cast("Q")
             held = partial(have, _dest_regions(regions, ledgers), regions.page_size)
             link = await SourceLink.connect(
                 source, page_size=regions.page_size,
