@@ -307,35 +307,41 @@ static int connected(const up_chan *c)
 	return c->fd >= 0 && c->held != UP_HELD_STOPPED && !LOAD(&c->closing);
 }
 
-/* A Request frame into `frame` (UP_FRAME_REQUEST + 8 * DIGEST_RUN bytes); its length. With
- * `digests` (MINOR mode, at most DIGEST_RUN pages): the digests of the page-cache copies,
- * read through the region's alias, so the source can answer CLEAN. */
-static size_t put_request(const up_dest *d, uint8_t *frame, uint64_t id, uint64_t offset,
-			  uint64_t count, int digests)
+/* The digests of `count` cached pages of region `r` from page `first`, u64 little-endian (the
+ * wire's order) into `out`: as the ledger wrote them (the precopy, or a placement), else
+ * hashed now through the alias. Called before the plane's lock is taken: hashing a huge page
+ * takes a while, and a fault on another thread would wait behind it. */
+static void cached_digests(const up_dest *d, const up_dest_region *r, uint64_t first,
+			   uint64_t count, uint8_t *out)
+{
+	const uint8_t *cached = (const uint8_t *)(uintptr_t)r->ledger->alias + first * d->ps;
+	const uint64_t *known = r->ledger->digests + first;
+	for (uint64_t k = 0; k < count; k++) {
+		uint64_t h = known[k] ? known[k] : up_xxh64(cached + k * d->ps, d->ps, 0);
+		for (int b = 0; b < 8; b++)
+			out[8 * k + b] = (uint8_t)(h >> (8 * b));
+	}
+}
+
+/* A Request frame into `frame` (UP_FRAME_REQUEST + 8 * DIGEST_RUN bytes), with `digests` (8 *
+ * count bytes, MINOR mode) or none; its length. */
+static size_t put_request(uint8_t *frame, uint64_t id, uint64_t offset, uint64_t count,
+			  const uint8_t *digests)
 {
 	const uint32_t pl = digests ? (uint32_t)(8 * count) : 0;
 	up_frame_put_request(frame, id, offset, count, pl);
-	if (digests) {
-		const up_dest_region *r = &d->regions[region_by_offset(d, offset)];
-		const uint8_t *cached = (const uint8_t *)(uintptr_t)(r->ledger->alias + offset -
-								     r->offset);
-		const uint64_t *known = r->ledger->digests + (offset - r->offset) / d->ps;
-		for (uint64_t k = 0; k < count; k++) {
-			/* as written (the precopy, or a placement), else hashed now */
-			uint64_t h = known[k] ? known[k] : up_xxh64(cached + k * d->ps, d->ps, 0);
-			for (int b = 0; b < 8; b++) /* the wire's digests are little-endian */
-				frame[UP_FRAME_REQUEST + 8 * k + b] = (uint8_t)(h >> (8 * b));
-		}
-	}
+	if (digests)
+		memcpy(frame + UP_FRAME_REQUEST, digests, pl);
 	return UP_FRAME_REQUEST + pl;
 }
 
 /* One Request for `count` pages at guest `offset`, recorded and queued on URGENT. With no
  * source now (the session is paused, or its socket not taken yet), only recorded: it goes out
- * when one is attached. `digests`: see put_request; the pages stay as cached until answered
- * (only a placement writes them, and they are REQUESTED), so a re-send hashes them again.
- * `fault_ns` (metrics): when the fault behind it was read, 0 for none. */
-static int request_locked(up_dest *d, uint64_t offset, uint64_t count, int digests,
+ * when one is attached. `digests` (cached_digests, at most DIGEST_RUN pages, or NULL): the
+ * source may answer CLEAN; the pages stay as cached until answered (only a placement writes
+ * them, and they are REQUESTED), so a re-send hashes them again. `fault_ns` (metrics): when
+ * the fault behind it was read, 0 for none. */
+static int request_locked(up_dest *d, uint64_t offset, uint64_t count, const uint8_t *digests,
 			  uint64_t fault_ns)
 {
 	if (digests && count > DIGEST_RUN)
@@ -349,14 +355,14 @@ static int request_locked(up_dest *d, uint64_t offset, uint64_t count, int diges
 	uint64_t sent = 0;
 	if (connected(&d->ch[URGENT])) {
 		uint8_t frame[UP_FRAME_REQUEST + 8 * DIGEST_RUN];
-		size_t len = put_request(d, frame, id, offset, count, digests);
+		size_t len = put_request(frame, id, offset, count, digests);
 		int r = up_chan_queue(&d->ch[URGENT], frame, len);
 		if (r)
 			return r;
 		sent = now_ns();
 	}
 	d->out[id & (d->out_cap - 1)] =
-		(struct out_entry){offset, offset + count * d->ps, sent, digests, fault_ns};
+		(struct out_entry){offset, offset + count * d->ps, sent, digests != NULL, fault_ns};
 	d->next_id = id + 1;
 	CNT(d, demand_requests, 1);
 	return 0;
@@ -371,9 +377,13 @@ static void resend_locked(up_dest *d)
 		struct out_entry *o = &d->out[id & (d->out_cap - 1)];
 		if (!o->end)
 			continue;
-		uint8_t frame[UP_FRAME_REQUEST + 8 * DIGEST_RUN];
-		size_t len = put_request(d, frame, id, o->next, (o->end - o->next) / d->ps,
-					 o->digests);
+		uint8_t frame[UP_FRAME_REQUEST + 8 * DIGEST_RUN], dg[8 * DIGEST_RUN];
+		const uint64_t n = (o->end - o->next) / d->ps;
+		if (o->digests) { /* under the lock, but only on a new socket, a run at a time */
+			const up_dest_region *r = &d->regions[region_by_offset(d, o->next)];
+			cached_digests(d, r, (o->next - r->offset) / d->ps, n, dg);
+		}
+		size_t len = put_request(frame, id, o->next, n, o->digests ? dg : NULL);
 		if (up_chan_queue(&d->ch[URGENT], frame, len))
 			break; /* cannot happen: the queue holds MAX_OUTSTANDING requests */
 		o->sent_ns = now;
@@ -674,8 +684,11 @@ static int serve_fault(up_dest *d, uint64_t addr, uint32_t flags, uint64_t read_
 	switch (up_ledger_claim(r->ledger, idx)) {
 	case UP_MISSING:
 	case UP_BACKGROUND: {
+		uint8_t dg[8];
+		if (cached)
+			cached_digests(d, r, idx, 1, dg);
 		pthread_mutex_lock(&d->lock);
-		int rc = request_locked(d, r->offset + idx * ps, 1, cached, read_ns);
+		int rc = request_locked(d, r->offset + idx * ps, 1, cached ? dg : NULL, read_ns);
 		pthread_mutex_unlock(&d->lock);
 		if (!rc && d->evhead == d->evlen && d->ch[URGENT].fd >= 0)
 			up_chan_flush(&d->ch[URGENT]); /* the last fault of a batch: on the wire now */
@@ -1008,8 +1021,11 @@ int up_dest_run(up_dest *d)
 static int send_run(up_dest *d, const up_dest_region *r, uint64_t first, uint64_t n,
 		    int digests)
 {
+	uint8_t dg[8 * DIGEST_RUN];
+	if (digests)
+		cached_digests(d, r, first, n, dg);
 	pthread_mutex_lock(&d->lock);
-	int rc = request_locked(d, r->offset + first * d->ps, n, digests, 0);
+	int rc = request_locked(d, r->offset + first * d->ps, n, digests ? dg : NULL, 0);
 	pthread_mutex_unlock(&d->lock);
 	up_wake(d->wake_fd); /* the engine sends what was queued */
 	if (rc)

@@ -281,11 +281,7 @@ async def test_daemon_killed_three_times_while_the_guest_discards(
     rng = random.Random(3)
     discarded: set[int] = set()
     with SourceProcess(image, poison_list=poison, max_bandwidth="512K") as src:
-        argv = ["--source", src.address, "--handoff", str(tmp_path / "h.sock"),
-                "--state-dir", str(state)]  # fmt: skip
-        dest = DestProcess(nursery, argv)
-        await dest.start()
-        vmm = await ToyVMM.start(str(tmp_path / "h.sock"), len(guest.image))
+        argv, dest, vmm = await _daemon_and_vmm(nursery, tmp_path, src.address, guest, state)
         try:
             for kill in range(3):
                 await dest.wait_for("session-started")
@@ -311,6 +307,17 @@ async def test_daemon_killed_three_times_while_the_guest_discards(
             await dest.stop(signal.SIGTERM)
 
 
+async def _daemon_and_vmm(
+    nursery: trio.Nursery, tmp_path: Path, source: str, guest: Guest, state: Path
+) -> tuple[list[str], DestProcess, ToyVMM]:
+    """A daemon process serving ``source`` with its state in ``state``, and a toy VMM handed
+    over to it; the daemon's argv, to start it again."""
+    argv = ["--source", source, "--handoff", str(tmp_path / "h.sock"), "--state-dir", str(state)]
+    dest = DestProcess(nursery, argv)
+    await dest.start()
+    return argv, dest, await ToyVMM.start(str(tmp_path / "h.sock"), len(guest.image))
+
+
 def _with_zeros(guest: Guest, pages: set[int]) -> Guest:
     """The guest as the VMM should see it: discarded pages read zero (poison stays poison)."""
     image = bytearray(guest.image)
@@ -326,11 +333,7 @@ async def test_sigterm_keeps_state_and_a_restart_resumes(
     image, poison = _files(tmp_path, guest)
     state = tmp_path / "state"
     with SourceProcess(image, poison_list=poison, max_bandwidth="256K") as src:
-        argv = ["--source", src.address, "--handoff", str(tmp_path / "h.sock"),
-                "--state-dir", str(state)]  # fmt: skip
-        dest = DestProcess(nursery, argv)
-        await dest.start()
-        vmm = await ToyVMM.start(str(tmp_path / "h.sock"), len(guest.image))
+        argv, dest, vmm = await _daemon_and_vmm(nursery, tmp_path, src.address, guest, state)
         try:
             await dest.wait_for("session-started")
             check_touches(guest, await vmm.touch([0, 1, 9]), [0, 1, 9])

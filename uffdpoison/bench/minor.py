@@ -22,7 +22,8 @@ random order, with no background:
 The C reference (``harness/cref.c``: a C handler thread asking a C page source over loopback;
 MINOR: the digest with the request, CONTINUE, the source vouching or hashing) does each round
 right after uffdpoison's. ``--pin CPU`` runs everything (both sides, both sources) on one CPU.
-Exit status 0; 2 bad options or setup (e.g. huge pages unavailable).
+Exit status 0; 2 bad options or setup (e.g. huge pages unavailable, a source that does not
+start or a session that fails: one line saying which).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 
 import trio
 
-from uffdpoison.destination.embed import precopy, serve_memory
+from uffdpoison.destination.embed import SessionFailed, precopy, serve_memory
 from uffdpoison.destination.regions import Region
 from uffdpoison.harness.cref import PageSource, RemoteHandler, poison_bitmap
 from uffdpoison.harness.toucher import Toucher
@@ -53,7 +54,7 @@ from uffdpoison.kernel import (
     page_digests,
     reserve_hugepages,
 )
-from uffdpoison.source.spawn import SourceProcess
+from uffdpoison.source.spawn import SourceProcess, SourceStartError
 from uffdpoison.stats import percentile
 
 HUGE = 2 << 20
@@ -219,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = trio.run(run, plan, image_path, poison_path, args.rounds)
             else:
                 res = trio.run(run, plan, image_path, poison_path, args.rounds)
-        except HugePagesUnavailable as e:
-            print(f"uffdpoison bench: {e}", file=sys.stderr)
+        except (HugePagesUnavailable, SourceStartError, SessionFailed) as e:
+            print(f"uffdpoison bench: --mode minor: {e}", file=sys.stderr)
             return 2
     print_table(res)
     if args.json:
